@@ -1,0 +1,43 @@
+# wsd — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+REPORTS := reports
+
+.PHONY: help bootstrap demo lint test test-unit test-integration test-kernel vm-shell clean
+
+help: ## Show this help
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+bootstrap: ## Install Debian packages and .venv (idempotent, fast when done)
+	@tools/bootstrap.sh
+
+demo: bootstrap ## Show what this kernel supports, then arm and scan a small guest
+	@$(PY) -m wsd kernel-info
+	@$(PY) -m wsd demo
+
+lint: bootstrap ## ruff and mypy --strict on wsd/
+	$(PY) -m ruff check wsd tests vmtest bench tools
+	$(PY) -m ruff format --check wsd tests vmtest bench tools
+	$(PY) -m mypy
+
+test-unit: bootstrap ## Fast tests with fakes
+	@mkdir -p $(REPORTS)
+	$(PY) -m pytest -q tests/unit --junitxml=$(REPORTS)/unit.xml
+
+test-integration: bootstrap ## Real userfaultfd on the host kernel, real redis-server
+	@mkdir -p $(REPORTS)
+	$(PY) -m pytest -q tests/integration --junitxml=$(REPORTS)/integration.xml
+
+test-kernel: bootstrap ## tests/kernel inside the Linux 7.3 VM (fetches the kernel once)
+	@mkdir -p $(REPORTS)
+	$(PY) -m vmtest pytest --junitxml=$(REPORTS)/kernel.xml
+
+test: bootstrap ## Everything: lint, unit, integration, kernel (VM); prints counts per tier
+	@tools/test-all.sh
+
+vm-shell: bootstrap ## Interactive shell in the Linux 7.3 VM
+	$(PY) -m vmtest shell
+
+clean: ## Remove reports and caches (keeps .venv and the kernel cache)
+	rm -rf $(REPORTS) .pytest_cache .mypy_cache .ruff_cache

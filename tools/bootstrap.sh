@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh machine: Debian packages wsd's tests need, then
+# the project's virtualenv. A second run only checks and returns.
+#
+#   tools/bootstrap.sh            apt packages + .venv
+#   WSD_SKIP_APT=1 tools/...      venv only (no root needed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# qemu/busybox/kmod/udev: the Linux 7.3 test VM (see vmtest/).  redis-server:
+# the storage integration tests start a private one.  gcc: the ABI test
+# compiles the uapi headers to check wsd's cffi layouts.
+APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc)
+
+missing=()
+if [[ -z "${WSD_SKIP_APT:-}" ]]; then
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
+    done
+fi
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "bootstrap: missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    echo "bootstrap: creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+# Reinstall only when the dependency list changed.
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+have=$(cat .venv/.wsd-deps 2>/dev/null || true)
+if [[ "$want" != "$have" ]]; then
+    echo "bootstrap: installing Python packages into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+    echo "$want" > .venv/.wsd-deps
+fi
