@@ -1,0 +1,3 @@
+from wsd.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""The kernel boundary: the only code in wsd that issues syscalls and ioctls.
+
+Thin, typed and free of policy.  Failures raise :class:`KernelError` (an
+``OSError`` naming the operation, errno and range) or
+:class:`FeatureUnavailable` (naming the kernel that would provide it).
+"""
+
+from .errors import AddressRange, FeatureUnavailable, KernelError, oserror
+from .fds import FdInfo, FdKind, describe_fd
+from .features import KernelFeatures, RegisterProbe, probe_kernel
+from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
+from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
+from .pidfd import pidfd_getfd, pidfd_open
+from .scm import recv_with_fds, send_with_fds
+from .uffd import (
+    MSG_SIZE,
+    ApiResult,
+    EventType,
+    FaultFlag,
+    Feature,
+    ForkEvent,
+    Ioctl,
+    OpenFlag,
+    PageFault,
+    RegisterMode,
+    RemapEvent,
+    RemoveEvent,
+    UffdMessage,
+    UnmapEvent,
+    Userfaultfd,
+    decode_messages,
+    feature_requirement,
+    open_userfaultfd,
+    probe_api,
+    require_features,
+)
+
+__all__ = [
+    "MSG_SIZE",
+    "REGION_DTYPE",
+    "AddressRange",
+    "ApiResult",
+    "EventType",
+    "FaultFlag",
+    "FdInfo",
+    "FdKind",
+    "Feature",
+    "FeatureUnavailable",
+    "ForkEvent",
+    "Ioctl",
+    "KernelError",
+    "KernelFeatures",
+    "OpenFlag",
+    "PageCategory",
+    "PageFault",
+    "Pagemap",
+    "RegisterMode",
+    "RegisterProbe",
+    "RemapEvent",
+    "RemoveEvent",
+    "ScanFlag",
+    "ScanResult",
+    "UffdMessage",
+    "UnmapEvent",
+    "Userfaultfd",
+    "data_ranges",
+    "decode_messages",
+    "describe_fd",
+    "feature_requirement",
+    "map_shared",
+    "memfd_create",
+    "open_userfaultfd",
+    "oserror",
+    "pidfd_getfd",
+    "pidfd_open",
+    "pread",
+    "pread_into",
+    "probe_api",
+    "probe_kernel",
+    "punch_hole",
+    "pwrite",
+    "recv_with_fds",
+    "require_features",
+    "send_with_fds",
+]
