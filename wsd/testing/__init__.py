@@ -1,0 +1,1 @@
+"""Test doubles that exercise the real kernel: a puppet VMM process."""

@@ -1,0 +1,314 @@
+"""A puppet VMM: a child process that owns guest memory and obeys commands.
+
+It does what a VMM does at hand-off time (create a memfd, map it
+``MAP_SHARED``, create a raw userfaultfd without ``UFFDIO_API``, send both over
+``SCM_RIGHTS``) and keeps its own copy of the uffd, as RWP-FACTS fact 9
+requires.  Then it reads, writes or touches guest pages on request, each
+request on its own thread, so a thread blocked in a uffd fault does not stop
+the others.  Guest accesses go through ``ctypes.memmove``, which releases the
+GIL, for the same reason.
+
+Every page holds a self-verifying pattern derived from (page index, version):
+a read that finds zeros or another page's bytes is reported with the page
+number.  Used by the demo and by the integration and kernel tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from wsd.kernel import memfd_create, open_userfaultfd, recv_with_fds, send_with_fds
+from wsd.kernel.uffd import OpenFlag
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def page_pattern(index: int, version: int, page_size: int) -> bytes:
+    """The bytes page ``index`` holds at ``version``: no two (index, version) collide."""
+    return bytes(_patterns(np.array([index], dtype=np.uint64), version, page_size))
+
+
+def _patterns(indices: npt.NDArray[np.uint64], version: int, page_size: int) -> memoryview:
+    words = page_size // 8
+    key = (indices << np.uint64(24)) | np.uint64(version & 0xFFFFFF)
+    body = (np.arange(words, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+    pages = body[None, :] ^ key[:, None]
+    pages[:, 0] = key  # the first word names the page, for diagnostics
+    return pages.view(np.uint8).reshape(-1).data
+
+
+def decode_page(data: bytes, page_size: int) -> tuple[int, int] | None:
+    """(index, version) if ``data`` is an intact pattern page, else None."""
+    key = int.from_bytes(data[:8], "little")
+    index, version = key >> 24, key & 0xFFFFFF
+    return (index, version) if data == page_pattern(index, version, page_size) else None
+
+
+class PuppetError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# child side
+
+
+class _Guest:
+    def __init__(self, size: int, page_size: int, fill: bool) -> None:
+        self.size = size
+        self.page_size = page_size
+        hugetlb = page_size if page_size != mmap.PAGESIZE else None
+        self.memfd = memfd_create("puppet-guest-ram", size=size, hugetlb_page_size=hugetlb)
+        self.map = mmap.mmap(self.memfd, size, flags=mmap.MAP_SHARED)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.versions = np.zeros(size // page_size, dtype=np.int64)
+        if fill:
+            npages = size // page_size
+            step = max(1, (64 << 20) // page_size)
+            for first in range(0, npages, step):
+                idx = np.arange(first, min(npages, first + step), dtype=np.uint64)
+                buf = _patterns(idx, 0, page_size)
+                self.map[first * page_size : first * page_size + len(buf)] = buf
+
+    def _addr(self, page: int) -> int:
+        if not 0 <= page < len(self.versions):
+            raise PuppetError(f"page {page} outside guest of {len(self.versions)} pages")
+        return self.base + page * self.page_size
+
+    def write(self, pages: Iterable[int], version: int) -> None:
+        for p in pages:
+            src = page_pattern(p, version, self.page_size)
+            ctypes.memmove(self._addr(p), src, self.page_size)
+            self.versions[p] = version
+
+    def read(self, pages: Iterable[int]) -> list[int]:
+        """Versions read; raises naming the first page that is not intact."""
+        out = []
+        buf = ctypes.create_string_buffer(self.page_size)
+        for p in pages:
+            ctypes.memmove(buf, self._addr(p), self.page_size)
+            data = buf.raw
+            want = int(self.versions[p])
+            if data != page_pattern(p, want, self.page_size):
+                found = decode_page(data, self.page_size)
+                what = (
+                    "all zeros"
+                    if not any(data)
+                    else (f"page {found[0]} version {found[1]}" if found else "garbage")
+                )
+                raise PuppetError(f"page {p}: expected version {want}, found {what}")
+            out.append(want)
+        return out
+
+    def touch(self, pages: Iterable[int], write: bool) -> None:
+        one = ctypes.create_string_buffer(1)
+        for p in pages:
+            if write:
+                # Rewrite the byte the pattern already has: a pure write access.
+                one.raw = page_pattern(p, int(self.versions[p]), self.page_size)[:1]
+                ctypes.memmove(self._addr(p), one, 1)
+            else:
+                ctypes.memmove(one, self._addr(p), 1)
+
+
+def _child(sock_fd: int, size: int, page_size: int, fill: bool, uffd_flags: int) -> None:
+    sock = socket.socket(fileno=sock_fd)
+    guest = _Guest(size, page_size, fill)
+    uffd = open_userfaultfd(OpenFlag(uffd_flags))
+    hello = {"pid": os.getpid(), "base": guest.base, "size": size, "page_size": page_size}
+    send_with_fds(sock, json.dumps(hello).encode() + b"\n", [uffd, guest.memfd])
+    send_lock = threading.Lock()
+
+    def reply(msg: dict[str, Any]) -> None:
+        with send_lock:
+            sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def run(req: dict[str, Any]) -> None:
+        try:
+            op = req["op"]
+            result: Any = None
+            if op == "write":
+                guest.write(req["pages"], req["version"])
+            elif op == "read":
+                result = guest.read(req["pages"])
+            elif op == "touch":
+                guest.touch(req["pages"], req.get("write", False))
+            else:
+                raise PuppetError(f"unknown op {op!r}")
+            reply({"id": req["id"], "ok": True, "result": result})
+        except Exception as e:  # reported to the parent, which fails the test
+            reply({"id": req["id"], "ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    for line in sock.makefile("rb"):
+        req = json.loads(line)
+        if req["op"] == "exit":
+            break
+        threading.Thread(target=run, args=(req,), daemon=True).start()
+    os._exit(0)  # threads blocked in faults must not keep us alive
+
+
+# ---------------------------------------------------------------------------
+# parent side
+
+
+@dataclass
+class _Pending:
+    event: threading.Event
+    reply: dict[str, Any] | None = None
+
+
+class PuppetVMM:
+    """Handle on a running puppet; owns the received uffd and memfd fds."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        data, fds = recv_with_fds(sock, 4096, 2)
+        if len(fds) != 2:
+            raise PuppetError(f"puppet sent {len(fds)} fds, expected uffd and memfd")
+        self.uffd_fd, self.memfd = fds
+        head, _, rest = data.partition(b"\n")
+        hello = json.loads(head)
+        self.pid: int = hello["pid"]
+        self.base: int = hello["base"]
+        self.size: int = hello["size"]
+        self.page_size: int = hello["page_size"]
+        self.npages = self.size // self.page_size
+        self._buf = rest
+        self._next = 0
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_replies, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def spawn(
+        cls,
+        size: int,
+        *,
+        page_size: int = mmap.PAGESIZE,
+        fill: bool = True,
+        uffd_flags: OpenFlag = OpenFlag.CLOEXEC | OpenFlag.NONBLOCK,
+    ) -> Self:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [
+            sys.executable,
+            "-m",
+            "wsd.testing.puppet_vmm",
+            "--sock-fd",
+            str(theirs.fileno()),
+            "--size",
+            str(size),
+            "--page-size",
+            str(page_size),
+            "--uffd-flags",
+            str(int(uffd_flags)),
+        ]
+        if not fill:
+            cmd.append("--no-fill")
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
+        theirs.close()
+        try:
+            return cls(proc, ours)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+
+    def addr(self, page: int) -> int:
+        return self.base + page * self.page_size
+
+    def offset(self, page: int) -> int:
+        return page * self.page_size
+
+    def _read_replies(self) -> None:
+        buf = self._buf
+        while True:
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                msg = json.loads(line)
+                with self._lock:
+                    pending = self._pending.get(msg["id"])
+                if pending:
+                    pending.reply = msg
+                    pending.event.set()
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+
+    def send(self, op: str, **args: Any) -> int:
+        """Start ``op`` in the puppet (on a thread of its own); returns a request id."""
+        with self._lock:
+            self._next += 1
+            rid = self._next
+            self._pending[rid] = _Pending(threading.Event())
+        self.sock.sendall(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
+        return rid
+
+    def done(self, rid: int) -> bool:
+        return self._pending[rid].event.is_set()
+
+    def wait(self, rid: int, timeout: float = 30.0) -> Any:
+        pending = self._pending[rid]
+        if not pending.event.wait(timeout):
+            raise TimeoutError(f"puppet request {rid} did not finish within {timeout}s")
+        del self._pending[rid]
+        assert pending.reply is not None
+        if not pending.reply["ok"]:
+            raise PuppetError(pending.reply["error"])
+        return pending.reply["result"]
+
+    def call(self, op: str, timeout: float = 30.0, **args: Any) -> Any:
+        return self.wait(self.send(op, **args), timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.sock.sendall(b'{"op": "exit"}\n')
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close()
+        for fd in (self.uffd_fd, self.memfd):
+            if fd >= 0:
+                os.close(fd)
+        self.uffd_fd = self.memfd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sock-fd", type=int, required=True)
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--page-size", type=int, default=mmap.PAGESIZE)
+    ap.add_argument("--uffd-flags", type=int, default=int(OpenFlag.CLOEXEC | OpenFlag.NONBLOCK))
+    ap.add_argument("--no-fill", action="store_true")
+    a = ap.parse_args()
+    _child(a.sock_fd, a.size, a.page_size, not a.no_fill, a.uffd_flags)
+
+
+if __name__ == "__main__":
+    main()
