@@ -1,0 +1,191 @@
+"""wsd.kernel against the host kernel: scans, memfds, fd passing, pidfds, the CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from wsd.kernel import (
+    FdKind,
+    KernelError,
+    PageCategory,
+    Pagemap,
+    Userfaultfd,
+    data_ranges,
+    describe_fd,
+    memfd_create,
+    pidfd_getfd,
+    pidfd_open,
+    pread,
+    punch_hole,
+    pwrite,
+    recv_with_fds,
+    send_with_fds,
+)
+from wsd.kernel._ffi import ffi
+
+pytestmark = pytest.mark.integration
+PS = mmap.PAGESIZE
+
+
+@pytest.fixture
+def sparse_area() -> tuple[mmap.mmap, int, list[int]]:
+    """A 4096-page anonymous area with every third page present."""
+    n = 4096
+    area = mmap.mmap(-1, n * PS)
+    present = list(range(0, n, 3))
+    for p in present:
+        area[p * PS] = 1
+    with ffi.from_buffer(area) as buf:
+        addr = int(ffi.cast("uintptr_t", buf))
+    return area, addr, present
+
+
+@pytest.mark.parametrize("vec_len", [1, 7, 100, 4096])
+def test_scan_resumes_until_the_range_is_done(sparse_area, vec_len: int) -> None:
+    area, addr, present = sparse_area
+    with Pagemap.open("self") as pm:
+        res = pm.scan(addr, len(area), category_mask=PageCategory.PRESENT, vec_len=vec_len)
+    assert res.page_indices(addr, PS).tolist() == present
+    assert res.walk_end == addr + len(area)
+
+
+def test_scan_max_pages_stops_early(sparse_area) -> None:
+    area, addr, present = sparse_area
+    with Pagemap.open("self") as pm:
+        res = pm.scan(addr, len(area), category_mask=PageCategory.PRESENT, max_pages=10)
+    assert res.page_indices(addr, PS).tolist() == present[:10]
+    assert res.walk_end < addr + len(area)
+
+
+def test_inverted_scan_finds_the_holes(sparse_area) -> None:
+    area, addr, present = sparse_area
+    with Pagemap.open("self") as pm:
+        res = pm.scan(
+            addr,
+            len(area),
+            category_mask=PageCategory.PRESENT,
+            inverted=PageCategory.PRESENT,
+            return_mask=PageCategory.PRESENT,
+        )
+    holes = res.page_indices(addr, PS)
+    assert len(holes) == len(area) // PS - len(present)
+    assert not np.isin(holes, present).any()
+    assert (res.categories == 0).all()
+
+
+def test_scan_errors_name_the_range() -> None:
+    with Pagemap.open("self") as pm, pytest.raises(KernelError) as exc:
+        pm.scan(0x1001, PS, category_mask=PageCategory.PRESENT)  # unaligned start
+    assert exc.value.errno == errno.EINVAL and exc.value.op == "PAGEMAP_SCAN"
+    assert "0x1001" in str(exc.value)
+
+
+def test_pagemap_of_missing_pid() -> None:
+    with pytest.raises(FileNotFoundError, match="pagemap"):
+        Pagemap.open(2**22 + 12345)
+
+
+def test_memfd_io_punch_and_data_ranges() -> None:
+    fd = memfd_create("t", size=16 * PS)
+    try:
+        assert describe_fd(fd).kind is FdKind.MEMFD
+        pwrite(fd, b"\xab" * (16 * PS), 0)
+        punch_hole(fd, 4 * PS, 2 * PS)
+        punch_hole(fd, 10 * PS, PS)
+        assert data_ranges(fd) == [(0, 4 * PS), (6 * PS, 10 * PS), (11 * PS, 16 * PS)]
+        assert pread(fd, PS, 4 * PS) == bytes(PS)  # a hole reads as zeros through the fd
+        assert os.fstat(fd).st_size == 16 * PS  # KEEP_SIZE
+        with pytest.raises(KernelError, match="end of file"):
+            pread(fd, 2 * PS, 15 * PS)
+    finally:
+        os.close(fd)
+
+
+def test_describe_fd_tells_uffd_from_regular_file(tmp_path) -> None:
+    with Userfaultfd.create() as uffd:
+        assert describe_fd(uffd.fd).kind is FdKind.USERFAULTFD
+    with open(tmp_path / "f", "wb") as f:
+        assert describe_fd(f.fileno()).kind is FdKind.REGULAR
+    with pytest.raises(KernelError) as exc:
+        describe_fd(9999)
+    assert exc.value.errno == errno.EBADF
+
+
+def test_scm_rights_roundtrip_and_truncation() -> None:
+    a, b = socket.socketpair()
+    fds = [memfd_create(f"m{i}") for i in range(3)]
+    try:
+        send_with_fds(a, b"hello", fds[:2])
+        data, got = recv_with_fds(b, 64, 2)
+        assert data == b"hello" and len(got) == 2
+        assert all(describe_fd(fd).kind is FdKind.MEMFD for fd in got)
+        for fd in got:
+            os.close(fd)
+        send_with_fds(a, b"too many", fds)
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(KernelError, match="more than 2 file descriptors") as exc:
+            recv_with_fds(b, 64, 2)
+        assert exc.value.errno == errno.EMSGSIZE
+        assert set(os.listdir("/proc/self/fd")) <= before, "truncated fds leaked"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_pidfd_getfd_duplicates_a_child_fd() -> None:
+    r, w = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, pass_fds=[w]
+    )
+    try:
+        pidfd = pidfd_open(child.pid)
+        try:
+            dup = pidfd_getfd(pidfd, w, pid=child.pid)
+            os.write(dup, b"x")
+            os.close(dup)
+            assert os.read(r, 1) == b"x"
+            with pytest.raises(KernelError) as exc:
+                pidfd_getfd(pidfd, 999, pid=child.pid)
+            assert exc.value.errno == errno.EBADF and exc.value.pid == child.pid
+        finally:
+            os.close(pidfd)
+    finally:
+        child.communicate(b"")
+        os.close(r)
+        os.close(w)
+    with pytest.raises(ProcessLookupError):
+        pidfd_open(child.pid)
+
+
+def test_kernel_info_json_on_host() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "wsd", "kernel-info", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    info = json.loads(out)
+    rwp = "RWP" in info["kernel"]["features"]
+    assert info["tracking_mode"] == ("rwp" if rwp else "wp-async")
+
+
+def test_demo_runs_on_host() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "wsd", "demo", "--size-mib", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "exact match" in out and "every page verified intact" in out

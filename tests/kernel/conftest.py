@@ -1,0 +1,70 @@
+"""Fixtures for tests that need Linux 7.3 with userfaultfd RWP (run them in the VM)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wsd.kernel import Feature, Ioctl, Pagemap, RegisterMode, Userfaultfd, probe_api
+from wsd.testing.puppet_vmm import PuppetVMM
+
+RWP = Feature.RWP | Feature.RWP_ASYNC
+# What wsd negotiates in rwp mode (minus events, which these tests don't use).
+RWP_SESSION = RWP | Feature.MISSING_SHMEM | Feature.MINOR_SHMEM | Feature.MISSING_HUGETLBFS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session")
+def rwp_supported() -> Feature:
+    api = probe_api()
+    if RWP & ~api.features or Ioctl.SET_MODE not in api.ioctls:
+        pytest.skip(
+            f"kernel {os.uname().release} lacks userfaultfd RWP "
+            "(needs Linux 7.3 with CONFIG_USERFAULTFD_RWP=y); run `make test-kernel`"
+        )
+    return api.features
+
+
+@pytest.fixture(scope="session")
+def hugepages() -> int:
+    """Reserve a few 2 MiB huge pages (as root, in the VM) and return how many are free."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    free = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+    if int(free.read_text()) < 8 and os.access(knob, os.W_OK):
+        knob.write_text("16\n")
+    n = int(free.read_text())
+    if n < 4:
+        pytest.skip(f"only {n} free 2 MiB huge pages (set vm.nr_hugepages as root)")
+    return n
+
+
+def arm_rwp(
+    p: PuppetVMM,
+    features: Feature = RWP_SESSION,
+    mode: RegisterMode = RegisterMode.RWP | RegisterMode.MISSING,
+) -> Userfaultfd:
+    """Do what wsd does with a hand-off: API, REGISTER on the VMM's range, arm."""
+    uffd = Userfaultfd(os.dup(p.uffd_fd))
+    uffd.api(features)
+    uffd.register(p.base, p.size, mode)
+    uffd.rwprotect(p.base, p.size, protect=True)
+    return uffd
+
+
+@pytest.fixture
+def puppet(rwp_supported: Feature) -> Iterator[PuppetVMM]:
+    with PuppetVMM.spawn(32 << 20) as p:
+        yield p
+
+
+@pytest.fixture
+def session(puppet: PuppetVMM) -> Iterator[tuple[PuppetVMM, Userfaultfd, Pagemap]]:
+    with arm_rwp(puppet) as uffd, Pagemap.open(puppet.pid) as pm:
+        yield puppet, uffd, pm

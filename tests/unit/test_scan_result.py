@@ -1,0 +1,53 @@
+"""ScanResult arithmetic and the merging of runs split by a resumed scan."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wsd.kernel import REGION_DTYPE, ScanResult
+from wsd.kernel.pagemap import _merge_adjacent
+
+BASE = 0x7F0000000000
+PS = 4096
+
+
+def regions(runs: list[tuple[int, int, int]]) -> np.ndarray:
+    return np.array([(BASE + s * PS, BASE + e * PS, c) for s, e, c in runs], dtype=REGION_DTYPE)
+
+
+def test_page_indices_and_bitmap() -> None:
+    r = ScanResult(regions([(0, 2, 8), (5, 6, 8), (9, 12, 8)]), walk_end=BASE + 16 * PS)
+    assert r.page_indices(BASE, PS).tolist() == [0, 1, 5, 9, 10, 11]
+    assert r.page_count(PS) == 6
+    assert np.flatnonzero(r.bitmap(BASE, 16, PS)).tolist() == [0, 1, 5, 9, 10, 11]
+
+
+def test_empty() -> None:
+    r = ScanResult(regions([]), walk_end=BASE)
+    assert r.page_indices(BASE, PS).tolist() == [] and r.page_count(PS) == 0
+
+
+def test_merge_joins_touching_runs_with_equal_categories_only() -> None:
+    merged = _merge_adjacent(regions([(0, 2, 8), (2, 4, 8), (4, 5, 10), (6, 7, 10)]))
+    assert [(int(s - BASE) // PS, int(e - BASE) // PS, int(c)) for s, e, c in merged] == [
+        (0, 4, 8),
+        (4, 5, 10),
+        (6, 7, 10),
+    ]
+
+
+@given(st.sets(st.integers(0, 499), max_size=200), st.integers(1, 50))
+def test_split_then_merge_gives_the_same_pages(pages: set[int], cut: int) -> None:
+    """Cutting runs at arbitrary points (as a resume does) never changes the page set."""
+    runs: list[tuple[int, int, int]] = []
+    for p in sorted(pages):
+        if runs and runs[-1][1] == p and (p % cut):
+            runs[-1] = (runs[-1][0], p + 1, 8)
+        else:
+            runs.append((p, p + 1, 8))
+    merged = ScanResult(_merge_adjacent(regions(runs)), walk_end=0)
+    assert merged.page_indices(BASE, PS).tolist() == sorted(pages)
+    starts = merged.starts
+    assert np.all(merged.ends[:-1] < starts[1:]) if len(starts) > 1 else True
