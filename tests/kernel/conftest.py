@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from wsd.kernel import Feature, Ioctl, Pagemap, RegisterMode, Userfaultfd, probe_api
+from wsd.kernel import Feature, Ioctl, Pagemap, Userfaultfd, probe_api
+from wsd.testing.arming import RWP, arm_rwp
 from wsd.testing.puppet_vmm import PuppetVMM
-
-RWP = Feature.RWP | Feature.RWP_ASYNC
-# What wsd negotiates in rwp mode (minus events, which these tests don't use).
-RWP_SESSION = RWP | Feature.MISSING_SHMEM | Feature.MINOR_SHMEM | Feature.MISSING_HUGETLBFS
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,19 +40,6 @@ def hugepages() -> int:
     if n < 4:
         pytest.skip(f"only {n} free 2 MiB huge pages (set vm.nr_hugepages as root)")
     return n
-
-
-def arm_rwp(
-    p: PuppetVMM,
-    features: Feature = RWP_SESSION,
-    mode: RegisterMode = RegisterMode.RWP | RegisterMode.MISSING,
-) -> Userfaultfd:
-    """Do what wsd does with a hand-off: API, REGISTER on the VMM's range, arm."""
-    uffd = Userfaultfd(os.dup(p.uffd_fd))
-    uffd.api(features)
-    uffd.register(p.base, p.size, mode)
-    uffd.rwprotect(p.base, p.size, protect=True)
-    return uffd
 
 
 @pytest.fixture

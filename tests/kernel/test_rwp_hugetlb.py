@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from wsd.kernel import Feature, KernelError, PageCategory, Pagemap, Userfaultfd
+from wsd.testing.arming import arm_rwp
 from wsd.testing.puppet_vmm import PuppetVMM
-
-from .conftest import arm_rwp
 
 HUGE = 2 << 20
 

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from wsd.kernel import Feature, KernelError, RegisterMode, Userfaultfd, memfd_create
-
-from .conftest import RWP_SESSION
+from wsd.testing.arming import RWP_SESSION
 
 R = RegisterMode
 SIZE = 4 * mmap.PAGESIZE
