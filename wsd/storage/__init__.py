@@ -1,0 +1,80 @@
+"""Storage tiers for evicted guest pages: one Protocol, several backends, one registry.
+
+Typical use::
+
+    store = await open_backend(parse_storage_config(toml["storage"]))
+    await store.put(ns, {offset: page}, generation=g)
+    await store.sync()          # only now may the page leave guest memory
+    page = await store.get(ns, offset, generation=g)
+"""
+
+from wsd.storage.config import (
+    STORAGE_CONFIG,
+    EncryptionConfig,
+    FileStoreConfig,
+    RedisStoreConfig,
+    SecretSource,
+    StorageConfig,
+    TieredStoreConfig,
+    ZstdStoreConfig,
+    parse_storage_config,
+)
+from wsd.storage.errors import (
+    BudgetExceeded,
+    EncryptionKeyError,
+    IntegrityError,
+    InvalidPage,
+    PageNotFound,
+    StorageError,
+    StorageFull,
+    StoreClosed,
+    TierUnavailable,
+)
+from wsd.storage.file_store import FileStore
+from wsd.storage.page import (
+    BackendKind,
+    PageNamespace,
+    PageRef,
+    StoredPage,
+    StoreStats,
+)
+from wsd.storage.protocol import DemotionSource, PageStore
+from wsd.storage.redis_store import RedisStore
+from wsd.storage.registry import BACKENDS, OpenContext, open_backend
+from wsd.storage.tiered_store import TieredStore
+from wsd.storage.zstd_store import ZstdStore
+
+__all__ = [
+    "BACKENDS",
+    "STORAGE_CONFIG",
+    "BackendKind",
+    "BudgetExceeded",
+    "DemotionSource",
+    "EncryptionConfig",
+    "EncryptionKeyError",
+    "FileStore",
+    "FileStoreConfig",
+    "IntegrityError",
+    "InvalidPage",
+    "OpenContext",
+    "PageNamespace",
+    "PageNotFound",
+    "PageRef",
+    "PageStore",
+    "RedisStore",
+    "RedisStoreConfig",
+    "SecretSource",
+    "StorageConfig",
+    "StorageError",
+    "StorageFull",
+    "StoreClosed",
+    "StoreStats",
+    "StoredPage",
+    "TierUnavailable",
+    "TieredStore",
+    "TieredStoreConfig",
+    "ZstdStore",
+    "ZstdStoreConfig",
+    "open_backend",
+    "parse_storage_config",
+]

@@ -1,0 +1,222 @@
+"""On-disk format of the file tier: index superblock and entries, and the I/O helpers
+that read and write them. No store state lives here.
+
+An index file is a 4 KiB superblock followed by one 64-byte entry per page, at
+``INDEX_BASE + page_index * 64``::
+
+    offset size entry field
+    0      36   record header (record.py): magic, version, kind, flags, generation,
+                checksum, nonce
+    36     1    tail length
+    37     17   tail: the GCM tag of a data page, or the (encrypted) byte of a fill page
+    54     2    zero
+    56     8    stored_at: the put's timestamp (float64), for age-based demotion
+
+An all-zero entry is an absent page. The superblock is ``magic "WSDIDX\0\1" | version
+u32 | page_size u32 | region u64 | encrypted u8 | key check 8 bytes | vm_id 64 bytes``
+followed by its xxh3_64.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import numpy as np
+import xxhash
+
+from wsd.storage.errors import IntegrityError
+from wsd.storage.page import PageNamespace
+from wsd.storage.record import (
+    MAGIC,
+    NONCE_BYTES,
+    VERSION,
+    HeaderFields,
+    PayloadKind,
+    check_header,
+)
+
+INDEX_BASE: Final = 4096
+ENTRY: Final = struct.Struct("<36sB17s2xd")
+# The same 64 bytes with the record header unpacked in place.
+ENTRY_FIELDS: Final = struct.Struct("<2sBBB3xQQ12sB17s2xd")
+ENTRY_BYTES: Final = ENTRY.size
+EMPTY_ENTRY: Final = bytes(ENTRY_BYTES)
+SUPERBLOCK: Final = struct.Struct("<8sIIQB8s64s")
+SUPERBLOCK_MAGIC: Final = b"WSDIDX\x00\x01"
+INDEX_VERSION: Final = 1
+REGION_FILE: Final = re.compile(r"region-(\d+)\.index")
+_IOV_MAX: Final = 1024
+# Reads of a run go in pieces this long (256 KiB of 4 KiB pages): each piece is copied
+# page by page into the results while it is still in the CPU cache.
+READ_RUN_PAGES: Final = 64
+KINDS: Final = frozenset(int(k) for k in PayloadKind)
+_SCAN_CHUNK: Final = 4 * 1024 * 1024
+# Only the fields a scan needs: presence, kind, generation and age.
+ENTRY_DTYPE: Final = np.dtype(
+    {
+        "names": ["magic", "kind", "generation", "stored_at"],
+        "formats": ["S2", "u1", "<u8", "<f8"],
+        "offsets": [0, 3, 8, 56],
+        "itemsize": ENTRY_BYTES,
+    }
+)
+# The entry as integers, to recognise plaintext data pages without unpacking each: the
+# first 8 bytes hold magic, version, kind, flags and 3 zero bytes.
+_PLAIN_DTYPE: Final = np.dtype(
+    {
+        "names": ["head", "generation", "checksum", "nonce_lo", "nonce_hi", "tail_len", "fill"],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "u1", "u1"],
+        "offsets": [0, 8, 16, 24, 32, 36, 37],
+        "itemsize": ENTRY_BYTES,
+    }
+)
+_PLAIN_DATA_HEAD: Final = int.from_bytes(
+    MAGIC + bytes((VERSION, PayloadKind.DATA, 0, 0, 0, 0)), "little"
+)
+_PLAIN_FILL_HEAD: Final = int.from_bytes(
+    MAGIC + bytes((VERSION, PayloadKind.FILL, 0, 0, 0, 0)), "little"
+)
+_FILL_BYTES: Final = tuple(bytes((b,)) for b in range(256))
+assert ENTRY_BYTES == 64
+
+
+def runs(indexes: Sequence[int], *, limit: int = 1 << 62) -> list[tuple[int, int]]:
+    """Sorted page indexes as (first, count) runs of at most ``limit`` consecutive pages."""
+    if len(indexes) < 16:
+        out: list[tuple[int, int]] = []
+        for index in indexes:
+            if out and out[-1][0] + out[-1][1] == index and out[-1][1] < limit:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((index, 1))
+        return out
+    # Batches are hundreds of pages: find the breaks with numpy rather than a loop.
+    array = np.asarray(indexes, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(array) != 1) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [len(array)])).tolist()
+    firsts = array[starts].tolist()
+    out = []
+    for first, start, end in zip(firsts, starts, ends, strict=True):
+        for piece in range(0, end - start, limit):
+            out.append((first + piece, min(limit, end - start - piece)))
+    return out
+
+
+def pwrite_all(fd: int, buffers: Sequence[bytes], offset: int) -> None:
+    """Write every buffer contiguously at ``offset``, or raise.
+
+    pwritev can be short on a filesystem that fills up midway; the remainder is then
+    retried with pwrite, which reports ENOSPC instead of another short count.
+    """
+    for start in range(0, len(buffers), _IOV_MAX):
+        chunk = buffers[start : start + _IOV_MAX]
+        total = sum(len(b) for b in chunk)
+        done = os.pwritev(fd, chunk, offset)
+        if done < total:
+            rest = memoryview(b"".join(chunk))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + done)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+                rest = rest[n:]
+        offset += total
+
+
+def superblock(ns: PageNamespace, key_check: bytes | None) -> bytes:
+    body = SUPERBLOCK.pack(
+        SUPERBLOCK_MAGIC,
+        INDEX_VERSION,
+        ns.page_size,
+        ns.region,
+        key_check is not None,
+        key_check or bytes(8),
+        ns.vm_id.encode("ascii"),
+    )
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def scan_entries(fd: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first page index, entries) over the allocated parts of an index file."""
+    size = os.fstat(fd).st_size
+    pos = INDEX_BASE
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        start = max(INDEX_BASE, start - (start - INDEX_BASE) % ENTRY_BYTES)
+        while start < end:
+            length = min(_SCAN_CHUNK, end - start)
+            raw = os.pread(fd, length - length % ENTRY_BYTES or ENTRY_BYTES, start)
+            count = len(raw) // ENTRY_BYTES
+            if not count:
+                return
+            entries = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=count)
+            yield (start - INDEX_BASE) // ENTRY_BYTES, entries
+            start += count * ENTRY_BYTES
+        pos = max(end, start)
+
+
+def decode_entries(
+    ns: PageNamespace, first: int, index: bytes, data: memoryview, *, backend: str
+) -> Iterator[tuple[int, HeaderFields, bytes]]:
+    """(offset, header, payload) of each present entry of a run.
+
+    Entries of plaintext data pages, the bulk of a batch, are recognised with numpy
+    over the whole run; the rest go through struct, one by one.
+    """
+    size = ns.page_size
+    count = len(index) // ENTRY_BYTES
+    table = np.frombuffer(index, dtype=_PLAIN_DTYPE, count=count)
+    raw = np.frombuffer(index, dtype=np.uint8, count=count * ENTRY_BYTES)
+    present = raw.reshape(count, ENTRY_BYTES).any(axis=1)
+    head, tail_len = table["head"], table["tail_len"]
+    clean = (table["nonce_lo"] == 0) & (table["nonce_hi"] == 0)
+    data_rows = clean & (head == _PLAIN_DATA_HEAD) & (tail_len == 0)
+    fill_rows = clean & (head == _PLAIN_FILL_HEAD) & (tail_len == 1)
+    no_nonce = bytes(NONCE_BYTES)
+    for rows, kind in ((data_rows, PayloadKind.DATA), (fill_rows, PayloadKind.FILL)):
+        picked = np.flatnonzero(rows)
+        columns = zip(
+            picked.tolist(),
+            table["generation"][picked].tolist(),
+            table["checksum"][picked].tolist(),
+            table["fill"][picked].tolist(),
+            strict=True,
+        )
+        for n, generation, checksum, fill in columns:
+            payload = (
+                data[n * size : (n + 1) * size].tobytes()
+                if kind == PayloadKind.DATA
+                else _FILL_BYTES[fill]
+            )
+            yield (first + n) * size, (kind, 0, generation, checksum, no_nonce), payload
+    plain = data_rows | fill_rows
+    for n in np.flatnonzero(present & ~plain).tolist():
+        fields = ENTRY_FIELDS.unpack_from(index, n * ENTRY_BYTES)
+        kind, tail_len, tail = fields[2], fields[7], fields[8]
+        try:
+            check_header(fields[0], fields[1], kind, fields[3])
+        except ValueError as err:
+            raise IntegrityError(
+                f"malformed index entry: {err}",
+                backend=backend,
+                vm_id=ns.vm_id,
+                region=ns.region,
+                offset=(first + n) * size,
+            ) from err
+        if kind == PayloadKind.DATA:
+            payload = data[n * size : (n + 1) * size].tobytes() + tail[:tail_len]
+        else:
+            payload = tail[:tail_len]
+        yield (first + n) * size, fields[2:7], payload

@@ -1,0 +1,796 @@
+"""The file tier: one sparse data file and one index file per VM region.
+
+Layout under ``root`` (the index format is in ``file_format.py``)::
+
+    root/.lock                        flock: one process per root
+    root/<vm_id>/region-<N>.data      page at byte offset X is stored at X (sparse)
+    root/<vm_id>/region-<N>.index     4 KiB superblock, then one 64-byte entry per page
+
+Keeping data at its own offset keeps the data file sparse and page-aligned; a page is
+present only if its index entry says so, so stale bytes in the data file are never
+served. An index entry is the record header (see ``record.py``) plus the part of the
+payload that is not page data: the GCM tag, or the byte of a fill page (zero pages
+take no data space at all).
+
+Durability: ``sync`` fdatasyncs every data and index file written since the last
+sync, and fsyncs the directories in which files were created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import heapq
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from wsd.storage.concurrency import Offload, OffsetGuard
+from wsd.storage.config import FileStoreConfig
+from wsd.storage.errors import (
+    BudgetExceeded,
+    EncryptionKeyError,
+    IntegrityError,
+    InvalidPage,
+    PageNotFound,
+    StorageError,
+    StoreClosed,
+    Where,
+)
+from wsd.storage.file_format import (
+    EMPTY_ENTRY,
+    ENTRY_BYTES,
+    ENTRY_DTYPE,
+    ENTRY_FIELDS,
+    INDEX_BASE,
+    INDEX_VERSION,
+    KINDS,
+    READ_RUN_PAGES,
+    REGION_FILE,
+    SUPERBLOCK,
+    SUPERBLOCK_MAGIC,
+    decode_entries,
+    pwrite_all,
+    runs,
+    scan_entries,
+    superblock,
+)
+from wsd.storage.fsops import fsync_dir, punch_hole, storage_error
+from wsd.storage.keys import key_check_value
+from wsd.storage.page import (
+    VM_ID_PATTERN,
+    BackendKind,
+    Generations,
+    OpCounters,
+    PageNamespace,
+    PageRef,
+    StoredPage,
+    StoreStats,
+    generation_of,
+)
+from wsd.storage.record import MAGIC, VERSION, PageCodec, PayloadKind, SealedRecord
+
+
+class _Dropped(Exception):
+    """The region was discarded while an operation was queued for it."""
+
+
+@dataclass(eq=False)
+class _Region:
+    """Open files and page counts of one region; shared with worker threads.
+
+    Worker threads use the descriptors only between ``using()`` enter and exit; a
+    dropped region closes them when its last user leaves, so that a descriptor number
+    is never reused under a worker's feet.
+    """
+
+    ns: PageNamespace
+    directory: Path
+    data_fd: int
+    index_fd: int
+    pages: int = 0
+    data_pages: int = 0
+    _users: int = 0
+    _dropped: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        with self._lock:
+            if self._dropped:
+                raise _Dropped
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._dropped and not self._users:
+                    self._close()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._dropped = True
+            if not self._users:
+                self._close()
+
+    def _close(self) -> None:
+        for fd in (self.data_fd, self.index_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.data_fd = self.index_fd = -1
+
+
+class FileStore:
+    """The file tier. Create with ``await FileStore.open(config, key=...)``."""
+
+    def __init__(
+        self,
+        config: FileStoreConfig,
+        *,
+        key: bytes | None,
+        clock: Callable[[], float],
+        lock_fd: int,
+        name: str = "file",
+    ) -> None:
+        self._config = config
+        self._root = config.root
+        self._name = name
+        self._codec = PageCodec(backend=name, key=key)
+        self._key_check = key_check_value(key) if key is not None else None
+        self._clock = clock
+        self._lock_fd = lock_fd
+        self._offload = Offload(backend=name, threads=config.io_threads)
+        self._guard = OffsetGuard()
+        self._regions: dict[tuple[str, int], _Region] = {}
+        self._lifecycle = asyncio.Lock()
+        self._sync_lock = asyncio.Lock()
+        self._dirty: set[_Region] = set()
+        self._new_dirs: set[Path] = set()
+        self._accounting = threading.Lock()
+        self._used_bytes = 0
+        self._failed: str | None = None
+        self._closed = False
+        self.counters = OpCounters()
+
+    @classmethod
+    async def open(
+        cls,
+        config: FileStoreConfig,
+        *,
+        key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        name: str = "file",
+    ) -> FileStore:
+        """Open (creating if needed) the root and every region already in it."""
+        lock_fd = await asyncio.to_thread(cls._lock_root, config.root, name)
+        store = cls(config, key=key, clock=clock, lock_fd=lock_fd, name=name)
+        try:
+            await store._offload.run(store._load_existing)
+        except BaseException:
+            await store._release()
+            raise
+        return store
+
+    @property
+    def kind(self) -> BackendKind:
+        return BackendKind.FILE
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    # -- setup ------------------------------------------------------------------------
+
+    @staticmethod
+    def _lock_root(root: Path, name: str) -> int:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise storage_error(err, f"opening {str(root)!r}", backend=name) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            os.close(fd)
+            raise StorageError(f"{str(root)!r} is in use by another process", backend=name) from err
+        return fd
+
+    def _load_existing(self) -> None:
+        for vm_dir in sorted(self._root.iterdir()):
+            if not vm_dir.is_dir() or not VM_ID_PATTERN.fullmatch(vm_dir.name):
+                continue
+            for index_path in sorted(vm_dir.iterdir()):
+                match = REGION_FILE.fullmatch(index_path.name)
+                if match is None:
+                    continue
+                region, _ = self._open_region_files(vm_dir.name, int(match[1]), None)
+                self._count(region)
+                self._regions[region.ns.key] = region
+                self._used_bytes += region.data_pages * region.ns.page_size
+
+    def _open_region_files(
+        self, vm_id: str, region_no: int, ns: PageNamespace | None
+    ) -> tuple[_Region, list[Path]]:
+        """Open a region's files; with ``ns`` given, create them if missing.
+
+        Returns the region and the directories that gained an entry and need an fsync.
+        """
+        directory = self._root / vm_id
+        index_path = directory / f"region-{region_no}.index"
+        where: Where = {"backend": self._name, "vm_id": vm_id, "region": region_no}
+        fds: list[int] = []
+        new_dirs: list[Path] = []
+        try:
+            if ns is not None and not directory.exists():
+                directory.mkdir(mode=0o700)
+                new_dirs.append(self._root)
+            existed = index_path.exists()
+            if not existed:
+                assert ns is not None
+                self._create_index(index_path, ns)
+                new_dirs.append(directory)
+            flags = os.O_RDWR | os.O_CLOEXEC
+            fds.append(os.open(index_path.with_suffix(".data"), flags | os.O_CREAT, 0o600))
+            fds.append(os.open(index_path, flags))
+            ns_on_disk = self._check_superblock(fds[1], vm_id, region_no)
+        except OSError as err:
+            for fd in fds:
+                os.close(fd)
+            raise storage_error(err, f"opening region files {str(index_path)!r}", **where) from err
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return _Region(ns_on_disk, directory, fds[0], fds[1]), new_dirs
+
+    def _create_index(self, path: Path, ns: PageNamespace) -> None:
+        """Create an index file with its superblock, atomically.
+
+        Written and fdatasynced under a temporary name, then renamed: an index file that
+        exists always has its superblock, even after ENOSPC or a crash midway, so a
+        half-created region can never make the whole root fail to open.
+        """
+        temporary = path.with_suffix(".index.new")
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            pwrite_all(fd, [superblock(ns, self._key_check)], 0)
+            os.fdatasync(fd)
+            os.rename(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
+    def _check_superblock(self, fd: int, vm_id: str, region_no: int) -> PageNamespace:
+        where: Where = {"backend": self._name, "vm_id": vm_id, "region": region_no}
+        raw = os.pread(fd, SUPERBLOCK.size + 8, 0)
+        body, tail = raw[: SUPERBLOCK.size], raw[SUPERBLOCK.size :]
+        if len(tail) != 8 or struct.unpack("<Q", tail)[0] != xxhash.xxh3_64_intdigest(body):
+            raise StorageError("index superblock is missing or corrupt", **where)
+        magic, version, page_size, region, encrypted, check, vm = SUPERBLOCK.unpack(body)
+        if magic != SUPERBLOCK_MAGIC or version != INDEX_VERSION:
+            raise StorageError(f"unknown index format {magic!r} v{version}", **where)
+        if vm.rstrip(b"\0").decode("ascii", "replace") != vm_id or region != region_no:
+            raise StorageError("index superblock names another VM or region", **where)
+        if encrypted and self._key_check is None:
+            raise EncryptionKeyError("region is encrypted but no key is configured", **where)
+        if not encrypted and self._key_check is not None:
+            raise EncryptionKeyError(
+                "region was written without encryption but a key is configured", **where
+            )
+        if encrypted and check != self._key_check:
+            raise EncryptionKeyError("region was written with another key", **where)
+        return PageNamespace(vm_id, region_no, page_size)
+
+    def _count(self, region: _Region) -> None:
+        """Count present and data-bearing entries, reading only allocated extents."""
+        pages = data_pages = 0
+        for _, entries in scan_entries(region.index_fd):
+            present = entries["magic"] == MAGIC
+            pages += int(present.sum())
+            data_pages += int((present & (entries["kind"] == PayloadKind.DATA)).sum())
+        region.pages, region.data_pages = pages, data_pages
+
+    async def _region(self, ns: PageNamespace, *, create: bool) -> _Region | None:
+        region = self._regions.get(ns.key)
+        if region is None and create:
+            async with self._lifecycle:
+                region = self._regions.get(ns.key)
+                if region is None:
+                    created, new_dirs = await self._offload.run(
+                        self._open_region_files, ns.vm_id, ns.region, ns
+                    )
+                    self._regions[ns.key] = region = created
+                    # The superblock and the new names become durable at the next sync.
+                    self._dirty.add(created)
+                    self._new_dirs.update(new_dirs)
+        if region is not None and region.ns.page_size != ns.page_size:
+            raise InvalidPage(
+                f"region was created with page size {region.ns.page_size}, not {ns.page_size}",
+                backend=self._name,
+                vm_id=ns.vm_id,
+                region=ns.region,
+            )
+        return region
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreClosed("store is closed", backend=self._name)
+        if self._failed is not None:
+            # After a failed fdatasync the kernel may have dropped the dirty pages and
+            # cleared the error, so a retry could succeed without the data on disk.
+            raise StorageError(
+                f"an earlier sync failed ({self._failed}); reopen the store",
+                backend=self._name,
+            )
+
+    # -- put --------------------------------------------------------------------------
+
+    async def put(
+        self, ns: PageNamespace, pages: Mapping[int, bytes], *, generation: Generations
+    ) -> None:
+        self._check_writable()
+        ns.check_pages(pages, backend=self._name)
+        if not pages:
+            return
+        gens = {offset: generation_of(generation, offset) for offset in pages}
+        self.counters.puts += 1
+        region = await self._region(ns, create=True)
+        assert region is not None
+        stored_at = self._clock()
+        async with self._guard.hold(ns.key, pages.keys()):
+            try:
+                await self._offload.run(self._write_batch, region, pages, gens, stored_at)
+            except StorageError:
+                self.counters.failures += 1
+                raise
+            except _Dropped as err:
+                self.counters.failures += 1
+                raise StorageError(
+                    "region was discarded while the put was queued",
+                    backend=self._name,
+                    vm_id=ns.vm_id,
+                    region=ns.region,
+                ) from err
+            finally:
+                self._dirty.add(region)
+        self.counters.pages_put += len(pages)
+
+    def _write_batch(
+        self,
+        region: _Region,
+        pages: Mapping[int, bytes],
+        gens: Mapping[int, int],
+        stored_at: float,
+    ) -> None:
+        ns, size = region.ns, region.ns.page_size
+        records = [
+            (offset // size, self._codec.seal(ns, offset, gens[offset], pages[offset]))
+            for offset in sorted(pages)
+        ]
+        where: Where = {"backend": self._name, "vm_id": ns.vm_id, "region": ns.region}
+        with region.using():
+            try:
+                old = self._read_kinds(region, [index for index, _ in records])
+            except OSError as err:
+                raise storage_error(err, "reading index entries", **where) from err
+            new_data = sum(r.kind == PayloadKind.DATA for _, r in records)
+            old_data = sum(kind == PayloadKind.DATA for kind in old.values())
+            self._account(region, len(records) - len(old), new_data - old_data)
+            try:
+                self._write_records(region, records, old, stored_at)
+            except OSError as err:
+                self._invalidate(region, [index for index, _ in records])
+                self._account(region, -len(records), -new_data)
+                first = records[0][0] * size
+                raise storage_error(
+                    err, f"writing {len(records)} pages from {first:#x}", **where
+                ) from err
+
+    def _account(self, region: _Region, pages: int, data_pages: int) -> None:
+        """Apply a change of page counts, refusing growth beyond ``max_bytes``."""
+        delta = data_pages * region.ns.page_size
+        with self._accounting:
+            limit = self._config.max_bytes
+            if limit is not None and delta > 0 and self._used_bytes + delta > limit:
+                raise BudgetExceeded(
+                    backend=self._name,
+                    vm_id=region.ns.vm_id,
+                    region=region.ns.region,
+                    budget_bytes=limit,
+                    used_bytes=self._used_bytes,
+                    needed_bytes=delta,
+                )
+            self._used_bytes += delta
+            region.pages += pages
+            region.data_pages += data_pages
+
+    def _write_records(
+        self,
+        region: _Region,
+        records: list[tuple[int, SealedRecord]],
+        old: Mapping[int, int],
+        stored_at: float,
+    ) -> None:
+        size = region.ns.page_size
+        # Data first: if a write fails midway, the entries still describe the old data,
+        # which the checksums then reject, rather than new entries over missing data.
+        data = [(i, r.payload[:size]) for i, r in records if r.kind == PayloadKind.DATA]
+        position = 0
+        for first, count in runs([i for i, _ in data]):
+            chunk = [p for _, p in data[position : position + count]]
+            pwrite_all(region.data_fd, chunk, first * size)
+            position += count
+        entries = []
+        pack = ENTRY_FIELDS.pack
+        for _, r in records:
+            tail = r.payload[size:] if r.kind == PayloadKind.DATA else r.payload
+            fields = (MAGIC, VERSION, r.kind, r.flags, r.generation, r.checksum, r.nonce)
+            entries.append(pack(*fields, len(tail), tail, stored_at))
+        position = 0
+        for first, count in runs([i for i, _ in records]):
+            chunk = entries[position : position + count]
+            pwrite_all(region.index_fd, chunk, INDEX_BASE + first * ENTRY_BYTES)
+            position += count
+        # A fill page replacing a data page no longer needs its data blocks.
+        freed = [i for i, r in records if r.kind != PayloadKind.DATA and i in old]
+        self._punch(region, [i for i in freed if old[i] == PayloadKind.DATA])
+
+    def _punch(self, region: _Region, indexes: Sequence[int]) -> None:
+        size = region.ns.page_size
+        for first, count in runs(sorted(indexes)):
+            punch_hole(region.data_fd, first * size, count * size)
+
+    def _invalidate(self, region: _Region, indexes: Sequence[int]) -> None:
+        """Best effort after a failed write: the batch's entries become absent.
+
+        Overwriting an entry that already exists needs no new block, so this works on
+        a full filesystem; if it fails anyway, the checksums still reject any torn page.
+        """
+        try:
+            for first, count in runs(indexes):
+                pwrite_all(region.index_fd, [EMPTY_ENTRY] * count, INDEX_BASE + first * ENTRY_BYTES)
+        except OSError:
+            pass
+
+    def _read_kinds(self, region: _Region, indexes: Sequence[int]) -> dict[int, int]:
+        """Kinds of the present entries among ``indexes`` (sorted)."""
+        kinds: dict[int, int] = {}
+        for first, count in runs(indexes):
+            raw = os.pread(region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES)
+            table = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=len(raw) // ENTRY_BYTES)
+            present = np.flatnonzero(table["magic"] == MAGIC)
+            # An unknown kind is corrupt; counting it as data over-estimates usage.
+            found = table["kind"][present].tolist()
+            for n, kind in zip(present.tolist(), found, strict=True):
+                kinds[first + n] = kind if kind in KINDS else PayloadKind.DATA
+        return kinds
+
+    # -- get --------------------------------------------------------------------------
+
+    async def get(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage:
+        ns.check_offset(offset, backend=self._name)
+        gens = None if generation is None else {offset: generation}
+        found = await self._get(ns, [offset], gens, missing_ok=False)
+        return found[offset]
+
+    async def get_many(
+        self,
+        ns: PageNamespace,
+        offsets: Sequence[int],
+        *,
+        generations: Mapping[int, int] | None = None,
+        missing_ok: bool = False,
+    ) -> dict[int, StoredPage]:
+        wanted = ns.check_offsets(offsets, backend=self._name)
+        if not wanted:
+            return {}
+        return await self._get(ns, wanted, generations, missing_ok=missing_ok)
+
+    async def _get(
+        self,
+        ns: PageNamespace,
+        offsets: list[int],
+        generations: Mapping[int, int] | None,
+        *,
+        missing_ok: bool,
+    ) -> dict[int, StoredPage]:
+        if self._closed:
+            raise StoreClosed("store is closed", backend=self._name)
+        self.counters.gets += 1
+        region = await self._region(ns, create=False)
+        found: dict[int, StoredPage] = {}
+        if region is not None:
+            await self._guard.wait_readable(ns.key, offsets)
+            try:
+                found = await self._offload.run(self._read_batch, region, offsets, generations)
+            except IntegrityError:
+                self.counters.integrity_errors += 1
+                raise
+        self.counters.pages_got += len(found)
+        if len(found) < len(offsets):
+            self.counters.misses += len(offsets) - len(found)
+            if not missing_ok:
+                missing = tuple(o for o in offsets if o not in found)
+                raise PageNotFound(
+                    backend=self._name, vm_id=ns.vm_id, region=ns.region, offsets=missing
+                )
+        return {o: found[o] for o in offsets if o in found}
+
+    def _read_batch(
+        self,
+        region: _Region,
+        offsets: Sequence[int],
+        generations: Mapping[int, int] | None,
+    ) -> dict[int, StoredPage]:
+        found: dict[int, StoredPage] = {}
+        try:
+            with region.using():
+                self._read_runs(region, offsets, generations, found)
+        except _Dropped:
+            return {}
+        return found
+
+    def _read_runs(
+        self,
+        region: _Region,
+        offsets: Sequence[int],
+        generations: Mapping[int, int] | None,
+        found: dict[int, StoredPage],
+    ) -> None:
+        ns, size = region.ns, region.ns.page_size
+        for first, count in runs(sorted(o // size for o in offsets), limit=READ_RUN_PAGES):
+            try:
+                index = os.pread(
+                    region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES
+                )
+                data = memoryview(b"")
+                if index != bytes(len(index)):
+                    data = memoryview(os.pread(region.data_fd, count * size, first * size))
+            except OSError as err:
+                raise storage_error(
+                    err,
+                    f"reading {count} pages",
+                    backend=self._name,
+                    vm_id=ns.vm_id,
+                    region=ns.region,
+                    offset=first * size,
+                ) from err
+            found.update(
+                self._codec.open_many(
+                    ns, decode_entries(ns, first, index, data, backend=self._name), generations
+                )
+            )
+
+    # -- discard ----------------------------------------------------------------------
+
+    async def discard(self, ns: PageNamespace, offsets: Iterable[int] | None = None) -> None:
+        self._check_writable()
+        self.counters.discards += 1
+        if offsets is None:
+            await self._drop_region(ns)
+            return
+        wanted = ns.check_offsets(offsets, backend=self._name)
+        region = await self._region(ns, create=False)
+        if region is None or not wanted:
+            return
+        async with self._guard.hold(ns.key, wanted):
+            await self._offload.run(self._remove, region, wanted, None)
+            self._dirty.add(region)
+
+    def _remove(
+        self, region: _Region, offsets: Sequence[int], expected: Mapping[int, int] | None
+    ) -> int:
+        """Clear entries (only those of the expected generation, if given), punch data."""
+        try:
+            with region.using():
+                return self._remove_entries(region, offsets, expected)
+        except _Dropped:
+            return 0
+
+    def _remove_entries(
+        self, region: _Region, offsets: Sequence[int], expected: Mapping[int, int] | None
+    ) -> int:
+        ns, size = region.ns, region.ns.page_size
+        cleared: list[int] = []
+        data: list[int] = []
+        present = 0
+        try:
+            for first, count in runs(sorted(o // size for o in offsets), limit=READ_RUN_PAGES):
+                raw = os.pread(
+                    region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES
+                )
+                for n in range(len(raw) // ENTRY_BYTES):
+                    entry = raw[n * ENTRY_BYTES : (n + 1) * ENTRY_BYTES]
+                    if entry == EMPTY_ENTRY:
+                        continue
+                    valid = entry[:2] == MAGIC
+                    index = first + n
+                    if expected is not None:
+                        generation = struct.unpack_from("<Q", entry, 8)[0]
+                        if not valid or expected.get(index * size) != generation:
+                            continue
+                    cleared.append(index)
+                    present += valid
+                    if valid and entry[3] == PayloadKind.DATA:
+                        data.append(index)
+            for first, count in runs(cleared):
+                pwrite_all(region.index_fd, [EMPTY_ENTRY] * count, INDEX_BASE + first * ENTRY_BYTES)
+            self._punch(region, data)
+        except OSError as err:
+            raise storage_error(
+                err, "discarding pages", backend=self._name, vm_id=ns.vm_id, region=ns.region
+            ) from err
+        self._account(region, -present, -len(data))
+        return present
+
+    async def _drop_region(self, ns: PageNamespace) -> None:
+        async with self._lifecycle:
+            region = self._regions.pop(ns.key, None)
+            if region is None:
+                return
+            self._dirty.discard(region)
+            with self._accounting:
+                self._used_bytes -= region.data_pages * region.ns.page_size
+            await self._offload.run(self._unlink_region, region)
+
+    def _unlink_region(self, region: _Region) -> None:
+        stem = region.directory / f"region-{region.ns.region}"
+        try:
+            # Index first: without it the data file is garbage anyway.
+            for suffix in (".index", ".data"):
+                stem.with_suffix(suffix).unlink(missing_ok=True)
+            fsync_dir(region.directory)
+        except OSError as err:
+            raise storage_error(
+                err,
+                "removing region files",
+                backend=self._name,
+                vm_id=region.ns.vm_id,
+                region=region.ns.region,
+            ) from err
+        finally:
+            region.drop()
+
+    # -- sync, stats, close -----------------------------------------------------------
+
+    async def sync(self) -> None:
+        self._check_writable()
+        async with self._sync_lock:
+            # Taken inside the lock: a sync that starts while another runs must also
+            # wait for the files that one is flushing.
+            dirty, self._dirty = self._dirty, set()
+            dirs, self._new_dirs = self._new_dirs, set()
+            self.counters.syncs += 1
+            # All at once, on every worker: concurrent fsyncs share journal commits.
+            # No order among them is needed for what sync promises: until it returns
+            # nothing of these puts is acknowledged, and writeback may flush any of
+            # these files before any other anyway; checksums reject a page whose entry
+            # reached the disk without its data.
+            jobs = [(region, fd) for region in dirty for fd in ("data", "index")]
+            results = await asyncio.gather(
+                *(self._offload.run(self._sync_file, region, which) for region, which in jobs),
+                *(self._offload.run(self._sync_dir, directory) for directory in dirs),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    if isinstance(result, StorageError):
+                        self._failed = result.message
+                    self.counters.failures += 1
+                    raise result
+
+    def _sync_file(self, region: _Region, which: str) -> None:
+        try:
+            with region.using():
+                fd = region.data_fd if which == "data" else region.index_fd
+                os.fdatasync(fd)
+        except _Dropped:
+            return
+        except OSError as err:
+            raise storage_error(
+                err,
+                f"fdatasync of the {which} file",
+                backend=self._name,
+                vm_id=region.ns.vm_id,
+                region=region.ns.region,
+            ) from err
+
+    def _sync_dir(self, directory: Path) -> None:
+        try:
+            fsync_dir(directory)
+        except OSError as err:
+            raise storage_error(err, f"fsync of {str(directory)!r}", backend=self._name) from err
+
+    async def stats(self) -> StoreStats:
+        regions = list(self._regions.values())
+        return StoreStats(
+            backend=self._name,
+            pages=sum(r.pages for r in regions),
+            stored_bytes=self._used_bytes,
+            logical_bytes=sum(r.pages * r.ns.page_size for r in regions),
+            budget_bytes=self._config.max_bytes,
+            counters=StoreStats.snapshot(self.counters),
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                await self.sync()
+        finally:
+            self._closed = True
+            await self._release()
+
+    async def _release(self) -> None:
+        await self._offload.close()
+        for region in self._regions.values():
+            region.drop()
+        self._regions.clear()
+        os.close(self._lock_fd)
+
+    # -- demotion source --------------------------------------------------------------
+
+    async def coldest(self, limit: int, *, stored_before: float | None = None) -> list[PageRef]:
+        if limit <= 0:
+            return []
+        regions = list(self._regions.values())
+        return await self._offload.run(self._coldest, regions, limit, stored_before)
+
+    def _coldest(
+        self, regions: list[_Region], limit: int, stored_before: float | None
+    ) -> list[PageRef]:
+        best: list[tuple[float, int, int, int]] = []  # (stored_at, region slot, index, gen)
+        for slot, region in enumerate(regions):
+            try:
+                with region.using():
+                    for first, entries in scan_entries(region.index_fd):
+                        mask = entries["magic"] == MAGIC
+                        if stored_before is not None:
+                            mask &= entries["stored_at"] < stored_before
+                        hits = np.flatnonzero(mask)
+                        if len(hits) > limit:
+                            ages = entries["stored_at"][hits]
+                            hits = hits[np.argpartition(ages, limit - 1)[:limit]]
+                        for n in hits.tolist():
+                            age = float(entries["stored_at"][n])
+                            gen = int(entries["generation"][n])
+                            best.append((age, slot, first + n, gen))
+                        best = heapq.nsmallest(limit, best)
+            except _Dropped:
+                continue
+        return [
+            PageRef(regions[slot].ns, index * regions[slot].ns.page_size, gen, age)
+            for age, slot, index, gen in sorted(best)
+        ]
+
+    def budget_usage(self) -> tuple[int, int | None]:
+        """Bytes of page data stored, and ``max_bytes``."""
+        return self._used_bytes, self._config.max_bytes
+
+    async def remove_if_generation(self, ns: PageNamespace, expected: Mapping[int, int]) -> int:
+        self._check_writable()
+        region = await self._region(ns, create=False)
+        if region is None or not expected:
+            return 0
+        async with self._guard.hold(ns.key, expected.keys()):
+            removed = await self._offload.run(self._remove, region, list(expected), expected)
+            self._dirty.add(region)
+        return removed
