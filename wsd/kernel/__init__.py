@@ -6,7 +6,7 @@ Thin, typed and free of policy.  Failures raise :class:`KernelError` (an
 """
 
 from .errors import AddressRange, FeatureUnavailable, KernelError, oserror
-from .fds import FdInfo, FdKind, describe_fd
+from .fds import FdInfo, FdKind, close_fds, describe_fd
 from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
@@ -63,6 +63,7 @@ __all__ = [
     "UffdMessage",
     "UnmapEvent",
     "Userfaultfd",
+    "close_fds",
     "data_ranges",
     "decode_messages",
     "describe_fd",

@@ -6,6 +6,7 @@ memfd, wsd checks what the kernel says it is.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .errors import oserror
 
-__all__ = ["FdInfo", "FdKind", "describe_fd"]
+__all__ = ["FdInfo", "FdKind", "close_fds", "describe_fd"]
 
 
 class FdKind(enum.StrEnum):
@@ -55,3 +56,10 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
     return FdInfo(
         fd=fd, kind=kind, target=target, size=st.st_size, inode=st.st_ino, device=st.st_dev
     )
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close every fd, ignoring ones already closed: for cleanup paths."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -26,6 +26,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
@@ -33,6 +34,7 @@ import numpy.typing as npt
 
 from wsd.kernel import memfd_create, open_userfaultfd, recv_with_fds, send_with_fds
 from wsd.kernel.uffd import OpenFlag
+from wsd.vmm.client import HandoffRefused, hand_off
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -75,6 +77,7 @@ class _Guest:
         self.map = mmap.mmap(self.memfd, size, flags=mmap.MAP_SHARED)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.versions = np.zeros(size // page_size, dtype=np.int64)
+        self.session: socket.socket | None = None
         if fill:
             npages = size // page_size
             step = max(1, (64 << 20) // page_size)
@@ -124,11 +127,39 @@ class _Guest:
                 ctypes.memmove(one, self._addr(p), 1)
 
 
-def _child(sock_fd: int, size: int, page_size: int, fill: bool, uffd_flags: int) -> None:
+def _child(a: argparse.Namespace) -> None:
+    sock_fd, size, page_size, handoff = a.sock_fd, a.size, a.page_size, a.handoff
     sock = socket.socket(fileno=sock_fd)
-    guest = _Guest(size, page_size, fill)
-    uffd = open_userfaultfd(OpenFlag(uffd_flags))
-    hello = {"pid": os.getpid(), "base": guest.base, "size": size, "page_size": page_size}
+    guest = _Guest(size, page_size, not a.no_fill)
+    uffd = open_userfaultfd(OpenFlag(a.uffd_flags))
+    hello: dict[str, Any] = {
+        "pid": os.getpid(),
+        "base": guest.base,
+        "size": size,
+        "page_size": page_size,
+    }
+    if handoff:
+        # Hand the memory to a running wsd, as a VMM would, and keep the
+        # connection (the session lives as long as it does).
+        msg = {
+            "type": "handoff",
+            "version": 1,
+            "vm_id": a.vm_id,
+            "vmm_pid": os.getpid(),
+            "regions": [
+                {
+                    "guest_phys_addr": 0,
+                    "host_virt_addr": guest.base,
+                    "size": size,
+                    "fd_index": 1,
+                    "page_size": page_size,
+                }
+            ],
+        }
+        try:
+            hello["reply"], guest.session = hand_off(handoff, msg, [uffd, guest.memfd])
+        except HandoffRefused as e:
+            hello["reply"] = e.reply
     send_with_fds(sock, json.dumps(hello).encode() + b"\n", [uffd, guest.memfd])
     send_lock = threading.Lock()
 
@@ -187,6 +218,7 @@ class PuppetVMM:
         self.size: int = hello["size"]
         self.page_size: int = hello["page_size"]
         self.npages = self.size // self.page_size
+        self.handoff_reply: dict[str, Any] | None = hello.get("reply")
         self._buf = rest
         self._next = 0
         self._pending: dict[int, _Pending] = {}
@@ -202,7 +234,10 @@ class PuppetVMM:
         page_size: int = mmap.PAGESIZE,
         fill: bool = True,
         uffd_flags: OpenFlag = OpenFlag.CLOEXEC | OpenFlag.NONBLOCK,
+        handoff: Path | None = None,
+        vm_id: str = "puppet",
     ) -> Self:
+        """Start a puppet; with ``handoff`` it also hands its memory to wsd there."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [
             sys.executable,
@@ -219,6 +254,8 @@ class PuppetVMM:
         ]
         if not fill:
             cmd.append("--no-fill")
+        if handoff:
+            cmd += ["--handoff", str(handoff), "--vm-id", vm_id]
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
         theirs.close()
         try:
@@ -306,8 +343,10 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=mmap.PAGESIZE)
     ap.add_argument("--uffd-flags", type=int, default=int(OpenFlag.CLOEXEC | OpenFlag.NONBLOCK))
     ap.add_argument("--no-fill", action="store_true")
+    ap.add_argument("--handoff", help="hand the memory to the wsd listening here")
+    ap.add_argument("--vm-id", default="puppet")
     a = ap.parse_args()
-    _child(a.sock_fd, a.size, a.page_size, not a.no_fill, a.uffd_flags)
+    _child(a)
 
 
 if __name__ == "__main__":

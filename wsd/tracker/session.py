@@ -20,7 +20,7 @@ scan and re-arm.  Read-only accesses are invisible in that mode.
 
 from __future__ import annotations
 
-import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +42,7 @@ from wsd.kernel import (
 from wsd.vmm.protocol import ErrorCode, HandoffError, Region, UffdSpec, UffdState
 
 from .mode import ModeDecision, TrackingMode
+from .state import Granularity, RegionState
 
 # What wsd asks UFFDIO_API for, per mode.  Missing optional ones are fine.
 REQUIRED: dict[TrackingMode, Feature] = {
@@ -57,6 +58,7 @@ Hook = Callable[["VmTracker", list[npt.NDArray[np.bool_]]], Awaitable[None]]
 class TrackedRegion:
     region: Region
     memfd: int
+    state: RegionState
 
     @property
     def npages(self) -> int:
@@ -73,6 +75,12 @@ class TrackedRegion:
         return out
 
 
+def _granularity(r: Region) -> Granularity:
+    # Shmem/anon THP (RWP-FACTS facts 7 and 8) is not detected yet: the VMM
+    # must map guest RAM without THP (MADV_NOHUGEPAGE) for 4 KiB tracking.
+    return Granularity.HUGE_2M if r.page_size == 2 << 20 else Granularity.PAGE_4K
+
+
 def _names(mode: RegisterMode) -> set[str]:
     return {m.name or "" for m in RegisterMode if m in mode}
 
@@ -86,6 +94,7 @@ class VmTracker:
     pagemap: Pagemap
     decision: ModeDecision
     regions: list[TrackedRegion]
+    clock: Callable[[], float] = time.monotonic
     cycles: int = 0
     sync_faults: int = 0
     _in_window: bool = field(default=False, repr=False)
@@ -105,6 +114,7 @@ class VmTracker:
         regions: Sequence[tuple[Region, int]],
         decision: ModeDecision,
         supported: Feature,
+        clock: Callable[[], float] = time.monotonic,
     ) -> VmTracker:
         """Negotiate (raw uffd) or verify (pre-registered), register and arm.
 
@@ -112,6 +122,14 @@ class VmTracker:
         """
         uffd = Userfaultfd(uffd_fd)
         try:
+            for i, (r, _) in enumerate(regions):
+                if r.page_size not in (4096, 2 << 20):
+                    raise HandoffError(
+                        ErrorCode.UNSUPPORTED,
+                        f"regions[{i}]: page_size {r.page_size} is not tracked yet "
+                        "(4 KiB and 2 MiB are)",
+                        f"regions[{i}].page_size",
+                    )
             need = REQUIRED[decision.mode]
             if spec.state is UffdState.RAW:
                 if need & ~supported:
@@ -141,7 +159,14 @@ class VmTracker:
         except BaseException:
             uffd.close()
             raise
-        tracker = cls(vm_id, uffd, pagemap, decision, [TrackedRegion(r, fd) for r, fd in regions])
+        now = clock()
+        tracked = [
+            TrackedRegion(
+                r, fd, RegionState(r.size // r.page_size, _granularity(r), started_at=now)
+            )
+            for r, fd in regions
+        ]
+        tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
         try:
             tracker.arm()
         except KernelError as e:
@@ -179,6 +204,9 @@ class VmTracker:
             self._in_window = True
         try:
             hot = [self._scan(t) for t in self.regions]
+            now = self.clock()
+            for t, h in zip(self.regions, hot, strict=True):
+                t.state.observe(h, t.resident(), now)
             if hook is not None:
                 await hook(self, hot)
         finally:
@@ -199,18 +227,23 @@ class VmTracker:
         An RWP fault can only happen inside the sync window: the page is being
         accessed, so it is hot; unprotect and wake it at once.
         """
-        if fault.is_rwp:
-            page = fault.address & ~(self._page_size_at(fault.address) - 1)
-            self.uffd.rwprotect(page, self._page_size_at(fault.address), protect=False)
-            self.sync_faults += 1
-            return True
-        return False
+        if not fault.is_rwp:
+            return False
+        t = self.region_at(fault.address)
+        if t is None:
+            return False
+        r = t.region
+        page = (fault.address - r.host_virt_addr) // r.page_size
+        self.uffd.rwprotect(r.host_virt_addr + page * r.page_size, r.page_size, protect=False)
+        t.state.note_fault([page])
+        self.sync_faults += 1
+        return True
 
-    def _page_size_at(self, addr: int) -> int:
+    def region_at(self, addr: int) -> TrackedRegion | None:
         for t in self.regions:
             if t.region.host_virt_addr <= addr < t.region.host_end:
-                return t.region.page_size
-        return os.sysconf("SC_PAGE_SIZE")
+                return t
+        return None
 
     def close(self) -> None:
         """Unprotect and drop our fds.  The VMM keeps its uffd copy and memory."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from wsd.kernel import KernelError, recv_with_fds
+from wsd.kernel import KernelError, close_fds, recv_with_fds
 
 from .fdcheck import check_fds
 from .protocol import (
@@ -112,24 +112,18 @@ async def receive_message(sock: socket.socket) -> tuple[bytes, list[int]]:
                         ErrorCode.TOO_LARGE, f"message exceeds {MAX_MESSAGE_BYTES} bytes"
                     )
     except TimeoutError:
-        _close_all(fds)
+        close_fds(fds)
         raise HandoffError(
             ErrorCode.INVALID, f"no complete message within {MESSAGE_TIMEOUT:g} s"
         ) from None
     except BaseException:
-        _close_all(fds)
+        close_fds(fds)
         raise
     line, _, rest = bytes(data).partition(b"\n")
     if rest.strip():
-        _close_all(fds)
+        close_fds(fds)
         raise HandoffError(ErrorCode.INVALID, "data after the end of the message")
     return line, fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 async def _send(sock: socket.socket, reply: dict[str, Any]) -> None:
@@ -217,7 +211,7 @@ class HandoffServer:
                 )
             check_fds(req, fds)
         except BaseException:
-            _close_all(fds)
+            close_fds(fds)
             raise
         try:
             return await self.handler(req, fds, peer)

@@ -1,0 +1,86 @@
+"""The daemon on the host kernel: hand-offs over the socket become tracked sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from wsd.daemon import Daemon, Settings
+from wsd.testing.puppet_vmm import PuppetVMM
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+INTERVAL = 0.2
+
+
+@pytest_asyncio.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    d = Daemon(Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL))
+    task = asyncio.create_task(d.run())
+    for _ in range(100):
+        if d.settings.socket.exists():
+            break
+        await asyncio.sleep(0.01)
+    yield d
+    d.stop()
+    await task
+
+
+async def spawn(d: Daemon, vm_id: str, **kw: object) -> PuppetVMM:
+    return await asyncio.to_thread(
+        functools.partial(PuppetVMM.spawn, 16 << 20, handoff=d.settings.socket, vm_id=vm_id, **kw)  # type: ignore[arg-type]
+    )
+
+
+async def until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_two_vms_tracked_and_torn_down(daemon: Daemon) -> None:
+    a = await spawn(daemon, "vm-a")
+    b = await spawn(daemon, "vm-b")
+    try:
+        assert a.handoff_reply and a.handoff_reply["type"] == "accepted"
+        assert a.handoff_reply["mode"] == str(daemon.decision.mode)
+        assert set(daemon.sessions) == {"vm-a", "vm-b"}
+        hot = list(range(0, a.npages, 10))
+        session = daemon.sessions["vm-a"]
+        start = session.tracker.cycles
+        await until(lambda: session.tracker.cycles > start)  # a fresh interval starts
+        begin = session.tracker.cycles
+        await asyncio.to_thread(a.call, "write", pages=hot, version=1)
+        await until(lambda: session.tracker.cycles >= begin + 2)
+        # The writes may straddle a cycle boundary; every page written since
+        # `begin` is younger than the cycles since then, and no other page is.
+        ages = session.tracker.regions[0].state.ages
+        assert np.flatnonzero(ages < session.tracker.cycles - begin).tolist() == hot
+        dup = await spawn(daemon, "vm-a")
+        try:
+            assert dup.handoff_reply and dup.handoff_reply["error"]["code"] == "duplicate_vm"
+        finally:
+            dup.close()
+    finally:
+        a.close()
+    await until(lambda: "vm-a" not in daemon.sessions)
+    assert "vm-b" in daemon.sessions
+    b.close()
+    await until(lambda: not daemon.sessions)
+
+
+async def test_first_touch_of_unpopulated_memory_is_zero_filled(daemon: Daemon) -> None:
+    p = await spawn(daemon, "vm-empty", fill=False)
+    try:
+        await asyncio.to_thread(p.call, "write", pages=[0, 1, 2], version=4)
+        assert await asyncio.to_thread(p.call, "read", pages=[0, 1, 2]) == [4, 4, 4]
+        assert daemon.sessions["vm-empty"].zero_fills == 3
+    finally:
+        p.close()

@@ -1,0 +1,226 @@
+"""The daemon: one uvloop event loop, one root TaskGroup, sessions per VM.
+
+Wiring only; policy lives in wsd.tracker (and later wsd.evictor), syscalls in
+wsd.kernel.  Each hand-off accepted on the socket becomes a :class:`Session`:
+its uffd is watched with ``loop.add_reader`` (fault service never waits for a
+cycle) and a task runs the tracking cycle every interval.  A session that
+fails is torn down and logged; the daemon and the other sessions go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+import uvloop
+
+from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
+from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
+from wsd.tracker.session import VmTracker
+from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
+from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
+
+log = structlog.get_logger("wsd")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the daemon needs until the TOML config (issue 6) replaces it."""
+
+    socket: Path = Path("/run/wsd/wsd.sock")
+    interval: float = 1.0
+    mode: TrackingMode | None = None
+
+
+@dataclass
+class Session:
+    vm_id: str
+    tracker: VmTracker
+    memfds: list[int]
+    last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    zero_fills: int = 0
+    task: asyncio.Task[None] | None = None
+    closed: bool = False
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        kernel: KernelFeatures | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kernel = kernel or probe_kernel()
+        self.decision: ModeDecision = choose_mode(self.kernel, settings.mode)
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.server = HandoffServer(settings.socket, self.handoff)
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; then end every session."""
+        log.info(
+            "wsd starting",
+            mode=str(self.decision.mode),
+            reason=self.decision.reason,
+            limitations=list(self.decision.limitations),
+            socket=str(self.settings.socket),
+        )
+        self.server.listen()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                serving = tg.create_task(self.server.serve())
+                await self._stop.wait()
+                serving.cancel()
+        finally:
+            for session in list(self.sessions.values()):
+                await self._end(session)
+            self._tg = None
+            log.info("wsd stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- sessions --------------------------------------------------------------
+
+    async def handoff(self, req: HandoffRequest, fds: list[int], peer: PeerCred) -> Accepted:
+        uffd_fd = fds[req.uffd.fd_index]
+        memfds = [fds[i] for i in sorted({r.fd_index for r in req.regions})]
+        problem = None
+        if req.vm_id in self.sessions:
+            problem = HandoffError(
+                ErrorCode.DUPLICATE, f"vm_id {req.vm_id!r} has a session", "vm_id"
+            )
+        elif self._tg is None:
+            problem = HandoffError(ErrorCode.INTERNAL, "wsd is shutting down")
+        if problem:
+            close_fds(fds)
+            raise problem
+        try:
+            # From here the tracker owns the uffd fd (and closes it if it fails).
+            tracker = VmTracker.start(
+                req.vm_id,
+                vmm_pid=req.vmm_pid,
+                spec=req.uffd,
+                uffd_fd=uffd_fd,
+                regions=[(r, fds[r.fd_index]) for r in req.regions],
+                decision=self.decision,
+                supported=self.kernel.features,
+                **({"clock": self.clock} if self.clock else {}),
+            )
+        except BaseException:
+            close_fds(memfds)
+            raise
+        assert self._tg is not None
+        session = Session(req.vm_id, tracker, memfds)
+        self.sessions[req.vm_id] = session
+        loop = asyncio.get_running_loop()
+        loop.add_reader(tracker.uffd.fd, self._on_uffd, session)
+        session.task = self._tg.create_task(self._cycles(session))
+        granularity = [str(t.state.granularity) for t in tracker.regions]
+        reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
+        return Accepted(reply, lambda: self._end(session))
+
+    async def _cycles(self, session: Session) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.settings.interval)
+                session.last_hot = await session.tracker.cycle()
+        except asyncio.CancelledError:
+            raise
+        except KernelError as e:
+            # Most often the VMM went away mid-cycle (its pagemap is gone).
+            log.warning("tracking stopped", vm_id=session.vm_id, error=str(e))
+            await self._end(session)
+        except Exception:
+            log.exception("tracking failed", vm_id=session.vm_id)
+            await self._end(session)
+
+    def _on_uffd(self, session: Session) -> None:
+        tracker = session.tracker
+        try:
+            messages = tracker.uffd.read_messages()
+        except KernelError as e:
+            log.warning("reading the uffd failed", vm_id=session.vm_id, error=str(e))
+            return
+        for msg in messages:
+            if not isinstance(msg, PageFault):
+                log.warning("unexpected uffd event", vm_id=session.vm_id, event=repr(msg))
+                continue
+            if tracker.on_fault(msg):
+                continue
+            if msg.is_missing:
+                self._first_touch(session, msg)
+            else:
+                log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
+
+    def _first_touch(self, session: Session, fault: PageFault) -> None:
+        """A MISSING fault on a page wsd never evicted: the guest's first touch.
+
+        Nothing is evicted yet (the evictor is issue 5), so every MISSING fault
+        is a page that never existed, and a zero page is its true content.
+        """
+        t = session.tracker.region_at(fault.address)
+        if t is None:
+            log.error("fault outside every region", vm_id=session.vm_id, address=hex(fault.address))
+            return
+        r = t.region
+        page = (fault.address - r.host_virt_addr) // r.page_size
+        addr = r.host_virt_addr + page * r.page_size
+        if t.state.evicted[page]:
+            log.error("evicted page faulted with no evictor", vm_id=session.vm_id, page=page)
+            return
+        try:
+            if r.page_size == 4096:
+                session.tracker.uffd.zeropage(addr, r.page_size)
+            else:  # hugetlbfs has no UFFDIO_ZEROPAGE
+                session.tracker.uffd.copy(addr, bytes(r.page_size))
+        except FileExistsError:
+            pass  # populated meanwhile (another thread's fault on the same page)
+        t.state.note_access([page])
+        session.zero_fills += 1
+
+    async def _end(self, session: Session) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.vm_id, None)
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(session.tracker.uffd.fd)
+        if session.task is not None and session.task is not asyncio.current_task():
+            session.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.task
+        try:
+            session.tracker.close()
+        finally:
+            close_fds(session.memfds)
+        log.info("session closed", vm_id=session.vm_id, cycles=session.tracker.cycles)
+
+
+def run(settings: Settings) -> int:
+    """``wsd run``: the daemon in the foreground until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        daemon = Daemon(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+        await daemon.run()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    return 0
