@@ -118,7 +118,7 @@ class Daemon:
                 uffd_fd=uffd_fd,
                 regions=[(r, fds[r.fd_index]) for r in req.regions],
                 decision=self.decision,
-                supported=self.kernel.features,
+                kernel=self.kernel,
                 **({"clock": self.clock} if self.clock else {}),
             )
         except BaseException:

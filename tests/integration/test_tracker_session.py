@@ -23,7 +23,11 @@ async def test_each_cycle_reports_exactly_that_intervals_writes() -> None:
                 await asyncio.to_thread(p.call, "write", pages=hot.tolist(), version=version)
                 (seen,) = await tracker.cycle()
                 assert np.array_equal(np.flatnonzero(seen), hot), f"cycle {version}"
+                wss = tracker.regions[0].state.working_set()
+                assert wss[1].pages == len(hot)
             assert tracker.cycles == 3
+            state = tracker.regions[0].state
+            assert state.working_set()[4].pages is None, "4-interval WSS before 4 intervals"
             assert tracker.regions[0].resident().all()
         finally:
             tracker.close()

@@ -13,6 +13,7 @@ from wsd.testing.arming import track_puppet
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import VmTracker
+from wsd.tracker.state import Granularity
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,6 +37,7 @@ async def test_rwp_cycles(rwp_supported: Feature) -> None:
                 await asyncio.to_thread(p.call, "touch", pages=hot[1::2].tolist(), write=True)
                 (seen,) = await tracker.cycle()
                 assert np.array_equal(np.flatnonzero(seen), hot)
+                assert tracker.regions[0].state.working_set()[1].pages == len(hot)
 
             async def touch_during_window(t: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
                 rid = p.send("touch", pages=[5, 6], write=True)
@@ -47,9 +49,23 @@ async def test_rwp_cycles(rwp_supported: Feature) -> None:
 
             await tracker.cycle(touch_during_window)
             assert tracker.sync_faults == 2
+            assert tracker.regions[0].state.faults == 2
             (seen,) = await tracker.cycle()
             assert not seen.any(), "the window's faults leaked into the next interval"
             assert await asyncio.to_thread(p.call, "read", pages=[5, 6]) == [0, 0]
         finally:
             loop.remove_reader(tracker.uffd.fd)
+            tracker.close()
+
+
+async def test_hugetlb_region_is_tracked_per_2m(rwp_supported: Feature, hugepages: int) -> None:
+    with PuppetVMM.spawn(4 << 21, page_size=2 << 20) as p:
+        tracker = track_puppet(p)
+        try:
+            (t,) = tracker.regions
+            assert t.state.granularity is Granularity.HUGE_2M and t.state.npages == 4
+            await asyncio.to_thread(p.call, "touch", pages=[2], write=False)
+            (seen,) = await tracker.cycle()
+            assert np.flatnonzero(seen).tolist() == [2]
+        finally:
             tracker.close()

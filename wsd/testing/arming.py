@@ -41,5 +41,5 @@ def track_puppet(p: PuppetVMM, vm_id: str = "puppet") -> VmTracker:
         uffd_fd=os.dup(p.uffd_fd),
         regions=[(region, p.memfd)],
         decision=choose_mode(k),
-        supported=k.features,
+        kernel=k,
     )

@@ -20,6 +20,7 @@ scan and re-arm.  Read-only accesses are invisible in that mode.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ import numpy.typing as npt
 
 from wsd.kernel import (
     Feature,
-    FeatureUnavailable,
     KernelError,
+    KernelFeatures,
     PageCategory,
     PageFault,
     Pagemap,
@@ -59,6 +60,7 @@ class TrackedRegion:
     region: Region
     memfd: int
     state: RegionState
+    minor: bool = False  # MINOR co-registered (RWP-FACTS fact 8)
 
     @property
     def npages(self) -> int:
@@ -75,10 +77,28 @@ class TrackedRegion:
         return out
 
 
-def _granularity(r: Region) -> Granularity:
-    # Shmem/anon THP (RWP-FACTS facts 7 and 8) is not detected yet: the VMM
-    # must map guest RAM without THP (MADV_NOHUGEPAGE) for 4 KiB tracking.
-    return Granularity.HUGE_2M if r.page_size == 2 << 20 else Granularity.PAGE_4K
+def _wants_minor(decision: ModeDecision, r: Region, enabled: Feature) -> bool:
+    """Co-register MINOR on 4 KiB shmem regions in rwp mode (RWP-FACTS fact 8).
+
+    RWPROTECT on a PMD-mapped shmem THP zaps the mapping instead of protecting
+    it, and the next access remaps it with no fault even in sync mode: the
+    sync window's race protection is gone.  With MINOR registered, that access
+    raises a MINOR fault (async mode too), which wsd resolves with
+    UFFDIO_CONTINUE; the page is then mapped by a 4 KiB PTE and tracked exactly.
+    """
+    return (
+        decision.mode is TrackingMode.RWP and r.page_size == 4096 and Feature.MINOR_SHMEM in enabled
+    )
+
+
+def _granularity(r: Region, minor: bool, shmem_thp: bool) -> Granularity:
+    if r.page_size == 2 << 20:
+        return Granularity.HUGE_2M
+    if minor or not shmem_thp:
+        return Granularity.PAGE_4K
+    # Shmem THP may map this region by PMD and we cannot trap those accesses:
+    # tracked (scans still see them) but never evicted.
+    return Granularity.THP_2M_UNTRAPPABLE
 
 
 def _names(mode: RegisterMode) -> set[str]:
@@ -97,6 +117,7 @@ class VmTracker:
     clock: Callable[[], float] = time.monotonic
     cycles: int = 0
     sync_faults: int = 0
+    minor_faults: int = 0
     _in_window: bool = field(default=False, repr=False)
 
     @property
@@ -113,13 +134,14 @@ class VmTracker:
         uffd_fd: int,
         regions: Sequence[tuple[Region, int]],
         decision: ModeDecision,
-        supported: Feature,
+        kernel: KernelFeatures,
         clock: Callable[[], float] = time.monotonic,
     ) -> VmTracker:
         """Negotiate (raw uffd) or verify (pre-registered), register and arm.
 
         Takes ownership of ``uffd_fd``; the memfds stay the caller's.
         """
+        supported = kernel.features
         uffd = Userfaultfd(uffd_fd)
         try:
             for i, (r, _) in enumerate(regions):
@@ -133,10 +155,14 @@ class VmTracker:
             need = REQUIRED[decision.mode]
             if spec.state is UffdState.RAW:
                 if need & ~supported:
-                    raise FeatureUnavailable(str(decision.mode), "see wsd kernel-info")
-                uffd.api(need | (OPTIONAL & supported))
-                for r, _ in regions:
-                    uffd.register(r.host_virt_addr, r.size, decision.register_mode)
+                    raise HandoffError(
+                        ErrorCode.UNSUPPORTED, f"this kernel lacks {need & ~supported!r}"
+                    )
+                enabled = uffd.api(need | (OPTIONAL & supported)).features
+                minor = [_wants_minor(decision, r, enabled) for r, _ in regions]
+                for (r, _), m in zip(regions, minor, strict=True):
+                    mode = decision.register_mode | (RegisterMode.MINOR if m else RegisterMode(0))
+                    uffd.register(r.host_virt_addr, r.size, mode)
             else:
                 have = Feature(spec.features or 0)
                 if need & ~have:
@@ -155,16 +181,21 @@ class VmTracker:
                         "uffd.register_mode",
                     )
                 uffd.features = have
+                minor = ["MINOR" in (spec.register_mode or [])] * len(regions)
             pagemap = Pagemap.open(vmm_pid)
         except BaseException:
             uffd.close()
             raise
         now = clock()
+        shmem_thp = kernel.thp_shmem_enabled not in (None, "never", "deny")
         tracked = [
             TrackedRegion(
-                r, fd, RegionState(r.size // r.page_size, _granularity(r), started_at=now)
+                r,
+                fd,
+                RegionState(r.size // r.page_size, _granularity(r, m, shmem_thp), started_at=now),
+                minor=m,
             )
-            for r, fd in regions
+            for (r, fd), m in zip(regions, minor, strict=True)
         ]
         tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
         try:
@@ -222,19 +253,29 @@ class VmTracker:
         return hot
 
     def on_fault(self, fault: PageFault) -> bool:
-        """Resolve a tracking fault; False if it is not ours (e.g. MISSING: the evictor's).
+        """Resolve a tracking fault; False if it is not ours (MISSING: first touch or evictor).
 
         An RWP fault can only happen inside the sync window: the page is being
-        accessed, so it is hot; unprotect and wake it at once.
+        accessed, so it is hot; unprotect and wake it at once.  A MINOR fault
+        can happen any time on a co-registered region; it is an access too.
         """
-        if not fault.is_rwp:
+        if not (fault.is_rwp or fault.is_minor):
             return False
         t = self.region_at(fault.address)
         if t is None:
             return False
         r = t.region
         page = (fault.address - r.host_virt_addr) // r.page_size
-        self.uffd.rwprotect(r.host_virt_addr + page * r.page_size, r.page_size, protect=False)
+        addr = r.host_virt_addr + page * r.page_size
+        if fault.is_minor:
+            # The page is in the page cache but unmapped (e.g. a zapped shmem
+            # THP): map it with a 4 KiB PTE.  EEXIST: a racing fault mapped it.
+            with contextlib.suppress(FileExistsError):
+                self.uffd.continue_(addr, r.page_size)
+            t.state.note_access([page])
+            self.minor_faults += 1
+            return True
+        self.uffd.rwprotect(addr, r.page_size, protect=False)
         t.state.note_fault([page])
         self.sync_faults += 1
         return True
