@@ -84,3 +84,30 @@ async def test_first_touch_of_unpopulated_memory_is_zero_filled(daemon: Daemon) 
         assert daemon.sessions["vm-empty"].zero_fills == 3
     finally:
         p.close()
+
+
+async def test_preregistered_uffd_is_verified_and_tracked(daemon: Daemon) -> None:
+    p = await spawn(daemon, "vm-pre", preregister="auto")
+    try:
+        assert p.handoff_reply and p.handoff_reply["type"] == "accepted", p.handoff_reply
+        session = daemon.sessions["vm-pre"]
+        begin = session.tracker.cycles
+        await until(lambda: session.tracker.cycles > begin)
+        begin = session.tracker.cycles
+        await asyncio.to_thread(p.call, "write", pages=[3, 4], version=1)
+        await until(lambda: session.tracker.cycles >= begin + 2)
+        ages = session.tracker.regions[0].state.ages
+        assert np.flatnonzero(ages < session.tracker.cycles - begin).tolist() == [3, 4]
+    finally:
+        p.close()
+
+
+async def test_preregistered_without_the_needed_mode_is_refused(daemon: Daemon) -> None:
+    p = await spawn(daemon, "vm-bad", preregister="MISSING")
+    try:
+        err = (p.handoff_reply or {})["error"]
+        assert err["code"] == "unsupported" and err["field"] == "uffd.register_mode"
+        assert "registered without" in err["message"]
+    finally:
+        p.close()
+    assert "vm-bad" not in daemon.sessions

@@ -32,8 +32,18 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from wsd.kernel import memfd_create, open_userfaultfd, recv_with_fds, send_with_fds
+from wsd.kernel import (
+    RegisterMode,
+    Userfaultfd,
+    memfd_create,
+    open_userfaultfd,
+    probe_kernel,
+    recv_with_fds,
+    send_with_fds,
+)
 from wsd.kernel.uffd import OpenFlag
+from wsd.tracker.mode import choose_mode
+from wsd.tracker.session import REQUIRED
 from wsd.vmm.client import HandoffRefused, hand_off
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -127,6 +137,26 @@ class _Guest:
                 ctypes.memmove(one, self._addr(p), 1)
 
 
+def _preregister(uffd: int, guest: _Guest, modes: str) -> dict[str, Any]:
+    """Do UFFDIO_API and REGISTER ourselves, as a VMM that pre-registers would."""
+    decision = choose_mode(probe_kernel())
+    u = Userfaultfd(uffd)  # not closed: the fd stays ours and goes to wsd
+    features = REQUIRED[decision.mode]
+    u.api(features)
+    mode = decision.register_mode
+    if modes != "auto":
+        mode = RegisterMode(0)
+        for name in modes.split("|"):
+            mode |= RegisterMode[name]
+    u.register(guest.base, guest.size, mode)
+    return {
+        "fd_index": 0,
+        "state": "registered",
+        "features": int(features),
+        "register_mode": [m.name for m in RegisterMode if m in mode],
+    }
+
+
 def _child(a: argparse.Namespace) -> None:
     sock_fd, size, page_size, handoff = a.sock_fd, a.size, a.page_size, a.handoff
     sock = socket.socket(fileno=sock_fd)
@@ -141,11 +171,15 @@ def _child(a: argparse.Namespace) -> None:
     if handoff:
         # Hand the memory to a running wsd, as a VMM would, and keep the
         # connection (the session lives as long as it does).
+        uffd_spec: dict[str, Any] = {"fd_index": 0, "state": "raw"}
+        if a.preregister:
+            uffd_spec = _preregister(uffd, guest, a.preregister)
         msg = {
             "type": "handoff",
             "version": 1,
             "vm_id": a.vm_id,
             "vmm_pid": os.getpid(),
+            "uffd": uffd_spec,
             "regions": [
                 {
                     "guest_phys_addr": 0,
@@ -236,6 +270,7 @@ class PuppetVMM:
         uffd_flags: OpenFlag = OpenFlag.CLOEXEC | OpenFlag.NONBLOCK,
         handoff: Path | None = None,
         vm_id: str = "puppet",
+        preregister: str | None = None,
     ) -> Self:
         """Start a puppet; with ``handoff`` it also hands its memory to wsd there."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -256,6 +291,8 @@ class PuppetVMM:
             cmd.append("--no-fill")
         if handoff:
             cmd += ["--handoff", str(handoff), "--vm-id", vm_id]
+        if preregister:
+            cmd += ["--preregister", preregister]
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
         theirs.close()
         try:
@@ -345,6 +382,9 @@ def main() -> None:
     ap.add_argument("--no-fill", action="store_true")
     ap.add_argument("--handoff", help="hand the memory to the wsd listening here")
     ap.add_argument("--vm-id", default="puppet")
+    ap.add_argument(
+        "--preregister", help="do UFFDIO_API+REGISTER first: 'auto' or modes such as 'MISSING|WP'"
+    )
     a = ap.parse_args()
     _child(a)
 
