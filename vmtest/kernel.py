@@ -6,6 +6,7 @@ the repository so every clone on the machine shares one download::
     apt/                    private apt state (sources.list, lists/, archives/); host apt untouched
     debs/<abi>_<version>/   the three .debs, plus stamp.json naming them with their sizes
     kernel.json             which <abi>/<version> is current; reused until ``ensure --refresh``
+    ensure.lock             serialises concurrent ensure steps (vmtest.session.prepare)
     kvm.json                KVM verdict learnt from a failed boot (see vmtest.qemu)
     runs/                   per-run scratch directories shared with the guest
 
@@ -223,7 +224,7 @@ def _read_current(layout: Layout) -> tuple[str, str] | None:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
 

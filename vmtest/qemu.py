@@ -108,7 +108,9 @@ def load_learnt(path: Path, host_release: str) -> KvmVerdict | None:
 def save_learnt(path: Path, host_release: str, verdict: KvmVerdict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"host_release": host_release, "use_kvm": verdict.use_kvm, "reason": verdict.reason}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 # --- the vng command line -----------------------------------------------------------------

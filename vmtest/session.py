@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -65,11 +66,22 @@ def kvm_verdict(layout: Layout) -> KvmVerdict:
 
 
 def prepare(layout: Layout, *, refresh: bool = False) -> Prepared:
-    """Everything a boot needs; each step is cached and prints one line."""
-    ensure_host_packages(log)
-    vng = find_vng(layout, log)
-    kernel = fetch_kernel(layout, log, refresh=refresh)
-    image = install_kernel(layout, kernel, log)
+    """Everything a boot needs; each step is cached and prints one line.
+
+    Several vmtest runs may start at once on a shared machine: a lock in the cache makes
+    the first one fetch and install while the others wait, then find everything done.
+    """
+    layout.cache.mkdir(parents=True, exist_ok=True)
+    with (layout.cache / "ensure.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("waiting for another vmtest to finish preparing the kernel")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_host_packages(log)
+        vng = find_vng(layout, log)
+        kernel = fetch_kernel(layout, log, refresh=refresh)
+        image = install_kernel(layout, kernel, log)
     kvm = kvm_verdict(layout)
     log(f"accel: {'KVM' if kvm.use_kvm else 'TCG'} ({kvm.reason})")
     return Prepared(vng, kernel, image, kvm)
