@@ -111,3 +111,19 @@ async def test_preregistered_without_the_needed_mode_is_refused(daemon: Daemon) 
     finally:
         p.close()
     assert "vm-bad" not in daemon.sessions
+
+
+async def test_vmm_killed_mid_session_is_torn_down(daemon: Daemon) -> None:
+    p = await spawn(daemon, "vm-kill")
+    other = await spawn(daemon, "vm-stays")
+    try:
+        session = daemon.sessions["vm-kill"]
+        p.proc.kill()
+        await until(lambda: "vm-kill" not in daemon.sessions)
+        assert session.closed and session.tracker.uffd.fd == -1
+        assert "vm-stays" in daemon.sessions
+        cycles = daemon.sessions["vm-stays"].tracker.cycles
+        await until(lambda: daemon.sessions["vm-stays"].tracker.cycles > cycles)
+    finally:
+        p.close()
+        other.close()
