@@ -290,7 +290,10 @@ class VmTracker:
         """Unprotect and drop our fds.  The VMM keeps its uffd copy and memory."""
         try:
             if self.mode is TrackingMode.RWP:
-                self.uffd.set_mode(enable=Feature.RWP_ASYNC)
+                # Leave the uffd async so the VMM's vCPUs never block on an RWP
+                # fault nobody will serve.  Fails harmlessly if the VMM is gone.
+                with contextlib.suppress(KernelError):
+                    self.uffd.set_mode(enable=Feature.RWP_ASYNC)
         finally:
             self.pagemap.close()
             self.uffd.close()

@@ -176,6 +176,14 @@ class HandoffServer:
                 self.path.unlink()
 
     async def _connection(self, conn: socket.socket) -> None:
+        # One misbehaving connection or session must never take the server
+        # (and with it every other session) down.
+        try:
+            await self._serve_connection(conn)
+        except Exception:
+            log.exception("hand-off connection failed")
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
         with conn:
             peer = peer_cred(conn)
             bound = log.bind(peer_pid=peer.pid, peer_uid=peer.uid)
