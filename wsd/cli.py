@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from wsd import daemon, demo, kernel_info
+from wsd.guest import cli as guest_cli
 from wsd.kernel import FeatureUnavailable, probe_kernel
 from wsd.tracker.mode import TrackingMode
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="force a tracking mode (default: the best this kernel supports)",
     )
     ru.set_defaults(func=_run)
+    guest_cli.add_parser(sub)
     return ap
 
 

@@ -56,13 +56,19 @@ from typing import Any, Protocol
 import cffi
 
 __all__ = [
-    "BadPage",
     "HelperBuildError",
     "Native",
     "load_native",
 ]
 
-CDEF = """
+STRUCTS = """
+struct wsdg_guest {
+    uint8_t *base;        /* guest RAM, as mapped by this process */
+    uint64_t page_size;
+    uint32_t *versions;   /* per page: the version last written */
+    uint8_t *locks;       /* per page: held by the thread rewriting it */
+};
+
 struct wsdg_result {
     uint64_t writes;      /* writes done by the call */
     uint64_t unverified;  /* reads abandoned: a writer kept racing them */
@@ -71,20 +77,30 @@ struct wsdg_result {
     uint64_t found;       /* ... and what that word held */
     uint32_t lo, hi;      /* the versions the page may hold */
     uint32_t write;       /* 1 if a write found it (exact check under the lock) */
+    uint8_t *diag;        /* if not NULL: gets a copy of the bad page (page_size bytes) */
 };
+"""
 
-int64_t wsdg_access(uint8_t *base, uint64_t page_size, const uint64_t *pages,
-                    const uint8_t *ops, uint64_t count, uint32_t *versions, uint8_t *locks,
-                    struct wsdg_result *res, uint8_t *diag);
-void wsdg_fill(uint8_t *base, uint64_t page_size, uint64_t first, uint64_t count,
-               uint32_t version);
+CDEF = (
+    STRUCTS
+    + """
+
+int64_t wsdg_access(const struct wsdg_guest *g, const uint64_t *pages, const uint8_t *ops,
+                    uint64_t count, struct wsdg_result *res);
+void wsdg_fill(const struct wsdg_guest *g, uint64_t first, uint64_t count, uint32_t version);
 int64_t wsdg_check(const uint8_t *page, uint64_t page_size, uint64_t index, uint32_t lo,
                    uint32_t span);
 """
+)
 
-C_SOURCE = r"""
+C_SOURCE = (
+    r"""
 #include <stdint.h>
 #include <string.h>
+
+"""
+    + STRUCTS
+    + r"""
 
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define VMASK 0xFFFFFFull
@@ -141,8 +157,8 @@ static void fill_page(uint64_t *p, uint64_t words, uint64_t page, uint32_t versi
     }
 }
 
-static void report(struct wsdg_result *res, uint8_t *diag, const uint64_t *p, uint64_t words,
-                   uint64_t page, int64_t word, uint32_t lo, uint32_t hi, uint32_t write)
+static void report(struct wsdg_result *res, const uint64_t *p, uint64_t words, uint64_t page,
+                   int64_t word, uint32_t lo, uint32_t hi, uint32_t write)
 {
     res->page = page;
     res->word = (uint64_t)word;
@@ -150,15 +166,16 @@ static void report(struct wsdg_result *res, uint8_t *diag, const uint64_t *p, ui
     res->lo = lo;
     res->hi = hi;
     res->write = write;
-    if (diag)
-        memcpy(diag, p, words * 8);
+    if (res->diag)
+        memcpy(res->diag, p, words * 8);
 }
 
-int64_t wsdg_access(uint8_t *base, uint64_t page_size, const uint64_t *pages,
-                    const uint8_t *ops, uint64_t count, uint32_t *versions, uint8_t *locks,
-                    struct wsdg_result *res, uint8_t *diag)
+int64_t wsdg_access(const struct wsdg_guest *g, const uint64_t *pages, const uint8_t *ops,
+                    uint64_t count, struct wsdg_result *res)
 {
-    uint64_t words = page_size / 8;
+    uint8_t *base = g->base, *locks = g->locks;
+    uint64_t page_size = g->page_size, words = page_size / 8;
+    uint32_t *versions = g->versions;
     for (uint64_t i = 0; i < count; i++) {
         uint64_t page = pages[i];
         uint64_t *p = (uint64_t *)(base + page * page_size);
@@ -170,7 +187,7 @@ int64_t wsdg_access(uint8_t *base, uint64_t page_size, const uint64_t *pages,
             uint32_t v = __atomic_load_n(ver, __ATOMIC_RELAXED);
             int64_t w = check_page(p, words, page, v, 0);
             if (w >= 0) {
-                report(res, diag, p, words, page, w, v, v, 1);
+                report(res, p, words, page, w, v, v, 1);
                 __atomic_store_n(&locks[page], 0, __ATOMIC_RELEASE);
                 return (int64_t)i;
             }
@@ -191,7 +208,7 @@ int64_t wsdg_access(uint8_t *base, uint64_t page_size, const uint64_t *pages,
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             uint32_t hi = __atomic_load_n(ver, __ATOMIC_RELAXED);
             if (hi == lo) {
-                report(res, diag, p, words, page, w, lo, lo + 1, 0);
+                report(res, p, words, page, w, lo, lo + 1, 0);
                 return (int64_t)i;
             }
         }
@@ -201,11 +218,12 @@ int64_t wsdg_access(uint8_t *base, uint64_t page_size, const uint64_t *pages,
     return -1;
 }
 
-void wsdg_fill(uint8_t *base, uint64_t page_size, uint64_t first, uint64_t count,
-               uint32_t version)
+void wsdg_fill(const struct wsdg_guest *g, uint64_t first, uint64_t count, uint32_t version)
 {
-    for (uint64_t page = first; page < first + count; page++)
-        fill_page((uint64_t *)(base + page * page_size), page_size / 8, page, version);
+    for (uint64_t page = first; page < first + count; page++) {
+        fill_page((uint64_t *)(g->base + page * g->page_size), g->page_size / 8, page, version);
+        g->versions[page] = version;
+    }
 }
 
 int64_t wsdg_check(const uint8_t *page, uint64_t page_size, uint64_t index, uint32_t lo,
@@ -214,6 +232,7 @@ int64_t wsdg_check(const uint8_t *page, uint64_t page_size, uint64_t index, uint
     return check_page((const uint64_t *)page, page_size / 8, index, lo, span);
 }
 """
+)
 
 # No -march=native: the cache directory may be shared between machines.
 COMPILE_ARGS = ("-O3", "-Wall", "-Wno-unused-function")
@@ -224,35 +243,11 @@ class HelperBuildError(RuntimeError):
 
 
 class _Lib(Protocol):
-    def wsdg_access(
-        self,
-        base: Any,
-        page_size: int,
-        pages: Any,
-        ops: Any,
-        count: int,
-        versions: Any,
-        locks: Any,
-        res: Any,
-        diag: Any,
-    ) -> int: ...
+    def wsdg_access(self, guest: Any, pages: Any, ops: Any, count: int, res: Any) -> int: ...
 
-    def wsdg_fill(self, base: Any, page_size: int, first: int, count: int, version: int) -> None: ...
+    def wsdg_fill(self, guest: Any, first: int, count: int, version: int) -> None: ...
 
     def wsdg_check(self, page: Any, page_size: int, index: int, lo: int, span: int) -> int: ...
-
-
-@dataclass(frozen=True)
-class BadPage:
-    """The first page a call found corrupt, as the C helper saw it."""
-
-    page: int
-    word: int
-    found: int
-    lo: int
-    hi: int
-    by_write: bool
-    data: bytes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from wsd.guest.cli import main
+
+main()
