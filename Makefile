@@ -31,7 +31,7 @@ test-integration: bootstrap ## Real userfaultfd on the host kernel, real redis-s
 
 test-kernel: bootstrap ## tests/kernel inside the Linux 7.3 VM (fetches the kernel once)
 	@mkdir -p $(REPORTS)
-	$(PY) -m vmtest pytest --junitxml=$(REPORTS)/kernel.xml
+	$(PY) -m vmtest pytest --timeout 2400 --junitxml=$(REPORTS)/kernel.xml
 
 test: bootstrap ## Everything: lint, unit, integration, kernel (VM); prints counts per tier
 	@tools/test-all.sh
