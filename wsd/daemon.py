@@ -190,6 +190,7 @@ class Daemon:
                 session.tracker.uffd.copy(addr, bytes(r.page_size))
         except FileExistsError:
             pass  # populated meanwhile (another thread's fault on the same page)
+        t.state.note_populated([page])
         t.state.note_access([page])
         session.zero_fills += 1
 

@@ -51,3 +51,8 @@ def test_split_then_merge_gives_the_same_pages(pages: set[int], cut: int) -> Non
     assert merged.page_indices(BASE, PS).tolist() == sorted(pages)
     starts = merged.starts
     assert np.all(merged.ends[:-1] < starts[1:]) if len(starts) > 1 else True
+
+
+def test_bitmap_of_touching_runs() -> None:
+    r = ScanResult(regions([(0, 2, 8), (2, 3, 10), (5, 7, 8)]), walk_end=0)
+    assert np.flatnonzero(r.bitmap(BASE, 8, PS)).tolist() == [0, 1, 2, 5, 6]

@@ -493,3 +493,12 @@ def test_saturation_across_chunk_boundaries() -> None:
     cold = sorted(set(range(n)) - set(probe.tolist()))
     assert s.cold_candidates(1).tolist() == cold
     assert s.cold_candidates(1, limit=(1 << 17) + 1).tolist() == cold[: (1 << 17) + 1]
+
+
+def test_note_populated_marks_fresh_pages_resident_only() -> None:
+    state = RegionState(8, Granularity.PAGE_4K, started_at=0.0)
+    state.observe(np.zeros(8, bool), np.array([1, 1, 0, 0, 0, 0, 0, 0], bool), now=1.0)
+    state.note_evicted([1])
+    state.note_populated([1, 2, 3])
+    assert np.flatnonzero(state.resident).tolist() == [0, 2, 3]
+    assert state.resident_pages == 3 and state.evicted_pages == 1

@@ -95,9 +95,16 @@ class ScanResult:
 
     def bitmap(self, base: int, npages: int, page_size: int) -> npt.NDArray[np.bool_]:
         """A boolean array of ``npages`` pages from ``base``, true where a page matched."""
-        out = np.zeros(npages, dtype=np.bool_)
-        out[self.page_indices(base, page_size)] = True
-        return out
+        # Mark run starts +1 and run ends -1, then a running sum: O(runs) work
+        # plus one pass over a byte per page, never an index per matching page.
+        edges = np.zeros(npages + 1, dtype=np.int8)
+        first = ((self.starts - np.uint64(base)) // np.uint64(page_size)).astype(np.intp)
+        last = ((self.ends - np.uint64(base)) // np.uint64(page_size)).astype(np.intp)
+        # Runs never overlap, so starts are unique and so are ends; a run that
+        # ends where the next starts nets out to 0 there.
+        edges[first] = 1
+        edges[last] -= 1
+        return np.cumsum(edges[:-1], dtype=np.int8).view(np.bool_)  # values are 0 or 1
 
 
 def _merge_adjacent(regions: Regions) -> Regions:
@@ -218,5 +225,8 @@ class Pagemap:
             if covered >= end or covered <= pos:
                 break
             pos = covered
-        regions = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        return ScanResult(regions=_merge_adjacent(regions), walk_end=min(covered, end))
+        if len(chunks) == 1:
+            # One call: the kernel already joined runs with equal categories.
+            return ScanResult(regions=chunks[0], walk_end=min(covered, end))
+        regions = _merge_adjacent(np.concatenate(chunks))
+        return ScanResult(regions=regions, walk_end=min(covered, end))

@@ -384,6 +384,16 @@ class RegionState:
         if accessed:
             self.note_access(idx)
 
+    def note_populated(self, pages: PageIndices) -> None:
+        """Pages that became resident without an eviction round trip (a zero-filled
+        first touch).  Evicted pages are left alone: only a fetch-back settles them.
+        """
+        idx = self._indices(pages)
+        fresh = idx[self._flags[idx] == 0]
+        self._flags[fresh] = _RESIDENT
+        self._resident_pages += len(fresh)
+        self._version += 1
+
     # -- what the evictor and the metrics read -------------------------------------
 
     def cold_candidates(self, min_age: int, *, limit: int | None = None) -> npt.NDArray[np.int64]:
