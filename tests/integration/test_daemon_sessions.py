@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 import pytest_asyncio
 
 from wsd.daemon import Daemon, Settings
+from wsd.kernel import Userfaultfd, memfd_create
 from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.vmm.client import HandoffRefused, hand_off
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 INTERVAL = 0.2
@@ -127,3 +130,29 @@ async def test_vmm_killed_mid_session_is_torn_down(daemon: Daemon) -> None:
     finally:
         p.close()
         other.close()
+
+
+async def test_region_not_mapped_in_the_vmm_is_refused(daemon: Daemon) -> None:
+    memfd = memfd_create("unmapped", size=1 << 20)
+    try:
+        with Userfaultfd.create() as uffd:
+            msg = {
+                "type": "handoff",
+                "version": 1,
+                "vm_id": "vm-hole",
+                "vmm_pid": os.getpid(),
+                "regions": [
+                    {
+                        "guest_phys_addr": 0,
+                        "host_virt_addr": 0x10000000000,
+                        "size": 1 << 20,
+                        "fd_index": 1,
+                    }
+                ],
+            }
+            with pytest.raises(HandoffRefused) as exc:
+                await asyncio.to_thread(hand_off, daemon.settings.socket, msg, [uffd.fd, memfd])
+        assert exc.value.code == "bad_region" and "UFFDIO_REGISTER" in str(exc.value)
+    finally:
+        os.close(memfd)
+    assert "vm-hole" not in daemon.sessions

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from wsd.kernel import (
     Feature,
@@ -51,6 +52,8 @@ REQUIRED: dict[TrackingMode, Feature] = {
     TrackingMode.WP_ASYNC: Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM | Feature.MISSING_SHMEM,
 }
 OPTIONAL = Feature.MISSING_HUGETLBFS | Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS
+
+log = structlog.get_logger("wsd.tracker")
 
 Hook = Callable[["VmTracker", list[npt.NDArray[np.bool_]]], Awaitable[None]]
 
@@ -120,6 +123,7 @@ class VmTracker:
     cycles: int = 0
     sync_faults: int = 0
     minor_faults: int = 0
+    stray_rwp_faults: int = 0
     _in_window: bool = field(default=False, repr=False)
 
     @property
@@ -162,9 +166,15 @@ class VmTracker:
                     )
                 enabled = uffd.api(need | (OPTIONAL & supported)).features
                 minor = [_wants_minor(decision, r, enabled) for r, _ in regions]
-                for (r, _), m in zip(regions, minor, strict=True):
+                for i, ((r, _), m) in enumerate(zip(regions, minor, strict=True)):
                     mode = decision.register_mode | (RegisterMode.MINOR if m else RegisterMode(0))
-                    uffd.register(r.host_virt_addr, r.size, mode)
+                    try:
+                        uffd.register(r.host_virt_addr, r.size, mode)
+                    except KernelError as e:
+                        # E.g. not mapped there, PROT_NONE, or not shared memory.
+                        raise HandoffError(
+                            ErrorCode.BAD_REGION, f"regions[{i}]: {e}", f"regions[{i}]"
+                        ) from e
             else:
                 have = Feature(spec.features or 0)
                 if need & ~have:
@@ -296,6 +306,11 @@ class VmTracker:
             t.state.note_access([page])
             self.minor_faults += 1
             return True
+        if not self._in_window:
+            # Async mode resolves RWP faults in the kernel; one reaching us means
+            # the uffd is not in the mode we think.  Resolve it all the same.
+            self.stray_rwp_faults += 1
+            log.warning("RWP fault outside the sync window", vm_id=self.vm_id, address=hex(addr))
         self.uffd.rwprotect(addr, r.page_size, protect=False)
         t.state.note_fault([page])
         self.sync_faults += 1
