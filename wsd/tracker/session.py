@@ -123,7 +123,7 @@ class VmTracker:
     cycles: int = 0
     sync_faults: int = 0
     minor_faults: int = 0
-    stray_rwp_faults: int = 0
+    late_rwp_faults: int = 0
     _in_window: bool = field(default=False, repr=False)
 
     @property
@@ -307,10 +307,11 @@ class VmTracker:
             self.minor_faults += 1
             return True
         if not self._in_window:
-            # Async mode resolves RWP faults in the kernel; one reaching us means
-            # the uffd is not in the mode we think.  Resolve it all the same.
-            self.stray_rwp_faults += 1
-            log.warning("RWP fault outside the sync window", vm_id=self.vm_id, address=hex(addr))
+            # Async mode resolves RWP faults in the kernel, so this one was raised
+            # in a window that has closed since (its message is read late), or
+            # the uffd is not in the mode we think.  Either way: resolve it.
+            self.late_rwp_faults += 1
+            log.debug("RWP fault after the sync window", vm_id=self.vm_id, address=hex(addr))
         self.uffd.rwprotect(addr, r.page_size, protect=False)
         t.state.note_fault([page])
         self.sync_faults += 1
