@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -30,10 +32,16 @@ class Offload:
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on a worker thread and return its result."""
+    async def run(self, fn: Callable[..., T], *args: object, inline: bool = False) -> T:
+        """Run ``fn(*args)`` on a worker thread and return its result.
+
+        ``inline=True`` calls it on the event loop thread instead: only for work that
+        costs less than a thread round trip, within the bounds each caller documents.
+        """
         if self._closed:
             raise StoreClosed("store is closed", backend=self._backend)
+        if inline:
+            return fn(*args)
         future = self._pool.submit(fn, *args)
         self._inflight.add(future)
         # Runs on the worker thread; set.discard is atomic under the GIL.
@@ -108,11 +116,11 @@ class OffsetGuard:
     @contextlib.contextmanager
     def _holding(self, scope: Hashable, offsets: list[int], blocks_readers: bool) -> Iterator[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for offset in offsets:
-            self._held[(scope, offset)] = (future, blocks_readers)
+        # map/zip rather than loops: a batch is hundreds of offsets, on the loop thread.
+        keys = list(zip(itertools.repeat(scope), offsets))
+        self._held.update(zip(keys, itertools.repeat((future, blocks_readers))))
         try:
             yield
         finally:
-            for offset in offsets:
-                del self._held[(scope, offset)]
+            collections.deque(map(self._held.__delitem__, keys), maxlen=0)
             future.set_result(None)

@@ -12,10 +12,11 @@ check can close one instance and find the pages through the next.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from wsd.storage.errors import (
     IntegrityError,
@@ -27,6 +28,7 @@ from wsd.storage.page import HUGE_PAGE_2M, SMALL_PAGE, PageNamespace
 from wsd.storage.protocol import PageStore
 
 OpenStore = Callable[[], Awaitable[PageStore]]
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,25 @@ def sample_pages(
     return {first + n * size: sample_page(rng, size, n % 4) for n in range(count)}
 
 
+@contextlib.asynccontextmanager
+async def _opened(contract: Contract) -> AsyncIterator[PageStore]:
+    """A new store instance, closed when the block ends however it ends."""
+    store = await contract.open_store()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _expect(error: type[E], call: Awaitable[object], failure: str) -> E:
+    """Await ``call``, which must raise ``error``; return it, or fail with ``failure``."""
+    try:
+        await call
+    except error as err:
+        return err
+    raise AssertionError(failure)
+
+
 async def _assert_pages(
     store: PageStore, ns: PageNamespace, pages: Mapping[int, bytes], generation: int
 ) -> None:
@@ -69,23 +90,24 @@ async def _assert_pages(
     assert {o: p.data for o, p in batch.items()} == dict(pages), f"{store.name}: get_many"
 
 
+async def _round_trip(
+    contract: Contract, ns: PageNamespace, pages: Mapping[int, bytes], generation: int
+) -> None:
+    async with _opened(contract) as store:
+        await store.put(ns, pages, generation=generation)
+        await store.sync()
+        await _assert_pages(store, ns, pages, generation)
+
+
 async def check_round_trip(contract: Contract) -> None:
     """Random, zero, fill and text pages come back byte for byte with their generation."""
-    store = await contract.open_store()
-    try:
-        ns = PageNamespace("vm-round-trip", 3)
-        pages = sample_pages(random.Random(1), 16)
-        await store.put(ns, pages, generation=7)
-        await store.sync()
-        await _assert_pages(store, ns, pages, 7)
-    finally:
-        await store.close()
+    pages = sample_pages(random.Random(1), 16)
+    await _round_trip(contract, PageNamespace("vm-round-trip", 3), pages, 7)
 
 
 async def check_batches(contract: Contract) -> None:
     """Batches with gaps, overwrites with a new generation, per-page generations."""
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         rng = random.Random(2)
         ns = PageNamespace("vm-batches", 0)
         first = sample_pages(rng, 8)
@@ -107,38 +129,30 @@ async def check_batches(contract: Contract) -> None:
         for offset, page in batch.items():
             assert (page.data, page.generation) == (second[offset], gens[offset])
         await store.put(ns, {}, generation=3)
-    finally:
-        await store.close()
 
 
 async def check_missing(contract: Contract) -> None:
     """Missing pages raise PageNotFound naming them, or are left out with missing_ok."""
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         ns = PageNamespace("vm-missing", 0)
-        try:
-            await store.get(ns, 0)
-        except PageNotFound as err:
-            assert err.offsets == (0,) and err.vm_id == "vm-missing"
-        else:
-            raise AssertionError(f"{store.name}: get of an unknown region returned")
+        err = await _expect(
+            PageNotFound, store.get(ns, 0), f"{store.name}: get of an unknown region returned"
+        )
+        assert err.offsets == (0,) and err.vm_id == "vm-missing"
         await store.put(ns, {SMALL_PAGE: bytes(SMALL_PAGE)}, generation=1)
-        try:
-            await store.get_many(ns, [0, SMALL_PAGE, 2 * SMALL_PAGE])
-        except PageNotFound as missing:
-            assert missing.offsets == (0, 2 * SMALL_PAGE), f"{store.name}: {missing.offsets}"
-        else:
-            raise AssertionError(f"{store.name}: get_many with missing pages returned")
+        missing = await _expect(
+            PageNotFound,
+            store.get_many(ns, [0, SMALL_PAGE, 2 * SMALL_PAGE]),
+            f"{store.name}: get_many with missing pages returned",
+        )
+        assert missing.offsets == (0, 2 * SMALL_PAGE), f"{store.name}: {missing.offsets}"
         found = await store.get_many(ns, [0, SMALL_PAGE], missing_ok=True)
         assert list(found) == [SMALL_PAGE]
-    finally:
-        await store.close()
 
 
 async def check_discard(contract: Contract) -> None:
     """Discarded pages are gone, others stay; a whole region can be dropped."""
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         ns = PageNamespace("vm-discard", 0)
         other = PageNamespace("vm-discard", 1)
         pages = sample_pages(random.Random(3), 8)
@@ -161,8 +175,6 @@ async def check_discard(contract: Contract) -> None:
         await store.sync()
         assert not await store.get_many(ns, list(pages), missing_ok=True), "region dropped"
         await _assert_pages(store, other, pages, 1)
-    finally:
-        await store.close()
 
 
 async def check_restart(contract: Contract) -> None:
@@ -174,27 +186,20 @@ async def check_restart(contract: Contract) -> None:
     huge = PageNamespace("vm-restart", 6, HUGE_PAGE_2M)
     pages = sample_pages(rng, 12)
     huge_pages = sample_pages(rng, 2, size=HUGE_PAGE_2M)
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         await store.put(ns, pages, generation=1)
         await store.put(huge, huge_pages, generation=4)
         await store.discard(ns, [0])
         await store.sync()
-    finally:
-        await store.close()
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         await _assert_pages(store, ns, {o: d for o, d in pages.items() if o}, 1)
         await _assert_pages(store, huge, huge_pages, 4)
         assert not await store.get_many(ns, [0], missing_ok=True), "discard survived reopen"
-    finally:
-        await store.close()
 
 
 async def check_isolation(contract: Contract) -> None:
     """Two VMs (and two regions) with the same offsets never see each other's pages."""
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         rng = random.Random(5)
         a, b, a1 = PageNamespace("vm-a", 0), PageNamespace("vm-b", 0), PageNamespace("vm-a", 1)
         pages = {ns: sample_pages(rng, 4) for ns in (a, b, a1)}
@@ -207,38 +212,31 @@ async def check_isolation(contract: Contract) -> None:
                     continue
                 assert (await store.get(ns, offset)).data == data, f"{store.name}: {ns}"
         assert (await store.get(a, 0)).data == pages[a][0], "discard leaked across VMs"
-    finally:
-        await store.close()
 
 
 async def check_generation(contract: Contract) -> None:
     """A get naming the expected generation fails loudly on any other generation."""
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         ns = PageNamespace("vm-generation", 0)
         data = random.Random(6).randbytes(SMALL_PAGE)
         await store.put(ns, {0: data}, generation=5)
         assert (await store.get(ns, 0, generation=5)).data == data
-        try:
-            await store.get(ns, 0, generation=6)
-        except IntegrityError as err:
-            assert err.expected == 6 and err.actual == 5, f"{store.name}: {err}"
-        else:
-            raise AssertionError(f"{store.name}: stale generation served")
-        try:
-            await store.get_many(ns, [0], generations={0: 4})
-        except IntegrityError:
-            pass
-        else:
-            raise AssertionError(f"{store.name}: stale generation served by get_many")
-    finally:
-        await store.close()
+        err = await _expect(
+            IntegrityError,
+            store.get(ns, 0, generation=6),
+            f"{store.name}: stale generation served",
+        )
+        assert err.expected == 6 and err.actual == 5, f"{store.name}: {err}"
+        await _expect(
+            IntegrityError,
+            store.get_many(ns, [0], generations={0: 4}),
+            f"{store.name}: stale generation served by get_many",
+        )
 
 
 async def check_invalid(contract: Contract) -> None:
     """Misaligned offsets and wrong page lengths are refused, and store nothing."""
-    store = await contract.open_store()
-    try:
+    async with _opened(contract) as store:
         ns = PageNamespace("vm-invalid", 0)
         bad: list[dict[int, bytes]] = [
             {0: bytes(SMALL_PAGE), 100: bytes(SMALL_PAGE)},
@@ -246,34 +244,37 @@ async def check_invalid(contract: Contract) -> None:
             {-SMALL_PAGE: bytes(SMALL_PAGE)},
         ]
         for batch in bad:
-            try:
-                await store.put(ns, batch, generation=1)
-            except InvalidPage:
-                pass
-            else:
-                raise AssertionError(f"{store.name}: accepted {list(batch)}")
+            put = store.put(ns, batch, generation=1)
+            await _expect(InvalidPage, put, f"{store.name}: accepted {list(batch)}")
         assert not await store.get_many(ns, [0, SMALL_PAGE], missing_ok=True)
-        try:
-            await store.get(ns, 5)
-        except InvalidPage:
-            pass
-        else:
-            raise AssertionError(f"{store.name}: get of a misaligned offset returned")
-    finally:
-        await store.close()
+        await _expect(
+            InvalidPage, store.get(ns, 5), f"{store.name}: get of a misaligned offset returned"
+        )
 
 
 async def check_huge_pages(contract: Contract) -> None:
     """2 MiB pages round trip, including zero and fill pages."""
-    store = await contract.open_store()
-    try:
-        ns = PageNamespace("vm-huge", 0, HUGE_PAGE_2M)
-        pages = sample_pages(random.Random(7), 4, size=HUGE_PAGE_2M)
-        await store.put(ns, pages, generation=3)
+    pages = sample_pages(random.Random(7), 4, size=HUGE_PAGE_2M)
+    await _round_trip(contract, PageNamespace("vm-huge", 0, HUGE_PAGE_2M), pages, 3)
+
+
+async def check_large_batches(contract: Contract) -> None:
+    """A batch of hundreds of pages, with a gap and per-page generations, comes back
+    byte for byte in whatever order it is asked for."""
+    async with _opened(contract) as store:
+        rng = random.Random(9)
+        ns = PageNamespace("vm-large", 0)
+        pages = {**sample_pages(rng, 200), **sample_pages(rng, 50, first=300 * SMALL_PAGE)}
+        gens = {offset: 1 + n % 5 for n, offset in enumerate(pages)}
+        await store.put(ns, pages, generation=gens)
         await store.sync()
-        await _assert_pages(store, ns, pages, 3)
-    finally:
-        await store.close()
+        wanted = [*pages, 250 * SMALL_PAGE]
+        rng.shuffle(wanted)
+        found = await store.get_many(ns, wanted, generations=gens, missing_ok=True)
+        assert list(found) == [o for o in wanted if o in pages], f"{store.name}: order"
+        assert {o: (p.data, p.generation) for o, p in found.items()} == {
+            o: (pages[o], gens[o]) for o in pages
+        }, f"{store.name}: large batch"
 
 
 async def check_stats_and_close(contract: Contract) -> None:
@@ -290,12 +291,7 @@ async def check_stats_and_close(contract: Contract) -> None:
     finally:
         await store.close()
     await store.close()  # idempotent
-    try:
-        await store.get(ns, 0)
-    except StorageError:
-        pass
-    else:
-        raise AssertionError(f"{store.name}: get after close returned")
+    await _expect(StorageError, store.get(ns, 0), f"{store.name}: get after close returned")
 
 
 CHECKS: Final[Mapping[str, Callable[[Contract], Awaitable[None]]]] = {
@@ -308,5 +304,6 @@ CHECKS: Final[Mapping[str, Callable[[Contract], Awaitable[None]]]] = {
     "generation": check_generation,
     "invalid": check_invalid,
     "huge_pages": check_huge_pages,
+    "large_batches": check_large_batches,
     "stats_and_close": check_stats_and_close,
 }

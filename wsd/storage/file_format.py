@@ -29,15 +29,11 @@ from typing import Final
 import numpy as np
 import xxhash
 
-from wsd.storage.errors import IntegrityError
 from wsd.storage.page import PageNamespace
 from wsd.storage.record import (
     MAGIC,
-    NONCE_BYTES,
     VERSION,
-    HeaderFields,
     PayloadKind,
-    check_header,
 )
 
 INDEX_BASE: Final = 4096
@@ -51,8 +47,7 @@ SUPERBLOCK_MAGIC: Final = b"WSDIDX\x00\x01"
 INDEX_VERSION: Final = 1
 REGION_FILE: Final = re.compile(r"region-(\d+)\.index")
 _IOV_MAX: Final = 1024
-# Reads of a run go in pieces this long (256 KiB of 4 KiB pages): each piece is copied
-# page by page into the results while it is still in the CPU cache.
+# Index entries are read in pieces of this many pages (4 KiB of entries) when scanned.
 READ_RUN_PAGES: Final = 64
 KINDS: Final = frozenset(int(k) for k in PayloadKind)
 _SCAN_CHUNK: Final = 4 * 1024 * 1024
@@ -75,21 +70,35 @@ _PLAIN_DTYPE: Final = np.dtype(
         "itemsize": ENTRY_BYTES,
     }
 )
-_PLAIN_DATA_HEAD: Final = int.from_bytes(
+PLAIN_DATA_HEAD: Final = int.from_bytes(
     MAGIC + bytes((VERSION, PayloadKind.DATA, 0, 0, 0, 0)), "little"
 )
-_PLAIN_FILL_HEAD: Final = int.from_bytes(
+PLAIN_FILL_HEAD: Final = int.from_bytes(
     MAGIC + bytes((VERSION, PayloadKind.FILL, 0, 0, 0, 0)), "little"
 )
-_FILL_BYTES: Final = tuple(bytes((b,)) for b in range(256))
+# The entry as a put writes it: the first 8 bytes are magic, version, kind, flags and
+# 3 zero bytes, as one little-endian integer ``_HEAD_BASE | kind << 24 | flags << 32``.
+_WRITE_DTYPE: Final = np.dtype(
+    {
+        "names": ["head", "generation", "checksum", "nonce", "tail_len", "tail", "stored_at"],
+        "formats": ["<u8", "<u8", "<u8", "S12", "u1", "S17", "<f8"],
+        "offsets": [0, 8, 16, 24, 36, 37, 56],
+        "itemsize": ENTRY_BYTES,
+    }
+)
+_HEAD_BASE: Final = int.from_bytes(MAGIC + bytes((VERSION,)), "little")
 assert ENTRY_BYTES == 64
 
 
-def runs(indexes: Sequence[int], *, limit: int = 1 << 62) -> list[tuple[int, int]]:
+def runs(indexes: Sequence[int] | np.ndarray, *, limit: int = 1 << 62) -> list[tuple[int, int]]:
     """Sorted page indexes as (first, count) runs of at most ``limit`` consecutive pages."""
+    if len(indexes) and int(indexes[-1]) - int(indexes[0]) == len(indexes) - 1:
+        # One run, the usual batch: distinct sorted indexes spanning no more pages.
+        first, total = int(indexes[0]), len(indexes)
+        return [(first + n, min(limit, total - n)) for n in range(0, total, limit)]
     if len(indexes) < 16:
         out: list[tuple[int, int]] = []
-        for index in indexes:
+        for index in map(int, indexes):
             if out and out[-1][0] + out[-1][1] == index and out[-1][1] < limit:
                 out[-1] = (out[-1][0], out[-1][1] + 1)
             else:
@@ -108,7 +117,7 @@ def runs(indexes: Sequence[int], *, limit: int = 1 << 62) -> list[tuple[int, int
     return out
 
 
-def pwrite_all(fd: int, buffers: Sequence[bytes], offset: int) -> None:
+def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
     """Write every buffer contiguously at ``offset``, or raise.
 
     pwritev can be short on a filesystem that fills up midway; the remainder is then
@@ -167,56 +176,29 @@ def scan_entries(fd: int) -> Iterator[tuple[int, np.ndarray]]:
         pos = max(end, start)
 
 
-def decode_entries(
-    ns: PageNamespace, first: int, index: bytes, data: memoryview, *, backend: str
-) -> Iterator[tuple[int, HeaderFields, bytes]]:
-    """(offset, header, payload) of each present entry of a run.
+def encode_entries(
+    kinds: np.ndarray,
+    *,
+    flags: int,
+    generations: Sequence[int],
+    checksums: Sequence[int],
+    nonces: Sequence[bytes] | None,
+    tails: Sequence[bytes],
+    stored_at: float,
+) -> bytes:
+    """The index entries of a batch, back to back (``None`` nonces: all zero)."""
+    table = np.zeros(len(kinds), dtype=_WRITE_DTYPE)
+    table["head"] = _HEAD_BASE | kinds.astype(np.uint64) << np.uint64(24) | flags << 32
+    table["generation"] = generations
+    table["checksum"] = checksums
+    if nonces is not None:
+        table["nonce"] = nonces
+    table["tail_len"] = [len(tail) for tail in tails]
+    table["tail"] = tails
+    table["stored_at"] = stored_at
+    return table.tobytes()
 
-    Entries of plaintext data pages, the bulk of a batch, are recognised with numpy
-    over the whole run; the rest go through struct, one by one.
-    """
-    size = ns.page_size
-    count = len(index) // ENTRY_BYTES
-    table = np.frombuffer(index, dtype=_PLAIN_DTYPE, count=count)
-    raw = np.frombuffer(index, dtype=np.uint8, count=count * ENTRY_BYTES)
-    present = raw.reshape(count, ENTRY_BYTES).any(axis=1)
-    head, tail_len = table["head"], table["tail_len"]
-    clean = (table["nonce_lo"] == 0) & (table["nonce_hi"] == 0)
-    data_rows = clean & (head == _PLAIN_DATA_HEAD) & (tail_len == 0)
-    fill_rows = clean & (head == _PLAIN_FILL_HEAD) & (tail_len == 1)
-    no_nonce = bytes(NONCE_BYTES)
-    for rows, kind in ((data_rows, PayloadKind.DATA), (fill_rows, PayloadKind.FILL)):
-        picked = np.flatnonzero(rows)
-        columns = zip(
-            picked.tolist(),
-            table["generation"][picked].tolist(),
-            table["checksum"][picked].tolist(),
-            table["fill"][picked].tolist(),
-            strict=True,
-        )
-        for n, generation, checksum, fill in columns:
-            payload = (
-                data[n * size : (n + 1) * size].tobytes()
-                if kind == PayloadKind.DATA
-                else _FILL_BYTES[fill]
-            )
-            yield (first + n) * size, (kind, 0, generation, checksum, no_nonce), payload
-    plain = data_rows | fill_rows
-    for n in np.flatnonzero(present & ~plain).tolist():
-        fields = ENTRY_FIELDS.unpack_from(index, n * ENTRY_BYTES)
-        kind, tail_len, tail = fields[2], fields[7], fields[8]
-        try:
-            check_header(fields[0], fields[1], kind, fields[3])
-        except ValueError as err:
-            raise IntegrityError(
-                f"malformed index entry: {err}",
-                backend=backend,
-                vm_id=ns.vm_id,
-                region=ns.region,
-                offset=(first + n) * size,
-            ) from err
-        if kind == PayloadKind.DATA:
-            payload = data[n * size : (n + 1) * size].tobytes() + tail[:tail_len]
-        else:
-            payload = tail[:tail_len]
-        yield (first + n) * size, fields[2:7], payload
+
+def plain_entries(index: bytes) -> np.ndarray:
+    """A run of entries as the fields that recognise plaintext data and fill pages."""
+    return np.frombuffer(index, dtype=_PLAIN_DTYPE, count=len(index) // ENTRY_BYTES)

@@ -19,8 +19,10 @@ sync, and fsyncs the directories in which files were created.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fcntl
 import heapq
+import itertools
 import os
 import struct
 import threading
@@ -29,27 +31,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import xxhash
 
-from wsd.storage.concurrency import Offload, OffsetGuard
+from wsd.storage.concurrency import Offload
 from wsd.storage.config import FileStoreConfig
-from wsd.storage.errors import (
-    BudgetExceeded,
-    EncryptionKeyError,
-    IntegrityError,
-    InvalidPage,
-    PageNotFound,
-    StorageError,
-    StoreClosed,
-    Where,
-)
+from wsd.storage.errors import BudgetExceeded, EncryptionKeyError, StorageError, Where
+from wsd.storage.file_codec import READ_CHUNK_BYTES, FileCodec, ReadPages, SealedBatch
 from wsd.storage.file_format import (
     EMPTY_ENTRY,
     ENTRY_BYTES,
     ENTRY_DTYPE,
-    ENTRY_FIELDS,
     INDEX_BASE,
     INDEX_VERSION,
     KINDS,
@@ -57,7 +51,6 @@ from wsd.storage.file_format import (
     REGION_FILE,
     SUPERBLOCK,
     SUPERBLOCK_MAGIC,
-    decode_entries,
     pwrite_all,
     runs,
     scan_entries,
@@ -68,15 +61,14 @@ from wsd.storage.keys import key_check_value
 from wsd.storage.page import (
     VM_ID_PATTERN,
     BackendKind,
-    Generations,
-    OpCounters,
+    ExpectedGenerations,
     PageNamespace,
     PageRef,
     StoredPage,
     StoreStats,
-    generation_of,
 )
-from wsd.storage.record import MAGIC, VERSION, PageCodec, PayloadKind, SealedRecord
+from wsd.storage.record import MAGIC, PayloadKind
+from wsd.storage.store_base import StoreBase
 
 
 class _Dropped(Exception):
@@ -129,8 +121,19 @@ class _Region:
         self.data_fd = self.index_fd = -1
 
 
-class FileStore:
+class _ReadBuffer(threading.local):
+    """The buffer each worker thread reads page data into, reused by every get: a read
+    then neither allocates nor faults in memory of its own."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_CHUNK_BYTES))
+
+
+class FileStore(StoreBase):
     """The file tier. Create with ``await FileStore.open(config, key=...)``."""
+
+    kind: ClassVar[BackendKind] = BackendKind.FILE
+    durable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -141,15 +144,15 @@ class FileStore:
         lock_fd: int,
         name: str = "file",
     ) -> None:
+        super().__init__(name=name)
         self._config = config
         self._root = config.root
-        self._name = name
-        self._codec = PageCodec(backend=name, key=key)
+        self._codec = FileCodec(backend=name, key=key)
         self._key_check = key_check_value(key) if key is not None else None
         self._clock = clock
         self._lock_fd = lock_fd
         self._offload = Offload(backend=name, threads=config.io_threads)
-        self._guard = OffsetGuard()
+        self._read_buffer = _ReadBuffer()
         self._regions: dict[tuple[str, int], _Region] = {}
         self._lifecycle = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
@@ -158,8 +161,6 @@ class FileStore:
         self._accounting = threading.Lock()
         self._used_bytes = 0
         self._failed: str | None = None
-        self._closed = False
-        self.counters = OpCounters()
 
     @classmethod
     async def open(
@@ -179,18 +180,6 @@ class FileStore:
             await store._release()
             raise
         return store
-
-    @property
-    def kind(self) -> BackendKind:
-        return BackendKind.FILE
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def durable(self) -> bool:
-        return True
 
     # -- setup ------------------------------------------------------------------------
 
@@ -230,7 +219,7 @@ class FileStore:
         """
         directory = self._root / vm_id
         index_path = directory / f"region-{region_no}.index"
-        where: Where = {"backend": self._name, "vm_id": vm_id, "region": region_no}
+        where = self._where(vm_id, region_no)
         fds: list[int] = []
         new_dirs: list[Path] = []
         try:
@@ -276,7 +265,7 @@ class FileStore:
             os.close(fd)
 
     def _check_superblock(self, fd: int, vm_id: str, region_no: int) -> PageNamespace:
-        where: Where = {"backend": self._name, "vm_id": vm_id, "region": region_no}
+        where = self._where(vm_id, region_no)
         raw = os.pread(fd, SUPERBLOCK.size + 8, 0)
         body, tail = raw[: SUPERBLOCK.size], raw[SUPERBLOCK.size :]
         if len(tail) != 8 or struct.unpack("<Q", tail)[0] != xxhash.xxh3_64_intdigest(body):
@@ -318,18 +307,16 @@ class FileStore:
                     # The superblock and the new names become durable at the next sync.
                     self._dirty.add(created)
                     self._new_dirs.update(new_dirs)
-        if region is not None and region.ns.page_size != ns.page_size:
-            raise InvalidPage(
-                f"region was created with page size {region.ns.page_size}, not {ns.page_size}",
-                backend=self._name,
-                vm_id=ns.vm_id,
-                region=ns.region,
-            )
+        if region is not None:
+            ns.check_stored_page_size(region.ns.page_size, backend=self._name)
         return region
 
+    def _where(self, vm_id: str, region: int) -> Where:
+        """Error context for a region of this store."""
+        return {"backend": self._name, "vm_id": vm_id, "region": region}
+
     def _check_writable(self) -> None:
-        if self._closed:
-            raise StoreClosed("store is closed", backend=self._name)
+        self._check_open()
         if self._failed is not None:
             # After a failed fdatasync the kernel may have dropped the dirty pages and
             # cleared the error, so a retry could succeed without the data on disk.
@@ -340,35 +327,25 @@ class FileStore:
 
     # -- put --------------------------------------------------------------------------
 
-    async def put(
-        self, ns: PageNamespace, pages: Mapping[int, bytes], *, generation: Generations
+    async def _store(
+        self, ns: PageNamespace, pages: Mapping[int, bytes], generations: Mapping[int, int]
     ) -> None:
-        self._check_writable()
-        ns.check_pages(pages, backend=self._name)
-        if not pages:
-            return
-        gens = {offset: generation_of(generation, offset) for offset in pages}
-        self.counters.puts += 1
         region = await self._region(ns, create=True)
         assert region is not None
         stored_at = self._clock()
         async with self._guard.hold(ns.key, pages.keys()):
             try:
-                await self._offload.run(self._write_batch, region, pages, gens, stored_at)
+                await self._offload.run(self._write_batch, region, pages, generations, stored_at)
             except StorageError:
                 self.counters.failures += 1
                 raise
             except _Dropped as err:
                 self.counters.failures += 1
                 raise StorageError(
-                    "region was discarded while the put was queued",
-                    backend=self._name,
-                    vm_id=ns.vm_id,
-                    region=ns.region,
+                    "region was discarded while the put was queued", **self._where(*ns.key)
                 ) from err
             finally:
                 self._dirty.add(region)
-        self.counters.pages_put += len(pages)
 
     def _write_batch(
         self,
@@ -378,27 +355,25 @@ class FileStore:
         stored_at: float,
     ) -> None:
         ns, size = region.ns, region.ns.page_size
-        records = [
-            (offset // size, self._codec.seal(ns, offset, gens[offset], pages[offset]))
-            for offset in sorted(pages)
-        ]
-        where: Where = {"backend": self._name, "vm_id": ns.vm_id, "region": ns.region}
+        batch = self._codec.seal(ns, pages, gens, stored_at)
+        where = self._where(*ns.key)
         with region.using():
             try:
-                old = self._read_kinds(region, [index for index, _ in records])
+                old = self._read_kinds(region, batch.indexes)
             except OSError as err:
                 raise storage_error(err, "reading index entries", **where) from err
-            new_data = sum(r.kind == PayloadKind.DATA for _, r in records)
-            old_data = sum(kind == PayloadKind.DATA for kind in old.values())
-            self._account(region, len(records) - len(old), new_data - old_data)
+            new_data = len(batch.data_indexes)
+            old_pages = int(np.count_nonzero(old))
+            old_data = int(np.count_nonzero(old == PayloadKind.DATA))
+            self._account(region, len(batch.indexes) - old_pages, new_data - old_data)
             try:
-                self._write_records(region, records, old, stored_at)
+                self._write_records(region, batch, old)
             except OSError as err:
-                self._invalidate(region, [index for index, _ in records])
-                self._account(region, -len(records), -new_data)
-                first = records[0][0] * size
+                self._invalidate(region, batch.indexes)
+                self._account(region, -len(batch.indexes), -new_data)
+                first = batch.indexes[0] * size
                 raise storage_error(
-                    err, f"writing {len(records)} pages from {first:#x}", **where
+                    err, f"writing {len(batch.indexes)} pages from {first:#x}", **where
                 ) from err
 
     def _account(self, region: _Region, pages: int, data_pages: int) -> None:
@@ -419,36 +394,24 @@ class FileStore:
             region.pages += pages
             region.data_pages += data_pages
 
-    def _write_records(
-        self,
-        region: _Region,
-        records: list[tuple[int, SealedRecord]],
-        old: Mapping[int, int],
-        stored_at: float,
-    ) -> None:
+    def _write_records(self, region: _Region, batch: SealedBatch, old: np.ndarray) -> None:
         size = region.ns.page_size
         # Data first: if a write fails midway, the entries still describe the old data,
         # which the checksums then reject, rather than new entries over missing data.
-        data = [(i, r.payload[:size]) for i, r in records if r.kind == PayloadKind.DATA]
+        # One pwritev per run of consecutive data pages (fill pages are holes).
         position = 0
-        for first, count in runs([i for i, _ in data]):
-            chunk = [p for _, p in data[position : position + count]]
-            pwrite_all(region.data_fd, chunk, first * size)
+        for first, count in runs(batch.data_indexes):
+            pwrite_all(region.data_fd, batch.data[position : position + count], first * size)
             position += count
-        entries = []
-        pack = ENTRY_FIELDS.pack
-        for _, r in records:
-            tail = r.payload[size:] if r.kind == PayloadKind.DATA else r.payload
-            fields = (MAGIC, VERSION, r.kind, r.flags, r.generation, r.checksum, r.nonce)
-            entries.append(pack(*fields, len(tail), tail, stored_at))
+        entries = memoryview(batch.entries)
         position = 0
-        for first, count in runs([i for i, _ in records]):
-            chunk = entries[position : position + count]
-            pwrite_all(region.index_fd, chunk, INDEX_BASE + first * ENTRY_BYTES)
+        for first, count in runs(batch.indexes):
+            chunk = entries[position * ENTRY_BYTES : (position + count) * ENTRY_BYTES]
+            pwrite_all(region.index_fd, [chunk], INDEX_BASE + first * ENTRY_BYTES)
             position += count
         # A fill page replacing a data page no longer needs its data blocks.
-        freed = [i for i, r in records if r.kind != PayloadKind.DATA and i in old]
-        self._punch(region, [i for i in freed if old[i] == PayloadKind.DATA])
+        freed = (np.array(batch.kinds) != PayloadKind.DATA) & (old == PayloadKind.DATA)
+        self._punch(region, np.array(batch.indexes)[freed].tolist())
 
     def _punch(self, region: _Region, indexes: Sequence[int]) -> None:
         size = region.ns.page_size
@@ -467,116 +430,95 @@ class FileStore:
         except OSError:
             pass
 
-    def _read_kinds(self, region: _Region, indexes: Sequence[int]) -> dict[int, int]:
-        """Kinds of the present entries among ``indexes`` (sorted)."""
-        kinds: dict[int, int] = {}
-        for first, count in runs(indexes):
-            raw = os.pread(region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES)
-            table = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=len(raw) // ENTRY_BYTES)
-            present = np.flatnonzero(table["magic"] == MAGIC)
-            # An unknown kind is corrupt; counting it as data over-estimates usage.
-            found = table["kind"][present].tolist()
-            for n, kind in zip(present.tolist(), found, strict=True):
-                kinds[first + n] = kind if kind in KINDS else PayloadKind.DATA
-        return kinds
+    def _read_kinds(self, region: _Region, indexes: Sequence[int]) -> np.ndarray:
+        """The kind stored at each of ``indexes`` (sorted), 0 where no page is."""
+        raw = b"".join(
+            os.pread(region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES).ljust(
+                count * ENTRY_BYTES, b"\0"
+            )
+            for first, count in runs(indexes)
+        )
+        table = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        kinds = table["kind"]
+        # An unknown kind is corrupt; counting it as data over-estimates usage.
+        known = np.isin(kinds, list(KINDS))
+        kinds = np.where(known, kinds, np.uint8(PayloadKind.DATA))
+        return np.where(table["magic"] == MAGIC, kinds, np.uint8(0))
 
     # -- get --------------------------------------------------------------------------
 
-    async def get(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage:
-        ns.check_offset(offset, backend=self._name)
-        gens = None if generation is None else {offset: generation}
-        found = await self._get(ns, [offset], gens, missing_ok=False)
-        return found[offset]
-
-    async def get_many(
-        self,
-        ns: PageNamespace,
-        offsets: Sequence[int],
-        *,
-        generations: Mapping[int, int] | None = None,
-        missing_ok: bool = False,
+    async def _fetch(
+        self, ns: PageNamespace, offsets: list[int], expected: ExpectedGenerations, missing_ok: bool
     ) -> dict[int, StoredPage]:
-        wanted = ns.check_offsets(offsets, backend=self._name)
-        if not wanted:
-            return {}
-        return await self._get(ns, wanted, generations, missing_ok=missing_ok)
-
-    async def _get(
-        self,
-        ns: PageNamespace,
-        offsets: list[int],
-        generations: Mapping[int, int] | None,
-        *,
-        missing_ok: bool,
-    ) -> dict[int, StoredPage]:
-        if self._closed:
-            raise StoreClosed("store is closed", backend=self._name)
-        self.counters.gets += 1
         region = await self._region(ns, create=False)
         found: dict[int, StoredPage] = {}
         if region is not None:
-            await self._guard.wait_readable(ns.key, offsets)
-            try:
-                found = await self._offload.run(self._read_batch, region, offsets, generations)
-            except IntegrityError:
-                self.counters.integrity_errors += 1
-                raise
-        self.counters.pages_got += len(found)
-        if len(found) < len(offsets):
-            self.counters.misses += len(offsets) - len(found)
-            if not missing_ok:
-                missing = tuple(o for o in offsets if o not in found)
-                raise PageNotFound(
-                    backend=self._name, vm_id=ns.vm_id, region=ns.region, offsets=missing
-                )
-        return {o: found[o] for o in offsets if o in found}
+            found = await self._offload.run(self._read_batch, region, offsets, expected)
+        self._check_missing(ns, offsets, found, missing_ok)
+        return found
 
     def _read_batch(
         self,
         region: _Region,
-        offsets: Sequence[int],
-        generations: Mapping[int, int] | None,
+        offsets: list[int],
+        expected: ExpectedGenerations,
     ) -> dict[int, StoredPage]:
+        """The stored pages among ``offsets``, in that order: one worker call for the
+        whole batch, one pread of entries per run of consecutive pages, and the data
+        read in chunks of runs as it is verified."""
         found: dict[int, StoredPage] = {}
+        size = region.ns.page_size
+        indexes = [offset // size for offset in offsets]
+        ordered = sorted(indexes)
+        group = runs(ordered)
         try:
             with region.using():
-                self._read_runs(region, offsets, generations, found)
+                # Past the end of the index file, entries read as absent.
+                index = b"".join(
+                    os.pread(
+                        region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES
+                    ).ljust(count * ENTRY_BYTES, b"\0")
+                    for first, count in group
+                )
+                if index.count(0) != len(index):
+                    read = self._group_reader(region, group)
+                    self._codec.open(region.ns, group, index, read, expected=expected, found=found)
         except _Dropped:
             return {}
+        except OSError as err:
+            where = self._where(*region.ns.key)
+            where["offset"] = ordered[0] * size
+            raise storage_error(err, f"reading {len(offsets)} pages", **where) from err
+        if ordered != indexes:
+            found = {o: found[o] for o in offsets if o in found}
         return found
 
-    def _read_runs(
-        self,
-        region: _Region,
-        offsets: Sequence[int],
-        generations: Mapping[int, int] | None,
-        found: dict[int, StoredPage],
-    ) -> None:
-        ns, size = region.ns, region.ns.page_size
-        for first, count in runs(sorted(o // size for o in offsets), limit=READ_RUN_PAGES):
-            try:
-                index = os.pread(
-                    region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES
-                )
-                data = memoryview(b"")
-                if index != bytes(len(index)):
-                    data = memoryview(os.pread(region.data_fd, count * size, first * size))
-            except OSError as err:
-                raise storage_error(
-                    err,
-                    f"reading {count} pages",
-                    backend=self._name,
-                    vm_id=ns.vm_id,
-                    region=ns.region,
-                    offset=first * size,
-                ) from err
-            found.update(
-                self._codec.open_many(
-                    ns, decode_entries(ns, first, index, data, backend=self._name), generations
-                )
-            )
+    def _group_reader(self, region: _Region, group: list[tuple[int, int]]) -> ReadPages:
+        """Reads the data of the pages of ``group`` by position (see ReadPages)."""
+        size = region.ns.page_size
+        starts = list(itertools.accumulate((count for _, count in group), initial=0))
+        buffer = self._read_buffer.view
+
+        def read(position: int, count: int) -> bytes | memoryview:
+            run = bisect.bisect_right(starts, position) - 1
+            if count == 1:
+                # The bytes read are the page returned: no buffer, no second copy. Past
+                # the end of the file a page reads as zeros, as in a hole.
+                page = group[run][0] + position - starts[run]
+                return os.pread(region.data_fd, size, page * size).ljust(size, b"\0")
+            view = buffer[: count * size]
+            done = 0
+            while done < count:
+                first, length = group[run]
+                skip = position + done - starts[run]
+                part = view[done * size : (done + min(length - skip, count - done)) * size]
+                got = os.preadv(region.data_fd, [part], (first + skip) * size)
+                part[got:] = bytes(len(part) - got)
+                done += len(part) // size
+                run += 1
+            return view
+
+        return read
 
     # -- discard ----------------------------------------------------------------------
 
@@ -634,9 +576,7 @@ class FileStore:
                 pwrite_all(region.index_fd, [EMPTY_ENTRY] * count, INDEX_BASE + first * ENTRY_BYTES)
             self._punch(region, data)
         except OSError as err:
-            raise storage_error(
-                err, "discarding pages", backend=self._name, vm_id=ns.vm_id, region=ns.region
-            ) from err
+            raise storage_error(err, "discarding pages", **self._where(*ns.key)) from err
         self._account(region, -present, -len(data))
         return present
 
@@ -659,11 +599,7 @@ class FileStore:
             fsync_dir(region.directory)
         except OSError as err:
             raise storage_error(
-                err,
-                "removing region files",
-                backend=self._name,
-                vm_id=region.ns.vm_id,
-                region=region.ns.region,
+                err, "removing region files", **self._where(*region.ns.key)
             ) from err
         finally:
             region.drop()
@@ -704,13 +640,8 @@ class FileStore:
         except _Dropped:
             return
         except OSError as err:
-            raise storage_error(
-                err,
-                f"fdatasync of the {which} file",
-                backend=self._name,
-                vm_id=region.ns.vm_id,
-                region=region.ns.region,
-            ) from err
+            where = self._where(*region.ns.key)
+            raise storage_error(err, f"fdatasync of the {which} file", **where) from err
 
     def _sync_dir(self, directory: Path) -> None:
         try:

@@ -6,9 +6,9 @@ import ctypes
 import errno
 import os
 from pathlib import Path
-from typing import Final
+from typing import Final, Unpack
 
-from wsd.storage.errors import StorageError, StorageFull
+from wsd.storage.errors import StorageError, StorageFull, Where
 
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -45,22 +45,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def storage_error(
-    err: OSError,
-    what: str,
-    *,
-    backend: str,
-    vm_id: str | None = None,
-    region: int | None = None,
-    offset: int | None = None,
-) -> StorageError:
+def storage_error(err: OSError, what: str, **where: Unpack[Where]) -> StorageError:
     """Translate an OSError at the backend boundary; ENOSPC/EDQUOT become StorageFull."""
     reason = os.strerror(err.errno) if err.errno else str(err)
     cls = StorageFull if err.errno in _FULL_ERRNOS else StorageError
-    return cls(
-        f"{what} failed: {reason} [errno {err.errno}]",
-        backend=backend,
-        vm_id=vm_id,
-        region=region,
-        offset=offset,
-    )
+    return cls(f"{what} failed: {reason} [errno {err.errno}]", **where)

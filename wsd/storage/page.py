@@ -63,35 +63,48 @@ class PageNamespace:
     def check_offset(self, offset: int, *, backend: str) -> None:
         """Raise InvalidPage unless ``offset`` is a non-negative multiple of the page size."""
         if offset < 0 or offset % self.page_size or offset >= 1 << 63:
-            raise InvalidPage(
-                f"offset is not a multiple of the page size {self.page_size}",
-                backend=backend,
-                vm_id=self.vm_id,
-                region=self.region,
-                offset=offset,
+            raise self._invalid(
+                f"offset is not a multiple of the page size {self.page_size}", backend, offset
             )
+
+    def _aligned(self, offsets: list[int]) -> bool:
+        """Whether every offset is valid, checked in C (the page size is a power of two)."""
+        mask = self.page_size - 1
+        return min(offsets) >= 0 and max(offsets) < 1 << 63 and not any(map(mask.__and__, offsets))
 
     def check_pages(self, pages: Mapping[int, bytes], *, backend: str) -> None:
         """Validate every offset and that every page is exactly one page long."""
+        lengths = map(len, pages.values())
+        if pages and self._aligned(list(pages)) and all(map(self.page_size.__eq__, lengths)):
+            return
+        # Something is wrong: find the first offending page, in order, and name it.
         for offset, data in pages.items():
             self.check_offset(offset, backend=backend)
             if len(data) != self.page_size:
-                raise InvalidPage(
-                    f"page is {len(data)} bytes, expected {self.page_size}",
-                    backend=backend,
-                    vm_id=self.vm_id,
-                    region=self.region,
-                    offset=offset,
+                raise self._invalid(
+                    f"page is {len(data)} bytes, expected {self.page_size}", backend, offset
                 )
 
     def check_offsets(self, offsets: Iterable[int], *, backend: str) -> list[int]:
         """Validate offsets and return them as a list without duplicates, in order."""
         seen = list(dict.fromkeys(offsets))
-        size, limit = self.page_size, 1 << 63
-        for offset in seen:
-            if offset < 0 or offset % size or offset >= limit:
+        if seen and not self._aligned(seen):
+            for offset in seen:
                 self.check_offset(offset, backend=backend)
         return seen
+
+    def check_stored_page_size(self, stored: int, *, backend: str) -> None:
+        """Raise InvalidPage unless the region was stored with this page size: a
+        region's page size is fixed by its first put."""
+        if stored != self.page_size:
+            raise self._invalid(
+                f"region was created with page size {stored}, not {self.page_size}", backend
+            )
+
+    def _invalid(self, reason: str, backend: str, offset: int | None = None) -> InvalidPage:
+        return InvalidPage(
+            reason, backend=backend, vm_id=self.vm_id, region=self.region, offset=offset
+        )
 
 
 class StoredPage(NamedTuple):
@@ -117,6 +130,9 @@ class PageRef:
 
 Generations = int | Mapping[int, int]
 """The generation of a put: one for the whole batch, or one per offset."""
+
+ExpectedGenerations = Mapping[int, int] | None
+"""The generation a get insists on per offset (any other raises IntegrityError), or None."""
 
 
 def generation_of(generation: Generations, offset: int) -> int:

@@ -29,6 +29,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, NamedTuple, Protocol
 
+import numpy as np
 import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -133,6 +134,40 @@ def identity(ns: PageNamespace, offset: int, generation: int, kind: int, flags: 
     return fixed + ns.vm_id.encode("ascii")
 
 
+@functools.lru_cache(maxsize=16)
+def _identity_dtype(vm_bytes: int) -> np.dtype[np.void]:
+    names = ["tag", "region", "offset", "page_size", "generation", "kind", "flags", "vm"]
+    formats = ["S4", "<u8", "<u8", "<u4", "<u8", "u1", "u1", f"S{vm_bytes}"]
+    offsets = [0, 4, 12, 20, 24, 32, 33, 34]
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets, "itemsize": 34 + vm_bytes}
+    )
+
+
+def identity_table(
+    ns: PageNamespace,
+    offsets: np.ndarray,
+    generations: np.ndarray,
+    kinds: np.ndarray,
+    flags: int,
+) -> tuple[bytes, int]:
+    """``identity()`` of many records of one namespace, built at once.
+
+    Returns the identities back to back and the length of each, which is the same
+    for every record of a namespace. The batched paths of the file tier slice and
+    hash these instead of packing one identity per page.
+    """
+    vm = ns.vm_id.encode("ascii")
+    dtype = _identity_dtype(len(vm))
+    # Every record of the batch shares all but three fields: repeat one, fill those in.
+    template = identity(ns, 0, 0, 0, flags)
+    table = np.frombuffer(bytearray(template * len(offsets)), dtype=dtype)
+    table["offset"] = offsets
+    table["generation"] = generations
+    table["kind"] = kinds
+    return table.tobytes(), dtype.itemsize
+
+
 def payload_checksum(payload: bytes, ident: bytes) -> int:
     """xxh3_64 of the payload, seeded by the identity."""
     return xxhash.xxh3_64_intdigest(payload, seed=xxhash.xxh3_64_intdigest(ident))
@@ -156,6 +191,15 @@ def fill_byte(data: bytes) -> int | None:
     if not first:
         return 0 if data == _zero_page(len(data)) else None
     return first if data[1:] == data[:-1] else None
+
+
+_FILL_BYTES: Final = tuple(bytes((b,)) for b in range(256))
+
+
+def fill_page(byte: int, size: int) -> bytes:
+    """A page of ``byte`` repeated; zero pages, the common case, share one cached object
+    per size (bytes are immutable)."""
+    return _zero_page(size) if not byte else _FILL_BYTES[byte] * size
 
 
 class Compressor(Protocol):

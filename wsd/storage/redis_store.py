@@ -10,8 +10,8 @@ before replying; ``everysec`` may lose the last second). With ``wait_replicas`` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, NoReturn, TypeVar
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
 import redis.exceptions as rex
 from redis.asyncio import Redis
@@ -19,25 +19,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from wsd.storage.concurrency import Offload, OffsetGuard
+from wsd.storage.concurrency import Offload
 from wsd.storage.config import RedisStoreConfig
-from wsd.storage.errors import (
-    IntegrityError,
-    PageNotFound,
-    StorageError,
-    StorageFull,
-    StoreClosed,
-    TierUnavailable,
-    Where,
-)
+from wsd.storage.errors import StorageError, StorageFull, TierUnavailable, Where
 from wsd.storage.page import (
     BackendKind,
-    Generations,
-    OpCounters,
+    ExpectedGenerations,
     PageNamespace,
     StoredPage,
     StoreStats,
-    generation_of,
 )
 from wsd.storage.record import HeaderFields, PageCodec
 from wsd.storage.redis_transport import (
@@ -47,6 +37,7 @@ from wsd.storage.redis_transport import (
     page_key,
     region_pattern,
 )
+from wsd.storage.store_base import StoreBase
 
 INLINE_CODEC_BYTES: Final = 64 * 1024
 """Unencrypted batches up to this size are checksummed on the loop thread: about
@@ -67,9 +58,13 @@ _UNAVAILABLE: Final = (
 )
 
 
-class RedisStore:
+class RedisStore(StoreBase):
     """The Redis tier. Create with ``await RedisStore.open(config, ...)``, or pass a
     transport directly (tests use an in-memory one)."""
+
+    kind: ClassVar[BackendKind] = BackendKind.REDIS
+    # As durable as the server's persistence settings make it (see the module docstring).
+    durable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -79,14 +74,11 @@ class RedisStore:
         key: bytes | None = None,
         name: str = "redis",
     ) -> None:
+        super().__init__(name=name)
         self._config = config
         self._transport = transport
-        self._name = name
         self._codec = PageCodec(backend=name, key=key)
         self._offload = Offload(backend=name, threads=2)
-        self._guard = OffsetGuard()
-        self._closed = False
-        self.counters = OpCounters()
 
     @classmethod
     async def open(
@@ -121,19 +113,6 @@ class RedisStore:
             raise
         return store
 
-    @property
-    def kind(self) -> BackendKind:
-        return BackendKind.REDIS
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def durable(self) -> bool:
-        """As durable as the server's persistence settings make it (see module doc)."""
-        return True
-
     def _key(self, ns: PageNamespace, offset: int) -> bytes:
         return page_key(self._config.key_prefix, ns, offset, self._config.slot_group_pages)
 
@@ -160,33 +139,24 @@ class RedisStore:
             raise StorageFull(f"{what}: redis is out of memory: {text}", **where) from err
         raise StorageError(f"{what}: {type(err).__name__}: {text}", **where) from err
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreClosed("store is closed", backend=self._name)
-
     def _step(self, ns: PageNamespace) -> int:
         """Pages per command, so no command or reply exceeds ``max_command_bytes``."""
         return max(1, self._config.max_command_bytes // (ns.page_size + 64))
 
-    async def put(
-        self, ns: PageNamespace, pages: Mapping[int, bytes], *, generation: Generations
+    def _inline(self, ns: PageNamespace, pages: int) -> bool:
+        """Whether sealing or opening this many pages runs on the loop thread."""
+        return not self._codec.encrypted and pages * ns.page_size <= INLINE_CODEC_BYTES
+
+    async def _store(
+        self, ns: PageNamespace, pages: Mapping[int, bytes], generations: Mapping[int, int]
     ) -> None:
-        self._check_open()
-        ns.check_pages(pages, backend=self._name)
-        if not pages:
-            return
-        gens = {offset: generation_of(generation, offset) for offset in pages}
-        self.counters.puts += 1
         async with self._guard.hold(ns.key, pages.keys(), blocks_readers=False):
-            if self._codec.encrypted or len(pages) * ns.page_size > INLINE_CODEC_BYTES:
-                blobs = await self._offload.run(self._seal, ns, pages, gens)
-            else:
-                blobs = self._seal(ns, pages, gens)
+            inline = self._inline(ns, len(pages))
+            blobs = await self._offload.run(self._seal, ns, pages, generations, inline=inline)
             step = self._step(ns)
             items = list(blobs.items())
             chunks = [dict(items[i : i + step]) for i in range(0, len(items), step)]
             await self._call(f"storing {len(pages)} pages", ns, self._transport.mset(chunks))
-        self.counters.pages_put += len(pages)
 
     def _seal(
         self, ns: PageNamespace, pages: Mapping[int, bytes], gens: Mapping[int, int]
@@ -197,66 +167,18 @@ class RedisStore:
             for offset, data in pages.items()
         }
 
-    async def get(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage:
-        ns.check_offset(offset, backend=self._name)
-        gens = None if generation is None else {offset: generation}
-        return (await self._get(ns, [offset], gens, missing_ok=False))[offset]
-
-    async def get_many(
-        self,
-        ns: PageNamespace,
-        offsets: Sequence[int],
-        *,
-        generations: Mapping[int, int] | None = None,
-        missing_ok: bool = False,
+    async def _fetch(
+        self, ns: PageNamespace, offsets: list[int], expected: ExpectedGenerations, missing_ok: bool
     ) -> dict[int, StoredPage]:
-        wanted = ns.check_offsets(offsets, backend=self._name)
-        if not wanted:
-            return {}
-        return await self._get(ns, wanted, generations, missing_ok=missing_ok)
-
-    async def _get(
-        self,
-        ns: PageNamespace,
-        offsets: list[int],
-        generations: Mapping[int, int] | None,
-        *,
-        missing_ok: bool,
-    ) -> dict[int, StoredPage]:
-        self._check_open()
-        self.counters.gets += 1
         keys = [self._key(ns, offset) for offset in offsets]
         step = self._step(ns)
         chunks = [keys[i : i + step] for i in range(0, len(keys), step)]
         values = await self._call(f"fetching {len(keys)} pages", ns, self._transport.mget(chunks))
         blobs = {o: v for o, v in zip(offsets, values, strict=True) if v is not None}
-        if len(blobs) < len(offsets):
-            self.counters.misses += len(offsets) - len(blobs)
-            if not missing_ok:
-                missing = tuple(o for o in offsets if o not in blobs)
-                raise PageNotFound(
-                    backend=self._name, vm_id=ns.vm_id, region=ns.region, offsets=missing
-                )
-        try:
-            if self._codec.encrypted or len(blobs) * ns.page_size > INLINE_CODEC_BYTES:
-                found = await self._offload.run(self._open, ns, blobs, generations)
-            else:
-                found = self._open(ns, blobs, generations)
-        except IntegrityError:
-            self.counters.integrity_errors += 1
-            raise
-        self.counters.pages_got += len(found)
-        return found
-
-    def _open(
-        self,
-        ns: PageNamespace,
-        blobs: Mapping[int, bytes],
-        generations: Mapping[int, int] | None,
-    ) -> dict[int, StoredPage]:
-        return self._codec.open_many(ns, self._records(ns, blobs), generations)
+        self._check_missing(ns, offsets, blobs, missing_ok)
+        records = self._records(ns, blobs)  # parsed lazily, by whoever opens them
+        inline = self._inline(ns, len(blobs))
+        return await self._offload.run(self._codec.open_many, ns, records, expected, inline=inline)
 
     def _records(
         self, ns: PageNamespace, blobs: Mapping[int, bytes]

@@ -21,29 +21,30 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import ClassVar
 
 import structlog
 
-from wsd.storage.concurrency import OffsetGuard
 from wsd.storage.config import TieredStoreConfig
-from wsd.storage.errors import BudgetExceeded, IntegrityError, PageNotFound, StorageError
+from wsd.storage.errors import BudgetExceeded, IntegrityError, StorageError
 from wsd.storage.page import (
     BackendKind,
-    Generations,
-    OpCounters,
+    ExpectedGenerations,
     PageNamespace,
     PageRef,
     StoredPage,
     StoreStats,
-    generation_of,
 )
 from wsd.storage.protocol import DemotionSource, PageStore
+from wsd.storage.store_base import StoreBase
 
 log = structlog.get_logger(__name__)
 
 
-class TieredStore:
+class TieredStore(StoreBase):
     """Tiers fastest first; every tier but the last must be a DemotionSource."""
+
+    kind: ClassVar[BackendKind] = BackendKind.TIERED
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class TieredStore:
     ) -> None:
         if len(tiers) < 2:
             raise ValueError("a tiered store needs at least two tiers")
+        super().__init__(name=name)
         self._sources: list[DemotionSource] = []
         for tier in tiers[:-1]:
             if not isinstance(tier, DemotionSource):
@@ -63,18 +65,6 @@ class TieredStore:
         self._tiers = list(tiers)
         self._config = config
         self._clock = clock
-        self._name = name
-        self._guard = OffsetGuard()
-        self._closed = False
-        self.counters = OpCounters()
-
-    @property
-    def kind(self) -> BackendKind:
-        return BackendKind.TIERED
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     @property
     def durable(self) -> bool:
@@ -88,21 +78,15 @@ class TieredStore:
 
     # -- put --------------------------------------------------------------------------
 
-    async def put(
-        self, ns: PageNamespace, pages: Mapping[int, bytes], *, generation: Generations
+    async def _store(
+        self, ns: PageNamespace, pages: Mapping[int, bytes], generations: Mapping[int, int]
     ) -> None:
-        ns.check_pages(pages, backend=self._name)
-        if not pages:
-            return
-        gens = {offset: generation_of(generation, offset) for offset in pages}
-        self.counters.puts += 1
         async with self._guard.hold(ns.key, pages.keys()):
             try:
-                await self._store_from(0, ns, pages, gens)
+                await self._store_from(0, ns, pages, generations)
             except StorageError:
                 self.counters.failures += 1
                 raise
-        self.counters.pages_put += len(pages)
 
     async def _store_from(
         self,
@@ -265,51 +249,19 @@ class TieredStore:
 
     # -- get, discard, sync -----------------------------------------------------------
 
-    async def get(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage:
-        ns.check_offset(offset, backend=self._name)
-        self.counters.gets += 1
-        await self._guard.wait_readable(ns.key, (offset,))
-        for tier in self._tiers:
-            try:
-                page = await tier.get(ns, offset, generation=generation)
-            except PageNotFound:
-                continue
-            self.counters.pages_got += 1
-            return page
-        self.counters.misses += 1
-        raise PageNotFound(backend=self._name, vm_id=ns.vm_id, region=ns.region, offsets=(offset,))
-
-    async def get_many(
-        self,
-        ns: PageNamespace,
-        offsets: Sequence[int],
-        *,
-        generations: Mapping[int, int] | None = None,
-        missing_ok: bool = False,
+    async def _fetch(
+        self, ns: PageNamespace, offsets: list[int], expected: ExpectedGenerations, missing_ok: bool
     ) -> dict[int, StoredPage]:
-        remaining = ns.check_offsets(offsets, backend=self._name)
-        self.counters.gets += 1
-        await self._guard.wait_readable(ns.key, remaining)
+        # Each tier is asked only for what the faster ones did not have; a tier that
+        # raises (IntegrityError, TierUnavailable) ends the lookup.
         found: dict[int, StoredPage] = {}
+        remaining = offsets
         for tier in self._tiers:
             if not remaining:
                 break
-            found.update(
-                await tier.get_many(ns, remaining, generations=generations, missing_ok=True)
-            )
+            found.update(await tier.get_many(ns, remaining, generations=expected, missing_ok=True))
             remaining = [o for o in remaining if o not in found]
-        self.counters.pages_got += len(found)
-        if remaining:
-            self.counters.misses += len(remaining)
-            if not missing_ok:
-                raise PageNotFound(
-                    backend=self._name,
-                    vm_id=ns.vm_id,
-                    region=ns.region,
-                    offsets=tuple(remaining),
-                )
+        self._check_missing(ns, offsets, found, missing_ok)
         return {o: found[o] for o in offsets if o in found}
 
     async def discard(self, ns: PageNamespace, offsets: Iterable[int] | None = None) -> None:

@@ -9,32 +9,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 import zstandard
 
-from wsd.storage.concurrency import Offload, OffsetGuard
+from wsd.storage.concurrency import Offload
 from wsd.storage.config import ZstdStoreConfig
-from wsd.storage.errors import (
-    BudgetExceeded,
-    IntegrityError,
-    InvalidPage,
-    PageNotFound,
-    StoreClosed,
-)
+from wsd.storage.errors import BudgetExceeded
 from wsd.storage.page import (
     BackendKind,
-    Generations,
-    OpCounters,
+    ExpectedGenerations,
     PageNamespace,
     PageRef,
     StoredPage,
     StoreStats,
-    generation_of,
 )
 from wsd.storage.record import PageCodec, SealedRecord
+from wsd.storage.store_base import StoreBase
 
 RECORD_OVERHEAD: Final = 448
 """Bytes charged to the budget per page on top of its payload: the Python objects that
@@ -87,9 +80,12 @@ class _Entry:
         return len(self.record.payload) + RECORD_OVERHEAD
 
 
-class ZstdStore:
+class ZstdStore(StoreBase):
     """The in-memory compressed tier. All state is touched on the event loop thread only;
     workers compress and return records, which the loop then inserts."""
+
+    kind: ClassVar[BackendKind] = BackendKind.ZSTD
+    durable: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -98,53 +94,28 @@ class ZstdStore:
         clock: Callable[[], float] = time.time,
         name: str = "zstd",
     ) -> None:
+        super().__init__(name=name)
         self._config = config
-        self._name = name
         self._codec = PageCodec(backend=name, compressor=_ThreadCompressor(config.level))
         self._clock = clock
         self._offload = Offload(backend=name, threads=config.threads)
-        self._guard = OffsetGuard()
         self._regions: dict[tuple[str, int], dict[int, _Entry]] = {}
         self._page_sizes: dict[tuple[str, int], int] = {}
         # Oldest put first: re-putting a page moves it to the end (dicts keep order).
         self._age: dict[tuple[tuple[str, int], int], None] = {}
         self._used = 0
         self._payload = 0
-        self._closed = False
-        self.counters = OpCounters()
-
-    @property
-    def kind(self) -> BackendKind:
-        return BackendKind.ZSTD
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def durable(self) -> bool:
-        return False
 
     @property
     def budget_bytes(self) -> int:
         return self._config.budget_bytes
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreClosed("store is closed", backend=self._name)
-
-    async def put(
-        self, ns: PageNamespace, pages: Mapping[int, bytes], *, generation: Generations
+    async def _store(
+        self, ns: PageNamespace, pages: Mapping[int, bytes], generations: Mapping[int, int]
     ) -> None:
-        self._check_open()
-        ns.check_pages(pages, backend=self._name)
-        if not pages:
-            return
-        gens = {offset: generation_of(generation, offset) for offset in pages}
         self._check_page_size(ns)
-        self.counters.puts += 1
         async with self._guard.hold(ns.key, pages.keys()):
-            records = await self._offload.run(self._seal_batch, ns, pages, gens)
+            records = await self._offload.run(self._seal_batch, ns, pages, generations)
             self._check_open()
             region = self._regions.get(ns.key, {})
             replaced = sum(region[o].cost for o in records if o in region)
@@ -173,17 +144,9 @@ class ZstdStore:
                 self._age[(ns.key, offset)] = None
                 self._used += entry.cost
                 self._payload += len(record.payload)
-        self.counters.pages_put += len(pages)
 
     def _check_page_size(self, ns: PageNamespace) -> None:
-        size = self._page_sizes.get(ns.key, ns.page_size)
-        if size != ns.page_size:
-            raise InvalidPage(
-                f"region holds pages of {size} bytes, not {ns.page_size}",
-                backend=self._name,
-                vm_id=ns.vm_id,
-                region=ns.region,
-            )
+        ns.check_stored_page_size(self._page_sizes.get(ns.key, ns.page_size), backend=self._name)
 
     def _seal_batch(
         self, ns: PageNamespace, pages: Mapping[int, bytes], gens: Mapping[int, int]
@@ -196,65 +159,17 @@ class ZstdStore:
         self._used -= entry.cost
         self._payload -= len(entry.record.payload)
 
-    async def get(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage:
-        ns.check_offset(offset, backend=self._name)
-        gens = None if generation is None else {offset: generation}
-        return (await self._get(ns, [offset], gens, missing_ok=False))[offset]
-
-    async def get_many(
-        self,
-        ns: PageNamespace,
-        offsets: Sequence[int],
-        *,
-        generations: Mapping[int, int] | None = None,
-        missing_ok: bool = False,
+    async def _fetch(
+        self, ns: PageNamespace, offsets: list[int], expected: ExpectedGenerations, missing_ok: bool
     ) -> dict[int, StoredPage]:
-        wanted = ns.check_offsets(offsets, backend=self._name)
-        return await self._get(ns, wanted, generations, missing_ok=missing_ok)
-
-    async def _get(
-        self,
-        ns: PageNamespace,
-        offsets: list[int],
-        generations: Mapping[int, int] | None,
-        *,
-        missing_ok: bool,
-    ) -> dict[int, StoredPage]:
-        self._check_open()
-        self.counters.gets += 1
-        await self._guard.wait_readable(ns.key, offsets)
         region = self._regions.get(ns.key, {})
         if region:
             self._check_page_size(ns)
         records = {o: region[o].record for o in offsets if o in region}
-        if len(records) < len(offsets):
-            self.counters.misses += len(offsets) - len(records)
-            if not missing_ok:
-                missing = tuple(o for o in offsets if o not in records)
-                raise PageNotFound(
-                    backend=self._name, vm_id=ns.vm_id, region=ns.region, offsets=missing
-                )
-        try:
-            if len(records) * ns.page_size <= INLINE_DECODE_BYTES:
-                found = self._open_batch(ns, records, generations)
-            else:
-                found = await self._offload.run(self._open_batch, ns, records, generations)
-        except IntegrityError:
-            self.counters.integrity_errors += 1
-            raise
-        self.counters.pages_got += len(found)
-        return found
-
-    def _open_batch(
-        self,
-        ns: PageNamespace,
-        records: Mapping[int, SealedRecord],
-        generations: Mapping[int, int] | None,
-    ) -> dict[int, StoredPage]:
+        self._check_missing(ns, offsets, records, missing_ok)
         items = ((o, r.header_fields, r.payload) for o, r in records.items())
-        return self._codec.open_many(ns, items, generations)
+        inline = len(records) * ns.page_size <= INLINE_DECODE_BYTES
+        return await self._offload.run(self._codec.open_many, ns, items, expected, inline=inline)
 
     async def discard(self, ns: PageNamespace, offsets: Iterable[int] | None = None) -> None:
         self._check_open()

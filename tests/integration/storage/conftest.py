@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,28 +16,29 @@ def _require_redis() -> None:
         pytest.skip(f"redis-server is not installed at {REDIS_SERVER} (tools/bootstrap.sh)")
 
 
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for a whole module; tests keep apart with their own key prefix."""
+@contextlib.contextmanager
+def _running(directory: Path) -> Iterator[RedisServer]:
     _require_redis()
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = RedisServer(directory)
     server.start()
     try:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for a whole module; tests keep apart with their own key prefix."""
+    with _running(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of the test's own, free to be killed and restarted."""
-    _require_redis()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
+    with _running(tmp_path / "redis") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from file_layout import flip, region_paths
 
 from wsd.storage import (
     BudgetExceeded,
@@ -28,8 +29,7 @@ P = 4096
 
 
 def _paths(root: Path, ns: PageNamespace = NS) -> tuple[Path, Path]:
-    stem = root / ns.vm_id / f"region-{ns.region}"
-    return stem.with_suffix(".data"), stem.with_suffix(".index")
+    return region_paths(root, ns)
 
 
 def _entry_at(offset: int) -> int:
@@ -60,14 +60,6 @@ def _write_record(root: Path, offset: int, record: SealedRecord, stored_at: floa
         f.write(ENTRY.pack(record.header(), len(tail), tail, stored_at))
 
 
-def _flip(path: Path, position: int) -> None:
-    with path.open("r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes((byte ^ 0x01,)))
-
-
 async def _store(root: Path, key: bytes | None = None, **options: object) -> FileStore:
     return await FileStore.open(FileStoreConfig(root=root, **options), key=key)  # type: ignore[arg-type]
 
@@ -95,7 +87,7 @@ async def test_flipped_data_byte_fails_loudly(tmp_path: Path, key: bytes | None)
     store = await _store(tmp_path, key)
     await store.put(NS, {0: os.urandom(P), P: os.urandom(P)}, generation=1)
     await store.sync()
-    _flip(_paths(tmp_path)[0], 123)
+    flip(_paths(tmp_path)[0], 123)
     with pytest.raises(IntegrityError, match="checksum mismatch") as info:
         await store.get(NS, 0)
     err = info.value
@@ -114,7 +106,7 @@ async def test_flipped_index_byte_fails_loudly(tmp_path: Path) -> None:
     await store.put(NS, {0: os.urandom(P)}, generation=1)
     for position in (0, 3, 8, 16, 36):  # magic, kind, generation, checksum, tail length
         await store.put(NS, {0: os.urandom(P)}, generation=1)
-        _flip(_paths(tmp_path)[1], _entry_at(0) + position)
+        flip(_paths(tmp_path)[1], _entry_at(0) + position)
         with pytest.raises(IntegrityError):
             await store.get(NS, 0)
     await store.close()
@@ -240,7 +232,7 @@ async def test_corrupt_superblock_is_refused(tmp_path: Path) -> None:
     store = await _store(tmp_path)
     await store.put(NS, {0: os.urandom(P)}, generation=1)
     await store.close()
-    _flip(_paths(tmp_path)[1], 20)
+    flip(_paths(tmp_path)[1], 20)
     with pytest.raises(StorageError, match="superblock"):
         await _store(tmp_path)
 

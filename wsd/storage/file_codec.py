@@ -1,0 +1,362 @@
+"""Batches of file-tier pages to index entries and data, and back, with little Python
+per page.
+
+The file tier splits each sealed record (``record.py``): the page-sized part of the
+payload goes to the data file at the page's own offset, the header and the rest (the
+GCM tag, or the byte of a fill page) to the page's index entry (``file_format.py``).
+A put seals its whole batch here, and a get opens all the entries of its batch at
+once. Headers, identities and entries are handled as numpy arrays, and the per-page
+work is chained ``map``/``zip`` calls that run in C: copying a page out of the data
+read, the two xxh3 calls (the identity seed and the checksum), AES-GCM when a put
+encrypts, and building the ``StoredPage``. On the 2-vCPU development VM a bare loop
+iteration takes about 50 ns, so a Python loop body of a few dozen bytecodes per page
+would cost more than all of that work. Encrypted pages are opened one by one by the
+record codec: their AES-GCM costs far more than the Python around it.
+
+Opening accepts on its own only what ``PageCodec.open_fields`` would accept: plaintext
+data and fill entries whose header is exactly what this module writes, whose checksum
+matches and whose generation is the expected one. Every other entry (encrypted,
+malformed, corrupt or stale) goes to ``PageCodec.open_fields``, which alone decides
+and reports the error, so both paths accept and refuse exactly the same records.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import repeat
+from typing import Final, NamedTuple
+
+import numpy as np
+import xxhash
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from wsd.storage.errors import IntegrityError
+from wsd.storage.file_format import (
+    EMPTY_ENTRY,
+    ENTRY_BYTES,
+    ENTRY_FIELDS,
+    PLAIN_DATA_HEAD,
+    PLAIN_FILL_HEAD,
+    encode_entries,
+    plain_entries,
+)
+from wsd.storage.page import PageNamespace, StoredPage
+from wsd.storage.record import (
+    NONCE_BYTES,
+    PageCodec,
+    PayloadKind,
+    RecordFlag,
+    check_header,
+    fill_byte,
+    fill_page,
+    identity_table,
+)
+
+_DATA: Final = int(PayloadKind.DATA)
+_FILL: Final = int(PayloadKind.FILL)
+_FILL_BYTES: Final = tuple(bytes((b,)) for b in range(256))
+_digest: Final = xxhash.xxh3_64_intdigest
+
+VECTOR_PAGES: Final = 8
+"""Gets of fewer pages are opened entry by entry, without numpy: for a fault's single
+page the numpy calls would cost more than they save."""
+
+READ_CHUNK_BYTES: Final = 256 * 1024
+"""Page data is read and copied out in chunks of at most this size, small enough to
+stay in the CPU cache between the read and the copy."""
+
+ReadPages = Callable[[int, int], bytes | memoryview]
+"""``read(position, count)``: the data file's bytes of ``count`` pages of a get from
+its ``position``-th page on (zeros past the end of the file): a buffer valid until the
+next call, or for one page its own bytes."""
+
+
+class SealedBatch(NamedTuple):
+    """A put's pages sealed for the file tier, in ascending page order."""
+
+    indexes: list[int]
+    """The page index of each entry."""
+    kinds: list[int]
+    """The PayloadKind of each entry."""
+    entries: bytes
+    """The index entries, ``ENTRY_BYTES`` each, in the order of ``indexes``."""
+    data_indexes: list[int]
+    """The page indexes of the data pages, ascending."""
+    data: list[bytes | memoryview]
+    """The page-sized part of their payloads (the caller's pages, when not encrypted)."""
+
+
+def _cuts(starts: Sequence[int], length: int) -> Iterator[slice]:
+    """``slice(start, start + length)`` for each start."""
+    return map(slice, starts, map(operator.add, starts, repeat(length)))
+
+
+def _pieces(buffer: bytes, length: int) -> Iterator[bytes]:
+    """``buffer`` cut into pieces of ``length`` bytes."""
+    return map(buffer.__getitem__, _cuts(range(0, len(buffer), length), length))
+
+
+class _Rows(NamedTuple):
+    """The present entries of a get, as numpy columns, for ``FileCodec.open``."""
+
+    positions: np.ndarray
+    """Where each entry is in the get's index (and its page in the get's data)."""
+    offsets: np.ndarray
+    generations: np.ndarray
+    checksums: np.ndarray
+    fill: np.ndarray
+    seeds: np.ndarray | None
+    """xxh3_64 of each entry's identity as a plaintext record (None: not needed)."""
+    has_data: np.ndarray
+    """Entries of data pages, whose page is in the data file."""
+    plain_data: np.ndarray
+    """Entries exactly as this module writes a plaintext data page."""
+    plain_fill: np.ndarray
+    """Entries exactly as this module writes a plaintext fill page."""
+
+    @staticmethod
+    def of(
+        ns: PageNamespace, group: Sequence[tuple[int, int]], index: bytes, *, plaintext: bool
+    ) -> _Rows | None:
+        """The present entries of ``index``, the entries of ``group``; None if none is.
+        Only a ``plaintext`` store needs the seeds."""
+        count = len(index) // ENTRY_BYTES
+        words = np.frombuffer(index, dtype=np.uint64, count=count * ENTRY_BYTES // 8)
+        positions = np.flatnonzero(words.reshape(count, ENTRY_BYTES // 8).any(axis=1))
+        if not len(positions):
+            return None
+        table = plain_entries(index)[positions]
+        head, tail_len = table["head"], table["tail_len"]
+        clean = (table["nonce_lo"] == 0) & (table["nonce_hi"] == 0)
+        kinds = (head >> np.uint64(24)).astype(np.uint8)
+        # The page index of each entry: its position plus the gap before its run.
+        firsts = np.array([first for first, _ in group], dtype=np.uint64)
+        counts = np.array([count for _, count in group], dtype=np.int64)
+        gaps = firsts - np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.uint64)
+        pages = positions.astype(np.uint64) + np.repeat(gaps, counts)[positions]
+        offsets = pages * np.uint64(ns.page_size)
+        generations = table["generation"]
+        seeds = None
+        if plaintext:
+            identities, length = identity_table(ns, offsets, generations, kinds, 0)
+            digests = map(_digest, _pieces(identities, length))
+            seeds = np.fromiter(digests, dtype=np.uint64, count=len(positions))
+        return _Rows(
+            positions=positions,
+            offsets=offsets,
+            generations=generations,
+            checksums=table["checksum"],
+            fill=table["fill"],
+            seeds=seeds,
+            has_data=kinds == _DATA,  # whatever else the entry says: read its page
+            plain_data=clean & (head == PLAIN_DATA_HEAD) & (tail_len == 0),
+            plain_fill=clean & (head == PLAIN_FILL_HEAD) & (tail_len == 1),
+        )
+
+
+class FileCodec:
+    """Seals put batches and opens the entries of gets. Thread-safe, like PageCodec."""
+
+    def __init__(
+        self,
+        *,
+        backend: str,
+        key: bytes | None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._backend = backend
+        self._codec = PageCodec(backend=backend, key=key, random_bytes=random_bytes)
+        self._aead = AESGCM(key) if key is not None else None
+        self._random_bytes = random_bytes
+
+    # -- put ----------------------------------------------------------------------------
+
+    def seal(
+        self,
+        ns: PageNamespace,
+        pages: Mapping[int, bytes],
+        generations: Mapping[int, int],
+        stored_at: float,
+    ) -> SealedBatch:
+        """Seal every page (each ``ns.page_size`` long) exactly as ``PageCodec.seal``
+        would, and lay the records out as index entries and data."""
+        size = ns.page_size
+        offsets = sorted(pages)
+        count = len(offsets)
+        plains = list(map(pages.__getitem__, offsets))
+        gens = list(map(generations.__getitem__, offsets))
+        fills = list(map(fill_byte, plains))
+        is_data = np.fromiter(map(operator.is_, fills, repeat(None)), dtype=bool, count=count)
+        fill_rows = np.flatnonzero(~is_data).tolist()
+        data_rows = np.flatnonzero(is_data).tolist()
+        fill_values = [fill for fill in fills if fill is not None]
+        for row, fill in zip(fill_rows, fill_values, strict=True):
+            plains[row] = _FILL_BYTES[fill]  # a fill page's payload is its byte
+        kinds = np.where(is_data, _DATA, _FILL).astype(np.uint8)
+        aead = self._aead
+        flags = int(RecordFlag.NONE if aead is None else RecordFlag.ENCRYPTED)
+        offset_array = np.array(offsets, dtype=np.uint64)
+        identities, length = identity_table(
+            ns, offset_array, np.array(gens, dtype=np.uint64), kinds, flags
+        )
+        seeds = map(_digest, _pieces(identities, length))
+        nonces: list[bytes] | None = None
+        if aead is None:
+            payloads = plains
+            tails = [b""] * count
+            for row in fill_rows:
+                tails[row] = plains[row]
+            data: list[bytes | memoryview] = list(map(plains.__getitem__, data_rows))
+        else:
+            # One read of the random source per batch; every record still gets its
+            # own 96 random bits.
+            nonces = list(_pieces(self._random_bytes(NONCE_BYTES * count), NONCE_BYTES))
+            payloads = list(map(aead.encrypt, nonces, plains, _pieces(identities, length)))
+            # The tag goes to the entry; the page-sized part of the ciphertext is
+            # written from the payload itself, without another copy.
+            tails = list(payloads)  # a fill page's whole payload: its byte and tag
+            for row in data_rows:
+                tails[row] = payloads[row][size:]
+            data = [memoryview(payloads[row])[:size] for row in data_rows]
+        checksums = list(map(_digest, payloads, seeds))
+        indexes = (offset_array // np.uint64(size)).tolist()
+        entries = encode_entries(
+            kinds,
+            flags=flags,
+            generations=gens,
+            checksums=checksums,
+            nonces=nonces,
+            tails=tails,
+            stored_at=stored_at,
+        )
+        data_indexes = list(map(indexes.__getitem__, data_rows))
+        return SealedBatch(indexes, kinds.tolist(), entries, data_indexes, data)
+
+    # -- get ----------------------------------------------------------------------------
+
+    def open(
+        self,
+        ns: PageNamespace,
+        group: Sequence[tuple[int, int]],
+        index: bytes,
+        read: ReadPages,
+        *,
+        expected: Mapping[int, int] | None,
+        found: dict[int, StoredPage],
+    ) -> None:
+        """Set ``found[offset]`` for every page present in ``group``.
+
+        ``group`` lists the pages as runs of (first page, page count), ascending, and
+        ``index`` holds their entries back to back; page data is fetched with
+        ``read`` when it is needed. Raises IntegrityError for a page that fails
+        verification.
+        """
+        size = ns.page_size
+        if len(index) // ENTRY_BYTES < VECTOR_PAGES:
+            position = 0
+            for first, count in group:
+                for page_index in range(first, first + count):
+                    entry = index[position * ENTRY_BYTES : (position + 1) * ENTRY_BYTES]
+                    if entry != EMPTY_ENTRY:
+                        page = read(position, 1) if entry[3] == _DATA else None
+                        offset = page_index * size
+                        found[offset] = self._open_entry(ns, offset, entry, page, expected)
+                    position += 1
+            return
+        # Encrypted pages are all opened by the codec: AES-GCM costs far more than
+        # the per-page Python around it, so there is nothing to check ahead here.
+        rows = _Rows.of(ns, group, index, plaintext=self._aead is None)
+        if rows is None:
+            return
+        # The one copy of each page, out of the data read into the bytes returned.
+        pages = self._copy_pages(rows.positions[rows.has_data].tolist(), size, read)
+        offsets, generations = rows.offsets.tolist(), rows.generations.tolist()
+        values = np.empty(len(offsets), dtype=object)
+        values[rows.has_data] = np.array(pages, dtype=object)  # the bytes, not copies
+        good = np.zeros(len(offsets), dtype=bool)
+        if rows.seeds is not None:
+            sums = np.zeros(len(offsets), dtype=np.uint64)
+            sums[rows.has_data] = np.fromiter(
+                map(_digest, pages, rows.seeds[rows.has_data].tolist()),
+                dtype=np.uint64,
+                count=len(pages),
+            )
+            fills = rows.fill[rows.plain_fill].tolist()
+            fill_seeds = rows.seeds[rows.plain_fill].tolist()
+            sums[rows.plain_fill] = np.fromiter(
+                map(_digest, map(_FILL_BYTES.__getitem__, fills), fill_seeds),
+                dtype=np.uint64,
+                count=len(fills),
+            )
+            good = (rows.plain_data | rows.plain_fill) & (sums == rows.checksums)
+            if expected is not None:
+                wanted = map(expected.get, offsets, generations)
+                good &= np.fromiter(map(operator.eq, wanted, generations), dtype=bool)
+            fill_pages = {fill: fill_page(fill, size) for fill in set(fills)}
+            values[rows.plain_fill] = list(map(fill_pages.__getitem__, fills))
+        value_list = values.tolist()
+        if good.all():
+            stored = zip(value_list, generations, strict=True)
+            found.update(zip(offsets, map(tuple.__new__, repeat(StoredPage), stored), strict=True))
+            return
+        # Some entry is left to the codec: it accepts it (an encrypted page) or raises.
+        positions = rows.positions.tolist()
+        checked = zip(offsets, positions, good.tolist(), value_list, generations, strict=True)
+        for offset, position, ok, value, generation in checked:
+            if ok:
+                found[offset] = StoredPage(value, generation)
+                continue
+            entry = index[position * ENTRY_BYTES : (position + 1) * ENTRY_BYTES]
+            page = value if entry[3] == _DATA else None
+            found[offset] = self._open_entry(ns, offset, entry, page, expected)
+
+    @staticmethod
+    def _copy_pages(positions: list[int], size: int, read: ReadPages) -> list[bytes]:
+        """Copies of the pages at ``positions`` (ascending), read in chunks of at most
+        READ_CHUNK_BYTES that start at the first page not yet read."""
+        pages: list[bytes] = []
+        per_chunk = max(1, READ_CHUNK_BYTES // size)
+        done = 0
+        while done < len(positions):
+            start = positions[done]
+            end = bisect.bisect_left(positions, start + per_chunk, done)
+            last = positions[end - 1]
+            chunk = read(start, last - start + 1)
+            cuts = _cuts([(p - start) * size for p in positions[done:end]], size)
+            if isinstance(chunk, memoryview):
+                pages.extend(map(memoryview.tobytes, map(chunk.__getitem__, cuts)))
+            else:
+                pages.extend(map(chunk.__getitem__, cuts))  # a whole page: no copy
+            done = end
+        return pages
+
+    def _open_entry(
+        self,
+        ns: PageNamespace,
+        offset: int,
+        entry: bytes,
+        page: bytes | memoryview | None,
+        expected: Mapping[int, int] | None,
+    ) -> StoredPage:
+        """The page at ``offset`` from its index entry and, for a data page, its bytes
+        in the data file, opened by ``PageCodec.open_fields``."""
+        fields = ENTRY_FIELDS.unpack(entry)
+        kind, tail_len, tail = fields[2], fields[7], fields[8]
+        try:
+            check_header(fields[0], fields[1], kind, fields[3])
+        except ValueError as err:
+            raise IntegrityError(
+                f"malformed index entry: {err}",
+                backend=self._backend,
+                vm_id=ns.vm_id,
+                region=ns.region,
+                offset=offset,
+            ) from err
+        payload = tail[:tail_len]
+        if kind == PayloadKind.DATA and page is not None:
+            payload = b"".join((page, payload))
+        generation = None if expected is None else expected.get(offset)
+        return self._codec.open_fields(ns, offset, fields[2:7], payload, generation=generation)
