@@ -28,11 +28,7 @@ from wsd.kernel import (
 from wsd.testing.faults import serve_faults
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.tracker.mode import TrackingMode, choose_mode
-
-FEATURES = {
-    TrackingMode.RWP: Feature.RWP | Feature.RWP_ASYNC | Feature.MISSING_SHMEM,
-    TrackingMode.WP_ASYNC: Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM | Feature.MISSING_SHMEM,
-}
+from wsd.tracker.session import REQUIRED
 
 
 def _mib(n: int) -> str:
@@ -51,7 +47,7 @@ def run(size_mib: int = 64, hot_percent: float = 10.0) -> int:
         Pagemap.open(p.pid) as pm,
     ):
         print(f"guest: pid {p.pid}, {_mib(p.size)} memfd at {p.base:#x}, {p.npages} pages")
-        uffd.api(FEATURES[mode])
+        uffd.api(REQUIRED[mode])
         uffd.register(p.base, p.size, decision.register_mode)
         t0 = time.perf_counter()
         if mode is TrackingMode.RWP:

@@ -15,6 +15,7 @@ import pytest_asyncio
 from wsd.daemon import Daemon, Settings
 from wsd.kernel import Userfaultfd, memfd_create
 from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.running import running_daemon
 from wsd.vmm.client import HandoffRefused, hand_off
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -23,15 +24,8 @@ INTERVAL = 0.2
 
 @pytest_asyncio.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    d = Daemon(Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL))
-    task = asyncio.create_task(d.run())
-    for _ in range(100):
-        if d.settings.socket.exists():
-            break
-        await asyncio.sleep(0.01)
-    yield d
-    d.stop()
-    await task
+    async with running_daemon(Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL)) as d:
+        yield d
 
 
 async def spawn(d: Daemon, vm_id: str, **kw: object) -> PuppetVMM:

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsd.kernel import Feature, PageCategory, PageFault, Pagemap, RegisterMode
+from wsd.kernel import Feature, PageCategory, Pagemap, RegisterMode
 from wsd.testing.arming import arm_rwp, track_puppet
 from wsd.testing.faults import assert_no_message
 from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.running import serving_faults
 from wsd.tracker.state import Granularity
 
 KNOB = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
@@ -54,23 +55,17 @@ async def test_minor_coregistration_keeps_thp_pages_trackable(
     with PuppetVMM.spawn(SIZE) as p:
         assert huge_pages(p) > 0
         tracker = track_puppet(p)
-        loop = asyncio.get_running_loop()
-
-        def readable() -> None:
-            for msg in tracker.uffd.read_messages():
-                assert isinstance(msg, PageFault) and tracker.on_fault(msg), msg
-
-        loop.add_reader(tracker.uffd.fd, readable)
         try:
-            (t,) = tracker.regions
-            assert t.minor and t.state.granularity is Granularity.PAGE_4K
-            await tracker.cycle()
-            hot = [1, 600, 1500]
-            await asyncio.to_thread(p.call, "touch", pages=hot, write=False)
-            (seen,) = await tracker.cycle()
-            assert np.flatnonzero(seen).tolist() == hot
-            assert tracker.minor_faults > 0, "the zapped THP was remapped without a MINOR fault"
-            assert await asyncio.to_thread(p.call, "read", pages=hot) == [0, 0, 0]
+            with serving_faults(tracker) as unhandled:
+                (t,) = tracker.regions
+                assert t.minor and t.state.granularity is Granularity.PAGE_4K
+                await tracker.cycle()
+                hot = [1, 600, 1500]
+                await asyncio.to_thread(p.call, "touch", pages=hot, write=False)
+                (seen,) = await tracker.cycle()
+                assert np.flatnonzero(seen).tolist() == hot
+                assert tracker.minor_faults > 0, "the zapped THP was remapped without a MINOR fault"
+                assert await asyncio.to_thread(p.call, "read", pages=hot) == [0, 0, 0]
+                assert not unhandled, unhandled
         finally:
-            loop.remove_reader(tracker.uffd.fd)
             tracker.close()

@@ -16,19 +16,15 @@ import pytest_asyncio
 
 from wsd.daemon import Daemon, Settings
 from wsd.guest.process import GuestProcess
+from wsd.testing.running import running_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 
 @pytest_asyncio.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    d = Daemon(Settings(socket=tmp_path / "wsd.sock", interval=0.5))
-    task = asyncio.create_task(d.run())
-    while not d.settings.socket.exists():
-        await asyncio.sleep(0.01)
-    yield d
-    d.stop()
-    await task
+    async with running_daemon(Settings(socket=tmp_path / "wsd.sock", interval=0.5)) as d:
+        yield d
 
 
 async def test_written_hot_set_matches_the_guest_exactly(daemon: Daemon) -> None:

@@ -19,6 +19,7 @@ import pytest_asyncio
 from wsd.daemon import Daemon, Session, Settings
 from wsd.guest.process import GuestProcess
 from wsd.kernel import Feature
+from wsd.testing.running import running_daemon
 from wsd.tracker.mode import TrackingMode
 
 pytestmark = pytest.mark.asyncio
@@ -27,14 +28,9 @@ INTERVAL = 1.0
 
 @pytest_asyncio.fixture
 async def daemon(rwp_supported: Feature, tmp_path: Path) -> AsyncIterator[Daemon]:
-    d = Daemon(Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL))
-    assert d.decision.mode is TrackingMode.RWP
-    task = asyncio.create_task(d.run())
-    while not d.settings.socket.exists():
-        await asyncio.sleep(0.01)
-    yield d
-    d.stop()
-    await task
+    async with running_daemon(Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL)) as d:
+        assert d.decision.mode is TrackingMode.RWP
+        yield d
 
 
 async def start_guest(d: Daemon, *args: str) -> GuestProcess:
