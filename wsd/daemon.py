@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ class Daemon:
         settings: Settings,
         *,
         kernel: KernelFeatures | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.kernel = kernel or probe_kernel()
@@ -119,7 +120,7 @@ class Daemon:
                 regions=[(r, fds[r.fd_index]) for r in req.regions],
                 decision=self.decision,
                 kernel=self.kernel,
-                **({"clock": self.clock} if self.clock else {}),
+                clock=self.clock,
             )
         except BaseException:
             close_fds(memfds)
