@@ -6,7 +6,7 @@ Thin, typed and free of policy.  Failures raise :class:`KernelError` (an
 """
 
 from .errors import AddressRange, FeatureUnavailable, KernelError, oserror
-from .fds import FdInfo, FdKind, close_fds, describe_fd
+from .fds import FdInfo, FdKind, OwnedFd, close_fds, describe_fd
 from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
@@ -51,6 +51,7 @@ __all__ = [
     "KernelError",
     "KernelFeatures",
     "OpenFlag",
+    "OwnedFd",
     "PageCategory",
     "PageFault",
     "Pagemap",

@@ -13,10 +13,11 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from .errors import oserror
 
-__all__ = ["FdInfo", "FdKind", "close_fds", "describe_fd"]
+__all__ = ["FdInfo", "FdKind", "OwnedFd", "close_fds", "describe_fd"]
 
 
 class FdKind(enum.StrEnum):
@@ -63,3 +64,24 @@ def close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+class OwnedFd:
+    """Base for objects that own one fd: ``close()`` once, ``with`` closes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def fileno(self) -> int:
+        return self.fd

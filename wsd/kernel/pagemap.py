@@ -24,6 +24,7 @@ import numpy.typing as npt
 from . import ioctl_numbers as nr
 from ._ffi import ffi, libc
 from .errors import AddressRange, FeatureUnavailable, oserror
+from .fds import OwnedFd
 
 __all__ = ["REGION_DTYPE", "PageCategory", "Pagemap", "ScanFlag", "ScanResult"]
 
@@ -124,11 +125,11 @@ def _merge_adjacent(regions: Regions) -> Regions:
     return merged
 
 
-class Pagemap:
+class Pagemap(OwnedFd):
     """An open ``/proc/<pid>/pagemap``.  Reading another process's needs ptrace access."""
 
     def __init__(self, fd: int, pid: int | None = None) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.pid = pid
         self._arg = ffi.new("struct pm_scan_arg *")
 
@@ -145,17 +146,6 @@ class Pagemap:
                 detail=str(path),
             ) from e
         return cls(fd, pid if isinstance(pid, int) else None)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
 
     def scan(
         self,

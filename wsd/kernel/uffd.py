@@ -26,6 +26,7 @@ from typing_extensions import Buffer
 from . import ioctl_numbers as nr
 from ._ffi import ffi, libc
 from .errors import AddressRange, FeatureUnavailable, oserror
+from .fds import OwnedFd
 from .sysno import NR
 
 __all__ = [
@@ -293,11 +294,11 @@ def probe_api(*, device: Path | None = None) -> ApiResult:
         return probe.api(Feature(0))
 
 
-class Userfaultfd:
+class Userfaultfd(OwnedFd):
     """An owned userfaultfd.  Close it (or use ``with``) to drop the fd."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.features: Feature | None = None
 
     @classmethod
@@ -308,20 +309,6 @@ class Userfaultfd:
         device: Path | None = None,
     ) -> Self:
         return cls(open_userfaultfd(flags, device=device))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def fileno(self) -> int:
-        return self.fd
 
     def __repr__(self) -> str:
         return f"Userfaultfd(fd={self.fd}, features={self.features!r})"
