@@ -31,6 +31,7 @@ from wsd.kernel import (
     send_with_fds,
 )
 from wsd.kernel._ffi import ffi
+from wsd.testing.running import wsd_cli
 
 pytestmark = pytest.mark.integration
 PS = mmap.PAGESIZE
@@ -169,23 +170,11 @@ def test_pidfd_getfd_duplicates_a_child_fd() -> None:
 
 
 def test_kernel_info_json_on_host() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "wsd", "kernel-info", "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    info = json.loads(out)
+    info = json.loads(wsd_cli("kernel-info", "--json"))
     rwp = "RWP" in info["kernel"]["features"]
     assert info["tracking_mode"] == ("rwp" if rwp else "wp-async")
 
 
 def test_demo_runs_on_host() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "wsd", "demo", "--size-mib", "8"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    out = wsd_cli("demo", "--size-mib", "8")
     assert "exact match" in out and "every page verified intact" in out

@@ -19,7 +19,6 @@ import pytest
 import uvloop
 
 from wsd.kernel import (
-    Feature,
     PageCategory,
     PageFault,
     Pagemap,
@@ -33,10 +32,12 @@ from wsd.kernel import (
 )
 from wsd.testing.faults import serve_faults
 from wsd.testing.puppet_vmm import PuppetVMM, page_pattern
+from wsd.tracker.mode import TrackingMode
+from wsd.tracker.session import REQUIRED
 
 pytestmark = pytest.mark.integration
 
-WP_FEATURES = Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM | Feature.MISSING_SHMEM
+WP_FEATURES = REQUIRED[TrackingMode.WP_ASYNC]
 GUEST = 16 << 20
 
 

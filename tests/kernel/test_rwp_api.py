@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
 
 import pytest
 
 from wsd.kernel import Feature, Ioctl, KernelError, Userfaultfd, probe_kernel
+from wsd.testing.running import wsd_cli
 from wsd.tracker.mode import TrackingMode, choose_mode
 
 
@@ -22,13 +21,7 @@ def test_probe_reports_rwp(rwp_supported: Feature) -> None:
 
 
 def test_kernel_info_cli_names_rwp(rwp_supported: Feature) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "wsd", "kernel-info", "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    info = json.loads(out)
+    info = json.loads(wsd_cli("kernel-info", "--json"))
     assert info["tracking_mode"] == "rwp"
     assert "RWP" in info["kernel"]["features"]
 

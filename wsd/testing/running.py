@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 from wsd.daemon import Daemon, Settings
@@ -46,3 +48,14 @@ def serving_faults(tracker: VmTracker) -> Iterator[list[PageFault]]:
         yield unhandled
     finally:
         loop.remove_reader(tracker.uffd.fd)
+
+
+def wsd_cli(*args: str, timeout: float = 120.0) -> str:
+    """Run ``python -m wsd ARGS`` as a user would; return its stdout, raise on failure."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsd", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    ).stdout
