@@ -181,7 +181,7 @@ class Daemon:
         r = t.region
         page = (fault.address - r.host_virt_addr) // r.page_size
         addr = r.host_virt_addr + page * r.page_size
-        if t.state.evicted[page]:
+        if t.state.is_evicted(page):
             log.error("evicted page faulted with no evictor", vm_id=session.vm_id, page=page)
             return
         try:

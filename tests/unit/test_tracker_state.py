@@ -502,3 +502,10 @@ def test_note_populated_marks_fresh_pages_resident_only() -> None:
     state.note_populated([1, 2, 3])
     assert np.flatnonzero(state.resident).tolist() == [0, 2, 3]
     assert state.resident_pages == 3 and state.evicted_pages == 1
+
+
+def test_is_evicted_reads_one_flag() -> None:
+    state = RegionState(4, Granularity.PAGE_4K, started_at=0.0)
+    state.observe(np.zeros(4, bool), np.ones(4, bool), now=1.0)
+    state.note_evicted([2])
+    assert [state.is_evicted(p) for p in range(4)] == [False, False, True, False]

@@ -257,6 +257,10 @@ class RegionState:
     def resident_pages(self) -> int:
         return self._resident_pages
 
+    def is_evicted(self, page: int) -> bool:
+        """One page's eviction flag, without copying the region's array (fault path)."""
+        return bool(self._flags[page] & _EVICTED)
+
     @property
     def evicted_pages(self) -> int:
         return self._evicted_pages
