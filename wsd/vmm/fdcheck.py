@@ -6,8 +6,6 @@ from wsd.kernel import FdInfo, FdKind, KernelError, describe_fd
 
 from .protocol import ErrorCode, HandoffError, HandoffRequest
 
-HUGE_KINDS = (FdKind.MEMFD_HUGETLB,)
-
 
 def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
     """Map fd_index → what it is; raise HandoffError naming the first bad fd."""
@@ -53,7 +51,7 @@ def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
                 f"({info.size:#x} bytes)",
                 where,
             )
-        huge = info.kind in HUGE_KINDS
+        huge = info.kind is FdKind.MEMFD_HUGETLB
         if huge != (r.page_size > 4096):
             raise HandoffError(
                 ErrorCode.BAD_REGION,
