@@ -19,7 +19,6 @@ sync, and fsyncs the directories in which files were created.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import fcntl
 import heapq
 import itertools
@@ -39,7 +38,7 @@ import xxhash
 from wsd.storage.concurrency import Offload
 from wsd.storage.config import FileStoreConfig
 from wsd.storage.errors import BudgetExceeded, EncryptionKeyError, StorageError, Where
-from wsd.storage.file_codec import READ_CHUNK_BYTES, FileCodec, ReadPages, SealedBatch
+from wsd.storage.file_codec import FileCodec, ReadPages, SealedBatch
 from wsd.storage.file_format import (
     EMPTY_ENTRY,
     ENTRY_BYTES,
@@ -121,14 +120,6 @@ class _Region:
         self.data_fd = self.index_fd = -1
 
 
-class _ReadBuffer(threading.local):
-    """The buffer each worker thread reads page data into, reused by every get: a read
-    then neither allocates nor faults in memory of its own."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(READ_CHUNK_BYTES))
-
-
 class FileStore(StoreBase):
     """The file tier. Create with ``await FileStore.open(config, key=...)``."""
 
@@ -152,7 +143,6 @@ class FileStore(StoreBase):
         self._clock = clock
         self._lock_fd = lock_fd
         self._offload = Offload(backend=name, threads=config.io_threads)
-        self._read_buffer = _ReadBuffer()
         self._regions: dict[tuple[str, int], _Region] = {}
         self._lifecycle = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
@@ -481,7 +471,7 @@ class FileStore(StoreBase):
                     for first, count in group
                 )
                 if index.count(0) != len(index):
-                    read = self._group_reader(region, group)
+                    read = self._page_reader(region)
                     self._codec.open(region.ns, group, index, read, expected=expected, found=found)
         except _Dropped:
             return {}
@@ -493,30 +483,23 @@ class FileStore(StoreBase):
             found = {o: found[o] for o in offsets if o in found}
         return found
 
-    def _group_reader(self, region: _Region, group: list[tuple[int, int]]) -> ReadPages:
-        """Reads the data of the pages of ``group`` by position (see ReadPages)."""
-        size = region.ns.page_size
-        starts = list(itertools.accumulate((count for _, count in group), initial=0))
-        buffer = self._read_buffer.view
+    @staticmethod
+    def _page_reader(region: _Region) -> ReadPages:
+        """Reads pages of the data file (see ReadPages)."""
+        fd, size = region.data_fd, region.ns.page_size
 
-        def read(position: int, count: int) -> bytes | memoryview:
-            run = bisect.bisect_right(starts, position) - 1
-            if count == 1:
-                # The bytes read are the page returned: no buffer, no second copy. Past
-                # the end of the file a page reads as zeros, as in a hole.
-                page = group[run][0] + position - starts[run]
-                return os.pread(region.data_fd, size, page * size).ljust(size, b"\0")
-            view = buffer[: count * size]
-            done = 0
-            while done < count:
-                first, length = group[run]
-                skip = position + done - starts[run]
-                part = view[done * size : (done + min(length - skip, count - done)) * size]
-                got = os.preadv(region.data_fd, [part], (first + skip) * size)
-                part[got:] = bytes(len(part) - got)
-                done += len(part) // size
-                run += 1
-            return view
+        def read(offsets: list[int]) -> list[bytes]:
+            # One pread per page, straight into the bytes returned: a single copy, as
+            # in a plain pread, where reading runs into a buffer and cutting it into
+            # pages copies every page twice. Past the end of the file a page reads as
+            # zeros, as in a hole.
+            count = len(offsets)
+            pages = list(
+                map(os.pread, itertools.repeat(fd, count), itertools.repeat(size, count), offsets)
+            )
+            if min(map(len, pages), default=size) < size:
+                pages = [page.ljust(size, b"\0") for page in pages]
+            return pages
 
         return read
 
