@@ -30,6 +30,7 @@ from typing import Final, NamedTuple
 
 import numpy as np
 import xxhash
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from wsd.storage.errors import IntegrityError
@@ -41,10 +42,12 @@ from wsd.storage.file_format import (
     PLAIN_FILL_HEAD,
     encode_entries,
     plain_entries,
+    sealed_parts,
 )
 from wsd.storage.page import PageNamespace, StoredPage
 from wsd.storage.record import (
     NONCE_BYTES,
+    TAG_BYTES,
     PageCodec,
     PayloadKind,
     RecordFlag,
@@ -56,6 +59,7 @@ from wsd.storage.record import (
 
 _DATA: Final = int(PayloadKind.DATA)
 _FILL: Final = int(PayloadKind.FILL)
+_ENCRYPTED: Final = int(RecordFlag.ENCRYPTED)
 _FILL_BYTES: Final = tuple(bytes((b,)) for b in range(256))
 _digest: Final = xxhash.xxh3_64_intdigest
 
@@ -104,21 +108,23 @@ class _Rows(NamedTuple):
     generations: np.ndarray
     checksums: np.ndarray
     fill: np.ndarray
-    seeds: np.ndarray | None
-    """xxh3_64 of each entry's identity as a plaintext record (None: not needed)."""
+    identities: list[bytes]
+    """Each entry's identity, as a record with the store's flags."""
+    seeds: np.ndarray
+    """xxh3_64 of each identity."""
     has_data: np.ndarray
     """Entries of data pages, whose page is in the data file."""
     plain_data: np.ndarray
-    """Entries exactly as this module writes a plaintext data page."""
+    """Entries exactly as this module writes a data page with the store's flags."""
     plain_fill: np.ndarray
-    """Entries exactly as this module writes a plaintext fill page."""
+    """Entries exactly as this module writes a fill page with the store's flags."""
 
     @staticmethod
     def of(
-        ns: PageNamespace, group: Sequence[tuple[int, int]], index: bytes, *, plaintext: bool
+        ns: PageNamespace, group: Sequence[tuple[int, int]], index: bytes, *, flags: int
     ) -> _Rows | None:
         """The present entries of ``index``, the entries of ``group``; None if none is.
-        Only a ``plaintext`` store needs the seeds."""
+        ``flags`` are the store's: 0, or ENCRYPTED with a key."""
         count = len(index) // ENTRY_BYTES
         words = np.frombuffer(index, dtype=np.uint64, count=count * ENTRY_BYTES // 8)
         positions = np.flatnonzero(words.reshape(count, ENTRY_BYTES // 8).any(axis=1))
@@ -138,21 +144,26 @@ class _Rows(NamedTuple):
             pages = positions.astype(np.uint64) + np.repeat(gaps, counts)[positions]
         offsets = pages * np.uint64(ns.page_size)
         generations = table["generation"]
-        seeds = None
-        if plaintext:
-            identities, length = identity_table(ns, offsets, generations, kinds, 0)
-            digests = map(_digest, _pieces(identities, length))
-            seeds = np.fromiter(digests, dtype=np.uint64, count=len(positions))
+        table_bytes, length = identity_table(ns, offsets, generations, kinds, flags)
+        identities = _pieces(table_bytes, length)
+        seeds = np.fromiter(map(_digest, identities), dtype=np.uint64, count=len(positions))
+        if flags:
+            # Any nonce; the tail holds the GCM tag, and for a fill page also its byte.
+            data_head, fill_head = PLAIN_DATA_HEAD | flags << 32, PLAIN_FILL_HEAD | flags << 32
+            clean, data_tail, fill_tail = np.True_, TAG_BYTES, 1 + TAG_BYTES
+        else:
+            data_head, fill_head, data_tail, fill_tail = PLAIN_DATA_HEAD, PLAIN_FILL_HEAD, 0, 1
         return _Rows(
             positions=positions,
             offsets=offsets,
             generations=generations,
             checksums=table["checksum"],
             fill=table["fill"],
+            identities=identities,
             seeds=seeds,
             has_data=kinds == _DATA,  # whatever else the entry says: read its page
-            plain_data=clean & (head == PLAIN_DATA_HEAD) & (tail_len == 0),
-            plain_fill=clean & (head == PLAIN_FILL_HEAD) & (tail_len == 1),
+            plain_data=clean & (head == data_head) & (tail_len == data_tail),
+            plain_fill=clean & (head == fill_head) & (tail_len == fill_tail),
         )
 
 
@@ -265,21 +276,21 @@ class FileCodec:
                         found[offset] = self._open_entry(ns, offset, entry, page, expected)
                     position += 1
             return
-        # Encrypted pages are all opened by the codec: AES-GCM costs far more than
-        # the per-page Python around it, so there is nothing to check ahead here.
-        rows = _Rows.of(ns, group, index, plaintext=self._aead is None)
+        aead = self._aead
+        rows = _Rows.of(ns, group, index, flags=0 if aead is None else _ENCRYPTED)
         if rows is None:
             return
-        # Each page is read once, straight into the bytes returned, and hashed while
-        # it is still in the cache.
+        # Each page is read once, straight into the bytes returned, and (plaintext)
+        # hashed while it is still in the cache.
         data_offsets = rows.offsets[rows.has_data].tolist()
-        data_seeds = None if rows.seeds is None else rows.seeds[rows.has_data].tolist()
+        data_seeds = None if aead is not None else rows.seeds[rows.has_data].tolist()
         pages, data_sums = self._read_pages(data_offsets, data_seeds, size, read)
         offsets, generations = rows.offsets.tolist(), rows.generations.tolist()
         values = np.empty(len(offsets), dtype=object)
         values[rows.has_data] = np.array(pages, dtype=object)  # the bytes, not copies
-        good = np.zeros(len(offsets), dtype=bool)
-        if rows.seeds is not None:
+        if aead is not None:
+            good = self._decrypt(aead, ns, rows, index, values)
+        else:
             sums = np.zeros(len(offsets), dtype=np.uint64)
             sums[rows.has_data] = data_sums
             fills = rows.fill[rows.plain_fill].tolist()
@@ -290,11 +301,11 @@ class FileCodec:
                 count=len(fills),
             )
             good = (rows.plain_data | rows.plain_fill) & (sums == rows.checksums)
-            if expected is not None:
-                wanted = map(expected.get, offsets, generations)
-                good &= np.fromiter(map(operator.eq, wanted, generations), dtype=bool)
             fill_pages = {fill: fill_page(fill, size) for fill in set(fills)}
             values[rows.plain_fill] = list(map(fill_pages.__getitem__, fills))
+        if expected is not None:
+            wanted = map(expected.get, offsets, generations)
+            good &= np.fromiter(map(operator.eq, wanted, generations), dtype=bool)
         value_list = values.tolist()
         if good.all():
             stored = zip(value_list, generations, strict=True)
@@ -310,6 +321,38 @@ class FileCodec:
             entry = index[position * ENTRY_BYTES : (position + 1) * ENTRY_BYTES]
             page = value if entry[3] == _DATA else None
             found[offset] = self._open_entry(ns, offset, entry, page, expected)
+
+    @staticmethod
+    def _decrypt(
+        aead: AESGCM, ns: PageNamespace, rows: _Rows, index: bytes, values: np.ndarray
+    ) -> np.ndarray:
+        """Check and decrypt a batch of encrypted records at once, replacing each data
+        page's ciphertext in ``values`` by the page; which rows are good.
+
+        All or nothing: unless every entry is one this module writes, every checksum
+        matches and every record authenticates, no row is good, and the per-record
+        codec opens them all and reports the first failure."""
+        count = len(values)
+        none = np.zeros(count, dtype=bool)
+        if not (rows.plain_data | rows.plain_fill).all():
+            return none
+        parts = sealed_parts(index)[rows.positions]
+        payloads = np.array(parts["tail"].tolist(), dtype=object)  # a fill page's byte, tag
+        tags = parts["tag"][rows.has_data].tolist()
+        payloads[rows.has_data] = list(map(bytes.__add__, values[rows.has_data].tolist(), tags))
+        payload_list = payloads.tolist()
+        sums = np.fromiter(map(_digest, payload_list, rows.seeds.tolist()), np.uint64, count)
+        if not (sums == rows.checksums).all():
+            return none
+        try:
+            plains = list(map(aead.decrypt, parts["nonce"].tolist(), payload_list, rows.identities))
+        except InvalidTag:
+            return none
+        size = ns.page_size
+        for row in np.flatnonzero(rows.plain_fill).tolist():
+            plains[row] = fill_page(plains[row][0], size)  # one byte, authenticated
+        values[:] = plains
+        return ~none
 
     @staticmethod
     def _read_pages(

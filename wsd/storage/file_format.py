@@ -70,6 +70,16 @@ _PLAIN_DTYPE: Final = np.dtype(
         "itemsize": ENTRY_BYTES,
     }
 )
+# The parts of an entry an encrypted record needs besides those: nonce, GCM tag, and the
+# whole tail (a fill page's payload: its encrypted byte and the tag).
+_SEALED_DTYPE: Final = np.dtype(
+    {
+        "names": ["nonce", "tag", "tail"],
+        "formats": ["V12", "V16", "V17"],
+        "offsets": [24, 37, 37],
+        "itemsize": ENTRY_BYTES,
+    }
+)
 PLAIN_DATA_HEAD: Final = int.from_bytes(
     MAGIC + bytes((VERSION, PayloadKind.DATA, 0, 0, 0, 0)), "little"
 )
@@ -197,6 +207,11 @@ def encode_entries(
     table["tail"] = tails
     table["stored_at"] = stored_at
     return table.tobytes()
+
+
+def sealed_parts(index: bytes) -> np.ndarray:
+    """A run of entries as their nonce, GCM tag and tail, each a bytes-like void."""
+    return np.frombuffer(index, dtype=_SEALED_DTYPE, count=len(index) // ENTRY_BYTES)
 
 
 def plain_entries(index: bytes) -> np.ndarray:
