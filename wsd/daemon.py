@@ -1,10 +1,15 @@
 """The daemon: one uvloop event loop, one root TaskGroup, sessions per VM.
 
-Wiring only; policy lives in wsd.tracker (and later wsd.evictor), syscalls in
-wsd.kernel.  Each hand-off accepted on the socket becomes a :class:`Session`:
-its uffd is watched with ``loop.add_reader`` (fault service never waits for a
-cycle) and a task runs the tracking cycle every interval.  A session that
-fails is torn down and logged; the daemon and the other sessions go on.
+Wiring only; policy lives in wsd.tracker and wsd.evictor, storage in
+wsd.storage, syscalls in wsd.kernel.  Each hand-off accepted on the socket
+becomes a :class:`Session`: its uffd is watched with ``loop.add_reader``
+(fault service never waits for a cycle or for eviction I/O) and a task runs
+the tracking cycle, with the evictor as its hook, every interval.  A session
+that fails is torn down and logged; the daemon and the other sessions go on.
+
+A session that ends while its VMM is alive first brings every evicted page
+back (``drain``), so no guest page is ever left in storage with nobody to
+serve it.  If the VMM is gone, its pages are discarded from storage.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import numpy.typing as npt
 import structlog
 import uvloop
 
+from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor.drain import drain
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
+from wsd.storage import PageStore, StorageConfig, open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
@@ -38,6 +46,11 @@ class Settings:
     socket: Path = Path("/run/wsd/wsd.sock")
     interval: float = 1.0
     mode: TrackingMode | None = None
+    storage: StorageConfig | None = None
+    """Where evicted pages go; None: track only, never evict."""
+    evictor: EvictorConfig = field(default_factory=EvictorConfig)
+    state_dir: Path | None = None
+    """Where page maps are persisted (None: not persisted)."""
 
 
 @dataclass
@@ -45,8 +58,10 @@ class Session:
     vm_id: str
     tracker: VmTracker
     memfds: list[int]
+    ctx: VmContext
+    faults: FaultService
+    evictor: Evictor
     last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
-    zero_fills: int = 0
     task: asyncio.Task[None] | None = None
     closed: bool = False
 
@@ -64,6 +79,7 @@ class Daemon:
         self.decision: ModeDecision = choose_mode(self.kernel, settings.mode)
         self.clock = clock
         self.sessions: dict[str, Session] = {}
+        self.store: PageStore | None = None
         self.server = HandoffServer(settings.socket, self.handoff)
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -79,6 +95,9 @@ class Daemon:
             limitations=list(self.decision.limitations),
             socket=str(self.settings.socket),
         )
+        if self.settings.storage is not None and self.settings.evictor.enabled:
+            self.store = await open_backend(self.settings.storage)
+            log.info("storage open", backend=self.store.name, durable=self.store.durable)
         self.server.listen()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -86,10 +105,14 @@ class Daemon:
                 serving = tg.create_task(self.server.serve())
                 await self._stop.wait()
                 serving.cancel()
+                for session in list(self.sessions.values()):
+                    await self._end(session)
         finally:
             for session in list(self.sessions.values()):
                 await self._end(session)
             self._tg = None
+            if self.store is not None:
+                await self.store.close()
             log.info("wsd stopped")
 
     def stop(self) -> None:
@@ -126,7 +149,17 @@ class Daemon:
             close_fds(memfds)
             raise
         assert self._tg is not None
-        session = Session(req.vm_id, tracker, memfds)
+        tg = self._tg
+        try:
+            ctx = VmContext(req.vm_id, tracker, self.store, self.settings.evictor, self.clock)
+            evictor = Evictor(ctx, state_dir=self.settings.state_dir, host_room=self._host_room)
+        except BaseException:
+            tracker.close()
+            close_fds(memfds)
+            raise
+        session = Session(
+            req.vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor
+        )
         self.sessions[req.vm_id] = session
         loop = asyncio.get_running_loop()
         loop.add_reader(tracker.uffd.fd, self._on_uffd, session)
@@ -139,7 +172,7 @@ class Daemon:
         try:
             while True:
                 await asyncio.sleep(self.settings.interval)
-                session.last_hot = await session.tracker.cycle()
+                session.last_hot = await session.tracker.cycle(session.evictor)
         except asyncio.CancelledError:
             raise
         except KernelError as e:
@@ -164,53 +197,48 @@ class Daemon:
             if tracker.on_fault(msg):
                 continue
             if msg.is_missing:
-                self._first_touch(session, msg)
+                session.faults.on_missing(msg)
             else:
                 log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
 
-    def _first_touch(self, session: Session, fault: PageFault) -> None:
-        """A MISSING fault on a page wsd never evicted: the guest's first touch.
-
-        Nothing is evicted yet (the evictor is issue 5), so every MISSING fault
-        is a page that never existed, and a zero page is its true content.
-        """
-        t = session.tracker.region_at(fault.address)
-        if t is None:
-            log.error("fault outside every region", vm_id=session.vm_id, address=hex(fault.address))
-            return
-        r = t.region
-        page = (fault.address - r.host_virt_addr) // r.page_size
-        addr = r.host_virt_addr + page * r.page_size
-        if t.state.is_evicted(page):
-            log.error("evicted page faulted with no evictor", vm_id=session.vm_id, page=page)
-            return
-        try:
-            if r.page_size == 4096:
-                session.tracker.uffd.zeropage(addr, r.page_size)
-            else:  # hugetlbfs has no UFFDIO_ZEROPAGE
-                session.tracker.uffd.copy(addr, bytes(r.page_size))
-        except FileExistsError:
-            pass  # populated meanwhile (another thread's fault on the same page)
-        t.state.note_populated([page])
-        t.state.note_access([page])
-        session.zero_fills += 1
+    def _host_room(self) -> int | None:
+        """Bytes the host-wide evicted-fraction cap still allows."""
+        cap = self.settings.evictor.host_evicted_fraction_max
+        if cap is None:
+            return None
+        total = evicted = 0
+        for s in self.sessions.values():
+            for t in s.tracker.regions:
+                total += t.region.size
+                evicted += t.state.evicted_pages * t.region.page_size
+        return max(0, int(cap * total) - evicted)
 
     async def _end(self, session: Session) -> None:
         if session.closed:
             return
         session.closed = True
         self.sessions.pop(session.vm_id, None)
-        with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(session.tracker.uffd.fd)
         if session.task is not None and session.task is not asyncio.current_task():
             session.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await session.task
         try:
-            session.tracker.close()
+            # Faults keep being served while the pages come back.
+            await drain(session.ctx, session.faults)
         finally:
-            close_fds(session.memfds)
-        log.info("session closed", vm_id=session.vm_id, cycles=session.tracker.cycles)
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(session.tracker.uffd.fd)
+            try:
+                session.tracker.close()
+            finally:
+                close_fds(session.memfds)
+        log.info(
+            "session closed",
+            vm_id=session.vm_id,
+            cycles=session.tracker.cycles,
+            evicted=session.ctx.stats.evicted_pages,
+            fetched=session.ctx.stats.fetched_pages,
+        )
 
 
 def run(settings: Settings) -> int:

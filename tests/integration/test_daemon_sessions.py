@@ -78,7 +78,7 @@ async def test_first_touch_of_unpopulated_memory_is_zero_filled(daemon: Daemon) 
     try:
         await asyncio.to_thread(p.call, "write", pages=[0, 1, 2], version=4)
         assert await asyncio.to_thread(p.call, "read", pages=[0, 1, 2]) == [4, 4, 4]
-        assert daemon.sessions["vm-empty"].zero_fills == 3
+        assert daemon.sessions["vm-empty"].ctx.stats.zero_fills == 3
     finally:
         p.close()
 

@@ -225,6 +225,9 @@ def _run_workload(config: GuestConfig, memory: GuestMemory, session: _Session) -
             _main_loop(config, workload, waker)
         workload.stop()
         stuck = workload.join(JOIN_TIMEOUT)
+        checked = None
+        if not stuck and workload.corruption is None and workload.failure is None:
+            checked = workload.final_check()
     finally:
         truth.close()
         waker.close()
@@ -238,7 +241,12 @@ def _run_workload(config: GuestConfig, memory: GuestMemory, session: _Session) -
         code = EXIT_BUG
     if config.report:
         report = _report(config, memory, workload, session)
-        report.update(stuck_threads=stuck, stopped_by_signal=waker.signal, exit_code=code)
+        report.update(
+            stuck_threads=stuck,
+            stopped_by_signal=waker.signal,
+            exit_code=code,
+            final_check_pages=checked,
+        )
         _write_json(config.report, report)
     if stuck:
         # Threads blocked in a fault nobody will resolve: don't wait on them.

@@ -341,6 +341,25 @@ class Workload:
         self.stop()
         return False
 
+    def final_check(self) -> int:
+        """Read every page once, after the workers stopped; pages verified.
+
+        Evicted pages come back through wsd while this runs, so a page that was
+        evicted and never touched again is checked too.  A bad page is recorded
+        in :attr:`corruption` like one found by a worker.
+        """
+        w = self._new_worker(len(self._workers))
+        pages = np.arange(self.memory.npages, dtype=np.uint64)
+        ops = np.zeros(len(pages), dtype=np.uint8)
+        pages_p = self._ffi.from_buffer("uint64_t[]", pages)
+        ops_p = self._ffi.from_buffer("uint8_t[]", ops)
+        counts = Counts()
+        for first in range(0, len(pages), self._batch):
+            n = min(self._batch, len(pages) - first)
+            if not self._access(w, pages_p + first, ops_p + first, n, counts):
+                break
+        return counts.ops - counts.unverified
+
     def _pass_done(self, w: _Worker, phase: Phase) -> None:
         every = self.config.phase_passes
         if self.hotsets.pattern is not Pattern.PHASES or every is None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 
 from wsd.daemon import Daemon, Settings
+from wsd.evictor import FaultService
 from wsd.kernel import PageFault
 from wsd.tracker.session import VmTracker
 
@@ -30,18 +31,25 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
 
 
 @contextlib.contextmanager
-def serving_faults(tracker: VmTracker) -> Iterator[list[PageFault]]:
+def serving_faults(
+    tracker: VmTracker, faults: FaultService | None = None
+) -> Iterator[list[PageFault]]:
     """Resolve the tracker's faults from the running loop, as the daemon does.
 
-    Yields the list of faults the tracker did not handle (should stay empty).
+    With ``faults``, MISSING faults go to it (zero-fill or fetch-back).  Yields
+    the list of faults nobody handled (should stay empty).
     """
     loop = asyncio.get_running_loop()
     unhandled: list[PageFault] = []
 
     def readable() -> None:
         for msg in tracker.uffd.read_messages():
-            if not (isinstance(msg, PageFault) and tracker.on_fault(msg)):
-                unhandled.append(msg)  # type: ignore[arg-type]
+            if isinstance(msg, PageFault) and tracker.on_fault(msg):
+                continue
+            if isinstance(msg, PageFault) and msg.is_missing and faults is not None:
+                faults.on_missing(msg)
+                continue
+            unhandled.append(msg)  # type: ignore[arg-type]
 
     loop.add_reader(tracker.uffd.fd, readable)
     try:

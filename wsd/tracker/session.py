@@ -51,7 +51,9 @@ REQUIRED: dict[TrackingMode, Feature] = {
     TrackingMode.RWP: Feature.RWP | Feature.RWP_ASYNC | Feature.MISSING_SHMEM,
     TrackingMode.WP_ASYNC: Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM | Feature.MISSING_SHMEM,
 }
-OPTIONAL = Feature.MISSING_HUGETLBFS | Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS
+OPTIONAL = (
+    Feature.MISSING_HUGETLBFS | Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS | Feature.POISON
+)
 
 log = structlog.get_logger("wsd.tracker")
 
@@ -65,6 +67,9 @@ class TrackedRegion:
     state: RegionState
     minor: bool = False  # MINOR co-registered (RWP-FACTS fact 8)
     last_runs: int = 0  # runs the last scan returned, to size the next one
+    # Pages whose access was trapped (RWP or MINOR fault) since the window
+    # opened: the evictor must not punch them, their bytes may have changed.
+    touched: set[int] = field(default_factory=set)
 
     @property
     def npages(self) -> int:
@@ -129,6 +134,11 @@ class VmTracker:
     @property
     def mode(self) -> TrackingMode:
         return self.decision.mode
+
+    @property
+    def in_window(self) -> bool:
+        """Whether the uffd is in sync mode: every access to a protected page traps."""
+        return self._in_window
 
     @classmethod
     def start(
@@ -262,6 +272,8 @@ class VmTracker:
     async def cycle(self, hook: Hook | None = None) -> list[npt.NDArray[np.bool_]]:
         """End the current interval: scan the hot set, run ``hook``, start the next one."""
         if self.mode is TrackingMode.RWP:
+            for t in self.regions:
+                t.touched.clear()
             self.uffd.set_mode(disable=Feature.RWP_ASYNC)
             self._in_window = True
         try:
@@ -304,6 +316,7 @@ class VmTracker:
             with contextlib.suppress(FileExistsError):
                 self.uffd.continue_(addr, r.page_size)
             t.state.note_access([page])
+            t.touched.add(page)
             self.minor_faults += 1
             return True
         if not self._in_window:
@@ -314,6 +327,7 @@ class VmTracker:
             log.debug("RWP fault after the sync window", vm_id=self.vm_id, address=hex(addr))
         self.uffd.rwprotect(addr, r.page_size, protect=False)
         t.state.note_fault([page])
+        t.touched.add(page)
         self.sync_faults += 1
         return True
 

@@ -261,6 +261,16 @@ class RegionState:
         """One page's eviction flag, without copying the region's array (fault path)."""
         return bool(self._flags[page] & _EVICTED)
 
+    def evicted_mask(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of ``pages`` are evicted (without copying the region's array)."""
+        mask: npt.NDArray[np.bool_] = (self._flags[pages] & _EVICTED) != 0
+        return mask
+
+    def settled_mask(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of ``pages`` are resident and not evicted: what may be evicted."""
+        mask: npt.NDArray[np.bool_] = self._flags[pages] == _RESIDENT
+        return mask
+
     @property
     def evicted_pages(self) -> int:
         return self._evicted_pages

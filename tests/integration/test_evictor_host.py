@@ -1,0 +1,290 @@
+"""Eviction and fetch-back on the host kernel (MISSING faults, real memfd, real stores).
+
+The host has no RWP, so there is no sync window: these tests drive the eviction
+transaction on a quiescent puppet (nothing touches the pages while they go
+out), then let the puppet read them back through MISSING faults served by
+:class:`FaultService`.  The racing cases run in the 7.3 VM (tests/kernel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from wsd.evictor import Evictor, EvictorConfig, FaultService, OnDeadline, VmContext, pagemap
+from wsd.evictor.drain import drain
+from wsd.kernel import data_ranges
+from wsd.storage import (
+    FileStoreConfig,
+    PageNamespace,
+    PageStore,
+    StoredPage,
+    TierUnavailable,
+    ZstdStoreConfig,
+    open_backend,
+)
+from wsd.testing.arming import track_puppet
+from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.running import serving_faults
+from wsd.tracker.session import VmTracker
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+SIZE = 8 << 20
+
+
+class FlakyStore:
+    """Wraps a store; ``get`` and ``get_many`` fail while ``failures`` > 0 (or forever)."""
+
+    def __init__(self, inner: PageStore, failures: int | None) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _fail(self) -> None:
+        if self.failures is None or self.failures > 0:
+            if self.failures is not None:
+                self.failures -= 1
+            raise TierUnavailable("injected outage", backend="flaky")
+
+    async def get(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage:
+        self._fail()
+        return await self.inner.get(ns, offset, generation=generation)
+
+    async def get_many(
+        self, ns: PageNamespace, offsets: Sequence[int], **kw: Any
+    ) -> dict[int, StoredPage]:
+        self._fail()
+        return await self.inner.get_many(ns, offsets, **kw)
+
+    async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
+        await self.inner.put(ns, pages, **kw)
+
+
+@pytest.fixture
+def puppet() -> Iterator[PuppetVMM]:
+    with PuppetVMM.spawn(SIZE) as p:
+        yield p
+
+
+@pytest_asyncio.fixture
+async def file_store(tmp_path: Path) -> AsyncIterator[PageStore]:
+    store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+    yield store
+    await store.close()
+
+
+@pytest_asyncio.fixture
+async def tracker(puppet: PuppetVMM) -> AsyncIterator[VmTracker]:
+    t = track_puppet(puppet, vm_id="host-evict")
+    yield t
+    t.close()
+
+
+def vm(tracker: VmTracker, store: PageStore | Any, **config: Any) -> tuple[VmContext, FaultService]:
+    cfg = EvictorConfig(**config)
+    ctx = VmContext(tracker.vm_id, tracker, store, cfg)
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return ctx, FaultService(ctx, spawn)
+
+
+def resident_bytes(p: PuppetVMM) -> int:
+    return sum(end - start for start, end in data_ranges(p.memfd, 0, p.size))
+
+
+async def evict(ctx: VmContext, pages: np.ndarray, state_dir: Path | None = None) -> int:
+    ev = Evictor(ctx, state_dir=state_dir)
+    done = await ev.evict_batch(0, ctx.tracker.regions[0], np.sort(pages).astype(np.int64))
+    assert done == len(pages)
+    return done
+
+
+async def read(p: PuppetVMM, pages: Sequence[int] | np.ndarray) -> list[int]:
+    result: list[int] = await asyncio.to_thread(p.call, "read", pages=[int(x) for x in pages])
+    return result
+
+
+async def test_evicted_pages_come_back_intact_from_the_file_tier(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore, tmp_path: Path
+) -> None:
+    ctx, faults = vm(tracker, file_store)
+    state = tracker.regions[0].state
+    await tracker.cycle()
+    cold = np.arange(0, puppet.npages, 2)  # every other page: many runs
+    before = resident_bytes(puppet)
+    await evict(ctx, cold, state_dir=tmp_path / "state")
+    assert resident_bytes(puppet) == before - len(cold) * 4096
+    assert state.evicted_pages == len(cold) and ctx.stats.evicted_pages == len(cold)
+    saved = pagemap.load(pagemap.path_for(tmp_path / "state", "host-evict"))
+    assert np.array_equal(saved.regions[0].pages, cold)
+    assert (saved.regions[0].generations == 1).all()
+    with serving_faults(tracker, faults) as unhandled:
+        assert await read(puppet, range(puppet.npages)) == [0] * puppet.npages
+    assert not unhandled
+    assert ctx.stats.fetched_pages == len(cold) and state.evicted_pages == 0
+    assert resident_bytes(puppet) == before
+
+
+async def test_a_rewritten_page_comes_back_at_its_latest_version(
+    puppet: PuppetVMM, tracker: VmTracker, tmp_path: Path
+) -> None:
+    store = await open_backend(ZstdStoreConfig(budget_bytes=64 << 20))
+    try:
+        ctx, faults = vm(tracker, store, allow_volatile_store=True)
+        state = tracker.regions[0].state
+        await tracker.cycle()
+        pages = np.arange(10, 20)
+        with serving_faults(tracker, faults) as unhandled:
+            for version in (1, 2, 3):
+                await evict(ctx, pages)
+                await asyncio.to_thread(puppet.call, "write", pages=pages.tolist(), version=version)
+                assert await read(puppet, pages) == [version] * len(pages)
+            await evict(ctx, pages)
+            assert await read(puppet, pages) == [3] * len(pages)
+        assert not unhandled
+        assert (state.generations[pages] == 4).all()
+        assert ctx.stats.fetched_pages == 4 * len(pages)
+    finally:
+        await store.close()
+
+
+async def test_the_zstd_tier_alone_needs_consent(tracker: VmTracker) -> None:
+    store = await open_backend(ZstdStoreConfig(budget_bytes=1 << 20))
+    try:
+        ctx, _ = vm(tracker, store)
+        with pytest.raises(ValueError, match=r"not durable.*allow_volatile_store"):
+            Evictor(ctx)
+    finally:
+        await store.close()
+
+
+async def test_a_failing_tier_is_retried_and_never_yields_zeros(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    flaky = FlakyStore(file_store, failures=5)
+    ctx, faults = vm(tracker, flaky, fetch_retry_initial_seconds=0.01)
+    await tracker.cycle()
+    await evict(ctx, np.array([3]))
+    with serving_faults(tracker, faults):
+        assert await read(puppet, [3]) == [0]
+    assert ctx.stats.fetch_errors == 5 and ctx.stats.fetched_pages == 1
+
+
+async def test_past_the_deadline_wait_keeps_the_vcpu_blocked_then_serves_it(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    flaky = FlakyStore(file_store, failures=None)
+    ctx, faults = vm(
+        tracker,
+        flaky,
+        fetch_retry_initial_seconds=0.01,
+        fetch_retry_max_seconds=0.05,
+        fetch_deadline_seconds=0.2,
+    )
+    await tracker.cycle()
+    await evict(ctx, np.array([5]))
+    with serving_faults(tracker, faults):
+        rid = puppet.send("read", pages=[5])
+        await asyncio.sleep(0.6)
+        assert not puppet.done(rid), "the vCPU must stay blocked while the tier is down"
+        assert ctx.stats.fetches_stuck == 1
+        flaky.failures = 0
+        assert await asyncio.to_thread(puppet.wait, rid) == [0]
+
+
+async def test_past_the_deadline_poison_gives_the_guest_a_memory_error(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    flaky = FlakyStore(file_store, failures=None)
+    ctx, faults = vm(
+        tracker,
+        flaky,
+        fetch_retry_initial_seconds=0.01,
+        fetch_deadline_seconds=0.1,
+        on_fetch_deadline=OnDeadline.POISON,
+    )
+    await tracker.cycle()
+    await evict(ctx, np.array([7]))
+    with serving_faults(tracker, faults):
+        puppet.send("read", pages=[7])
+        code = await asyncio.to_thread(puppet.proc.wait, 10)
+    assert code == -signal.SIGBUS
+    assert ctx.stats.poisoned_pages == 1
+
+
+async def test_prefetch_brings_neighbours_back_without_faults(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    ctx, faults = vm(tracker, file_store, prefetch_pages=8)
+    state = tracker.regions[0].state
+    await tracker.cycle()
+    await evict(ctx, np.arange(100, 120))
+    with serving_faults(tracker, faults):
+        assert await read(puppet, [100]) == [0]
+        for _ in range(100):
+            if ctx.stats.prefetched_pages == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert ctx.stats.prefetched_pages == 8
+        assert not state.evicted_mask(np.arange(100, 109)).any()
+        assert state.evicted_mask(np.arange(109, 120)).all()
+        assert await read(puppet, range(100, 120)) == [0] * 20
+    # 100, 109 and 118 on demand, each bringing up to 8 more
+    assert (ctx.stats.fetched_pages, ctx.stats.prefetched_pages) == (3, 17)
+
+
+async def test_drain_brings_every_page_back_and_empties_the_store(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    ctx, faults = vm(tracker, file_store)
+    await tracker.cycle()
+    await evict(ctx, np.arange(0, puppet.npages, 3))
+    with serving_faults(tracker, faults):
+        await drain(ctx, faults)
+    assert tracker.regions[0].state.evicted_pages == 0
+    assert (await file_store.stats()).pages == 0
+    assert await read(puppet, range(puppet.npages)) == [0] * puppet.npages
+
+
+async def test_drain_after_the_vmm_died_drops_its_pages(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    ctx, faults = vm(tracker, file_store)
+    await tracker.cycle()
+    await evict(ctx, np.arange(0, 64))
+    puppet.proc.kill()
+    puppet.proc.wait()
+    await drain(ctx, faults)
+    assert (await file_store.stats()).pages == 0
+
+
+async def test_a_failed_put_evicts_nothing(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    class FailingPut(FlakyStore):
+        async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
+            raise TierUnavailable("disk gone", backend="failing")
+
+    ctx, _ = vm(tracker, FailingPut(file_store, failures=0))
+    await tracker.cycle()
+    before = resident_bytes(puppet)
+    ev = Evictor(ctx)
+    assert await ev.evict_batch(0, tracker.regions[0], np.arange(10, dtype=np.int64)) == -1
+    assert resident_bytes(puppet) == before
+    assert tracker.regions[0].state.evicted_pages == 0 and ctx.stats.failed_batches == 1

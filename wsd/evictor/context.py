@@ -1,0 +1,64 @@
+"""What eviction and fault service of one VM share."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wsd.storage import PageNamespace, PageStore
+from wsd.tracker.session import TrackedRegion, VmTracker
+
+from .config import EvictorConfig
+from .policy import RegionPolicy, VmPolicy
+
+
+@dataclass
+class EvictorStats:
+    windows: int = 0
+    evicted_pages: int = 0
+    evicted_bytes: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    skipped_touched: int = 0  # candidates touched during their window: not evicted
+    fetched_pages: int = 0
+    fetched_bytes: int = 0
+    prefetched_pages: int = 0
+    zero_fills: int = 0
+    fetch_errors: int = 0
+    fetches_stuck: int = 0  # past the deadline, still waiting
+    poisoned_pages: int = 0
+    copy_races: int = 0  # EEXIST on install: someone else populated the page
+
+
+@dataclass
+class VmContext:
+    vm_id: str
+    tracker: VmTracker
+    store: PageStore | None
+    config: EvictorConfig
+    clock: Callable[[], float] = time.monotonic
+    namespaces: list[PageNamespace] = field(init=False)
+    policies: list[RegionPolicy] = field(init=False)
+    vm: VmPolicy = field(init=False)
+    stats: EvictorStats = field(default_factory=EvictorStats)
+    # Pages fetched back whose stored copy can go; flushed by the evictor before
+    # it puts anything, so a flush never races a newer copy of the same page.
+    discards: list[set[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        regions = self.tracker.regions
+        self.namespaces = [
+            PageNamespace(self.vm_id, i, t.region.page_size) for i, t in enumerate(regions)
+        ]
+        self.policies = [RegionPolicy(t.npages) for t in regions]
+        self.vm = VmPolicy(self.config, started_at=self.clock())
+        self.discards = [set() for _ in regions]
+
+    def locate(self, address: int) -> tuple[int, TrackedRegion, int] | None:
+        """(region index, region, page index) of a guest address, or None outside all."""
+        for i, t in enumerate(self.tracker.regions):
+            r = t.region
+            if r.host_virt_addr <= address < r.host_end:
+                return i, t, (address - r.host_virt_addr) // r.page_size
+        return None

@@ -1,0 +1,95 @@
+"""Ending a session: every evicted page goes back into guest memory first.
+
+Once wsd lets go of a uffd nobody serves its MISSING faults; if the VMM still
+runs, an evicted page would then block its vCPU forever or, once the uffd is
+gone, read back as zeros (RWP-FACTS fact 9).  So a session ends by copying
+every evicted page back.  The stored copies are discarded only when they are
+no longer needed: every page is back, or the VMM's memory is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import numpy as np
+import structlog
+
+from wsd.kernel import KernelError
+from wsd.storage import StorageError
+
+from .context import VmContext
+from .faults import FaultService
+
+log = structlog.get_logger("wsd.evictor")
+
+BATCH = 256
+
+
+async def drain(ctx: VmContext, faults: FaultService) -> None:
+    """Bring back every evicted page of the VM, then forget the stored copies."""
+    if ctx.store is None:
+        return
+    gone = False
+    for i in range(len(ctx.tracker.regions)):
+        try:
+            await _drain_region(ctx, faults, i)
+        except KernelError as e:
+            if e.errno not in (errno.ESRCH, errno.EFAULT, errno.ENOENT):
+                raise
+            # The VMM's address space is gone: nothing left to serve.
+            log.info("VMM memory gone, dropping its stored pages", vm_id=ctx.vm_id, error=str(e))
+            gone = True
+            break
+        except StorageError as e:
+            left = sum(x.state.evicted_pages for x in ctx.tracker.regions)
+            log.error(
+                "cannot bring evicted pages back: they stay in storage",
+                vm_id=ctx.vm_id,
+                region=i,
+                pages_left=left,
+                error=str(e),
+            )
+            return
+    if not gone and any(t.state.evicted_pages for t in ctx.tracker.regions):
+        return
+    for ns in ctx.namespaces:
+        try:
+            await ctx.store.discard(ns)
+        except StorageError as e:
+            log.warning("discarding a VM's pages failed", vm_id=ctx.vm_id, error=str(e))
+
+
+async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
+    assert ctx.store is not None
+    t = ctx.tracker.regions[i]
+    ps = t.region.page_size
+    delay = ctx.config.fetch_retry_initial_seconds
+    started = ctx.clock()
+    while t.state.evicted_pages:
+        pages = [
+            int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in faults.fetching
+        ]
+        if not pages:
+            await asyncio.sleep(0.005)  # only demand fetches in flight: let them land
+            continue
+        for k in range(0, len(pages), BATCH):
+            chunk = pages[k : k + BATCH]
+            gens = {p * ps: int(t.state.generations[p]) for p in chunk}
+            try:
+                got = await ctx.store.get_many(ctx.namespaces[i], list(gens), generations=gens)
+            except StorageError as e:
+                if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
+                    raise
+                log.warning("drain: fetch failed, retrying", vm_id=ctx.vm_id, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, ctx.config.fetch_retry_max_seconds)
+                break
+            for offset, stored in got.items():
+                p = offset // ps
+                if not t.state.is_evicted(p) or (i, p) in faults.fetching:
+                    continue
+                if await faults.install(t, p, stored.data, wake=True):
+                    t.state.note_fetched([p])
+                    ctx.stats.fetched_pages += 1
+                    ctx.stats.fetched_bytes += ps

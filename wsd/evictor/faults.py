@@ -1,0 +1,262 @@
+"""MISSING faults: zero-fill a first touch, fetch an evicted page back.
+
+Called from the uffd reader on the event loop; never waits for eviction I/O.
+A fetch runs as its own task: ``get`` from the store (its I/O runs off the
+loop), ``UFFDIO_COPY`` into the faulting page, which wakes every thread
+waiting on it.  A second fault on a page already being fetched needs nothing:
+the COPY wakes it too.
+
+A fetch that fails (tier down, checksum or generation mismatch, page not
+found) is retried with exponential backoff while the vCPU stays blocked.
+wsd never installs zeros or another version in place of an evicted page.
+Past ``fetch_deadline_seconds`` the configured policy applies: keep waiting
+(logged once as an error, counted in ``fetches_stuck``) or ``UFFDIO_POISON``,
+which makes the guest see a memory error on that page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import structlog
+
+from wsd.kernel import KernelError, PageFault
+from wsd.storage import StorageError
+from wsd.tracker.mode import TrackingMode
+from wsd.tracker.session import TrackedRegion
+
+from .config import OnDeadline
+from .context import VmContext
+
+log = structlog.get_logger("wsd.evictor")
+
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+# UFFDIO_COPY gives EAGAIN while the VMM's address space is changing (a
+# remap or unmap in progress); that settles in microseconds.
+COPY_EAGAIN_RETRIES = 100
+
+
+class FaultService:
+    def __init__(self, ctx: VmContext, spawn: Spawn) -> None:
+        self.ctx = ctx
+        self._spawn = spawn
+        self.fetching: set[tuple[int, int]] = set()
+        # Faults that arrived while their page was being prefetched: if the
+        # prefetch does not install the page, they get a demand fetch.
+        self.waiters: set[tuple[int, int]] = set()
+
+    def on_missing(self, fault: PageFault) -> None:
+        ctx = self.ctx
+        where = ctx.locate(fault.address)
+        if where is None:
+            log.error("fault outside every region", vm_id=ctx.vm_id, address=hex(fault.address))
+            return
+        i, t, page = where
+        if not t.state.is_evicted(page):
+            self._zero_fill(t, page)
+            return
+        if (i, page) in self.fetching:
+            self.waiters.add((i, page))  # the fetch in flight wakes this thread too
+            return
+        self._start_fetch(i, t, page)
+
+    def _start_fetch(self, i: int, t: TrackedRegion, page: int) -> None:
+        self.fetching.add((i, page))
+        self._spawn(self._fetch(i, t, page))
+
+    def _zero_fill(self, t: TrackedRegion, page: int) -> None:
+        """A page wsd never evicted: its first touch, and zeros are its true content."""
+        r = t.region
+        addr = r.host_virt_addr + page * r.page_size
+        uffd = self.ctx.tracker.uffd
+        try:
+            if r.page_size == 4096:
+                uffd.zeropage(addr, r.page_size)
+            else:  # hugetlbfs has no UFFDIO_ZEROPAGE
+                uffd.copy(addr, bytes(r.page_size))
+        except FileExistsError:
+            pass  # populated meanwhile (another thread's fault on the same page)
+        t.state.note_populated([page])
+        t.state.note_access([page])
+        self.ctx.stats.zero_fills += 1
+
+    async def _fetch(self, i: int, t: TrackedRegion, page: int) -> None:
+        ctx = self.ctx
+        try:
+            data = await self._get(i, t, page)
+            if data is None:
+                return
+            if await self.install(t, page, data, wake=True):
+                t.state.note_fetched([page], accessed=True)
+                ctx.stats.fetched_pages += 1
+                ctx.stats.fetched_bytes += len(data)
+                now = ctx.clock()
+                ctx.vm.note_refaults(now)
+                ctx.policies[i].note_refault(page, ctx.tracker.cycles, ctx.config)
+                ctx.discards[i].add(page)
+            if ctx.config.prefetch_pages:
+                await self._prefetch(i, t, page)
+        except Exception:
+            # A bug (or the VMM vanishing) must not take the daemon down.  The
+            # fault was consumed, so nobody else will ask again: retry later.
+            log.exception("fetch failed", vm_id=ctx.vm_id, region=i, page=page)
+            self.fetching.discard((i, page))
+            await asyncio.sleep(1.0)
+            if t.state.is_evicted(page) and (i, page) not in self.fetching:
+                self._start_fetch(i, t, page)
+            return
+        self.fetching.discard((i, page))
+        self.waiters.discard((i, page))
+
+    async def _get(self, i: int, t: TrackedRegion, page: int) -> bytes | None:
+        """The page's stored bytes, retrying until they come or the deadline policy ends it."""
+        ctx = self.ctx
+        cfg = ctx.config
+        r = t.region
+        generation = int(t.state.generations[page])
+        delay = cfg.fetch_retry_initial_seconds
+        started = ctx.clock()
+        alerted = False
+        while True:
+            if ctx.store is None:
+                error: Exception = RuntimeError("no storage tier is configured")
+            else:
+                try:
+                    stored = await ctx.store.get(
+                        ctx.namespaces[i], page * r.page_size, generation=generation
+                    )
+                    return stored.data
+                except StorageError as e:
+                    error = e
+            ctx.stats.fetch_errors += 1
+            waited = ctx.clock() - started
+            if waited < cfg.fetch_deadline_seconds:
+                log.warning(
+                    "fetch failed, retrying",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    page=page,
+                    generation=generation,
+                    error=str(error),
+                    retry_in=round(delay, 3),
+                )
+            elif cfg.on_fetch_deadline is OnDeadline.POISON:
+                log.error(
+                    "fetch deadline passed: poisoning the page",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    page=page,
+                    waited=round(waited, 1),
+                    error=str(error),
+                )
+                self._poison(t, page)
+                return None
+            elif not alerted:
+                alerted = True
+                ctx.stats.fetches_stuck += 1
+                log.error(
+                    "fetch deadline passed: the vCPU stays blocked until the page can be read",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    page=page,
+                    waited=round(waited, 1),
+                    error=str(error),
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cfg.fetch_retry_max_seconds)
+
+    async def install(self, t: TrackedRegion, page: int, data: bytes, *, wake: bool) -> bool:
+        """UFFDIO_COPY ``data`` to the page; False if someone else populated it first."""
+        r = t.region
+        addr = r.host_virt_addr + page * r.page_size
+        for attempt in range(COPY_EAGAIN_RETRIES):
+            try:
+                self.ctx.tracker.uffd.copy(addr, data, wake=wake)
+                return True
+            except FileExistsError:
+                # Only the VMM itself (writing through another mapping) can have
+                # filled the hole: its bytes are newer than ours, keep them.
+                self.ctx.stats.copy_races += 1
+                if not wake:
+                    self.ctx.tracker.uffd.wake(addr, r.page_size)
+                t.state.note_fetched([page])
+                return False
+            except BlockingIOError:
+                if attempt == COPY_EAGAIN_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.001)
+        raise AssertionError("unreachable")
+
+    async def _prefetch(self, i: int, t: TrackedRegion, page: int) -> None:
+        """Bring back evicted neighbours after ``page``, re-armed so they still look cold.
+
+        A COPY'd page is unprotected and would read as ACCESSED at the next
+        scan (RWP-FACTS fact 6): install without waking, re-protect, then wake,
+        so a thread waiting on one of them re-touches a protected page and is
+        recorded like any access.
+        """
+        ctx = self.ctx
+        r = t.region
+        end = min(t.npages, page + 1 + ctx.config.prefetch_pages)
+        span = np.arange(page + 1, end)
+        wanted = [
+            int(p) for p in span[t.state.evicted_mask(span)] if (i, int(p)) not in self.fetching
+        ]
+        if not wanted or ctx.store is None:
+            return
+        self.fetching.update((i, p) for p in wanted)
+        installed: set[int] = set()
+        try:
+            gens = {p * r.page_size: int(t.state.generations[p]) for p in wanted}
+            try:
+                got = await ctx.store.get_many(
+                    ctx.namespaces[i], list(gens), generations=gens, missing_ok=True
+                )
+            except StorageError as e:
+                log.debug("prefetch skipped", vm_id=ctx.vm_id, region=i, error=str(e))
+                return
+            for offset, stored in got.items():
+                p = offset // r.page_size
+                if not t.state.is_evicted(p):
+                    continue
+                if await self.install(t, p, stored.data, wake=False):
+                    addr = r.host_virt_addr + offset
+                    if ctx.tracker.mode is TrackingMode.RWP:
+                        ctx.tracker.uffd.rwprotect(addr, r.page_size, protect=True, wake=True)
+                    else:
+                        ctx.tracker.uffd.wake(addr, r.page_size)
+                    t.state.note_fetched([p])
+                    ctx.discards[i].add(p)
+                    ctx.stats.prefetched_pages += 1
+                installed.add(p)
+        finally:
+            for p in wanted:
+                self.fetching.discard((i, p))
+                if (i, p) in self.waiters:
+                    self.waiters.discard((i, p))
+                    if p not in installed and t.state.is_evicted(p):
+                        self._start_fetch(i, t, p)
+
+    def _poison(self, t: TrackedRegion, page: int) -> None:
+        r = t.region
+        addr = r.host_virt_addr + page * r.page_size
+        uffd = self.ctx.tracker.uffd
+        try:
+            try:
+                uffd.poison(addr, r.page_size)
+            except FileExistsError:
+                if self.ctx.tracker.mode is TrackingMode.RWP:
+                    raise
+                # In wp mode the punch left a uffd-wp PTE marker on the hole
+                # (shmem keeps WP across a zap), and POISON refuses any
+                # non-empty PTE.  Unprotecting clears the marker.
+                uffd.writeprotect(addr, r.page_size, protect=False, wake=False)
+                uffd.poison(addr, r.page_size)
+        except KernelError as e:
+            log.error("UFFDIO_POISON failed", vm_id=self.ctx.vm_id, page=page, error=str(e))
+            return
+        self.ctx.stats.poisoned_pages += 1
