@@ -20,6 +20,7 @@ followed by its xxh3_64.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import struct
@@ -146,6 +147,31 @@ def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> N
                 done += n
                 rest = rest[n:]
         offset += total
+
+
+def pwrite_pages(fd: int, pages: Sequence[bytes | memoryview], indexes: Sequence[int]) -> None:
+    """Write each page (all of one size) at its index times that size, or raise.
+
+    One pwritev per run of consecutive indexes (ascending), issued through ``map``:
+    a put's pages alternate with fill pages, which are holes, so a batch of 256 pages
+    takes about a hundred calls, and a Python loop body per call would cost more than
+    the call. Short writes are finished by ``pwrite_all``.
+    """
+    if not pages:
+        return
+    size = len(pages[0])
+    groups = runs(indexes, limit=_IOV_MAX)
+    counts = [count for _, count in groups]
+    bounds = list(itertools.accumulate(counts, initial=0))
+    chunks = list(map(pages.__getitem__, map(slice, bounds, bounds[1:])))
+    offsets = [first * size for first, _ in groups]
+    done = list(map(os.pwritev, itertools.repeat(fd), chunks, offsets))
+    wanted = [count * size for count in counts]
+    if done == wanted:
+        return
+    for chunk, offset, got, total in zip(chunks, offsets, done, wanted, strict=True):
+        if got < total:
+            pwrite_all(fd, [memoryview(b"".join(chunk))[got:]], offset + got)
 
 
 def superblock(ns: PageNamespace, key_check: bytes | None) -> bytes:

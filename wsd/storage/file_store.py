@@ -51,6 +51,7 @@ from wsd.storage.file_format import (
     SUPERBLOCK,
     SUPERBLOCK_MAGIC,
     pwrite_all,
+    pwrite_pages,
     runs,
     scan_entries,
     superblock,
@@ -385,14 +386,9 @@ class FileStore(StoreBase):
             region.data_pages += data_pages
 
     def _write_records(self, region: _Region, batch: SealedBatch, old: np.ndarray) -> None:
-        size = region.ns.page_size
         # Data first: if a write fails midway, the entries still describe the old data,
         # which the checksums then reject, rather than new entries over missing data.
-        # One pwritev per run of consecutive data pages (fill pages are holes).
-        position = 0
-        for first, count in runs(batch.data_indexes):
-            pwrite_all(region.data_fd, batch.data[position : position + count], first * size)
-            position += count
+        pwrite_pages(region.data_fd, batch.data, batch.data_indexes)
         entries = memoryview(batch.entries)
         position = 0
         for first, count in runs(batch.indexes):
