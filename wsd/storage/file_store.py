@@ -22,6 +22,7 @@ import asyncio
 import fcntl
 import heapq
 import itertools
+import operator
 import os
 import struct
 import threading
@@ -454,7 +455,7 @@ class FileStore(StoreBase):
         read in chunks of runs as it is verified."""
         found: dict[int, StoredPage] = {}
         size = region.ns.page_size
-        indexes = [offset // size for offset in offsets]
+        indexes = list(map(operator.floordiv, offsets, itertools.repeat(size)))
         ordered = sorted(indexes)
         group = runs(ordered)
         try:

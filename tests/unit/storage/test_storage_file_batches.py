@@ -25,7 +25,14 @@ from wsd.storage import (
 from wsd.storage.conformance import sample_page, sample_pages
 from wsd.storage.file_codec import VECTOR_PAGES, FileCodec
 from wsd.storage.file_format import ENTRY_BYTES, ENTRY_FIELDS, INDEX_BASE, runs
-from wsd.storage.record import MAGIC, VERSION, PageCodec, PayloadKind
+from wsd.storage.record import (
+    MAGIC,
+    VERSION,
+    PageCodec,
+    PayloadKind,
+    identity,
+    payload_checksum,
+)
 
 NS = PageNamespace("vm-batch", 3)
 KEY = bytes(range(32))
@@ -132,17 +139,25 @@ async def test_a_flipped_data_byte_fails_the_whole_batch(tmp_path: Path, key: by
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("position", [0, 2, 3, 4, 5, 8, 16, 24, 35, 36, 37])
-async def test_every_entry_field_is_checked_in_a_batch(tmp_path: Path, position: int) -> None:
-    """magic, version, kind, flags, padding, generation, checksum, nonce, tail length
-    and fill byte: a flipped bit in any of them fails the batch, never a wrong page."""
-    store = await _store(tmp_path)
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "aes"])
+@pytest.mark.parametrize("position", [0, 2, 3, 4, 5, 8, 16, 24, 35, 36, 37, 45])
+async def test_every_entry_field_is_checked_in_a_batch(
+    tmp_path: Path, position: int, key: bytes | None
+) -> None:
+    """magic, version, kind, flags, padding, generation, checksum, nonce, tail length,
+    fill byte and GCM tag: a flipped bit in any of them fails the batch, never a wrong
+    page."""
+    store = await _store(tmp_path, key)
     pages = _mixed(MANY)
     await store.put(NS, pages, generation=1)
-    victim = 7 * P if position != 37 else 1 * P  # a random page; page 1 is a fill page
+    # A random page; for the tail (37) page 1, a fill page. Position 45 is in a data
+    # page's GCM tag with AES; without, in a fill page's tail past its length, which
+    # PageCodec ignores too, like the padding (5).
+    plain_tail = position == 45 and key is None
+    victim = 1 * P if position == 37 or plain_tail else 7 * P
     index_path = region_paths(tmp_path, NS)[1]
     flip(index_path, INDEX_BASE + victim // P * ENTRY_BYTES + position)
-    if position == 5:  # padding the reader ignores, like PageCodec: the page is intact
+    if position == 5 or plain_tail:  # ignored, like PageCodec does: the page is intact
         assert (await store.get_many(NS, list(pages)))[victim].data == pages[victim]
     else:
         with pytest.raises(IntegrityError) as info:
@@ -166,8 +181,9 @@ async def test_a_stale_generation_in_a_batch(tmp_path: Path, key: bytes | None) 
 
 
 @pytest.mark.asyncio
-async def test_a_record_moved_within_a_batch_is_refused(tmp_path: Path) -> None:
-    store, pages = await _synced(tmp_path)
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "aes"])
+async def test_a_record_moved_within_a_batch_is_refused(tmp_path: Path, key: bytes | None) -> None:
+    store, pages = await _synced(tmp_path, key)
     data_path, index_path = region_paths(tmp_path, NS)
     with data_path.open("r+b") as data, index_path.open("r+b") as index:
         data.seek(2 * P)
@@ -179,6 +195,34 @@ async def test_a_record_moved_within_a_batch_is_refused(tmp_path: Path) -> None:
         index.seek(INDEX_BASE + 3 * ENTRY_BYTES)
         index.write(entry)
     with pytest.raises(IntegrityError, match="checksum") as info:
+        await store.get_many(NS, list(pages))
+    assert info.value.offset == 3 * P
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_moved_encrypted_record_with_a_recomputed_checksum_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The checksum is unkeyed: whoever moves a record can recompute it, and only the
+    GCM tag, bound to the offset, then refuses the page (the batch falls back to the
+    per-record codec, which names it)."""
+    store, pages = await _synced(tmp_path, KEY)
+    data_path, index_path = region_paths(tmp_path, NS)
+    with data_path.open("r+b") as data, index_path.open("r+b") as index:
+        data.seek(2 * P)
+        page = data.read(P)
+        index.seek(INDEX_BASE + 2 * ENTRY_BYTES)
+        entry = bytearray(index.read(ENTRY_BYTES))
+        fields = ENTRY_FIELDS.unpack(entry)
+        kind, flags, generation, tail = fields[2], fields[3], fields[4], fields[8]
+        ident = identity(NS, 3 * P, generation, kind, flags)
+        entry[16:24] = payload_checksum(page + tail[:16], ident).to_bytes(8, "little")
+        data.seek(3 * P)
+        data.write(page)
+        index.seek(INDEX_BASE + 3 * ENTRY_BYTES)
+        index.write(entry)
+    with pytest.raises(IntegrityError, match="AES-GCM authentication failed") as info:
         await store.get_many(NS, list(pages))
     assert info.value.offset == 3 * P
     await store.close()
