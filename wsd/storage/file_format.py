@@ -51,6 +51,8 @@ _IOV_MAX: Final = 1024
 # Index entries are read in pieces of this many pages (4 KiB of entries) when scanned.
 READ_RUN_PAGES: Final = 64
 KINDS: Final = frozenset(int(k) for k in PayloadKind)
+KNOWN_KIND: Final = np.isin(np.arange(256), list(KINDS))
+"""Indexed by a kind byte: whether it is a PayloadKind."""
 _SCAN_CHUNK: Final = 4 * 1024 * 1024
 # Only the fields a scan needs: presence, kind, generation and age.
 ENTRY_DTYPE: Final = np.dtype(
@@ -117,14 +119,15 @@ def runs(indexes: Sequence[int] | np.ndarray, *, limit: int = 1 << 62) -> list[t
         return out
     # Batches are hundreds of pages: find the breaks with numpy rather than a loop.
     array = np.asarray(indexes, dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(array) != 1) + 1
-    starts = np.concatenate(([0], breaks)).tolist()
-    ends = np.concatenate((breaks, [len(array)])).tolist()
+    starts = np.flatnonzero(np.diff(array, prepend=array[0] - 2) != 1)
+    counts = np.diff(starts, append=len(array))
     firsts = array[starts].tolist()
+    if int(counts.max()) <= limit:
+        return list(zip(firsts, counts.tolist(), strict=True))
     out = []
-    for first, start, end in zip(firsts, starts, ends, strict=True):
-        for piece in range(0, end - start, limit):
-            out.append((first + piece, min(limit, end - start - piece)))
+    for first, total in zip(firsts, counts.tolist(), strict=True):
+        for piece in range(0, total, limit):
+            out.append((first + piece, min(limit, total - piece)))
     return out
 
 

@@ -46,7 +46,7 @@ from wsd.storage.file_format import (
     ENTRY_DTYPE,
     INDEX_BASE,
     INDEX_VERSION,
-    KINDS,
+    KNOWN_KIND,
     READ_RUN_PAGES,
     REGION_FILE,
     SUPERBLOCK,
@@ -428,7 +428,7 @@ class FileStore(StoreBase):
         table = np.frombuffer(raw, dtype=ENTRY_DTYPE)
         kinds = table["kind"]
         # An unknown kind is corrupt; counting it as data over-estimates usage.
-        known = np.isin(kinds, list(KINDS))
+        known = KNOWN_KIND[kinds]
         kinds = np.where(known, kinds, np.uint8(PayloadKind.DATA))
         return np.where(table["magic"] == MAGIC, kinds, np.uint8(0))
 
