@@ -7,13 +7,119 @@ import collections
 import concurrent.futures
 import contextlib
 import itertools
+import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from wsd.storage.errors import StoreClosed
 
 T = TypeVar("T")
+
+
+_Job = tuple[Callable[..., Any], tuple[object, ...], "concurrent.futures.Future[Any]"]
+
+
+class _Worker:
+    """One thread of a LifoPool, woken by handing it a job."""
+
+    def __init__(self, pool: LifoPool, name: str, job: _Job) -> None:
+        self._pool = pool
+        self._job: _Job | None = job
+        self._wake = threading.Event()
+        # A daemon: a store that is never closed must not keep the process alive.
+        # close() waits for the work in flight, and nothing is durable before sync.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def hand(self, job: _Job | None) -> None:
+        """Give an idle worker its next job; None stops it."""
+        self._job = job
+        self._wake.set()
+
+    def _run(self) -> None:
+        job = self._job
+        while job is not None:
+            fn, args, future = job
+            del job
+            running = future.set_running_or_notify_cancel()
+            result: Any = None
+            error: BaseException | None = None
+            if running:
+                try:
+                    result = fn(*args)
+                except BaseException as err:  # handed to the awaiting side, as an executor does
+                    error = err
+            del fn, args
+            self._wake.clear()
+            # Become idle before publishing the result: the caller's next job, often
+            # submitted as soon as it sees this one done, then finds this thread idle,
+            # caches warm, rather than another one.
+            job, parked = self._pool._after(self)
+            if running:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            del future, result, error  # they belong to the caller, not to an idle thread
+            if parked:
+                self._wake.wait()
+                job = self._job
+
+
+class LifoPool:
+    """A thread pool that hands work to the worker that became idle last.
+
+    ``ThreadPoolExecutor`` wakes whichever idle thread the queue picks, so a stream of
+    batches, one at a time, rotates over every thread the pool ever started (a sync
+    starts them all at once). Each thread then allocates the pages it reads from its
+    own glibc arena and runs with cold caches: on the development VM a sequence of
+    256-page gets took 20 to 30% longer with four threads than with one. The most
+    recently idle worker has the warmest caches and arena, so it goes first; the
+    others are used only when work overlaps.
+    """
+
+    def __init__(self, *, threads: int, name: str) -> None:
+        self._max = threads
+        self._name = name
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []  # a stack: the last to become idle is on top
+        self._backlog: collections.deque[_Job] = collections.deque()
+        self._started = 0
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        job: _Job = (fn, args, future)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+            if self._idle:
+                self._idle.pop().hand(job)
+            elif self._started < self._max:
+                self._started += 1
+                _Worker(self, f"{self._name}_{self._started - 1}", job)
+            else:
+                self._backlog.append(job)
+        return future
+
+    def _after(self, worker: _Worker) -> tuple[_Job | None, bool]:
+        """For a worker done with a job: the backlog's next job, or None and whether it
+        was parked as idle (False: the pool is shut down, the worker stops)."""
+        with self._lock:
+            if self._backlog:
+                return self._backlog.popleft(), False
+            if self._shutdown:
+                return None, False
+            self._idle.append(worker)
+            return None, True
+
+    def shutdown(self) -> None:
+        """Stop every worker once the work already submitted is done."""
+        with self._lock:
+            self._shutdown = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.hand(None)
 
 
 class Offload:
@@ -28,7 +134,7 @@ class Offload:
 
     def __init__(self, *, backend: str, threads: int) -> None:
         self._backend = backend
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"wsd-{backend}")
+        self._pool = LifoPool(threads=threads, name=f"wsd-{backend}")
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
 
@@ -53,7 +159,7 @@ class Offload:
         self._closed = True
         if self._inflight:
             await asyncio.wait([asyncio.wrap_future(f) for f in list(self._inflight)])
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown()
 
 
 class OffsetGuard:
