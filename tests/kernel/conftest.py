@@ -12,6 +12,8 @@ from wsd.kernel import Feature, Ioctl, Pagemap, Userfaultfd, probe_api
 from wsd.testing.arming import RWP, arm_rwp
 from wsd.testing.puppet_vmm import PuppetVMM
 
+SHMEM_THP_KNOB = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -40,6 +42,17 @@ def hugepages() -> int:
     if n < 4:
         pytest.skip(f"only {n} free 2 MiB huge pages (set vm.nr_hugepages as root)")
     return n
+
+
+@pytest.fixture
+def shmem_thp_always() -> Iterator[None]:
+    try:
+        old = next(w[1:-1] for w in SHMEM_THP_KNOB.read_text().split() if w.startswith("["))
+        SHMEM_THP_KNOB.write_text("always\n")
+    except OSError as e:
+        pytest.skip(f"cannot set {SHMEM_THP_KNOB}: {e}")
+    yield
+    SHMEM_THP_KNOB.write_text(old + "\n")
 
 
 @pytest.fixture

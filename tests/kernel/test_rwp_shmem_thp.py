@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +14,7 @@ from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.testing.running import serving_faults
 from wsd.tracker.state import Granularity
 
-KNOB = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 SIZE = 8 << 20
-
-
-@pytest.fixture
-def shmem_thp_always() -> Iterator[None]:
-    try:
-        old = next(w[1:-1] for w in KNOB.read_text().split() if w.startswith("["))
-        KNOB.write_text("always\n")
-    except OSError as e:
-        pytest.skip(f"cannot set {KNOB}: {e}")
-    yield
-    KNOB.write_text(old + "\n")
 
 
 def huge_pages(p: PuppetVMM) -> int:

@@ -1,0 +1,177 @@
+"""Eviction policy: selection, hysteresis, the promotion-rate guard, budgets, the page map."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from wsd.evictor import EvictorConfig, pagemap
+from wsd.evictor.policy import RegionPolicy, VmPolicy, pages_for_bytes, select
+from wsd.evictor.transaction import runs
+from wsd.tracker.state import Granularity, RegionState
+
+N = 64
+
+
+def aged(ages: dict[int, int], npages: int = N) -> RegionState:
+    """A fully resident region where page p has been idle ``ages[p]`` cycles (others 0)."""
+    s = RegionState(npages, Granularity.PAGE_4K, started_at=0.0)
+    resident = np.ones(npages, dtype=bool)
+    top = max(ages.values(), default=0)
+    for c in range(top):
+        hot = np.ones(npages, dtype=bool)
+        for p, a in ages.items():
+            if c >= top - a:
+                hot[p] = False
+        s.observe(hot, resident, float(c + 1))
+    return s
+
+
+def test_only_pages_idle_long_enough_are_chosen_oldest_first() -> None:
+    s = aged({3: 5, 4: 2, 9: 7, 10: 1})
+    chosen = select(s, RegionPolicy(N), threshold=2, limit=10)
+    assert chosen.tolist() == [9, 3, 4]
+    assert select(s, RegionPolicy(N), threshold=2, limit=2).tolist() == [9, 3]
+
+
+def test_a_penalised_page_waits_longer() -> None:
+    s = aged({3: 5, 4: 5})
+    policy = RegionPolicy(N)
+    policy.penalty[3] = 4  # needs 2 + 4 = 6 idle cycles
+    assert select(s, policy, threshold=2, limit=10).tolist() == [4]
+
+
+def test_over_target_takes_younger_idle_pages_but_never_hot_ones() -> None:
+    s = aged({3: 5, 4: 1, 5: 2})
+    chosen = select(s, RegionPolicy(N), threshold=4, limit=10, over_target_pages=3)
+    assert chosen.tolist() == [3, 5, 4]
+    chosen = select(s, RegionPolicy(N), threshold=4, limit=10, over_target_pages=100)
+    assert sorted(chosen.tolist()) == [3, 4, 5]  # the rest were touched last interval
+
+
+def test_evicted_pages_are_not_chosen_again() -> None:
+    s = aged({3: 5, 4: 5})
+    s.note_evicted([3])
+    assert select(s, RegionPolicy(N), threshold=1, limit=10).tolist() == [4]
+
+
+def test_an_early_refault_doubles_the_penalty_and_an_eviction_halves_it() -> None:
+    cfg = EvictorConfig(refault_window_cycles=4, refault_penalty_cycles=8)
+    p = RegionPolicy(N)
+    pages = np.array([1], dtype=np.int64)
+    p.note_evicted(pages, cycle=100)
+    assert p.note_refault(1, cycle=102, config=cfg)
+    assert p.penalty[1] == 8
+    p.note_evicted(pages, cycle=110)
+    assert p.penalty[1] == 4
+    assert p.note_refault(1, cycle=111, config=cfg)
+    assert p.penalty[1] == 8
+    p.note_evicted(pages, cycle=120)
+    assert not p.note_refault(1, cycle=130, config=cfg)  # late: the eviction was right
+    assert p.penalty[1] == 4
+
+
+def test_refault_age_wraps_with_the_cycle_counter() -> None:
+    cfg = EvictorConfig(refault_window_cycles=4)
+    p = RegionPolicy(N)
+    p.note_evicted(np.array([0], dtype=np.int64), cycle=254)
+    assert p.note_refault(0, cycle=257, config=cfg)
+
+
+def test_penalty_saturates() -> None:
+    cfg = EvictorConfig(refault_penalty_cycles=200)
+    p = RegionPolicy(N)
+    for _ in range(4):
+        p.note_refault(0, cycle=0, config=cfg)
+    assert p.penalty[0] == 255
+
+
+def test_the_guard_raises_the_threshold_while_refaults_are_too_many() -> None:
+    cfg = EvictorConfig(
+        min_idle_cycles=4, max_idle_cycles=20, promotion_target_percent_per_minute=5.0
+    )
+    vm = VmPolicy(cfg, started_at=0.0)
+    assert vm.adapt(5.0, 1000) == 4  # too early to judge
+    vm.note_refaults(20.0, 200)  # 200 in 20 s = 600/min = 60% of 1000 pages
+    assert vm.adapt(20.0, 1000) == 5
+    assert [vm.adapt(21.0 + i, 1000) for i in range(6)] == [6, 7, 8, 10, 12, 15]
+    for i in range(10):
+        vm.adapt(30.0 + i, 1000)
+    assert vm.threshold == 20
+    # A minute later those refaults have aged out: back down, one per cycle.
+    assert vm.adapt(100.0, 1000) == 19
+    assert vm.adapt(101.0, 1000) == 18
+
+
+def test_the_guard_can_be_switched_off() -> None:
+    vm = VmPolicy(EvictorConfig(promotion_target_percent_per_minute=None), started_at=0.0)
+    vm.note_refaults(30.0, 10**6)
+    assert vm.adapt(30.0, 1) == vm.config.min_idle_cycles
+
+
+def test_reconfigure_clamps_the_learned_threshold() -> None:
+    vm = VmPolicy(EvictorConfig(min_idle_cycles=4, max_idle_cycles=50), started_at=0.0)
+    vm.threshold = 40
+    vm.reconfigure(EvictorConfig(min_idle_cycles=2, max_idle_cycles=10))
+    assert vm.threshold == 10
+
+
+def test_the_rate_budget_accrues_with_time_and_caps_at_ten_seconds() -> None:
+    vm = VmPolicy(EvictorConfig(rate_mb_per_second=1.0), started_at=0.0)
+    assert vm.byte_budget(2.0) == 2_000_000
+    assert vm.byte_budget(2.5) == 500_000
+    assert vm.byte_budget(100.0) == 10_000_000
+    vm.refund(100.0, 4_000_000)
+    assert vm.byte_budget(101.0) == 5_000_000
+    assert VmPolicy(EvictorConfig(rate_mb_per_second=None), started_at=0).byte_budget(1) is None
+    assert pages_for_bytes(None, 4096) > 1 << 40
+    assert pages_for_bytes(8191, 4096) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"min_idle_cycles": 0}, "min_idle_cycles"),
+        ({"min_idle_cycles": 9, "max_idle_cycles": 8}, r"max_idle_cycles \(8\) is below"),
+        ({"on_fetch_deadline": "panic"}, "on_fetch_deadline"),
+        ({"rate_mb_per_second": -1}, "rate_mb_per_second"),
+        ({"prefetch_pages": 1000}, "prefetch_pages"),
+        ({"evict_everything": True}, "evict_everything"),
+    ],
+)
+def test_bad_config_names_the_field(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        EvictorConfig.model_validate(fields)
+
+
+@given(st.lists(st.integers(0, 200), unique=True))
+def test_runs_cover_exactly_the_pages(pages: list[int]) -> None:
+    arr = np.array(sorted(pages), dtype=np.int64)
+    spans = runs(arr)
+    rebuilt = [p for first, count in spans for p in range(first, first + count)]
+    assert rebuilt == sorted(pages)
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_page_map_round_trip_and_validation(tmp_path: Path) -> None:
+    evicted = np.zeros(16, dtype=bool)
+    evicted[[2, 5, 6]] = True
+    gens = np.arange(16, dtype=np.uint32)
+    vm = pagemap.VmMap("vm-1", (pagemap.region_map(4096, 16 * 4096, 4096, evicted, gens),))
+    path = pagemap.save(tmp_path, vm)
+    back = pagemap.load(path)
+    assert back.vm_id == "vm-1"
+    (r,) = back.regions
+    assert (r.offset, r.size, r.page_size) == (4096, 16 * 4096, 4096)
+    assert r.pages.tolist() == [2, 5, 6] and r.generations.tolist() == [2, 5, 6]
+    assert [p.name for p in tmp_path.iterdir()] == ["vm-1.pagemap.npz"]  # no temp left
+
+    path.write_bytes(b"not a zip")
+    with pytest.raises(pagemap.PageMapError, match=r"vm-1\.pagemap\.npz: unreadable"):
+        pagemap.load(path)
