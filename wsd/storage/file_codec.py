@@ -6,18 +6,17 @@ payload goes to the data file at the page's own offset, the header and the rest 
 GCM tag, or the byte of a fill page) to the page's index entry (``file_format.py``).
 A put seals its whole batch here, and a get opens all the entries of its batch at
 once. Headers, identities and entries are handled as numpy arrays, and the per-page
-work is chained ``map``/``zip`` calls that run in C: copying a page out of the data
-read, the two xxh3 calls (the identity seed and the checksum), AES-GCM when a put
-encrypts, and building the ``StoredPage``. On the 2-vCPU development VM a bare loop
-iteration takes about 50 ns, so a Python loop body of a few dozen bytecodes per page
-would cost more than all of that work. Encrypted pages are opened one by one by the
-record codec: their AES-GCM costs far more than the Python around it.
+work is chained ``map``/``zip`` calls that run in C: reading a page, the two xxh3
+calls (the identity seed and the checksum), AES-GCM, and building the ``StoredPage``.
+On the 2-vCPU development VM a bare loop iteration takes about 50 ns, so a Python loop
+body of a few dozen bytecodes per page would cost more than all of that work.
 
-Opening accepts on its own only what ``PageCodec.open_fields`` would accept: plaintext
-data and fill entries whose header is exactly what this module writes, whose checksum
-matches and whose generation is the expected one. Every other entry (encrypted,
-malformed, corrupt or stale) goes to ``PageCodec.open_fields``, which alone decides
-and reports the error, so both paths accept and refuse exactly the same records.
+Opening accepts on its own only what ``PageCodec.open_fields`` would accept: data and
+fill entries whose header is exactly what this module writes with the store's flags,
+whose checksum matches, whose GCM tag authenticates (encrypted) and whose generation is
+the expected one. Every other entry (malformed, foreign, corrupt or stale) goes to
+``PageCodec.open_fields``, which alone decides and reports the error, so both paths
+accept and refuse exactly the same records.
 """
 
 from __future__ import annotations

@@ -451,8 +451,8 @@ class FileStore(StoreBase):
         expected: ExpectedGenerations,
     ) -> dict[int, StoredPage]:
         """The stored pages among ``offsets``, in that order: one worker call for the
-        whole batch, one pread of entries per run of consecutive pages, and the data
-        read in chunks of runs as it is verified."""
+        whole batch, one pread of entries per run of consecutive pages, and one pread
+        per data page, verified chunk by chunk as it is read."""
         found: dict[int, StoredPage] = {}
         size = region.ns.page_size
         indexes = list(map(operator.floordiv, offsets, itertools.repeat(size)))
