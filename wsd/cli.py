@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from wsd import daemon, demo, kernel_info
+from wsd import config, daemon, demo, kernel_info
 from wsd.guest import cli as guest_cli
 from wsd.kernel import FeatureUnavailable, probe_kernel
 from wsd.tracker.mode import TrackingMode
@@ -27,12 +28,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = daemon.Settings(
-        socket=args.socket,
-        interval=args.interval,
-        mode=TrackingMode(args.mode) if args.mode else None,
-    )
-    return daemon.run(settings)
+    try:
+        cfg = config.load(args.config) if args.config else config.WsdConfig()
+    except config.ConfigError as e:
+        print(f"wsd: {e}", file=sys.stderr)
+        return 2
+    settings = daemon.Settings.from_config(cfg)
+    overrides: dict[str, object] = {}
+    if args.socket is not None:
+        overrides["socket"] = args.socket
+    if args.interval is not None:
+        overrides["interval"] = args.interval
+    if args.mode:
+        overrides["mode"] = TrackingMode(args.mode)
+    return daemon.run(dataclasses.replace(settings, **overrides))  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,17 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--hot-percent", type=float, default=10.0)
     de.set_defaults(func=_demo)
     ru = sub.add_parser("run", help="run the daemon in the foreground")
-    ru.add_argument(
-        "--socket",
-        type=Path,
-        default=daemon.Settings.socket,
-        help="hand-off socket (default %(default)s)",
-    )
+    ru.add_argument("--config", type=Path, help="the TOML configuration (see config.example.toml)")
+    ru.add_argument("--socket", type=Path, help="hand-off socket (overrides daemon.socket)")
     ru.add_argument(
         "--interval",
         type=float,
-        default=daemon.Settings.interval,
-        help="tracking interval in seconds (default %(default)s)",
+        help="tracking interval in seconds (overrides daemon.interval_seconds)",
     )
     ru.add_argument(
         "--mode",

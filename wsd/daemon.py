@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import numpy.typing as npt
 import structlog
 import uvloop
 
+from wsd.config import WsdConfig
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
@@ -41,7 +42,7 @@ log = structlog.get_logger("wsd")
 
 @dataclass(frozen=True)
 class Settings:
-    """What the daemon needs until the TOML config (issue 6) replaces it."""
+    """What the daemon runs with; :meth:`from_config` builds it from the TOML file."""
 
     socket: Path = Path("/run/wsd/wsd.sock")
     interval: float = 1.0
@@ -51,6 +52,24 @@ class Settings:
     evictor: EvictorConfig = field(default_factory=EvictorConfig)
     state_dir: Path | None = None
     """Where page maps are persisted (None: not persisted)."""
+    vm_evictor: Mapping[str, EvictorConfig] = field(default_factory=dict)
+    """Per-VM evictor settings, by vm_id."""
+
+    @classmethod
+    def from_config(cls, config: WsdConfig) -> Settings:
+        d = config.daemon
+        return cls(
+            socket=d.socket,
+            interval=d.interval_seconds,
+            mode=d.mode,
+            storage=config.storage,
+            evictor=config.evictor,
+            state_dir=d.state_dir,
+            vm_evictor={vm_id: config.evictor_for(vm_id) for vm_id in config.vm},
+        )
+
+    def evictor_for(self, vm_id: str) -> EvictorConfig:
+        return self.vm_evictor.get(vm_id, self.evictor)
 
 
 @dataclass
@@ -151,7 +170,8 @@ class Daemon:
         assert self._tg is not None
         tg = self._tg
         try:
-            ctx = VmContext(req.vm_id, tracker, self.store, self.settings.evictor, self.clock)
+            evictor_config = self.settings.evictor_for(req.vm_id)
+            ctx = VmContext(req.vm_id, tracker, self.store, evictor_config, self.clock)
             evictor = Evictor(ctx, state_dir=self.settings.state_dir, host_room=self._host_room)
         except BaseException:
             tracker.close()
