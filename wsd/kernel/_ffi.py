@@ -59,6 +59,7 @@ struct pm_scan_arg {
 long syscall(long number, ...);
 int ioctl(int fd, unsigned long request, ...);
 int fallocate(int fd, int mode, int64_t offset, int64_t len);
+int fstatfs(int fd, void *buf);
 """
 
 ffi = FFI()

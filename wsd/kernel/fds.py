@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from ._ffi import ffi, libc
 from .errors import oserror
 
 __all__ = ["FdInfo", "FdKind", "OwnedFd", "close_fds", "describe_fd"]
@@ -38,6 +39,19 @@ class FdInfo:
     device: int
 
 
+HUGETLBFS_MAGIC = 0x958458F6
+
+
+def fs_type(fd: int) -> int:
+    """``fstatfs(fd).f_type``: the magic number of the filesystem ``fd`` lives on."""
+    # f_type is the first member of struct statfs on every 64-bit Linux ABI;
+    # the buffer is larger than the whole struct (120 bytes on x86_64).
+    buf = ffi.new("int64_t[32]")
+    if libc.fstatfs(fd, buf) < 0:
+        raise oserror("fstatfs", ffi.errno, fd=fd)
+    return int(buf[0]) & 0xFFFFFFFF
+
+
 def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
     try:
         st = os.fstat(fd)
@@ -47,9 +61,10 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
     if target == "anon_inode:[userfaultfd]":
         kind = FdKind.USERFAULTFD
     elif target.startswith("/memfd:"):
-        # memfds on hugetlbfs are named "/memfd:NAME (deleted)" too; the
-        # block size (huge page size) tells them apart.
-        kind = FdKind.MEMFD_HUGETLB if st.st_blksize > 4096 * 16 else FdKind.MEMFD
+        # memfds on hugetlbfs are named "/memfd:NAME (deleted)" too.  Only the
+        # filesystem type tells them apart: st_blksize is 2 MiB for both when
+        # shmem THP is enabled.
+        kind = FdKind.MEMFD_HUGETLB if fs_type(fd) == HUGETLBFS_MAGIC else FdKind.MEMFD
     elif stat.S_ISREG(st.st_mode):
         kind = FdKind.REGULAR
     else:
