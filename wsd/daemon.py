@@ -189,10 +189,21 @@ class Daemon:
         return Accepted(reply, lambda: self._end(session))
 
     async def _cycles(self, session: Session) -> None:
+        """Every interval: a window (scan, commit what was prepared), then prepare more.
+
+        Preparing (reading and storing the next pages) happens between windows
+        and counts against the interval; when it takes longer, the next window
+        opens as soon as it is done.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.settings.interval
         try:
+            next_at = loop.time() + interval
             while True:
-                await asyncio.sleep(self.settings.interval)
-                session.last_hot = await session.tracker.cycle(session.evictor)
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+                session.last_hot = await session.tracker.cycle(session.evictor.commit)
+                await session.evictor.prepare()
+                next_at = max(next_at + interval, loop.time())
         except asyncio.CancelledError:
             raise
         except KernelError as e:

@@ -1,16 +1,24 @@
-"""Eviction of one VM, run by the tracker inside its sync window.
+"""Eviction of one VM in two phases, so that a vCPU never waits for storage I/O.
 
-Why inside the window: in ``rwp`` mode the window is when every access to a
-protected page blocks and raises an RWP fault.  A candidate page is idle, so
-it is still protected from the start of the interval; while a batch is read,
-stored and synced, any vCPU touching one of its pages blocks, and the fault
-handler unprotects the page and records it as touched.  The commit (which
-runs with no ``await`` in it, so no fault handler can interleave) drops every
-touched page from the batch before punching.  A vCPU whose fault is still
-unread at the commit has not accessed the page yet: it is woken after the
-punch, re-faults as MISSING and gets the stored bytes, which are current.
+**Prepare**, between two windows (the uffd is async, the guest runs freely):
+select cold pages from the ages of the last scan, ``pread`` them from the
+memfd, ``put`` them and wait for ``sync``, and persist the page map listing
+them.  Every candidate was idle for a whole interval, so the ``RWPROTECT``
+that closed the last window protects it: any access from then on clears the
+protection and shows as ``PAGE_IS_ACCESSED`` in the next scan.
 
-In ``wp-async`` mode there is no such window (``SET_MODE`` cannot toggle
+**Commit**, inside the next sync window, right after its scan, with no
+``await`` (so no fault handler runs in between): drop every prepared page
+the scan found accessed or whose RWP/MINOR fault arrived during the window,
+then punch the rest and ``UFFDIO_WAKE`` them.  A page accessed after its
+``pread`` is therefore never punched; a vCPU that blocked on a page in the
+window before the commit has not accessed it, is woken after the punch,
+re-faults as MISSING and gets the stored bytes, which are current.
+
+The window itself holds no I/O: its length is the scan plus the punches, and
+``max_pages_per_window`` bounds the punches.
+
+In ``wp-async`` mode there is no window (``SET_MODE`` cannot toggle
 ``WP_ASYNC``), so a write between the read and the punch would be lost; the
 evictor refuses to run there (see docs/evictor.md and the degraded-mode issue).
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +63,14 @@ def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Pages of one region read and durable in the store (at generation + 1), not punched."""
+
+    region: int
+    pages: npt.NDArray[np.int64]
+
+
 class Evictor:
     def __init__(
         self,
@@ -66,6 +83,7 @@ class Evictor:
         self.state_dir = state_dir
         self.host_room = host_room
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
+        self._prepared: list[Prepared] = []
         for i, reason in enumerate(self.reasons):
             if reason and ctx.config.enabled:
                 log.warning("region not evicted", vm_id=ctx.vm_id, region=i, reason=reason)
@@ -76,15 +94,24 @@ class Evictor:
                 "evictor.allow_volatile_store = true to accept that"
             )
 
-    async def __call__(self, tracker: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
-        """The tracker's cycle hook: one eviction window."""
+    async def commit(self, tracker: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
+        """The tracker's window hook: punch what was prepared, minus what was touched."""
+        prepared, self._prepared = self._prepared, []
+        if not tracker.in_window:
+            return  # no window to make it safe (wp-async): prepared pages stay resident
+        self.ctx.stats.windows += 1
+        for batch in prepared:
+            self._commit(batch, hot[batch.region])
+
+    async def prepare(self) -> None:
+        """Between windows: store the next pages to evict, for the next commit."""
         ctx = self.ctx
         cfg = ctx.config
-        if not cfg.enabled or ctx.store is None or not tracker.in_window:
+        if not cfg.enabled or ctx.store is None or all(self.reasons):
             return
-        ctx.stats.windows += 1
         await self._flush_discards()
         now = ctx.clock()
+        tracker = ctx.tracker
         wss = sum(t.state.working_set()[1].pages or 0 for t in tracker.regions)
         threshold = ctx.vm.adapt(now, wss)
         budget = ctx.vm.byte_budget(now)
@@ -108,14 +135,90 @@ class Evictor:
             )
             pages_left -= len(chosen)
             for k in range(0, len(chosen), cfg.batch_pages):
-                batch = np.sort(chosen[k : k + cfg.batch_pages])
-                done = await self.evict_batch(i, t, batch)
-                if done < 0:
-                    break  # the store is failing: try again next window
-                spent += done * ps
-                over -= done * ps
+                batch = await self._prepare(i, np.sort(chosen[k : k + cfg.batch_pages]))
+                if batch is None:
+                    break  # the store is failing: try again next time
+                self._prepared.append(batch)
+                spent += len(batch.pages) * ps
+                over -= len(batch.pages) * ps
         if budget is not None:
             ctx.vm.refund(now, budget - spent)
+        if self._prepared and self.state_dir is not None:
+            try:
+                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+            except OSError as e:
+                # Without the map on disk a crash would strand these pages: don't punch.
+                log.warning("writing the page map failed, nothing evicted", error=str(e))
+                self._prepared.clear()
+
+    async def evict_batch(self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64]) -> int:
+        """Prepare and commit ``pages`` (ascending) of region ``i`` at once.
+
+        Returns the pages evicted, or -1 if storing them failed (nothing
+        evicted).  Only for a guest known to be quiescent (tests, benchmarks):
+        nothing here makes an access between the read and the punch visible.
+        """
+        assert t is self.ctx.tracker.regions[i]
+        batch = await self._prepare(i, pages)
+        if batch is None:
+            return -1
+        if self.state_dir is not None:
+            self._prepared.append(batch)
+            try:
+                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+            finally:
+                self._prepared.remove(batch)
+        return self._commit(batch, None)
+
+    async def _prepare(self, i: int, pages: npt.NDArray[np.int64]) -> Prepared | None:
+        """Read ``pages`` and make them durable in the store; None if that failed."""
+        ctx = self.ctx
+        assert ctx.store is not None
+        t = ctx.tracker.regions[i]
+        gens = (t.state.generations[pages].astype(np.int64) + 1) & 0xFFFFFFFF
+        try:
+            data = await asyncio.to_thread(read_pages, t.memfd, t.region, pages)
+            generation = dict(zip(data, gens.tolist(), strict=True))
+            await ctx.store.put(ctx.namespaces[i], data, generation=generation)
+            await ctx.store.sync()
+        except (StorageError, KernelError, OSError) as e:
+            ctx.stats.failed_batches += 1
+            log.warning(
+                "eviction batch failed, nothing evicted",
+                vm_id=ctx.vm_id,
+                region=i,
+                pages=len(pages),
+                error=str(e),
+            )
+            return None
+        return Prepared(i, pages)
+
+    def _commit(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
+        """Punch the prepared pages nobody touched since they were read; how many."""
+        ctx = self.ctx
+        i, pages = batch.region, batch.pages
+        t = ctx.tracker.regions[i]
+        keep = pages if hot is None else pages[~hot[pages]]
+        if t.touched:
+            keep = keep[~np.isin(keep, np.fromiter(t.touched, np.int64, len(t.touched)))]
+        keep = keep[t.state.settled_mask(keep)]
+        ctx.stats.skipped_touched += len(pages) - len(keep)
+        if not len(keep):
+            return 0
+        t.state.note_evicted(keep)
+        ctx.policies[i].note_evicted(keep, ctx.tracker.cycles)
+        ctx.discards[i].difference_update(keep.tolist())
+        try:
+            punch_and_wake(ctx.tracker.uffd, t.memfd, t.region, keep)
+        except KernelError as e:
+            # The pages stay marked evicted but (some) resident: the memfd wins
+            # wherever it has data, and no further eviction touches them until a
+            # resident walk settles them.
+            log.error("punching evicted pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
+        ctx.stats.batches += 1
+        ctx.stats.evicted_pages += len(keep)
+        ctx.stats.evicted_bytes += len(keep) * t.region.page_size
+        return len(keep)
 
     def _over_target_bytes(self) -> int:
         target = self.ctx.config.resident_target_bytes
@@ -140,65 +243,16 @@ class Evictor:
             except StorageError as e:
                 log.warning("discarding fetched pages failed", vm_id=ctx.vm_id, error=str(e))
 
-    async def evict_batch(self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64]) -> int:
-        """One transaction over ``pages`` (ascending) of region ``i``.
-
-        Returns the pages evicted, or -1 if the batch failed (nothing evicted).
-        The caller guarantees no access to them can slip by untrapped: the
-        cycle hook runs it inside the sync window, tests on a quiescent guest.
-        """
-        ctx = self.ctx
-        assert ctx.store is not None
-        r = t.region
-        gens = (t.state.generations[pages].astype(np.int64) + 1) & 0xFFFFFFFF
-        try:
-            data = await asyncio.to_thread(read_pages, t.memfd, r, pages)
-            generation = dict(zip(data, gens.tolist(), strict=True))
-            await ctx.store.put(ctx.namespaces[i], data, generation=generation)
-            await ctx.store.sync()
-            if self.state_dir is not None:
-                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with(i, pages))
-        except (StorageError, KernelError, OSError) as e:
-            ctx.stats.failed_batches += 1
-            log.warning(
-                "eviction batch failed, nothing evicted",
-                vm_id=ctx.vm_id,
-                region=i,
-                pages=len(pages),
-                error=str(e),
-            )
-            return -1
-        # The commit: no await from here on, so no fault handler runs in between.
-        touched = np.fromiter(t.touched, np.int64, len(t.touched))
-        keep = pages[~np.isin(pages, touched)]
-        keep = keep[t.state.settled_mask(keep)]
-        ctx.stats.skipped_touched += len(pages) - len(keep)
-        if not len(keep):
-            return 0
-        t.state.note_evicted(keep)
-        ctx.policies[i].note_evicted(keep, ctx.tracker.cycles)
-        ctx.discards[i].difference_update(keep.tolist())
-        try:
-            punch_and_wake(ctx.tracker.uffd, t.memfd, r, keep)
-        except KernelError as e:
-            # The pages stay marked evicted but (some) resident: the memfd wins
-            # wherever it has data, and no further eviction touches them until a
-            # resident walk settles them.
-            log.error("punching evicted pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
-        ctx.stats.batches += 1
-        ctx.stats.evicted_pages += len(keep)
-        ctx.stats.evicted_bytes += len(keep) * r.page_size
-        return len(keep)
-
-    def _map_with(self, region: int, batch: npt.NDArray[np.int64]) -> pagemap.VmMap:
-        """The page map as it will be once ``batch`` of ``region`` is evicted."""
+    def _map_with_prepared(self) -> pagemap.VmMap:
+        """The page map as it will be once every prepared batch is committed."""
         out = []
         for i, t in enumerate(self.ctx.tracker.regions):
             evicted = t.state.evicted
             gens = t.state.generations.copy()
-            if i == region:
-                evicted[batch] = True
-                gens[batch] += np.uint32(1)
+            for batch in self._prepared:
+                if batch.region == i:
+                    evicted[batch.pages] = True
+                    gens[batch.pages] += np.uint32(1)
             r = t.region
             out.append(pagemap.region_map(r.offset, r.size, r.page_size, evicted, gens))
         return pagemap.VmMap(self.ctx.vm_id, tuple(out))
