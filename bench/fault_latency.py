@@ -1,0 +1,516 @@
+"""Fault-to-resume latency of wsd's MISSING fault path against a minimal C handler.
+
+    .venv/bin/python bench/fault_latency.py [--pages N] [--rounds R] [--quick] [--json]
+
+The guest is ``bench/fault_c.c`` (compiled with gcc into a temporary directory at run
+time), a C process that maps a memfd ``MAP_SHARED`` and creates a raw userfaultfd.  It
+hands both fds over (SCM_RIGHTS), then touches pages on request, one at a time, reading
+one byte of each, and times every read with ``clock_gettime(CLOCK_MONOTONIC)`` before and
+after: for a page that is a hole that is the whole round trip (fault, message, handler,
+``UFFDIO_COPY``, wake, resume).  The touches are C so that nothing on the guest side is
+Python.
+
+Handlers, each on a fresh guest, interleaved round by round:
+
+* ``C``: ``fault_c handler``, another process that polls the uffd (negotiated and
+  registered for MISSING by this script, which is setup, not measured), reads the
+  messages and ``UFFDIO_COPY``\\ s one prepared page to each faulting address.  The pages
+  were never populated, so every touch faults.
+* ``wsd-zstd``, ``wsd-file``: the real wsd pieces in this process, on uvloop: a
+  :class:`~wsd.tracker.session.VmTracker` started on the guest's raw uffd as for a
+  hand-off (``wp-async`` on a host without RWP), a ``VmContext`` with the zstd tier
+  (``allow_volatile_store``) or the file tier (in a temporary directory, ``--dir``), a
+  ``FaultService`` fed by ``wsd.testing.running.serving_faults`` (``add_reader`` on the
+  uffd, as the daemon does).  The guest's memory is filled (alternately text-like and
+  random pages, no zero pages) with ``pwrite`` on the memfd, one tracking cycle runs, and
+  the pages to touch are evicted beforehand with ``Evictor.evict_batch`` on the quiescent
+  guest.  Every touch is then a fetch-back: ``get`` from the tier, ``UFFDIO_COPY``.
+* ``wsd-zstd+evict``, ``wsd-file+evict``: the same, while a task keeps calling
+  ``evict_batch`` on other pages of the guest (``--evict-pages`` pages the toucher never
+  touches, so this is safe without a sync window) in batches of ``--batch``.  The
+  bench records when each batch call started and ended (``time.monotonic_ns``, the same
+  clock as the toucher's), and reports the latencies of the touches that started while
+  a batch was in flight (``n`` says how many).
+
+Placement (``--placements``): ``same`` pins the handler (the C handler process, or every
+thread of this process for wsd) and the toucher to CPU 0; ``cross`` pins the handler to
+CPU 0 and the toucher to CPU 1.  Same placement for C and wsd in the same round.
+
+Reported per handler and placement: p50 and p99 over all rounds' touches (warm-up
+touches excluded), the spread of the per-round p50, and the ratio wsd/C of p50 and p99.
+The issue's goal: wsd p50 <= 3x C, and p99 <= 3x C while an eviction batch is in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import uvloop
+
+from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.kernel import Feature, RegisterMode, Userfaultfd, probe_kernel
+from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig, open_backend
+from wsd.testing.running import serving_faults
+from wsd.tracker.mode import choose_mode
+from wsd.tracker.session import VmTracker
+from wsd.vmm.protocol import Region, UffdSpec
+
+BENCH = Path(__file__).resolve().parent
+PAGE = 4096
+MiB = 1 << 20
+GOAL_RATIO = 3.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# the C side
+
+
+def build_c(tmp: Path) -> Path:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise SystemExit("bench: gcc is needed to build bench/fault_c.c")
+    exe = tmp / "fault_c"
+    subprocess.run(
+        [cc, "-O2", "-Wall", "-Wextra", "-o", str(exe), str(BENCH / "fault_c.c")], check=True
+    )
+    return exe
+
+
+class CGuest:
+    """``fault_c guest``: a C process owning a memfd mapping and a raw uffd, touching on request.
+
+    ``memfd`` and ``uffd`` are this process's copies of its fds (the guest keeps its own).
+    """
+
+    def __init__(self, exe: Path, size: int, cpu: int | None) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with parent, child:
+            self.proc = subprocess.Popen(
+                [str(exe), "guest", str(child.fileno()), str(size)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=[child.fileno()],
+            )
+            child.close()
+            msg, fds, _, _ = socket.recv_fds(parent, 8, 2)
+        if len(fds) != 2 or len(msg) != 8:
+            self.proc.kill()
+            raise RuntimeError(f"fault_c guest handed over {fds!r}, {msg!r}")
+        self.memfd, self.uffd = fds
+        self.base = int.from_bytes(msg, sys.byteorder)
+        self.size = size
+        self.npages = size // PAGE
+        self.pid = self.proc.pid
+        if cpu is not None:
+            os.sched_setaffinity(self.pid, {cpu})
+        self._buf = b""
+
+    def send_touch(self, first: int, count: int, stride: int = 1) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(f"t {first} {count} {stride}\n".encode())
+        self.proc.stdin.flush()
+
+    def read_result(self) -> npt.NDArray[np.int64]:
+        assert self.proc.stdout
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fault_c guest exited with {self.proc.wait()}")
+        return self._parse(line)
+
+    async def touch_async(self, first: int, count: int, stride: int = 1) -> npt.NDArray[np.int64]:
+        """Touch while this loop serves the faults; the answer is read with add_reader."""
+        assert self.proc.stdout
+        loop = asyncio.get_running_loop()
+        fd = self.proc.stdout.fileno()
+        done: asyncio.Future[bytes] = loop.create_future()
+        chunks: list[bytes] = []
+
+        def readable() -> None:
+            data = os.read(fd, 1 << 20)
+            if not data:
+                done.set_exception(RuntimeError("fault_c guest closed its stdout"))
+            else:
+                chunks.append(data)
+                if data.endswith(b"\n"):
+                    done.set_result(b"".join(chunks))
+            if done.done():
+                loop.remove_reader(fd)
+
+        loop.add_reader(fd, readable)
+        try:
+            self.send_touch(first, count, stride)
+            line = await done
+        finally:
+            loop.remove_reader(fd)
+        return self._parse(line)
+
+    @staticmethod
+    def _parse(line: bytes) -> npt.NDArray[np.int64]:
+        """Two halves: the start times of the touches, then their latencies (ns)."""
+        values = np.array(line.split(), dtype=np.int64)
+        return values.reshape(2, -1)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            assert self.proc.stdin
+            self.proc.stdin.write(b"q\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.memfd)
+        os.close(self.uffd)
+
+
+def fill(memfd: int, first: int, npages: int, seed: int = 0) -> None:
+    """Alternately text-like and random pages (no zero pages), with pwrite on the memfd."""
+    rng = np.random.default_rng(seed)
+    words = np.frombuffer(b"the quick brown fox jumps over a lazy dog 0123456789 ", np.uint8)
+    chunk = 4096
+    for start in range(first, first + npages, chunk):
+        n = min(chunk, first + npages - start)
+        pages = rng.integers(0, 256, size=(n, PAGE), dtype=np.uint8)
+        text = words[rng.integers(0, len(words), size=(n, PAGE))]
+        pages[0::2] = text[0::2]
+        os.pwrite(memfd, pages.tobytes(), start * PAGE)
+
+
+def pin_process(cpu: int | None) -> None:
+    """Pin every thread of this process (threads created later inherit it)."""
+    cpus = {cpu} if cpu is not None else set(range(os.cpu_count() or 1))
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+# ---------------------------------------------------------------------------
+# wsd's side
+
+
+def start_tracker(g: CGuest, vm_id: str) -> VmTracker:
+    """A VmTracker on the guest's raw uffd, as for a hand-off (what ``track_puppet`` does)."""
+    k = probe_kernel()
+    region = Region(guest_phys_addr=0, host_virt_addr=g.base, size=g.size, fd_index=1)
+    return VmTracker.start(
+        vm_id,
+        vmm_pid=g.pid,
+        spec=UffdSpec(),
+        uffd_fd=os.dup(g.uffd),
+        regions=[(region, g.memfd)],
+        decision=choose_mode(k),
+        kernel=k,
+    )
+
+
+async def open_tier(tier: str, root: Path, budget: int) -> tuple[PageStore, EvictorConfig]:
+    if tier == "zstd":
+        store = await open_backend(ZstdStoreConfig(budget_bytes=budget))
+        return store, EvictorConfig(allow_volatile_store=True)
+    store = await open_backend(FileStoreConfig(root=root))
+    return store, EvictorConfig()
+
+
+def fault_service(ctx: VmContext) -> tuple[FaultService, set[asyncio.Task[None]]]:
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return FaultService(ctx, spawn), tasks
+
+
+async def evict_range(ev: Evictor, t: Any, first: int, count: int, batch: int) -> None:
+    for start in range(first, first + count, batch):
+        pages = np.arange(start, min(start + batch, first + count), dtype=np.int64)
+        done = await ev.evict_batch(0, t, pages)
+        if done != len(pages):
+            raise RuntimeError(f"evict_batch evicted {done} of {len(pages)} pages")
+
+
+# ---------------------------------------------------------------------------
+# one round of each handler
+
+
+@dataclass
+class Args:
+    pages: int
+    warmup: int
+    evict_pages: int
+    batch: int
+    dir: Path
+
+
+@dataclass
+class Sample:
+    latencies: npt.NDArray[np.int64]
+    in_flight_batches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_c(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int | None) -> Sample:
+    g = CGuest(exe, (a.warmup + a.pages) * PAGE, toucher_cpu)
+    try:
+        uffd = Userfaultfd(os.dup(g.uffd))
+        with uffd:
+            uffd.api(Feature.MISSING_SHMEM)
+            uffd.register(g.base, g.size, RegisterMode.MISSING)
+            h = subprocess.Popen(
+                [str(exe), "handler", str(uffd.fd)], stdin=subprocess.PIPE, pass_fds=[uffd.fd]
+            )
+        try:
+            if handler_cpu is not None:
+                os.sched_setaffinity(h.pid, {handler_cpu})
+            g.send_touch(0, a.warmup)
+            g.read_result()
+            g.send_touch(a.warmup, a.pages)
+            _, lat = g.read_result()
+        finally:
+            assert h.stdin
+            h.stdin.close()
+            h.wait(timeout=10)
+    finally:
+        g.close()
+    return Sample(lat)
+
+
+async def run_wsd(
+    exe: Path,
+    a: Args,
+    tier: str,
+    *,
+    with_eviction: bool,
+    handler_cpu: int | None,
+    toucher_cpu: int | None,
+) -> Sample:
+    pin_process(handler_cpu)
+    touch_pages = a.warmup + a.pages
+    npages = touch_pages + (a.evict_pages if with_eviction else 0)
+    g = CGuest(exe, npages * PAGE, toucher_cpu)
+    root = Path(tempfile.mkdtemp(prefix="fault-latency-", dir=a.dir))
+    store: PageStore | None = None
+    tracker: VmTracker | None = None
+    try:
+        fill(g.memfd, 0, npages)
+        tracker = start_tracker(g, f"bench-{tier}")
+        store, cfg = await open_tier(tier, root / "pages", 4 * npages * PAGE)
+        ctx = VmContext(tracker.vm_id, tracker, store, cfg)
+        faults, tasks = fault_service(ctx)
+        await tracker.cycle()
+        t = tracker.regions[0]
+        ev = Evictor(ctx)
+        await evict_range(ev, t, 0, touch_pages, a.batch)
+        spans: list[tuple[int, int]] = []
+        stop = asyncio.Event()
+
+        async def keep_evicting() -> None:
+            first = touch_pages
+            while not stop.is_set() and first < npages:
+                pages = np.arange(first, min(first + a.batch, npages), dtype=np.int64)
+                t0 = time.monotonic_ns()
+                await ev.evict_batch(0, t, pages)
+                spans.append((t0, time.monotonic_ns()))
+                first += a.batch
+
+        with serving_faults(tracker, faults) as unhandled:
+            await g.touch_async(0, a.warmup)
+            evicting = asyncio.create_task(keep_evicting()) if with_eviction else None
+            if evicting is not None:
+                await asyncio.sleep(0)  # let the first batch start
+            starts, lat = await g.touch_async(a.warmup, a.pages)
+            stop.set()
+            if evicting is not None:
+                await evicting
+            while tasks:
+                await asyncio.sleep(0.001)
+        if unhandled:
+            raise RuntimeError(f"{len(unhandled)} faults nobody handled")
+        if ctx.stats.fetched_pages != touch_pages:
+            raise RuntimeError(f"fetched {ctx.stats.fetched_pages} pages, not {touch_pages}")
+        extra = {"batches": len(spans), "evict_pages_done": len(spans) * a.batch}
+        if with_eviction:
+            inside = np.zeros(len(starts), dtype=bool)
+            for s, e in spans:
+                inside |= (starts >= s) & (starts < e)
+            extra["touches"] = len(lat)
+            return Sample(lat[inside], len(spans), extra)
+        return Sample(lat, 0, extra)
+    finally:
+        if tracker is not None:
+            tracker.close()
+        if store is not None:
+            await store.close()
+        g.close()
+        shutil.rmtree(root, ignore_errors=True)
+        pin_process(None)
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+HANDLERS = ("C", "wsd-zstd", "wsd-file", "wsd-zstd+evict", "wsd-file+evict")
+
+
+def placements(names: list[str]) -> Iterator[tuple[str, int | None, int | None]]:
+    for name in names:
+        if name == "same":
+            yield name, 0, 0
+        elif name == "cross":
+            yield name, 0, 1
+        elif name == "none":
+            yield name, None, None
+        else:
+            raise SystemExit(f"unknown placement {name!r} (same, cross, none)")
+
+
+def pct(x: npt.NDArray[np.int64], q: float) -> float:
+    return float(np.percentile(x, q)) / 1000.0 if len(x) else float("nan")
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir)
+    k = probe_kernel()
+    mode = choose_mode(k).mode
+    log(f"kernel {os.uname().release}, tracking mode {mode}, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="fault-latency-build-") as tmp:
+        exe = build_c(Path(tmp))
+        results: dict[tuple[str, str], list[Sample]] = {}
+        for r in range(args.rounds):
+            for pname, hcpu, tcpu in placements(args.placements):
+                for h in args.handlers:
+                    started = time.monotonic()
+                    if h == "C":
+                        s = await asyncio.to_thread(run_c, exe, a, hcpu, tcpu)
+                    else:
+                        tier = "zstd" if "zstd" in h else "file"
+                        s = await run_wsd(
+                            exe,
+                            a,
+                            tier,
+                            with_eviction=h.endswith("+evict"),
+                            handler_cpu=hcpu,
+                            toucher_cpu=tcpu,
+                        )
+                    results.setdefault((pname, h), []).append(s)
+                    log(
+                        f"round {r + 1}/{args.rounds} {pname:5} {h:15} "
+                        f"p50 {pct(s.latencies, 50):8.1f} µs  p99 {pct(s.latencies, 99):8.1f} µs"
+                        f"  n {len(s.latencies)}  {s.extra or ''}"
+                        f"  ({time.monotonic() - started:.1f} s)"
+                    )
+    rows: dict[str, Any] = {}
+    for (pname, h), samples in results.items():
+        lat = np.concatenate([s.latencies for s in samples])
+        rows[f"{pname}/{h}"] = {
+            "placement": pname,
+            "handler": h,
+            "n": len(lat),
+            "p50_us": pct(lat, 50),
+            "p99_us": pct(lat, 99),
+            "round_p50_us": [pct(s.latencies, 50) for s in samples],
+            "round_p99_us": [pct(s.latencies, 99) for s in samples],
+            "batches": [s.in_flight_batches for s in samples],
+        }
+    for row in rows.values():
+        base = rows.get(f"{row['placement']}/C")
+        if base is not None:
+            row["ratio_p50"] = row["p50_us"] / base["p50_us"]
+            row["ratio_p99"] = row["p99_us"] / base["p99_us"]
+    return {"kernel": os.uname().release, "mode": str(mode), "args": vars(a), "rows": rows}
+
+
+def print_table(out: dict[str, Any]) -> None:
+    print(f"kernel {out['kernel']}, mode {out['mode']}")
+    print(
+        f"{'placement':9} {'handler':15} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} "
+        f"{'p50/C':>6} {'p99/C':>6}  per-round p50 µs"
+    )
+    for row in out["rows"].values():
+        spread = "/".join(f"{x:.1f}" for x in row["round_p50_us"])
+        print(
+            f"{row['placement']:9} {row['handler']:15} {row['n']:6d} {row['p50_us']:8.1f} "
+            f"{row['p99_us']:8.1f} {row.get('ratio_p50', float('nan')):6.2f} "
+            f"{row.get('ratio_p99', float('nan')):6.2f}  {spread}"
+        )
+    for pname in dict.fromkeys(r["placement"] for r in out["rows"].values()):
+        for tier in ("zstd", "file"):
+            quiet = out["rows"].get(f"{pname}/wsd-{tier}")
+            busy = out["rows"].get(f"{pname}/wsd-{tier}+evict")
+            if quiet and "ratio_p50" in quiet:
+                met = "met" if quiet["ratio_p50"] <= GOAL_RATIO else "NOT met"
+                print(f"goal {pname} wsd-{tier} p50 <= 3x C: {quiet['ratio_p50']:.2f}x, {met}")
+            if busy and "ratio_p99" in busy:
+                met = "met" if busy["ratio_p99"] <= GOAL_RATIO else "NOT met"
+                print(
+                    f"goal {pname} wsd-{tier} p99 during eviction <= 3x C: "
+                    f"{busy['ratio_p99']:.2f}x, {met}"
+                )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring (and docs/benchmarks.md) for what is measured.",
+    )
+    p.add_argument("--pages", type=int, default=3000, help="measured touches per round")
+    p.add_argument("--warmup", type=int, default=200, help="unmeasured touches first")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every handler, interleaved")
+    p.add_argument(
+        "--evict-pages",
+        type=int,
+        default=16384,
+        help="pages the +evict runs evict beside the touches (at most; default 64 MiB)",
+    )
+    p.add_argument("--batch", type=int, default=1024, help="pages per evict_batch call")
+    p.add_argument("--placements", default="same,cross", help="comma-separated: same,cross,none")
+    p.add_argument("--handlers", default=",".join(HANDLERS), help="comma-separated subset")
+    p.add_argument(
+        "--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the file tier lives"
+    )
+    p.add_argument("--quick", action="store_true", help="1 round of 1000 touches")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.pages, args.evict_pages = 1, 1000, 8192
+    args.placements = args.placements.split(",")
+    args.handlers = args.handlers.split(",")
+    for h in args.handlers:
+        if h not in HANDLERS:
+            raise SystemExit(f"unknown handler {h!r}: {', '.join(HANDLERS)}")
+    if (os.cpu_count() or 1) < 2 and "cross" in args.placements:
+        raise SystemExit("cross placement needs 2 CPUs")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        out = runner.run(main_async(args))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(out)
+
+
+if __name__ == "__main__":
+    main()
