@@ -31,13 +31,17 @@ from wsd.config import WsdConfig
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
-from wsd.storage import PageStore, StorageConfig, open_backend
+from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
 
 log = structlog.get_logger("wsd")
+
+
+class StartupError(Exception):
+    """The daemon cannot start with this configuration; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,13 @@ class Daemon:
         if self.settings.storage is not None and self.settings.evictor.enabled:
             self.store = await open_backend(self.settings.storage)
             log.info("storage open", backend=self.store.name, durable=self.store.durable)
+            if not self.store.durable and not self.settings.evictor.allow_volatile_store:
+                await self.store.close()
+                raise StartupError(
+                    f"storage {self.store.name!r} is not durable: a wsd crash would lose "
+                    'every evicted page.  Put a durable tier below it (kind = "tiered"), '
+                    "or set evictor.allow_volatile_store = true to accept that"
+                )
         self.server.listen()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -282,6 +293,10 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, daemon.stop)
         await daemon.run()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except (StartupError, StorageError) as e:
+        log.error("wsd cannot start", error=str(e))
+        return 2
     return 0

@@ -40,8 +40,9 @@ REGISTER: dict[TrackingMode, RegisterMode] = {
 LIMITATIONS: dict[TrackingMode, tuple[str, ...]] = {
     TrackingMode.RWP: (),
     TrackingMode.WP_ASYNC: (
-        "sees writes only: read-only hot pages look idle, are evicted and refault",
-        "hotness of read-mostly pages is learned from refaults (longer back-off)",
+        "sees writes only: read-only hot pages look idle",
+        "does not evict yet: without RWP's sync window a write between reading a page "
+        "and punching it could be lost (race-free wp eviction is issue 8)",
     ),
 }
 
