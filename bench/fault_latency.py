@@ -440,7 +440,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if base is not None:
             row["ratio_p50"] = row["p50_us"] / base["p50_us"]
             row["ratio_p99"] = row["p99_us"] / base["p99_us"]
-    return {"kernel": os.uname().release, "mode": str(mode), "args": vars(a), "rows": rows}
+    return {
+        "kernel": os.uname().release,
+        "mode": str(mode),
+        "args": {**vars(a), "dir": str(a.dir)},
+        "rows": rows,
+    }
 
 
 def print_table(out: dict[str, Any]) -> None:
@@ -483,8 +488,8 @@ def main() -> None:
     p.add_argument(
         "--evict-pages",
         type=int,
-        default=16384,
-        help="pages the +evict runs evict beside the touches (at most; default 64 MiB)",
+        default=32768,
+        help="pages the +evict runs evict beside the touches (at most; default 128 MiB)",
     )
     p.add_argument("--batch", type=int, default=1024, help="pages per evict_batch call")
     p.add_argument("--placements", default="same,cross", help="comma-separated: same,cross,none")
