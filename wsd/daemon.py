@@ -239,7 +239,10 @@ class Daemon:
             if tracker.on_fault(msg):
                 continue
             if msg.is_missing:
-                session.faults.on_missing(msg)
+                try:
+                    session.faults.on_missing(msg)
+                except KernelError as e:  # e.g. the VMM exited under us
+                    log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
             else:
                 log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
 
@@ -268,6 +271,7 @@ class Daemon:
             # Faults keep being served while the pages come back.
             await drain(session.ctx, session.faults)
         finally:
+            await session.faults.close()
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(session.tracker.uffd.fd)
             try:

@@ -96,10 +96,11 @@ def vm(tracker: VmTracker, store: PageStore | Any, **config: Any) -> tuple[VmCon
     ctx = VmContext(tracker.vm_id, tracker, store, cfg)
     tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(coro: Any) -> None:
+    def spawn(coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
 
     return ctx, FaultService(ctx, spawn)
 
@@ -288,3 +289,20 @@ async def test_a_failed_put_evicts_nothing(
     assert await ev.evict_batch(0, tracker.regions[0], np.arange(10, dtype=np.int64)) == -1
     assert resident_bytes(puppet) == before
     assert tracker.regions[0].state.evicted_pages == 0 and ctx.stats.failed_batches == 1
+
+
+async def test_closing_the_fault_service_cancels_fetches_stuck_on_the_tier(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    ctx, faults = vm(tracker, FlakyStore(file_store, failures=None))
+    await tracker.cycle()
+    await evict(ctx, np.array([9]))
+    with serving_faults(tracker, faults):
+        puppet.send("read", pages=[9])
+        for _ in range(500):
+            if faults.fetching:
+                break
+            await asyncio.sleep(0.01)
+        assert faults.fetching
+        await asyncio.wait_for(faults.close(), 5)
+    assert not faults._tasks

@@ -62,7 +62,10 @@ def test_per_vm_overrides_apply_to_that_vm_only() -> None:
             "`evictor.min_idle_cycles` = 0: Input should be greater than or equal to 1",
         ),
         ("[daemon]\ninterval_seconds = 'often'\n", "`daemon.interval_seconds` = 'often'"),
-        ('[storage]\nkind = "file"\nroot = "relative"\n', "`root` must be an absolute path, got 'relative'"),
+        (
+            '[storage]\nkind = "file"\nroot = "relative"\n',
+            "`root` must be an absolute path, got 'relative'",
+        ),
         ('[storage]\nkind = "file"\n', "`storage.root` is required"),
         ('[storage]\nkind = "floppy"\n', "`storage` = {'kind': 'floppy'}"),
         (

@@ -71,7 +71,15 @@ async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
             int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in faults.fetching
         ]
         if not pages:
-            await asyncio.sleep(0.005)  # only demand fetches in flight: let them land
+            # Only demand fetches in flight: let them land, within the deadline.
+            if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
+                raise StorageError(
+                    f"{t.state.evicted_pages} fetches still failing after the deadline",
+                    backend=ctx.store.name,
+                    vm_id=ctx.vm_id,
+                    region=i,
+                )
+            await asyncio.sleep(0.005)
             continue
         for k in range(0, len(pages), BATCH):
             chunk = pages[k : k + BATCH]

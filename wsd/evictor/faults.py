@@ -17,6 +17,7 @@ which makes the guest see a memory error on that page.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -33,7 +34,11 @@ from .context import VmContext
 
 log = structlog.get_logger("wsd.evictor")
 
-Spawn = Callable[[Coroutine[Any, Any, None]], object]
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
+
+# Errors of UFFDIO_COPY that mean the VMM's memory is gone (it exited or
+# unmapped the region): nothing left to serve, so no retry.
+VMM_GONE = frozenset({errno.ESRCH, errno.ENOENT})
 
 # UFFDIO_COPY gives EAGAIN while the VMM's address space is changing (a
 # remap or unmap in progress); that settles in microseconds.
@@ -44,6 +49,8 @@ class FaultService:
     def __init__(self, ctx: VmContext, spawn: Spawn) -> None:
         self.ctx = ctx
         self._spawn = spawn
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.closed = False
         self.fetching: set[tuple[int, int]] = set()
         # Faults that arrived while their page was being prefetched: if the
         # prefetch does not install the page, they get a demand fetch.
@@ -65,8 +72,20 @@ class FaultService:
         self._start_fetch(i, t, page)
 
     def _start_fetch(self, i: int, t: TrackedRegion, page: int) -> None:
+        if self.closed:
+            return
         self.fetching.add((i, page))
-        self._spawn(self._fetch(i, t, page))
+        task = self._spawn(self._fetch(i, t, page))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """End the session's fault service: cancel every fetch still running."""
+        self.closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _zero_fill(self, t: TrackedRegion, page: int) -> None:
         """A page wsd never evicted: its first touch, and zeros are its true content."""
@@ -100,15 +119,18 @@ class FaultService:
                 ctx.discards[i].add(page)
             if ctx.config.prefetch_pages:
                 await self._prefetch(i, t, page)
-        except Exception:
-            # A bug (or the VMM vanishing) must not take the daemon down.  The
-            # fault was consumed, so nobody else will ask again: retry later.
-            log.exception("fetch failed", vm_id=ctx.vm_id, region=i, page=page)
-            self.fetching.discard((i, page))
-            await asyncio.sleep(1.0)
-            if t.state.is_evicted(page) and (i, page) not in self.fetching:
-                self._start_fetch(i, t, page)
-            return
+        except Exception as e:
+            if isinstance(e, KernelError) and e.errno in VMM_GONE:
+                log.info("VMM memory gone, fetch dropped", vm_id=ctx.vm_id, page=page)
+            else:
+                # A bug must not take the daemon down.  The fault was consumed,
+                # so nobody else will ask again: retry later.
+                log.exception("fetch failed", vm_id=ctx.vm_id, region=i, page=page)
+                self.fetching.discard((i, page))
+                await asyncio.sleep(1.0)
+                if t.state.is_evicted(page) and (i, page) not in self.fetching:
+                    self._start_fetch(i, t, page)
+                return
         self.fetching.discard((i, page))
         self.waiters.discard((i, page))
 
