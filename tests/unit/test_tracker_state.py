@@ -509,3 +509,24 @@ def test_is_evicted_reads_one_flag() -> None:
     state.observe(np.zeros(4, bool), np.ones(4, bool), now=1.0)
     state.note_evicted([2])
     assert [state.is_evicted(p) for p in range(4)] == [False, False, True, False]
+
+
+def test_note_page_fetched_matches_the_array_version() -> None:
+    a = RegionState(64, Granularity.PAGE_4K, started_at=0.0)
+    b = RegionState(64, Granularity.PAGE_4K, started_at=0.0)
+    everything = np.ones(64, dtype=bool)
+    for s in (a, b):
+        s.observe(np.zeros(64, dtype=bool), everything, 1.0)
+        s.observe(np.zeros(64, dtype=bool), everything, 2.0)
+        s.note_evicted([3, 4, 5])
+    a.note_fetched([4], accessed=True)
+    b.note_page_fetched(4)
+    b.note_page_fetched(7)  # never evicted: an access, nothing else
+    a.note_access([7])
+    for s in (a, b):
+        s.observe(np.zeros(64, dtype=bool), s.resident, 3.0)
+    assert np.array_equal(a.ages, b.ages)
+    assert np.array_equal(a.resident, b.resident) and np.array_equal(a.evicted, b.evicted)
+    assert (a.resident_pages, a.evicted_pages) == (b.resident_pages, b.evicted_pages)
+    with pytest.raises(IndexError):
+        b.note_page_fetched(64)

@@ -46,6 +46,9 @@ from .transaction import punch_and_wake, read_pages
 
 log = structlog.get_logger("wsd.evictor")
 
+# Pages punched per step of a commit; faults are served between steps.
+COMMIT_CHUNK = 128
+
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
 
@@ -101,7 +104,7 @@ class Evictor:
             return  # no window to make it safe (wp-async): prepared pages stay resident
         self.ctx.stats.windows += 1
         for batch in prepared:
-            self._commit(batch, hot[batch.region])
+            await self._commit_in_chunks(batch, hot[batch.region])
 
     async def prepare(self) -> None:
         """Between windows: store the next pages to evict, for the next commit."""
@@ -168,7 +171,7 @@ class Evictor:
                 await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
             finally:
                 self._prepared.remove(batch)
-        return self._commit(batch, None)
+        return await self._commit_in_chunks(batch, None)
 
     async def _prepare(self, i: int, pages: npt.NDArray[np.int64]) -> Prepared | None:
         """Read ``pages`` and make them durable in the store; None if that failed."""
@@ -192,6 +195,21 @@ class Evictor:
             )
             return None
         return Prepared(i, pages)
+
+    async def _commit_in_chunks(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
+        """Commit ``COMMIT_CHUNK`` pages at a time, serving faults in between.
+
+        Each chunk's check and punch run with no await between them, which is
+        all the safety argument needs; between chunks the loop serves faults,
+        so a batch of scattered pages (one punch and one wake each) never
+        stalls fault service for its whole length.
+        """
+        done = 0
+        for k in range(0, len(batch.pages), COMMIT_CHUNK):
+            if k:
+                await asyncio.sleep(0)
+            done += self._commit(Prepared(batch.region, batch.pages[k : k + COMMIT_CHUNK]), hot)
+        return done
 
     def _commit(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
         """Punch the prepared pages nobody touched since they were read; how many."""

@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 
 from wsd.kernel import KernelError, PageFault
-from wsd.storage import StorageError
+from wsd.storage import InlineGet, StorageError
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion
 
@@ -51,6 +51,7 @@ class FaultService:
         self._spawn = spawn
         self._tasks: set[asyncio.Future[None]] = set()
         self.closed = False
+        self._inline = ctx.store if isinstance(ctx.store, InlineGet) else None
         self.fetching: set[tuple[int, int]] = set()
         # Faults that arrived while their page was being prefetched: if the
         # prefetch does not install the page, they get a demand fetch.
@@ -69,13 +70,62 @@ class FaultService:
         if (i, page) in self.fetching:
             self.waiters.add((i, page))  # the fetch in flight wakes this thread too
             return
+        if self._inline is not None and self._fetch_inline(i, t, page):
+            return
         self._start_fetch(i, t, page)
+
+    def _fetch_inline(self, i: int, t: TrackedRegion, page: int) -> bool:
+        """Serve the fault right here when the store has the page in memory.
+
+        No task, no thread hop: the common case of an in-memory tier.  False
+        sends the fault down the async path, which waits, retries and reports.
+        """
+        assert self._inline is not None
+        r = t.region
+        try:
+            stored = self._inline.get_inline(
+                self.ctx.namespaces[i],
+                page * r.page_size,
+                generation=int(t.state.generations[page]),
+            )
+        except StorageError:
+            return False
+        if stored is None:
+            return False
+        try:
+            self.ctx.tracker.uffd.copy(r.host_virt_addr + page * r.page_size, stored.data)
+        except FileExistsError:
+            self.ctx.stats.copy_races += 1
+            t.state.note_fetched([page])
+            return True
+        except BlockingIOError:
+            return False
+        self._fetched(i, t, page, len(stored.data))
+        if self.ctx.config.prefetch_pages:
+            self._spawn_task(self._prefetch(i, t, page))
+        return True
+
+    def _fetched(self, i: int, t: TrackedRegion, page: int, nbytes: int) -> None:
+        """Bookkeeping of a demand fetch that installed ``page``."""
+        ctx = self.ctx
+        t.state.note_page_fetched(page)
+        ctx.stats.fetched_pages += 1
+        ctx.stats.fetched_bytes += nbytes
+        ctx.vm.note_refaults(ctx.clock())
+        ctx.policies[i].note_refault(page, ctx.tracker.cycles, ctx.config)
+        ctx.discards[i].add(page)
 
     def _start_fetch(self, i: int, t: TrackedRegion, page: int) -> None:
         if self.closed:
             return
         self.fetching.add((i, page))
-        task = self._spawn(self._fetch(i, t, page))
+        self._spawn_task(self._fetch(i, t, page))
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self.closed:
+            coro.close()
+            return
+        task = self._spawn(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -110,13 +160,7 @@ class FaultService:
             if data is None:
                 return
             if await self.install(t, page, data, wake=True):
-                t.state.note_fetched([page], accessed=True)
-                ctx.stats.fetched_pages += 1
-                ctx.stats.fetched_bytes += len(data)
-                now = ctx.clock()
-                ctx.vm.note_refaults(now)
-                ctx.policies[i].note_refault(page, ctx.tracker.cycles, ctx.config)
-                ctx.discards[i].add(page)
+                self._fetched(i, t, page, len(data))
             if ctx.config.prefetch_pages:
                 await self._prefetch(i, t, page)
         except Exception as e:

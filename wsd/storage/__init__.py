@@ -38,7 +38,7 @@ from wsd.storage.page import (
     StoredPage,
     StoreStats,
 )
-from wsd.storage.protocol import DemotionSource, PageStore
+from wsd.storage.protocol import DemotionSource, InlineGet, PageStore
 from wsd.storage.redis_store import RedisStore
 from wsd.storage.registry import BACKENDS, OpenContext, open_backend
 from wsd.storage.tiered_store import TieredStore
@@ -54,6 +54,7 @@ __all__ = [
     "EncryptionKeyError",
     "FileStore",
     "FileStoreConfig",
+    "InlineGet",
     "IntegrityError",
     "InvalidPage",
     "OpenContext",

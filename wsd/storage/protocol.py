@@ -115,3 +115,20 @@ class DemotionSource(Protocol):
         """Drop each page whose stored generation equals ``expected[offset]``; pages
         that were put again meanwhile are kept. Returns how many were dropped."""
         ...
+
+
+@runtime_checkable
+class InlineGet(Protocol):
+    """A store that can sometimes answer a ``get`` at once, on the calling thread.
+
+    The fault path uses it to install a page without an asyncio task or a thread
+    hop: a fault on an in-memory tier then costs microseconds, not a round trip.
+    """
+
+    def get_inline(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage | None:
+        """The page, if it is held in memory and no put or discard of it is in flight;
+        otherwise None, and the caller uses ``get``.  Raises IntegrityError like ``get``
+        for a page it holds but cannot verify (wrong generation included)."""
+        ...

@@ -17,7 +17,7 @@ import zstandard
 
 from wsd.storage.concurrency import Offload
 from wsd.storage.config import ZstdStoreConfig
-from wsd.storage.errors import BudgetExceeded
+from wsd.storage.errors import BudgetExceeded, IntegrityError
 from wsd.storage.page import (
     BackendKind,
     ExpectedGenerations,
@@ -170,6 +170,33 @@ class ZstdStore(StoreBase):
         items = ((o, r.header_fields, r.payload) for o, r in records.items())
         inline = len(records) * ns.page_size <= INLINE_DECODE_BYTES
         return await self._offload.run(self._codec.open_many, ns, items, expected, inline=inline)
+
+    def get_inline(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage | None:
+        """``get`` without a coroutine: decode on the calling (event loop) thread.
+
+        One page costs a zstd decode and a checksum, less than a thread round trip.
+        None when the page is not here or a writer holds it (``get`` then waits).
+        """
+        if self._closed or self._guard.held(ns.key, offset):
+            return None
+        entry = self._regions.get(ns.key, {}).get(offset)
+        if entry is None or offset % ns.page_size:
+            return None
+        self._check_page_size(ns)
+        record = entry.record
+        expected = None if generation is None else {offset: generation}
+        self.counters.gets += 1
+        try:
+            found = self._codec.open_many(
+                ns, [(offset, record.header_fields, record.payload)], expected
+            )
+        except IntegrityError:
+            self.counters.integrity_errors += 1
+            raise
+        self.counters.pages_got += 1
+        return found[offset]
 
     async def discard(self, ns: PageNamespace, offsets: Iterable[int] | None = None) -> None:
         self._check_open()
