@@ -7,10 +7,11 @@ process: ``sync`` is a no-op and the tier is only as durable as the daemon.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 import zstandard
@@ -74,10 +75,14 @@ class _ThreadCompressor:
 class _Entry:
     record: SealedRecord
     stored_at: float
+    cost: int = field(init=False)  # bytes charged to the budget; a field, read per page
 
-    @property
-    def cost(self) -> int:
-        return len(self.record.payload) + RECORD_OVERHEAD
+    def __post_init__(self) -> None:
+        self.cost = len(self.record.payload) + RECORD_OVERHEAD
+
+
+# Records inserted per step of a put, on the event loop thread.
+INSERT_CHUNK: Final = 128
 
 
 class ZstdStore(StoreBase):
@@ -104,6 +109,7 @@ class ZstdStore(StoreBase):
         # Oldest put first: re-putting a page moves it to the end (dicts keep order).
         self._age: dict[tuple[tuple[str, int], int], None] = {}
         self._used = 0
+        self._reserved = 0  # budget held by puts still inserting
         self._payload = 0
 
     @property
@@ -118,11 +124,12 @@ class ZstdStore(StoreBase):
             records = await self._offload.run(self._seal_batch, ns, pages, generations)
             self._check_open()
             region = self._regions.get(ns.key, {})
-            replaced = sum(region[o].cost for o in records if o in region)
-            added = sum(len(r.payload) + RECORD_OVERHEAD for r in records.values())
+            replaced = sum([region[o].cost for o in records.keys() & region.keys()])
+            added = sum(map(len, [r.payload for r in records.values()]))
+            added += RECORD_OVERHEAD * len(records)
             # All or nothing: a batch that does not fit stores no page, so the tiering
             # layer can demote and retry, or send the whole batch to a lower tier.
-            if self._used - replaced + added > self._config.budget_bytes:
+            if self._used + self._reserved - replaced + added > self._config.budget_bytes:
                 self.counters.failures += 1
                 raise BudgetExceeded(
                     backend=self._name,
@@ -132,18 +139,33 @@ class ZstdStore(StoreBase):
                     used_bytes=self._used,
                     needed_bytes=added - replaced,
                 )
-            region = self._regions.setdefault(ns.key, region)
-            self._page_sizes[ns.key] = ns.page_size
-            now = self._clock()
-            for offset, record in records.items():
-                old = region.get(offset)
-                if old is not None:
-                    self._forget(ns.key, offset, old)
-                entry = _Entry(record, now)
-                region[offset] = entry
-                self._age[(ns.key, offset)] = None
-                self._used += entry.cost
-                self._payload += len(record.payload)
+            # Inserting costs microseconds a page on the loop thread: a batch of a
+            # thousand would stall fault service for milliseconds, so it goes in
+            # chunks.  The guard keeps readers of these offsets waiting meanwhile,
+            # and the growth stays reserved so a concurrent put cannot overrun the
+            # budget in between.
+            reserve = max(0, added - replaced)
+            self._reserved += reserve
+            try:
+                region = self._regions.setdefault(ns.key, region)
+                self._page_sizes[ns.key] = ns.page_size
+                now = self._clock()
+                items = list(records.items())
+                for start in range(0, len(items), INSERT_CHUNK):
+                    if start:
+                        await asyncio.sleep(0)
+                        self._check_open()
+                    for offset, record in items[start : start + INSERT_CHUNK]:
+                        old = region.get(offset)
+                        if old is not None:
+                            self._forget(ns.key, offset, old)
+                        entry = _Entry(record, now)
+                        region[offset] = entry
+                        self._age[(ns.key, offset)] = None
+                        self._used += entry.cost
+                        self._payload += len(record.payload)
+            finally:
+                self._reserved -= reserve
 
     def _check_page_size(self, ns: PageNamespace) -> None:
         ns.check_stored_page_size(self._page_sizes.get(ns.key, ns.page_size), backend=self._name)
