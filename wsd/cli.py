@@ -33,7 +33,6 @@ def _run(args: argparse.Namespace) -> int:
     except config.ConfigError as e:
         print(f"wsd: {e}", file=sys.stderr)
         return 2
-    settings = daemon.Settings.from_config(cfg)
     overrides: dict[str, object] = {}
     if args.socket is not None:
         overrides["socket"] = args.socket
@@ -41,7 +40,14 @@ def _run(args: argparse.Namespace) -> int:
         overrides["interval"] = args.interval
     if args.mode:
         overrides["mode"] = TrackingMode(args.mode)
-    return daemon.run(dataclasses.replace(settings, **overrides))  # type: ignore[arg-type]
+
+    def settings_from(cfg: config.WsdConfig) -> daemon.Settings:
+        return dataclasses.replace(daemon.Settings.from_config(cfg), **overrides)  # type: ignore[arg-type]
+
+    def reload() -> daemon.Settings:
+        return settings_from(config.load(args.config))
+
+    return daemon.run(settings_from(cfg), reload if args.config else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

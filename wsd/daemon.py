@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -148,6 +149,40 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def reload(self, new: Settings) -> None:
+        """Apply reloadable tunables without dropping sessions.
+
+        The interval and every evictor setting (global and per VM) take effect
+        at the next cycle.  The socket, tracking mode, storage and state
+        directory need a restart: a change to them is logged and ignored.
+        """
+        old = self.settings
+        fixed = {
+            "socket": (old.socket, new.socket),
+            "mode": (old.mode, new.mode),
+            "storage": (old.storage, new.storage),
+            "state_dir": (old.state_dir, new.state_dir),
+        }
+        ignored = [name for name, (a, b) in fixed.items() if a != b]
+        if ignored:
+            log.warning("reload: these settings need a restart, kept as they were", keys=ignored)
+        self.settings = dataclasses.replace(
+            new,
+            socket=old.socket,
+            mode=old.mode,
+            storage=old.storage,
+            state_dir=old.state_dir,
+        )
+        for session in self.sessions.values():
+            config = self.settings.evictor_for(session.vm_id)
+            session.ctx.config = config
+            session.ctx.vm.reconfigure(config)
+        log.info(
+            "configuration reloaded",
+            interval=self.settings.interval,
+            sessions=len(self.sessions),
+        )
+
     # -- sessions --------------------------------------------------------------
 
     async def handoff(self, req: HandoffRequest, fds: list[int], peer: PeerCred) -> Accepted:
@@ -207,14 +242,14 @@ class Daemon:
         opens as soon as it is done.
         """
         loop = asyncio.get_running_loop()
-        interval = self.settings.interval
         try:
-            next_at = loop.time() + interval
+            next_at = loop.time() + self.settings.interval
             while True:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
                 session.last_hot = await session.tracker.cycle(session.evictor.commit)
                 await session.evictor.prepare()
-                next_at = max(next_at + interval, loop.time())
+                # Read each time: a reload may have changed it.
+                next_at = max(next_at + self.settings.interval, loop.time())
         except asyncio.CancelledError:
             raise
         except KernelError as e:
@@ -287,14 +322,20 @@ class Daemon:
         )
 
 
-def run(settings: Settings) -> int:
-    """``wsd run``: the daemon in the foreground until SIGTERM or SIGINT."""
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """``wsd run``: the daemon in the foreground until SIGTERM or SIGINT.
+
+    ``reload`` builds new settings (re-reading the config file) on SIGHUP; if it
+    raises, the error is logged and the running settings stay.
+    """
 
     async def main() -> None:
         daemon = Daemon(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, _reloader(daemon, reload))
         await daemon.run()
 
     try:
@@ -304,3 +345,15 @@ def run(settings: Settings) -> int:
         log.error("wsd cannot start", error=str(e))
         return 2
     return 0
+
+
+def _reloader(daemon: Daemon, reload: Callable[[], Settings]) -> Callable[[], None]:
+    def on_sighup() -> None:
+        try:
+            new = reload()
+        except Exception as e:  # a bad file must never take the daemon down
+            log.error("reload rejected, the running configuration stays", error=str(e))
+            return
+        daemon.reload(new)
+
+    return on_sighup

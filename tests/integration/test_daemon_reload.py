@@ -1,0 +1,105 @@
+"""`wsd run --config`: SIGHUP reloads the tunables, rejects a bad file, and keeps sessions."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wsd.testing.puppet_vmm import PuppetVMM
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[daemon]
+socket = "{socket}"
+interval_seconds = {interval}
+state_dir = "{state}"
+
+[storage]
+kind = "file"
+root = "{pages}"
+
+[evictor]
+min_idle_cycles = {idle}
+"""
+
+
+class Wsd:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.socket = tmp_path / "wsd.sock"
+        self.config = tmp_path / "wsd.toml"
+        self.log = tmp_path / "wsd.log"
+        self.write(interval=0.2, idle=8)
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait_for(self.socket.exists, "the socket")
+
+    def write(self, **values: object) -> None:
+        self.config.write_text(
+            CONFIG.format(
+                socket=self.socket, state=self.tmp / "state", pages=self.tmp / "pages", **values
+            )
+        )
+
+    def events(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def wait_for(self, cond: object, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"wsd exited: {self.log.read_text()}"
+            if cond():  # type: ignore[operator]
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no {what} within {timeout} s: {self.log.read_text()}")
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.events())
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
+    wsd = Wsd(tmp_path)
+    try:
+        with PuppetVMM.spawn(4 << 20, handoff=wsd.socket, vm_id="reload-vm"):
+            wsd.wait_for(lambda: wsd.logged("session started"), "session")
+            wsd.write(interval=0.5, idle=20)
+            wsd.proc.send_signal(signal.SIGHUP)
+            wsd.wait_for(lambda: wsd.logged("configuration reloaded"), "reload")
+            assert any("interval=0.5" in line for line in wsd.events())
+
+            wsd.config.write_text("[evictor]\nmin_idle_cycles = 0\n")
+            wsd.proc.send_signal(signal.SIGHUP)
+            wsd.wait_for(lambda: wsd.logged("reload rejected"), "rejection")
+            rejected = next(line for line in wsd.events() if "reload rejected" in line)
+            assert "evictor.min_idle_cycles" in rejected and str(wsd.config) in rejected
+
+            # A restart-only key changes: it is named and kept.
+            wsd.config.write_text(
+                CONFIG.format(
+                    socket=tmp_path / "other.sock",
+                    interval=0.5,
+                    state=tmp_path / "state",
+                    pages=tmp_path / "pages",
+                    idle=20,
+                )
+            )
+            wsd.proc.send_signal(signal.SIGHUP)
+            wsd.wait_for(lambda: wsd.logged("need a restart"), "restart warning")
+            assert wsd.proc.poll() is None
+            assert not wsd.logged("session closed"), "a reload must not end sessions"
+    finally:
+        assert wsd.stop() == 0, wsd.log.read_text()
