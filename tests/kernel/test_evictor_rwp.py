@@ -331,3 +331,31 @@ async def test_a_fault_queued_at_the_commit_is_served_from_storage(
     # Punched while the writer was blocked; woken, it re-faults as MISSING, gets
     # version 0 back from storage, then writes version 1 on top.
     assert await in_window_race(tmp_path, handle_first=False) == (1, 1)
+
+
+async def test_stopping_wsd_brings_every_page_back_first(
+    rwp_supported: Feature, tmp_path: Path
+) -> None:
+    """SIGTERM path: the guest keeps running on its own uffd copy, with every page home."""
+    async with daemon(tmp_path, FileStoreConfig(root=tmp_path / "pages")) as d:
+        guest = await start_guest(
+            d, "--vm-id", "outlives-wsd", "--size", "16M", "--hot", "0.1", "--thp", "never"
+        )
+        s = d.sessions["outlives-wsd"]
+        for _ in range(int(60 / 0.25)):
+            if s.ctx.stats.evicted_pages - s.ctx.stats.fetched_pages > 1000:
+                break
+            await asyncio.sleep(0.25)
+        evicted = s.tracker.regions[0].state.evicted_pages
+        assert evicted > 1000
+    # The daemon has stopped: its session drained before letting go of the uffd.
+    assert s.tracker.regions[0].state.evicted_pages == 0
+    try:
+        await asyncio.sleep(1)  # the guest runs on with nobody serving its faults
+        # Its final check reads every page; a page left in storage would block it.
+        assert await asyncio.to_thread(guest.stop, 120) == 0, guest.stderr()
+    finally:
+        guest.close()
+    report = guest.report()
+    assert report["verify_errors"] == 0 and report["final_check_pages"] == report["pages"]
+    print(f"\n{evicted} pages evicted when wsd stopped; all back, {report['pages']} verified")
