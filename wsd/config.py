@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from wsd.evictor import EvictorConfig
 from wsd.storage import StorageConfig
@@ -32,6 +32,43 @@ class DaemonSection(_Strict):
     """Where page maps are persisted; unset keeps them in memory only."""
 
 
+class MetricsSection(_Strict):
+    enabled: bool = True
+    """Serve Prometheus metrics over HTTP."""
+    address: str = "127.0.0.1:9466"
+    """``host:port`` to listen on (``[::1]:9466`` for IPv6); port 0 picks a free one."""
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        split_address(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_address(self.address)[1]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) as ``(host, port)``; ValueError says what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be host:port, such as 127.0.0.1:9466 or [::1]:9466")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 host must be in brackets, such as [::1]:9466")
+    if not host:
+        raise ValueError("the host is empty")
+    if not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} must be a number from 0 to 65535")
+    return host, int(port)
+
+
 class VmOverride(_Strict):
     """Settings for one VM, matched by its ``vm_id``; unset keys keep the global value."""
 
@@ -44,6 +81,7 @@ class WsdConfig(_Strict):
     """Where evicted pages go; without it wsd tracks but never evicts."""
     evictor: EvictorConfig = Field(default_factory=EvictorConfig)
     vm: dict[str, VmOverride] = Field(default_factory=dict)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     def evictor_for(self, vm_id: str) -> EvictorConfig:
         """The evictor settings of one VM: the global table with its overrides applied."""

@@ -20,6 +20,8 @@ def test_the_example_loads_and_matches_the_defaults() -> None:
     assert isinstance(cfg.storage, FileStoreConfig)
     assert cfg.storage.root == Path("/var/lib/wsd/pages")
     assert cfg.daemon == config.DaemonSection()
+    assert cfg.metrics == config.MetricsSection()
+    assert (cfg.metrics.host, cfg.metrics.port) == ("127.0.0.1", 9466)
 
 
 def test_every_documented_evictor_key_is_a_field() -> None:
@@ -73,6 +75,13 @@ def test_per_vm_overrides_apply_to_that_vm_only() -> None:
             "max_idle_cycles (2) is below min_idle_cycles (8)",
         ),
         ("[evictor\n", "not valid TOML"),
+        (
+            '[metrics]\naddress = "9466"\n',
+            "`metrics.address` = '9466': Value error, must be host:port",
+        ),
+        ('[metrics]\naddress = "localhost:http"\n', "port 'http' must be a number"),
+        ('[metrics]\naddress = "::1:9466"\n', "an IPv6 host must be in brackets"),
+        ("[metrics]\nport = 9466\n", "unknown key `metrics.port`"),
     ],
 )
 def test_errors_name_the_file_key_and_value(text: str, message: str) -> None:
@@ -80,6 +89,19 @@ def test_errors_name_the_file_key_and_value(text: str, message: str) -> None:
         config.parse(text, source="/etc/wsd/wsd.toml")
     assert str(info.value).startswith("/etc/wsd/wsd.toml: ")
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "host", "port"),
+    [
+        ("127.0.0.1:9466", "127.0.0.1", 9466),
+        ("[::1]:0", "::1", 0),
+        ("wsd.local:65535", "wsd.local", 65535),
+    ],
+)
+def test_the_metrics_address_splits_into_host_and_port(address: str, host: str, port: int) -> None:
+    metrics = config.parse(f'[metrics]\naddress = "{address}"\n').metrics
+    assert (metrics.host, metrics.port) == (host, port)
 
 
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
