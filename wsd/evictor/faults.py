@@ -86,7 +86,7 @@ class FaultService:
             stored = self._inline.get_inline(
                 self.ctx.namespaces[i],
                 page * r.page_size,
-                generation=int(t.state.generations[page]),
+                generation=t.state.generation(page),
             )
         except StorageError:
             return False
@@ -183,7 +183,7 @@ class FaultService:
         ctx = self.ctx
         cfg = ctx.config
         r = t.region
-        generation = int(t.state.generations[page])
+        generation = t.state.generation(page)
         delay = cfg.fetch_retry_initial_seconds
         started = ctx.clock()
         alerted = False

@@ -244,6 +244,10 @@ class RegionState:
         view.flags.writeable = False
         return view
 
+    def generation(self, page: int) -> int:
+        """One page's generation, without a view of the region's array (fault path)."""
+        return int(self._generation[page])
+
     @property
     def resident(self) -> npt.NDArray[np.bool_]:
         """A copy: which pages are in the memfd."""
