@@ -75,8 +75,12 @@ _EVICTOR_COUNTERS: Final = (
         "wsd_evict_skipped_touched_pages",
         "Eviction candidates not evicted: touched during their sync window.",
     ),
-    ("batches", "wsd_evict_batches", "Eviction batches (put, sync, punch) attempted."),
-    ("failed_batches", "wsd_evict_failed_batches", "Eviction batches that failed; none evicted."),
+    ("batches", "wsd_evict_batches", "Chunks of stored pages punched out in a sync window."),
+    (
+        "failed_batches",
+        "wsd_evict_failed_batches",
+        "Eviction batches that could not be stored (put or sync failed); none evicted.",
+    ),
     ("windows", "wsd_evict_windows", "Sync windows in which the evictor ran."),
     ("copy_races", "wsd_fetch_copy_races", "Fetches whose page someone else populated first."),
 )

@@ -11,6 +11,7 @@ import socket
 import threading
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -162,6 +163,14 @@ def test_the_exposition_parses_with_one_family_per_name(registry: CollectorRegis
         "python_info",
     ):
         assert name in names
+
+
+def test_every_metric_is_documented(registry: CollectorRegistry) -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    suffix = {"counter": "_total", "info": "_info"}
+    names = {f.name + suffix.get(f.type, "") for f in registry.collect()}
+    undocumented = {n for n in names if n.startswith("wsd") and f"`{n}" not in doc}
+    assert not undocumented
 
 
 def test_daemon_level(registry: CollectorRegistry) -> None:
