@@ -28,10 +28,12 @@ import numpy.typing as npt
 import structlog
 import uvloop
 
-from wsd.config import WsdConfig
+from wsd import sdnotify
+from wsd.config import MetricsSection, WsdConfig
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
+from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
 from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
@@ -59,6 +61,8 @@ class Settings:
     """Where page maps are persisted (None: not persisted)."""
     vm_evictor: Mapping[str, EvictorConfig] = field(default_factory=dict)
     """Per-VM evictor settings, by vm_id."""
+    metrics: MetricsSection | None = None
+    """Where to serve Prometheus metrics; None: not served."""
 
     @classmethod
     def from_config(cls, config: WsdConfig) -> Settings:
@@ -71,6 +75,7 @@ class Settings:
             evictor=config.evictor,
             state_dir=d.state_dir,
             vm_evictor={vm_id: config.evictor_for(vm_id) for vm_id in config.vm},
+            metrics=config.metrics if config.metrics.enabled else None,
         )
 
     def evictor_for(self, vm_id: str) -> EvictorConfig:
@@ -104,6 +109,8 @@ class Daemon:
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.store: PageStore | None = None
+        self.metrics_state = MetricsState()
+        self.metrics_server: MetricsServer | None = None
         self.server = HandoffServer(settings.socket, self.handoff)
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -130,24 +137,62 @@ class Daemon:
                     "or set evictor.allow_volatile_store = true to accept that"
                 )
         self.server.listen()
+        metrics = None
         try:
+            if self.settings.metrics is not None:
+                m = self.settings.metrics
+                registry = make_registry(self, self.metrics_state)
+                metrics = self.metrics_server = await serve_metrics(registry, m.host, m.port)
+                host, port = metrics.address
+                log.info("serving metrics", address=f"{host}:{port}")
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 serving = tg.create_task(self.server.serve())
+                refreshing = tg.create_task(self._refresh_store_stats())
+                interval = sdnotify.watchdog_interval()
+                watchdog = tg.create_task(_keep_alive(interval)) if interval else None
+                sdnotify.ready(f"listening on {self.settings.socket}, mode {self.decision.mode}")
                 await self._stop.wait()
+                sdnotify.stopping(f"draining {len(self.sessions)} VMs")
                 serving.cancel()
+                refreshing.cancel()
                 for session in list(self.sessions.values()):
+                    # Bringing every evicted page back may take a while.
+                    sdnotify.extend_timeout(60)
                     await self._end(session)
+                if watchdog is not None:
+                    watchdog.cancel()
         finally:
             for session in list(self.sessions.values()):
                 await self._end(session)
             self._tg = None
+            if metrics is not None:
+                await metrics.close()
             if self.store is not None:
                 await self.store.close()
             log.info("wsd stopped")
 
+    async def _refresh_store_stats(self) -> None:
+        """Keep the store's stats snapshot for the metrics fresh (stats() is async)."""
+        while self.store is not None:
+            try:
+                await self.metrics_state.refresh(self.store, self.clock())
+            except StorageError as e:
+                log.warning("reading storage stats failed", error=str(e))
+            await asyncio.sleep(self.settings.interval)
+
     def stop(self) -> None:
         self._stop.set()
+
+    def _status(self) -> None:
+        evicted = sum(
+            t.state.evicted_pages * t.region.page_size
+            for s in self.sessions.values()
+            for t in s.tracker.regions
+        )
+        sdnotify.status(
+            f"{len(self.sessions)} VMs, mode {self.decision.mode}, {evicted >> 20} MiB evicted"
+        )
 
     def reload(self, new: Settings) -> None:
         """Apply reloadable tunables without dropping sessions.
@@ -230,6 +275,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_reader(tracker.uffd.fd, self._on_uffd, session)
         session.task = self._tg.create_task(self._cycles(session))
+        self._status()
         granularity = [str(t.state.granularity) for t in tracker.regions]
         reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
         return Accepted(reply, lambda: self._end(session))
@@ -313,6 +359,7 @@ class Daemon:
                 session.tracker.close()
             finally:
                 close_fds(session.memfds)
+        self._status()
         log.info(
             "session closed",
             vm_id=session.vm_id,
@@ -334,8 +381,9 @@ def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
-        if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, _reloader(daemon, reload))
+        # Always handled: under systemd an unhandled SIGHUP (`systemctl reload`)
+        # would kill wsd, and death by SIGHUP counts as a clean exit.
+        loop.add_signal_handler(signal.SIGHUP, _reloader(daemon, reload))
         await daemon.run()
 
     try:
@@ -347,13 +395,27 @@ def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int
     return 0
 
 
-def _reloader(daemon: Daemon, reload: Callable[[], Settings]) -> Callable[[], None]:
+def _reloader(daemon: Daemon, reload: Callable[[], Settings] | None) -> Callable[[], None]:
     def on_sighup() -> None:
+        sdnotify.reloading()
+        if reload is None:
+            log.warning("reload: wsd runs without --config, nothing to reload")
+            sdnotify.ready("nothing to reload (no --config)")
+            return
         try:
             new = reload()
         except Exception as e:  # a bad file must never take the daemon down
             log.error("reload rejected, the running configuration stays", error=str(e))
+            sdnotify.ready(f"reload rejected: {e}")
             return
         daemon.reload(new)
+        sdnotify.ready(f"reloaded; {len(daemon.sessions)} VMs")
 
     return on_sighup
+
+
+async def _keep_alive(interval: float) -> None:
+    """systemd's watchdog: ping from the event loop, so a stuck loop gets restarted."""
+    while True:
+        sdnotify.watchdog()
+        await asyncio.sleep(interval)

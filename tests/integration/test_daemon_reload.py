@@ -1,11 +1,15 @@
-"""`wsd run --config`: SIGHUP reloads the tunables, rejects a bad file, and keeps sessions."""
+"""`wsd run --config` as a process: metrics over HTTP, and SIGHUP reloads the tunables,
+rejects a bad file and keeps sessions."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,11 +30,14 @@ root = "{pages}"
 
 [evictor]
 min_idle_cycles = {idle}
+
+[metrics]
+address = "127.0.0.1:0"
 """
 
 
 class Wsd:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp_path
         self.socket = tmp_path / "wsd.sock"
         self.config = tmp_path / "wsd.toml"
@@ -41,6 +48,7 @@ class Wsd:
                 [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         self.wait_for(self.socket.exists, "the socket")
 
@@ -71,11 +79,29 @@ class Wsd:
         return self.proc.wait(30)
 
 
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
 def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
     wsd = Wsd(tmp_path)
     try:
         with PuppetVMM.spawn(4 << 20, handoff=wsd.socket, vm_id="reload-vm"):
             wsd.wait_for(lambda: wsd.logged("session started"), "session")
+            wsd.wait_for(lambda: wsd.logged("serving metrics"), "metrics")
+            line = next(x for x in wsd.events() if "serving metrics" in x)
+            address = line.split("address=")[1].split()[0].strip("'")
+            wsd.wait_for(lambda: "wsd_tracker_cycles_total" in scrape(address), "a cycle")
+            text = scrape(address)
+            for metric in (
+                "wsd_sessions 1.0",
+                'wsd_vm_info{mode="wp-async",vm_id="reload-vm"} 1.0',
+                'wsd_guest_memory_bytes{region="0",vm_id="reload-vm"} 4.194304e+06',
+                "process_resident_memory_bytes",
+                'wsd_store_pages{backend="file",tier=""} 0.0',
+            ):
+                assert metric in text, metric
             wsd.write(interval=0.5, idle=20)
             wsd.proc.send_signal(signal.SIGHUP)
             wsd.wait_for(lambda: wsd.logged("configuration reloaded"), "reload")
@@ -103,3 +129,36 @@ def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
             assert not wsd.logged("session closed"), "a reload must not end sessions"
     finally:
         assert wsd.stop() == 0, wsd.log.read_text()
+
+
+def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(5)
+    env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
+    env.update(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="200000")
+    wsd = Wsd(tmp_path, env=env)
+    heard: list[str] = []
+
+    def hear(field: str) -> str:
+        while True:
+            message = notify.recv(4096).decode()
+            heard.append(message)
+            if field in message.split("\n"):
+                return message
+
+    try:
+        assert "listening on" in hear("READY=1")
+        hear("WATCHDOG=1")
+        with PuppetVMM.spawn(4 << 20, handoff=wsd.socket, vm_id="notified"):
+            assert hear("STATUS=1 VMs, mode wp-async, 0 MiB evicted"), heard
+            wsd.proc.send_signal(signal.SIGHUP)
+            hear("RELOADING=1")
+            assert "reloaded" in hear("READY=1")
+        wsd.proc.send_signal(signal.SIGTERM)
+        hear("STOPPING=1")
+        assert wsd.proc.wait(30) == 0
+    finally:
+        if wsd.proc.poll() is None:
+            wsd.stop()
+        notify.close()
