@@ -41,8 +41,10 @@ EXIT_HANDOFF = 4
 
 # How long workers get to finish their batch at exit.  One still running after
 # that is blocked in a userfaultfd fault nobody resolves (wsd gone or hung):
-# the report says so and the process exits anyway.
-JOIN_TIMEOUT = 5.0
+# the report says so and the process exits anyway.  Generous, because a batch
+# whose pages are all evicted needs one fetch per page, and under emulation
+# (the 7.3 test VM) a fetch can take a tenth of a second.
+JOIN_TIMEOUT = 30.0
 
 
 def _say(msg: str) -> None:

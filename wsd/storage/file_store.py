@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import numpy as np
 import xxhash
@@ -122,6 +122,11 @@ class _Region:
         self.data_fd = self.index_fd = -1
 
 
+# Threads reserved for gets (the fault path), apart from the io_threads that
+# puts, discards and syncs share.
+READ_THREADS: Final = 2
+
+
 class FileStore(StoreBase):
     """The file tier. Create with ``await FileStore.open(config, key=...)``."""
 
@@ -145,6 +150,9 @@ class FileStore(StoreBase):
         self._clock = clock
         self._lock_fd = lock_fd
         self._offload = Offload(backend=name, threads=config.io_threads)
+        # Reads have threads of their own: a get serves a vCPU blocked in a fault
+        # and must never queue behind an eviction's writes and fsyncs.
+        self._reads = Offload(backend=name, threads=READ_THREADS)
         self._regions: dict[tuple[str, int], _Region] = {}
         self._lifecycle = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
@@ -440,7 +448,7 @@ class FileStore(StoreBase):
         region = await self._region(ns, create=False)
         found: dict[int, StoredPage] = {}
         if region is not None:
-            found = await self._offload.run(self._read_batch, region, offsets, expected)
+            found = await self._reads.run(self._read_batch, region, offsets, expected)
         self._check_missing(ns, offsets, found, missing_ok)
         return found
 
@@ -651,6 +659,7 @@ class FileStore(StoreBase):
             await self._release()
 
     async def _release(self) -> None:
+        await self._reads.close()
         await self._offload.close()
         for region in self._regions.values():
             region.drop()
