@@ -319,13 +319,13 @@ class Daemon:
                 continue
             if tracker.on_fault(msg):
                 continue
-            if msg.is_missing:
-                try:
+            try:
+                if msg.is_missing:
                     session.faults.on_missing(msg)
-                except KernelError as e:  # e.g. the VMM exited under us
-                    log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
-            else:
-                log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
+                elif not (msg.is_minor and session.faults.on_minor(msg)):
+                    log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
+            except KernelError as e:  # e.g. the VMM exited under us
+                log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
 
     def _host_room(self) -> int | None:
         """Bytes the host-wide evicted-fraction cap still allows."""

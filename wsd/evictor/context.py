@@ -29,6 +29,7 @@ class EvictorStats:
     fetches_stuck: int = 0  # past the deadline, still waiting
     poisoned_pages: int = 0
     copy_races: int = 0  # EEXIST on install: someone else populated the page
+    punch_remnants: int = 0  # punched pages left zeroed in a THP (restored on access)
 
 
 @dataclass

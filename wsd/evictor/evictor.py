@@ -42,7 +42,7 @@ from wsd.tracker.session import TrackedRegion, VmTracker
 from . import pagemap
 from .context import VmContext
 from .policy import pages_for_bytes, select
-from .transaction import punch_and_wake, read_pages
+from .transaction import not_punched, punch_and_wake, read_pages
 
 log = structlog.get_logger("wsd.evictor")
 
@@ -228,6 +228,14 @@ class Evictor:
         ctx.discards[i].difference_update(keep.tolist())
         try:
             punch_and_wake(ctx.tracker.uffd, t.memfd, t.region, keep)
+            if t.minor:
+                # Only MINOR-registered regions can hold shmem THPs we punch
+                # into (others are 4 KiB-only or never evicted); there an
+                # access to a remnant traps as MINOR, so it can be repaired.
+                remnants = not_punched(t.memfd, t.region, keep)
+                if remnants:
+                    t.remnants.update(remnants)
+                    ctx.stats.punch_remnants += len(remnants)
         except KernelError as e:
             # The pages stay marked evicted but (some) resident: the memfd wins
             # wherever it has data, and no further eviction touches them until a

@@ -17,6 +17,7 @@ which makes the guest see a memory error on that page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from wsd.kernel import KernelError, PageFault
+from wsd.kernel import KernelError, PageFault, pwrite
 from wsd.storage import InlineGet, StorageError
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion
@@ -244,6 +245,12 @@ class FaultService:
                 self.ctx.tracker.uffd.copy(addr, data, wake=wake)
                 return True
             except FileExistsError:
+                if page in t.remnants:
+                    # Not a hole but the zeros a failed THP split left: ours win.
+                    self.restore(t, page, data)
+                    if wake:
+                        self.ctx.tracker.uffd.wake(addr, r.page_size)
+                    return True
                 # Only the VMM itself (writing through another mapping) can have
                 # filled the hole: its bytes are newer than ours, keep them.
                 self.ctx.stats.copy_races += 1
@@ -256,6 +263,53 @@ class FaultService:
                     raise
                 await asyncio.sleep(0.001)
         raise AssertionError("unreachable")
+
+    def restore(self, t: TrackedRegion, page: int, data: bytes) -> None:
+        """Write an evicted page's bytes over the zeros a punch left in the page cache.
+
+        Safe without a window: the page is unmapped, so any access to it traps
+        as MINOR until :meth:`on_minor` maps it, after this.
+        """
+        r = t.region
+        pwrite(t.memfd, data, r.offset + page * r.page_size)
+        t.remnants.discard(page)
+
+    def on_minor(self, fault: PageFault) -> bool:
+        """A MINOR fault the tracker left to us: a punch remnant; False if not one."""
+        where = self.ctx.locate(fault.address)
+        if where is None:
+            return False
+        i, t, page = where
+        if page not in t.remnants:
+            return False
+        if (i, page) in self.fetching:
+            self.waiters.add((i, page))
+        else:
+            self.fetching.add((i, page))
+            self._spawn_task(self._restore_remnant(i, t, page))
+        return True
+
+    async def _restore_remnant(self, i: int, t: TrackedRegion, page: int) -> None:
+        r = t.region
+        addr = r.host_virt_addr + page * r.page_size
+        try:
+            data = await self._get(i, t, page)
+            if data is None:
+                return
+            if page in t.remnants:
+                self.restore(t, page, data)
+                t.state.note_page_fetched(page)
+                self.ctx.stats.fetched_pages += 1
+                self.ctx.stats.fetched_bytes += len(data)
+            with contextlib.suppress(FileExistsError):
+                self.ctx.tracker.uffd.continue_(addr, r.page_size)
+        except Exception as e:
+            if isinstance(e, KernelError) and e.errno in VMM_GONE:
+                return
+            log.exception("restoring a punch remnant failed", vm_id=self.ctx.vm_id, page=page)
+        finally:
+            self.fetching.discard((i, page))
+            self.waiters.discard((i, page))
 
     async def _prefetch(self, i: int, t: TrackedRegion, page: int) -> None:
         """Bring back evicted neighbours after ``page``, re-armed so they still look cold.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from wsd.kernel import Userfaultfd, pread_into, punch_hole
+from wsd.kernel import Userfaultfd, data_ranges, pread_into, punch_hole
 from wsd.vmm.protocol import Region
 
 
@@ -59,3 +59,20 @@ def punch_and_wake(
         # blocked, and one on an unpunched page just re-faults.
         for first, count in spans:
             uffd.wake(region.host_virt_addr + first * ps, count * ps)
+
+
+def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> list[int]:
+    """Which of ``pages`` (ascending, just punched) still hold data in the memfd.
+
+    A 4 KiB punch inside a shmem THP zeroes the range and then tries to split
+    the huge page; when the split fails (the folio has extra references) the
+    zeroed 4 KiB stays in the page cache instead of becoming a hole.  Costs one
+    SEEK_DATA/SEEK_HOLE walk per run.
+    """
+    ps = region.page_size
+    left: list[int] = []
+    for first, count in runs(pages):
+        start = region.offset + first * ps
+        for b, e in data_ranges(memfd, start, start + count * ps):
+            left.extend(range((b - region.offset) // ps, -(-(e - region.offset) // ps)))
+    return left

@@ -49,6 +49,8 @@ def serving_faults(
             if isinstance(msg, PageFault) and msg.is_missing and faults is not None:
                 faults.on_missing(msg)
                 continue
+            if isinstance(msg, PageFault) and msg.is_minor and faults and faults.on_minor(msg):
+                continue
             unhandled.append(msg)  # type: ignore[arg-type]
 
     loop.add_reader(tracker.uffd.fd, readable)

@@ -70,6 +70,11 @@ class TrackedRegion:
     # Pages whose access was trapped (RWP or MINOR fault) since the window
     # opened: the evictor must not punch them, their bytes may have changed.
     touched: set[int] = field(default_factory=set)
+    # Evicted pages whose punch left a zeroed page in the page cache instead of
+    # a hole (a 4 KiB punch inside a shmem THP that could not be split).  Their
+    # bytes live in storage; an access raises MINOR (never MISSING), and the
+    # evictor must restore them before mapping anything there.
+    remnants: set[int] = field(default_factory=set)
 
     @property
     def npages(self) -> int:
@@ -311,6 +316,8 @@ class VmTracker:
         page = (fault.address - r.host_virt_addr) // r.page_size
         addr = r.host_virt_addr + page * r.page_size
         if fault.is_minor:
+            if page in t.remnants:
+                return False  # zeros in the page cache: the evictor restores it
             # The page is in the page cache but unmapped (e.g. a zapped shmem
             # THP): map it with a 4 KiB PTE.  EEXIST: a racing fault mapped it.
             with contextlib.suppress(FileExistsError):
