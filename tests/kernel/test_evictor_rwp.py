@@ -362,8 +362,9 @@ async def test_stopping_wsd_brings_every_page_back_first(
     print(f"\n{evicted} pages evicted when wsd stopped; all back, {report['pages']} verified")
 
 
+@pytest.mark.parametrize("prefetch", [0, 8], ids=["minor-fault", "prefetch"])
 async def test_a_punch_that_left_zeros_in_a_thp_is_restored_on_access(
-    rwp_supported: Feature, tmp_path: Path
+    rwp_supported: Feature, tmp_path: Path, prefetch: int
 ) -> None:
     """A 4 KiB punch inside a shmem THP whose split fails leaves zeros, not a hole.
 
@@ -379,7 +380,8 @@ async def test_a_punch_that_left_zeros_in_a_thp_is_restored_on_access(
         try:
             t = tracker.regions[0]
             assert t.minor, "rwp mode co-registers MINOR on 4 KiB shmem"
-            ctx = VmContext("remnant", tracker, store, AGGRESSIVE)
+            cfg = AGGRESSIVE.model_copy(update={"prefetch_pages": prefetch})
+            ctx = VmContext("remnant", tracker, store, cfg)
             faults = FaultService(ctx, asyncio.ensure_future)
             with serving_faults(tracker, faults) as unhandled:
                 await tracker.cycle()

@@ -17,7 +17,6 @@ which makes the guest see a memory error on that page.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -247,9 +246,10 @@ class FaultService:
             except FileExistsError:
                 if page in t.remnants:
                     # Not a hole but the zeros a failed THP split left: ours win.
+                    # Wake whatever the caller wanted: a thread blocked on it
+                    # (a MINOR fault) re-faults and gets the page mapped.
                     self.restore(t, page, data)
-                    if wake:
-                        self.ctx.tracker.uffd.wake(addr, r.page_size)
+                    self.ctx.tracker.uffd.wake(addr, r.page_size)
                     return True
                 # Only the VMM itself (writing through another mapping) can have
                 # filled the hole: its bytes are newer than ours, keep them.
@@ -301,8 +301,10 @@ class FaultService:
                 t.state.note_page_fetched(page)
                 self.ctx.stats.fetched_pages += 1
                 self.ctx.stats.fetched_bytes += len(data)
-            with contextlib.suppress(FileExistsError):
+            try:
                 self.ctx.tracker.uffd.continue_(addr, r.page_size)
+            except FileExistsError:
+                self.ctx.tracker.uffd.wake(addr, r.page_size)
         except Exception as e:
             if isinstance(e, KernelError) and e.errno in VMM_GONE:
                 return
@@ -360,6 +362,10 @@ class FaultService:
                     self.waiters.discard((i, p))
                     if p not in installed and t.state.is_evicted(p):
                         self._start_fetch(i, t, p)
+                    elif p in installed:
+                        # Woken already; once more costs nothing and a thread
+                        # that faulted on it must never be left asleep.
+                        ctx.tracker.uffd.wake(r.host_virt_addr + p * r.page_size, r.page_size)
 
     def _poison(self, t: TrackedRegion, page: int) -> None:
         r = t.region
