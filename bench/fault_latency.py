@@ -235,10 +235,11 @@ async def open_tier(tier: str, root: Path, budget: int) -> tuple[PageStore, Evic
 def fault_service(ctx: VmContext) -> tuple[FaultService, set[asyncio.Task[None]]]:
     tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(coro: Any) -> None:
+    def spawn(coro: Any) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
 
     return FaultService(ctx, spawn), tasks
 
