@@ -75,6 +75,9 @@ class TrackedRegion:
     # bytes live in storage; an access raises MINOR (never MISSING), and the
     # evictor must restore them before mapping anything there.
     remnants: set[int] = field(default_factory=set)
+    # Shmem THP is enabled on this kernel, so this 4 KiB region may be backed
+    # by huge pages (tracked exactly through MINOR, but see the evictor).
+    thp_possible: bool = False
 
     @property
     def npages(self) -> int:
@@ -221,6 +224,7 @@ class VmTracker:
                 fd,
                 RegionState(r.size // r.page_size, _granularity(r, m, shmem_thp), started_at=now),
                 minor=m,
+                thp_possible=shmem_thp and r.page_size == 4096,
             )
             for (r, fd), m in zip(regions, minor, strict=True)
         ]
