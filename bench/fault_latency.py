@@ -66,10 +66,10 @@ import uvloop
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.kernel import Feature, RegisterMode, Userfaultfd, probe_kernel
 from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig, open_backend
+from wsd.testing.arming import track_memory
 from wsd.testing.running import serving_faults
 from wsd.tracker.mode import choose_mode
 from wsd.tracker.session import VmTracker
-from wsd.vmm.protocol import Region, UffdSpec
 
 BENCH = Path(__file__).resolve().parent
 PAGE = 4096
@@ -210,18 +210,8 @@ def pin_process(cpu: int | None) -> None:
 
 
 def start_tracker(g: CGuest, vm_id: str) -> VmTracker:
-    """A VmTracker on the guest's raw uffd, as for a hand-off (what ``track_puppet`` does)."""
-    k = probe_kernel()
-    region = Region(guest_phys_addr=0, host_virt_addr=g.base, size=g.size, fd_index=1)
-    return VmTracker.start(
-        vm_id,
-        vmm_pid=g.pid,
-        spec=UffdSpec(),
-        uffd_fd=os.dup(g.uffd),
-        regions=[(region, g.memfd)],
-        decision=choose_mode(k),
-        kernel=k,
-    )
+    """A VmTracker on the guest's raw uffd, as for a hand-off."""
+    return track_memory(vm_id, pid=g.pid, base=g.base, size=g.size, uffd_fd=g.uffd, memfd=g.memfd)
 
 
 async def open_tier(tier: str, root: Path, budget: int) -> tuple[PageStore, EvictorConfig]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wsd.storage import PageNamespace, PageStore
-from wsd.tracker.session import TrackedRegion, VmTracker
+from wsd.tracker.session import VmTracker
 
 from .config import EvictorConfig
 from .policy import RegionPolicy, VmPolicy
@@ -55,11 +55,3 @@ class VmContext:
         self.policies = [RegionPolicy(t.npages) for t in regions]
         self.vm = VmPolicy(self.config, started_at=self.clock())
         self.discards = [set() for _ in regions]
-
-    def locate(self, address: int) -> tuple[int, TrackedRegion, int] | None:
-        """(region index, region, page index) of a guest address, or None outside all."""
-        for i, t in enumerate(self.tracker.regions):
-            r = t.region
-            if r.host_virt_addr <= address < r.host_end:
-                return i, t, (address - r.host_virt_addr) // r.page_size
-        return None

@@ -59,7 +59,7 @@ class FaultService:
 
     def on_missing(self, fault: PageFault) -> None:
         ctx = self.ctx
-        where = ctx.locate(fault.address)
+        where = ctx.tracker.locate(fault.address)
         if where is None:
             log.error("fault outside every region", vm_id=ctx.vm_id, address=hex(fault.address))
             return
@@ -276,7 +276,7 @@ class FaultService:
 
     def on_minor(self, fault: PageFault) -> bool:
         """A MINOR fault the tracker left to us: a punch remnant; False if not one."""
-        where = self.ctx.locate(fault.address)
+        where = self.ctx.tracker.locate(fault.address)
         if where is None:
             return False
         i, t, page = where

@@ -28,18 +28,36 @@ def arm_rwp(
     return uffd
 
 
-def track_puppet(p: PuppetVMM, vm_id: str = "puppet") -> VmTracker:
-    """Start a VmTracker on a puppet's memory in the mode this kernel gets."""
+def track_memory(
+    vm_id: str, *, pid: int, base: int, size: int, uffd_fd: int, memfd: int, page_size: int = 4096
+) -> VmTracker:
+    """Start a VmTracker on one region of another process's memory, as a hand-off would.
+
+    ``uffd_fd`` is the process's raw uffd (duplicated here); the memfd stays the caller's.
+    """
     k = probe_kernel()
     region = Region(
-        guest_phys_addr=0, host_virt_addr=p.base, size=p.size, fd_index=1, page_size=p.page_size
+        guest_phys_addr=0, host_virt_addr=base, size=size, fd_index=1, page_size=page_size
     )
     return VmTracker.start(
         vm_id,
-        vmm_pid=p.pid,
+        vmm_pid=pid,
         spec=UffdSpec(),
-        uffd_fd=os.dup(p.uffd_fd),
-        regions=[(region, p.memfd)],
+        uffd_fd=os.dup(uffd_fd),
+        regions=[(region, memfd)],
         decision=choose_mode(k),
         kernel=k,
+    )
+
+
+def track_puppet(p: PuppetVMM, vm_id: str = "puppet") -> VmTracker:
+    """Start a VmTracker on a puppet's memory in the mode this kernel gets."""
+    return track_memory(
+        vm_id,
+        pid=p.pid,
+        base=p.base,
+        size=p.size,
+        uffd_fd=p.uffd_fd,
+        memfd=p.memfd,
+        page_size=p.page_size,
     )

@@ -313,11 +313,11 @@ class VmTracker:
         """
         if not (fault.is_rwp or fault.is_minor):
             return False
-        t = self.region_at(fault.address)
-        if t is None:
+        where = self.locate(fault.address)
+        if where is None:
             return False
+        _, t, page = where
         r = t.region
-        page = (fault.address - r.host_virt_addr) // r.page_size
         addr = r.host_virt_addr + page * r.page_size
         if fault.is_minor:
             if page in t.remnants:
@@ -342,10 +342,12 @@ class VmTracker:
         self.sync_faults += 1
         return True
 
-    def region_at(self, addr: int) -> TrackedRegion | None:
-        for t in self.regions:
-            if t.region.host_virt_addr <= addr < t.region.host_end:
-                return t
+    def locate(self, address: int) -> tuple[int, TrackedRegion, int] | None:
+        """(region index, region, page index) of a guest address, or None outside all."""
+        for i, t in enumerate(self.regions):
+            r = t.region
+            if r.host_virt_addr <= address < r.host_end:
+                return i, t, (address - r.host_virt_addr) // r.page_size
         return None
 
     def close(self) -> None:
