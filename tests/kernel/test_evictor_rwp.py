@@ -15,12 +15,12 @@ at the commit is woken after the punch and served from storage.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import select
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,10 +29,11 @@ import pytest
 from wsd.daemon import Daemon, Session, Settings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.transaction import not_punched
-from wsd.guest.process import GuestProcess
 from wsd.kernel import Feature, data_ranges
 from wsd.storage import FileStoreConfig, StorageConfig, ZstdStoreConfig, open_backend
 from wsd.testing.arming import track_puppet
+from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, start_guest
+from wsd.testing.hammer import hammer as run_hammer
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.testing.running import running_daemon, serving_faults
 from wsd.tracker.mode import TrackingMode
@@ -42,31 +43,15 @@ from wsd.tracker.state import Granularity
 pytestmark = pytest.mark.asyncio
 MIB = 1 << 20
 INTERVAL = 0.3
-HUGE_FREE = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-
-# Evict anything idle for one interval.  Windows stay small so that, under
-# TCG, eviction does not starve the guest of the CPU; prefetch keeps the final
-# sequential check of every page from taking one fault per evicted page.
-AGGRESSIVE = EvictorConfig(
-    min_idle_cycles=1,
-    max_idle_cycles=1,
-    max_pages_per_window=1024,
-    batch_pages=128,
-    rate_mb_per_second=None,
-    promotion_target_percent_per_minute=None,
-    prefetch_pages=8,
-    allow_volatile_store=True,
-)
 
 
 @pytest.fixture
-def huge_128m() -> None:
+def huge_128m() -> Iterator[None]:
     """64 free 2 MiB pages for a 128 MiB hugetlbfs guest."""
-    knob = Path("/proc/sys/vm/nr_hugepages")
-    if int(HUGE_FREE.read_text()) < 64 and os.access(knob, os.W_OK):
-        knob.write_text(f"{int(knob.read_text()) + 64}\n")
-    if (free := int(HUGE_FREE.read_text())) < 64:
-        pytest.skip(f"only {free} free 2 MiB huge pages, 64 needed")
+    with free_huge_pages(64) as free:
+        if free < 64:
+            pytest.skip(f"only {free} free 2 MiB huge pages, 64 needed")
+        yield
 
 
 @asynccontextmanager
@@ -85,64 +70,15 @@ async def daemon(
         yield d
 
 
-async def start_guest(d: Daemon, *args: str) -> GuestProcess:
-    argv = ["--socket", str(d.settings.socket), *args]
-    return await asyncio.to_thread(functools.partial(GuestProcess.start, argv, ready_timeout=300))
-
-
 def memfd_resident(s: Session) -> int:
     t = s.tracker.regions[0]
     r = t.region
     return sum(e - b for b, e in data_ranges(t.memfd, r.offset, r.offset + r.size))
 
 
-async def hammer(d: Daemon, vm_id: str, size: str, seconds: float, *args: str) -> dict[str, object]:
-    """Run a Zipf guest with 3 writer threads for ``seconds``; check it lost nothing."""
-    guest = await start_guest(
-        d,
-        "--vm-id",
-        vm_id,
-        "--size",
-        size,
-        "--threads",
-        "3",
-        "--pattern",
-        "zipf",
-        "--write-ratio",
-        "0.5",
-        *args,
-    )
-    try:
-        s = d.sessions[vm_id]
-        await asyncio.sleep(seconds)
-        stats = s.ctx.stats
-        tracker = s.tracker
-        assert stats.evicted_pages > 0, "nothing was evicted"
-        # Stop evicting before the guest's final check reads every page back:
-        # under TCG, evicting what the check just read would make it crawl.
-        s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
-        assert await asyncio.to_thread(guest.stop, 300) == 0, guest.stderr()
-    finally:
-        guest.close()
-    report = guest.report()
-    assert report["verify_errors"] == 0 and report["unverified"] == 0
-    assert report["final_check_pages"] == report["pages"]
-    counts = {
-        "granularity": str(tracker.regions[0].state.granularity),
-        "guest_ops": report["ops"],
-        "guest_writes": report["writes"],
-        "pages_verified_at_exit": report["final_check_pages"],
-        "evicted": stats.evicted_pages,
-        "fetched": stats.fetched_pages,
-        "prefetched": stats.prefetched_pages,
-        "touched_in_window_not_evicted": stats.skipped_touched,
-        "rwp_faults_in_window": tracker.sync_faults,
-        "minor_faults": tracker.minor_faults,
-        "windows": stats.windows,
-    }
-    print(f"\n{vm_id}: {counts}")
-    assert stats.fetched_pages > 0, "no evicted page was ever touched again"
-    assert stats.skipped_touched > 0, "no access raced an eviction"
+async def hammer(d: Daemon, vm_id: str, size: str, seconds: float, *args: str) -> dict[str, Any]:
+    counts = await run_hammer(d, vm_id, size, seconds, *args)
+    assert counts["touched_in_window_not_evicted"] > 0, "no access raced an eviction"
     return counts
 
 

@@ -30,6 +30,9 @@ class EvictorStats:
     poisoned_pages: int = 0
     copy_races: int = 0  # EEXIST on install: someone else populated the page
     punch_remnants: int = 0  # punched pages left zeroed in a THP (restored on access)
+    # wp-async: pages written between their read and their punch, found by the
+    # verified punch and put back with their final bytes (not evicted).
+    raced_writes: int = 0
 
 
 @dataclass

@@ -19,14 +19,17 @@ The window itself holds no I/O: its length is the scan plus the punches, and
 ``max_pages_per_window`` bounds the punches.
 
 In ``wp-async`` mode there is no window (``SET_MODE`` cannot toggle
-``WP_ASYNC``), so a write between the read and the punch would be lost; the
-evictor refuses to run there (see docs/evictor.md and the degraded-mode issue).
+``WP_ASYNC``, and there is no RWP), so nothing stops a write between the read
+and the punch.  The commit makes such a write impossible to lose instead of
+impossible to happen (:func:`~wsd.evictor.transaction.punch_verified`): it
+takes references to the pages before punching, reads their final bytes after,
+and puts back every page whose final bytes differ from what was stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +45,14 @@ from wsd.tracker.session import TrackedRegion, VmTracker
 from . import pagemap
 from .context import VmContext
 from .policy import pages_for_bytes, select
-from .transaction import not_punched, punch_and_wake, read_pages
+from .transaction import not_punched, punch_and_wake, punch_verified, read_pages
 
 log = structlog.get_logger("wsd.evictor")
 
 # Pages punched per step of a commit; faults are served between steps.
 COMMIT_CHUNK = 128
+# wp-async: at most this many bytes held in pipes per step (a 2 MiB page is a step).
+VERIFIED_CHUNK_BYTES = 512 << 10
 
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
@@ -55,10 +60,6 @@ HostRoom = Callable[[], int | None]
 
 def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
     """Why no page of ``t`` may be evicted, or None."""
-    if ctx.tracker.mode is not TrackingMode.RWP:
-        return (
-            f"{ctx.tracker.mode} tracking has no sync window to make eviction race-free (needs rwp)"
-        )
     if not t.state.granularity.evictable:
         return f"{t.state.granularity}: accesses cannot be trapped (RWP-FACTS fact 8)"
     if t.thp_possible:
@@ -81,6 +82,9 @@ class Prepared:
 
     region: int
     pages: npt.NDArray[np.int64]
+    # The bytes stored, by byte offset in the region: kept in wp-async mode,
+    # where the commit compares them with the pages' final bytes.
+    stored: Mapping[int, bytes] | None = None
 
 
 class Evictor:
@@ -109,9 +113,10 @@ class Evictor:
     async def commit(self, tracker: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
         """The tracker's window hook: punch what was prepared, minus what was touched."""
         prepared, self._prepared = self._prepared, []
-        if not tracker.in_window:
-            return  # no window to make it safe (wp-async): prepared pages stay resident
-        self.ctx.stats.windows += 1
+        if tracker.mode is TrackingMode.RWP:
+            if not tracker.in_window:
+                return  # not called by the cycle: nothing makes a punch safe now
+            self.ctx.stats.windows += 1
         for batch in prepared:
             await self._commit_in_chunks(batch, hot[batch.region])
 
@@ -163,6 +168,49 @@ class Evictor:
                 log.warning("writing the page map failed, nothing evicted", error=str(e))
                 self._prepared.clear()
 
+    async def prepare_idle(self, max_bytes: int | None = None) -> int:
+        """Instead of :meth:`prepare`, once (an operator's ``wsd vm evict``): store
+        for the next commit every page idle for at least the last interval, oldest
+        first, up to ``max_bytes`` (None: no bound).
+
+        It ignores the idle threshold, refault penalties and the rate limit,
+        but keeps ``max_pages_per_window`` (a vCPU's wait in the window) and
+        the host-wide cap.  Returns the bytes stored for the commit.
+        """
+        ctx = self.ctx
+        if ctx.store is None or all(self.reasons):
+            return 0
+        await self._flush_discards()
+        room = self.host_room() if self.host_room is not None else None
+        budget = min((b for b in (max_bytes, room) if b is not None), default=None)
+        pages_left = ctx.config.max_pages_per_window
+        spent = 0
+        for i, t in enumerate(ctx.tracker.regions):
+            if self.reasons[i] is not None or pages_left <= 0:
+                continue
+            ps = t.region.page_size
+            limit = min(pages_left, pages_for_bytes(None if budget is None else budget - spent, ps))
+            # Threshold 1 with every page "over target": any page not accessed
+            # in the last interval qualifies, penalised or not.
+            chosen = select(
+                t.state, ctx.policies[i], threshold=1, limit=limit, over_target_pages=limit
+            )
+            pages_left -= len(chosen)
+            for k in range(0, len(chosen), ctx.config.batch_pages):
+                batch = await self._prepare(i, np.sort(chosen[k : k + ctx.config.batch_pages]))
+                if batch is None:
+                    break
+                self._prepared.append(batch)
+                spent += len(batch.pages) * ps
+        if self._prepared and self.state_dir is not None:
+            try:
+                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+            except OSError as e:
+                log.warning("writing the page map failed, nothing evicted", error=str(e))
+                self._prepared.clear()
+                return 0
+        return spent
+
     async def evict_batch(self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64]) -> int:
         """Prepare and commit ``pages`` (ascending) of region ``i`` at once.
 
@@ -203,7 +251,8 @@ class Evictor:
                 error=str(e),
             )
             return None
-        return Prepared(i, pages)
+        verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
+        return Prepared(i, pages, data if verify else None)
 
     async def _commit_in_chunks(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
         """Commit ``COMMIT_CHUNK`` pages at a time, serving faults in between.
@@ -214,10 +263,15 @@ class Evictor:
         stalls fault service for its whole length.
         """
         done = 0
-        for k in range(0, len(batch.pages), COMMIT_CHUNK):
+        step = COMMIT_CHUNK
+        if batch.stored is not None:
+            ps = self.ctx.tracker.regions[batch.region].region.page_size
+            step = max(1, min(step, VERIFIED_CHUNK_BYTES // ps))
+        for k in range(0, len(batch.pages), step):
             if k:
                 await asyncio.sleep(0)
-            done += self._commit(Prepared(batch.region, batch.pages[k : k + COMMIT_CHUNK]), hot)
+            chunk = Prepared(batch.region, batch.pages[k : k + step], batch.stored)
+            done += self._commit(chunk, hot)
         return done
 
     def _commit(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
@@ -232,6 +286,8 @@ class Evictor:
         ctx.stats.skipped_touched += len(pages) - len(keep)
         if not len(keep):
             return 0
+        if batch.stored is not None:
+            return self._commit_verified(i, t, keep, batch.stored)
         t.state.note_evicted(keep)
         ctx.policies[i].note_evicted(keep, ctx.tracker.cycles)
         ctx.discards[i].difference_update(keep.tolist())
@@ -254,6 +310,41 @@ class Evictor:
         ctx.stats.evicted_pages += len(keep)
         ctx.stats.evicted_bytes += len(keep) * t.region.page_size
         return len(keep)
+
+    def _commit_verified(
+        self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], stored: Mapping[int, bytes]
+    ) -> int:
+        """wp-async: punch ``pages``; put back any whose final bytes are not the stored ones."""
+        ctx = self.ctx
+        try:
+            outcome = punch_verified(ctx.tracker.uffd, t.memfd, t.region, pages, stored)
+        except KernelError as e:
+            log.error("evicting pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
+            return 0
+        evicted = outcome.evicted
+        # The stored copies of pages not evicted are stale or useless.
+        ctx.discards[i].update(outcome.raced.tolist())
+        ctx.discards[i].update(outcome.kept.tolist())
+        if len(outcome.raced):
+            # Written after their read, and evidently not cold.
+            ctx.stats.raced_writes += len(outcome.raced)
+            t.state.note_access(outcome.raced)
+            log.info(
+                "writes raced an eviction, pages put back",
+                vm_id=ctx.vm_id,
+                region=i,
+                pages=len(outcome.raced),
+            )
+        for error in outcome.errors:
+            log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
+        if len(evicted):
+            t.state.note_evicted(evicted)
+            ctx.policies[i].note_evicted(evicted, ctx.tracker.cycles)
+            ctx.discards[i].difference_update(evicted.tolist())
+            ctx.stats.batches += 1
+            ctx.stats.evicted_pages += len(evicted)
+            ctx.stats.evicted_bytes += len(evicted) * t.region.page_size
+        return len(evicted)
 
     def _over_target_bytes(self) -> int:
         target = self.ctx.config.resident_target_bytes

@@ -8,14 +8,19 @@
    The wake is mandatory: a vCPU that blocked on one of these pages during the
    sync window stays blocked forever without it.  Woken, it re-faults as
    MISSING and is served from storage.
+
+In ``wp-async`` mode step 4 is :func:`punch_verified`, which needs no window.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
-from wsd.kernel import Userfaultfd, data_ranges, pread_into, punch_hole
+from wsd.kernel import HeldPages, KernelError, Userfaultfd, data_ranges, pread_into, punch_hole
 from wsd.vmm.protocol import Region
 
 
@@ -76,3 +81,77 @@ def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> lis
         for b, e in data_ranges(memfd, start, start + count * ps):
             left.extend(range((b - region.offset) // ps, -(-(e - region.offset) // ps)))
     return left
+
+
+@dataclass(frozen=True)
+class VerifiedPunch:
+    """How :func:`punch_verified` left each page."""
+
+    evicted: npt.NDArray[np.int64]
+    """Punched, and their final bytes were the stored ones."""
+    raced: npt.NDArray[np.int64]
+    """Written after they were read: put back in the memfd with their final bytes."""
+    kept: npt.NDArray[np.int64]
+    """Not punched (the punch failed part way): resident and untouched."""
+    errors: tuple[str, ...] = ()
+
+
+def punch_verified(
+    uffd: Userfaultfd,
+    memfd: int,
+    region: Region,
+    pages: npt.NDArray[np.int64],
+    stored: Mapping[int, bytes],
+) -> VerifiedPunch:
+    """Punch ``pages`` (ascending) with no window, losing no write that races the punch.
+
+    Without a sync window nothing stops the guest writing a page between its
+    read (the bytes in ``stored``, keyed by byte offset in the region) and its
+    punch.  So: take references to the pages (:class:`~wsd.kernel.HeldPages`),
+    punch, and read the held pages.  Every write made before a page's PTE was
+    zapped is in those bytes, and none can come after (the hole faults).  A
+    page whose final bytes equal the stored ones is evicted; any other is put
+    back with ``UFFDIO_COPY`` (write-protected, so tracking goes on), which
+    also wakes a vCPU that faulted on the hole meanwhile.  The caller must not
+    serve MISSING faults on these pages until this returns: it runs on the
+    event loop with no await, so the fault service cannot.
+
+    Raises :class:`KernelError` if the references cannot be taken; then
+    nothing was punched.
+    """
+    ps = region.page_size
+    spans = runs(pages)
+    errors: list[str] = []
+    with HeldPages(memfd, [(region.offset + f * ps, n * ps) for f, n in spans], ps) as held:
+        try:
+            punch_and_wake(uffd, memfd, region, pages)
+        except KernelError as e:
+            errors.append(str(e))
+        final = bytearray(held.length)
+        held.read_into(final)
+    punched = np.ones(len(pages), dtype=np.bool_)
+    if errors:
+        punched = ~np.isin(pages, not_punched(memfd, region, pages))
+    same = np.zeros(len(pages), dtype=np.bool_)
+    for k, page in enumerate(pages.tolist()):
+        if not punched[k]:
+            continue
+        now = final[k * ps : (k + 1) * ps]  # a bytearray: compared with memcmp
+        if now == stored[page * ps]:
+            same[k] = True
+            continue
+        try:
+            uffd.copy(region.host_virt_addr + page * ps, now, wp=True)
+        except FileExistsError:
+            # Only a write that bypassed the registered mapping (the VMM's
+            # write() to the memfd, another process's mapping) fills a hole
+            # without a fault.  Its bytes are newer than ours for that part.
+            errors.append(f"page {page} was repopulated behind the uffd; kept as found")
+        except KernelError as e:
+            errors.append(f"page {page}: {e}")
+    return VerifiedPunch(
+        evicted=pages[punched & same],
+        raced=pages[punched & ~same],
+        kept=pages[~punched],
+        errors=tuple(errors),
+    )

@@ -11,6 +11,7 @@ from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open
+from .pins import HeldPages
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
     MSG_SIZE,
@@ -47,6 +48,7 @@ __all__ = [
     "Feature",
     "FeatureUnavailable",
     "ForkEvent",
+    "HeldPages",
     "Ioctl",
     "KernelError",
     "KernelFeatures",

@@ -60,6 +60,11 @@ long syscall(long number, ...);
 int ioctl(int fd, unsigned long request, ...);
 int fallocate(int fd, int mode, int64_t offset, int64_t len);
 int fstatfs(int fd, void *buf);
+
+struct iovec { void *iov_base; size_t iov_len; };
+ssize_t vmsplice(int fd, const struct iovec *iov, size_t nr_segs, unsigned int flags);
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
+int munmap(void *addr, size_t length);
 """
 
 ffi = FFI()

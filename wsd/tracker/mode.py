@@ -7,8 +7,9 @@ to make eviction race-free, fetch-back through MISSING faults.
 ``wp-async`` (Linux 6.7+): the degraded mode.  Write protection in async mode
 and ``PAGE_IS_WRITTEN`` see *writes only*: a page the guest only reads looks
 idle and may be evicted, then comes back through a MISSING fault.  It stays
-correct (no page is lost) but costs refaults; the policy has to learn hotness
-from them.
+correct (no page is lost) but costs refaults; the policy learns hotness from
+them.  With no sync window, eviction verifies each punch instead
+(:func:`wsd.evictor.transaction.punch_verified`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ REGISTER: dict[TrackingMode, RegisterMode] = {
 LIMITATIONS: dict[TrackingMode, tuple[str, ...]] = {
     TrackingMode.RWP: (),
     TrackingMode.WP_ASYNC: (
-        "sees writes only: read-only hot pages look idle",
-        "does not evict yet: without RWP's sync window a write between reading a page "
-        "and punching it could be lost (race-free wp eviction is issue 8)",
+        "sees writes only: read-only hot pages look idle, get evicted and come back by "
+        "refault; the refault penalty keeps them resident after that",
+        "no sync window: each punch is verified instead, and a page written while it "
+        "was being evicted is put back (docs/evictor.md)",
     ),
 }
 

@@ -1,0 +1,118 @@
+"""The "nothing lost" hammer: ``wsd guest`` writers against a daemon evicting hard.
+
+The guest's threads read and write self-verifying pages (every access checks
+the page holds exactly the version last written) while wsd evicts every page
+idle for a single interval, so pages in the middle of eviction get touched all
+the time.  At the end the guest stops cleanly and re-reads every page,
+fetching back whatever is still evicted.  Used by the rwp tests in the 7.3 VM
+and by the wp-async tests on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from wsd.daemon import Daemon
+from wsd.evictor import EvictorConfig
+from wsd.guest.process import GuestProcess
+
+# Evict anything idle for one interval.  Windows stay small so that, under
+# TCG, eviction does not starve the guest of the CPU; prefetch keeps the final
+# sequential check of every page from taking one fault per evicted page.
+AGGRESSIVE = EvictorConfig(
+    min_idle_cycles=1,
+    max_idle_cycles=1,
+    max_pages_per_window=1024,
+    batch_pages=128,
+    rate_mb_per_second=None,
+    promotion_target_percent_per_minute=None,
+    prefetch_pages=8,
+    allow_volatile_store=True,
+)
+
+
+async def start_guest(d: Daemon, *args: str) -> GuestProcess:
+    argv = ["--socket", str(d.settings.socket), *args]
+    return await asyncio.to_thread(functools.partial(GuestProcess.start, argv, ready_timeout=300))
+
+
+async def hammer(d: Daemon, vm_id: str, size: str, seconds: float, *args: str) -> dict[str, Any]:
+    """Run a Zipf guest with 3 writer threads for ``seconds``; check it lost nothing.
+
+    Returns what happened, for the caller's mode-specific checks.
+    """
+    guest = await start_guest(
+        d,
+        "--vm-id",
+        vm_id,
+        "--size",
+        size,
+        "--threads",
+        "3",
+        "--pattern",
+        "zipf",
+        "--write-ratio",
+        "0.5",
+        *args,
+    )
+    try:
+        s = d.sessions[vm_id]
+        await asyncio.sleep(seconds)
+        stats = s.ctx.stats
+        tracker = s.tracker
+        assert stats.evicted_pages > 0, "nothing was evicted"
+        # Stop evicting before the guest's final check reads every page back:
+        # under TCG, evicting what the check just read would make it crawl.
+        s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
+        assert await asyncio.to_thread(guest.stop, 300) == 0, guest.stderr()
+    finally:
+        guest.close()
+    report = guest.report()
+    assert report["verify_errors"] == 0 and report["unverified"] == 0
+    assert report["final_check_pages"] == report["pages"]
+    counts = {
+        "mode": str(tracker.mode),
+        "granularity": str(tracker.regions[0].state.granularity),
+        "guest_ops": report["ops"],
+        "guest_writes": report["writes"],
+        "pages_verified_at_exit": report["final_check_pages"],
+        "evicted": stats.evicted_pages,
+        "fetched": stats.fetched_pages,
+        "prefetched": stats.prefetched_pages,
+        "touched_in_window_not_evicted": stats.skipped_touched,
+        "raced_writes_put_back": stats.raced_writes,
+        "rwp_faults_in_window": tracker.sync_faults,
+        "minor_faults": tracker.minor_faults,
+        "windows": stats.windows,
+    }
+    print(f"\n{vm_id}: {counts}")
+    assert stats.fetched_pages > 0, "no evicted page was ever touched again"
+    return counts
+
+
+HUGE_FREE = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+@contextlib.contextmanager
+def free_huge_pages(wanted: int) -> Iterator[int]:
+    """Make ``wanted`` 2 MiB pages free if we may (root), restoring the pool after.
+
+    Yields how many are free, which may still be fewer than ``wanted``.
+    """
+    before = int(NR_HUGEPAGES.read_text())
+    raised = False
+    if int(HUGE_FREE.read_text()) < wanted and os.access(NR_HUGEPAGES, os.W_OK):
+        NR_HUGEPAGES.write_text(f"{before + wanted}\n")
+        raised = True
+    try:
+        yield int(HUGE_FREE.read_text())
+    finally:
+        if raised:
+            NR_HUGEPAGES.write_text(f"{before}\n")
