@@ -100,6 +100,7 @@ class Evictor:
         self.host_room = host_room
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
         self._prepared: list[Prepared] = []
+        self._scratch = bytearray()  # wp-async: final bytes of the pages being punched
         for i, reason in enumerate(self.reasons):
             if reason and ctx.config.enabled:
                 log.warning("region not evicted", vm_id=ctx.vm_id, region=i, reason=reason)
@@ -317,7 +318,9 @@ class Evictor:
         """wp-async: punch ``pages``; put back any whose final bytes are not the stored ones."""
         ctx = self.ctx
         try:
-            outcome = punch_verified(ctx.tracker.uffd, t.memfd, t.region, pages, stored)
+            outcome = punch_verified(
+                ctx.tracker.uffd, t.memfd, t.region, pages, stored, scratch=self._scratch
+            )
         except KernelError as e:
             log.error("evicting pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
             return 0

@@ -102,6 +102,8 @@ def punch_verified(
     region: Region,
     pages: npt.NDArray[np.int64],
     stored: Mapping[int, bytes],
+    *,
+    scratch: bytearray | None = None,
 ) -> VerifiedPunch:
     """Punch ``pages`` (ascending) with no window, losing no write that races the punch.
 
@@ -116,6 +118,9 @@ def punch_verified(
     serve MISSING faults on these pages until this returns: it runs on the
     event loop with no await, so the fault service cannot.
 
+    ``scratch``, reused across calls, saves faulting in a fresh buffer each
+    time; it grows as needed.
+
     Raises :class:`KernelError` if the references cannot be taken; then
     nothing was punched.
     """
@@ -127,8 +132,10 @@ def punch_verified(
             punch_and_wake(uffd, memfd, region, pages)
         except KernelError as e:
             errors.append(str(e))
-        final = bytearray(held.length)
-        held.read_into(final)
+        final = scratch if scratch is not None else bytearray()
+        if len(final) < held.length:
+            final.extend(bytes(held.length - len(final)))
+        held.read_into(memoryview(final)[: held.length])
     punched = np.ones(len(pages), dtype=np.bool_)
     if errors:
         punched = ~np.isin(pages, not_punched(memfd, region, pages))

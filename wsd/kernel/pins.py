@@ -1,21 +1,23 @@
 """Keeping memfd pages readable across a punch: references held by pipes.
 
-``vmsplice`` (without ``SPLICE_F_GIFT``) does not copy: each pipe buffer takes
-a reference on the page behind the given user address.  Punching a hole
-removes the page from the memfd and zaps every mapping of it, but the pipe's
-reference keeps the page itself alive, bytes included, and every write any
-mapping made to it before its PTE was zapped landed in it.  After the punch no
-write can reach that page (the next access to the hole faults), so reading
-the pipe yields the page's *final* bytes.
+Splicing a shmem file into a pipe does not copy: each pipe buffer takes a
+reference on the page-cache page.  Punching a hole removes the page from the
+memfd and zaps every mapping of it, but the pipe's reference keeps the page
+itself alive, bytes included, and every write any mapping made to it before
+its PTE was zapped landed in it.  After the punch no write can reach that page
+(the next access to the hole faults), so reading the pipe yields the page's
+*final* bytes.
 
 The reference also keeps the page from being replaced under the VMM: page
 migration and khugepaged collapse both refuse a page that has references they
 do not account for, so until the punch the VMM writes to exactly the page the
 pipe holds.
 
-wsd takes the references through its own read-only ``MAP_SHARED`` mapping of
-the memfd, which is not registered with any uffd, so taking them traps
-nothing.  The mapping only lives while the references are taken.
+hugetlbfs has no ``splice_read``.  There the references are taken with
+``vmsplice`` (without ``SPLICE_F_GIFT``, which references the pages behind the
+given addresses instead of copying them) from wsd's own read-only
+``MAP_SHARED`` mapping of the memfd.  That mapping is not registered with any
+uffd, so taking the references traps nothing, and it is unmapped right after.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -66,6 +68,10 @@ class _Pipe:
         os.close(self.w)
 
 
+class _NoSpliceRead(Exception):
+    """The file cannot be spliced from (hugetlbfs): take references through a mapping."""
+
+
 class HeldPages:
     """References to the pages of some byte spans of a memfd, readable after a punch.
 
@@ -80,53 +86,79 @@ class HeldPages:
         self._pipes: list[_Pipe] = []
         if not spans:
             return
-        base = spans[0][0]
-        map_len = spans[-1][0] + spans[-1][1] - base
-        if base % page_size or map_len % page_size:
-            raise ValueError(f"spans are not aligned to the page size {page_size}")
-        addr = libc.mmap(ffi.NULL, map_len, PROT_READ, MAP_SHARED, fd, base)
-        if addr == MAP_FAILED:
-            raise oserror("mmap", ffi.errno, range=AddressRange(base, map_len), fd=fd)
         try:
-            start = int(ffi.cast("uintptr_t", addr))
-            for offset, length in spans:
-                self._splice(start + offset - base, length, offset)
+            try:
+                for offset, length in spans:
+                    self._hold(offset, length, self._splice_file)
+            except _NoSpliceRead:
+                self._hold_mapped(spans, page_size)
         except BaseException:
             self.close()
             raise
-        finally:
-            # The pipes hold the pages; our mapping of them is no longer needed.
-            libc.munmap(addr, map_len)
 
-    def _splice(self, addr: int, length: int, offset: int) -> None:
-        iov = ffi.new("struct iovec *")
+    def _hold(self, pos: int, length: int, splice: Callable[[int, int, int], int]) -> None:
+        """Move references to ``length`` bytes at ``pos`` into pipes, adding pipes as they fill."""
         done = 0
         while done < length:
             if not self._pipes:
                 self._pipes.append(_Pipe())
             pipe = self._pipes[-1]
-            iov.iov_base = ffi.cast("void *", addr + done)
-            iov.iov_len = length - done
-            n = libc.vmsplice(pipe.w, iov, 1, SPLICE_F_NONBLOCK)
-            if n < 0:
-                err = ffi.errno
-                if err == errno.EAGAIN:  # this pipe is full
-                    self._pipes.append(_Pipe())
-                    continue
-                raise oserror(
-                    "vmsplice", err, range=AddressRange(offset + done, length - done), fd=self.fd
-                )
+            try:
+                n = splice(pipe.w, pos + done, length - done)
+            except BlockingIOError:  # this pipe is full
+                self._pipes.append(_Pipe())
+                continue
             if n == 0:
-                raise KernelError(
-                    errno.EIO, "vmsplice", range=AddressRange(offset + done, length - done)
-                )
+                where = AddressRange(pos + done, length - done)
+                raise KernelError(errno.EIO, "splice", range=where)
             pipe.held += n
             done += n
 
+    def _splice_file(self, pipe: int, offset: int, length: int) -> int:
+        try:
+            return os.splice(self.fd, pipe, length, offset_src=offset, flags=SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            raise
+        except OSError as e:
+            if e.errno == errno.EINVAL and not self._pipes[0].held:
+                raise _NoSpliceRead from e
+            raise oserror(
+                "splice", e.errno or errno.EIO, range=AddressRange(offset, length), fd=self.fd
+            ) from e
+
+    def _hold_mapped(self, spans: Sequence[tuple[int, int]], page_size: int) -> None:
+        base = spans[0][0]
+        map_len = spans[-1][0] + spans[-1][1] - base
+        if base % page_size or map_len % page_size:
+            raise ValueError(f"spans are not aligned to the page size {page_size}")
+        addr = libc.mmap(ffi.NULL, map_len, PROT_READ, MAP_SHARED, self.fd, base)
+        if addr == MAP_FAILED:
+            raise oserror("mmap", ffi.errno, range=AddressRange(base, map_len), fd=self.fd)
+        start = int(ffi.cast("uintptr_t", addr)) - base
+        iov = ffi.new("struct iovec *")
+
+        def vmsplice(pipe: int, offset: int, length: int) -> int:
+            iov.iov_base = ffi.cast("void *", start + offset)
+            iov.iov_len = length
+            n = int(libc.vmsplice(pipe, iov, 1, SPLICE_F_NONBLOCK))
+            if n < 0:
+                err = ffi.errno
+                if err == errno.EAGAIN:
+                    raise BlockingIOError(err, "pipe full")
+                raise oserror("vmsplice", err, range=AddressRange(offset, length), fd=self.fd)
+            return n
+
+        try:
+            for offset, length in spans:
+                self._hold(offset, length, vmsplice)
+        finally:
+            # The pipes hold the pages; our mapping of them is no longer needed.
+            libc.munmap(addr, map_len)
+
     def read_into(self, buf: Buffer) -> None:
-        """Copy every held byte into ``buf`` (exactly :attr:`length` bytes), releasing them."""
+        """Copy every held byte into ``buf`` (at least :attr:`length` bytes), releasing them."""
         view = memoryview(buf).cast("B")
-        if len(view) != self.length:
+        if len(view) < self.length:
             raise ValueError(f"buffer of {len(view)} bytes for {self.length} held")
         pos = 0
         for pipe in self._pipes:
