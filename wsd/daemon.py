@@ -30,6 +30,7 @@ import uvloop
 
 from wsd import sdnotify
 from wsd.config import MetricsSection, WsdConfig
+from wsd.durations import CycleTimings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
@@ -93,6 +94,7 @@ class Session:
     last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     closed: bool = False
+    timings: CycleTimings = field(default_factory=CycleTimings)
 
 
 class Daemon:
@@ -292,8 +294,7 @@ class Daemon:
             next_at = loop.time() + self.settings.interval
             while True:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
-                session.last_hot = await session.tracker.cycle(session.evictor.commit)
-                await session.evictor.prepare()
+                await self._cycle(session)
                 # Read each time: a reload may have changed it.
                 next_at = max(next_at + self.settings.interval, loop.time())
         except asyncio.CancelledError:
@@ -306,6 +307,23 @@ class Daemon:
             log.exception("tracking failed", vm_id=session.vm_id)
             await self._end(session)
 
+    async def _cycle(self, session: Session) -> None:
+        """One interval's work, timed: the window (scan, commit), then prepare."""
+        timings = session.timings
+        started = self.clock()
+
+        async def commit(tracker: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
+            # The hook runs right after the scan: timing it here keeps
+            # wsd.tracker free of metrics.
+            timings.scan.observe(self.clock() - started)
+            await session.evictor.commit(tracker, hot)
+
+        session.last_hot = await session.tracker.cycle(commit)
+        if session.tracker.mode is TrackingMode.RWP:
+            timings.window.observe(self.clock() - started)
+        await session.evictor.prepare()
+        timings.cycle.observe(self.clock() - started)
+
     def _on_uffd(self, session: Session) -> None:
         tracker = session.tracker
         try:
@@ -313,16 +331,25 @@ class Daemon:
         except KernelError as e:
             log.warning("reading the uffd failed", vm_id=session.vm_id, error=str(e))
             return
+        # Faults are timed from here: the kernel's message carries no timestamp,
+        # so how long one waited to be read is not known.
+        read_at = self.clock()
         for msg in messages:
             if not isinstance(msg, PageFault):
                 log.warning("unexpected uffd event", vm_id=session.vm_id, event=repr(msg))
                 continue
+            # An RWP fault read after its window closed stalls nobody: going
+            # async released its vCPU.
+            stalled = tracker.in_window or not msg.is_rwp
             if tracker.on_fault(msg):
+                if stalled:
+                    kind = "rwp" if msg.is_rwp else "minor"
+                    session.timings.stall.observe(kind, self.clock() - read_at)
                 continue
             try:
                 if msg.is_missing:
-                    session.faults.on_missing(msg)
-                elif not (msg.is_minor and session.faults.on_minor(msg)):
+                    session.faults.on_missing(msg, read_at)
+                elif not (msg.is_minor and session.faults.on_minor(msg, read_at)):
                     log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
             except KernelError as e:  # e.g. the VMM exited under us
                 log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))

@@ -1,9 +1,13 @@
 """Prometheus metrics: a custom Collector that reads the daemon's state at scrape time.
 
-Nothing on the fault path or in the cycle increments a metric: the daemon
-already counts what matters (``EvictorStats``, ``VmTracker``, ``RegionState``,
-``VmPolicy``) and :class:`WsdCollector` turns those numbers into metric
-families when Prometheus scrapes.  ``docs/metrics.md`` lists every metric.
+Nothing on the fault path or in the cycle touches a prometheus-client
+metric: the daemon already counts what matters (``EvictorStats``,
+``VmTracker``, ``RegionState``, ``VmPolicy``), records durations into plain
+fixed-bucket histograms (:mod:`wsd.durations`: fault latency in
+``FaultService.latency``, scan, window, cycle and stall times in
+``Session.timings``), and :class:`WsdCollector` turns those numbers into
+metric families when Prometheus scrapes.  ``docs/metrics.md`` lists every
+metric.
 
 Threads: the HTTP server answers scrapes on its own thread, while the daemon's
 state belongs to its event loop and is not safe to read from another thread
@@ -34,13 +38,20 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from wsd import __version__
+from wsd.durations import DurationHistogram
 from wsd.storage import PageStore, StoreStats
+from wsd.tracker.mode import TrackingMode
 
 if TYPE_CHECKING:
     from wsd.daemon import Daemon, Session
@@ -273,6 +284,33 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         "Idle intervals a page needs before eviction (adapted by the promotion-rate guard).",
         labels=_VM,
     )
+    fault_latency = HistogramMetricFamily(
+        "wsd_fault_latency_seconds",
+        "MISSING faults (and MINOR faults on punch remnants) from wsd reading them to the "
+        "vCPU woken, by store and result (zero, ok, retried, race, poisoned, gone, error).",
+        labels=(*_VM, "backend", "result"),
+    )
+    scan = HistogramMetricFamily(
+        "wsd_scan_duration_seconds",
+        "Scanning the hot set at a cycle's start: SET_MODE, PAGEMAP_SCAN of every region, ages.",
+        labels=_VM,
+    )
+    window = HistogramMetricFamily(
+        "wsd_sync_window_duration_seconds",
+        "Sync windows (rwp mode): scan, eviction commit and re-arm, with the uffd in sync mode.",
+        labels=_VM,
+    )
+    cycle = HistogramMetricFamily(
+        "wsd_cycle_duration_seconds",
+        "A tracking cycle's work: the sync window plus preparing the next eviction.",
+        labels=_VM,
+    )
+    stall = HistogramMetricFamily(
+        "wsd_vcpu_stall_seconds",
+        "Tracking faults (rwp in the sync window, minor) from wsd reading them to the vCPU "
+        "released.",
+        labels=(*_VM, "fault"),
+    )
 
     for session in sessions:
         vm_id = session.vm_id
@@ -310,6 +348,15 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         if rate is not None:
             refault_rate.add_metric([vm_id], rate)
         threshold.add_metric([vm_id], ctx.vm.threshold)
+        for (backend, result), hist in session.faults.latency.items():
+            _add_histogram(fault_latency, [vm_id, backend, str(result)], hist)
+        timings = session.timings
+        _add_histogram(scan, [vm_id], timings.scan)
+        if tracker.mode is TrackingMode.RWP:
+            _add_histogram(window, [vm_id], timings.window)
+        _add_histogram(cycle, [vm_id], timings.cycle)
+        for fault, hist in timings.stall.items():
+            _add_histogram(stall, [vm_id, fault], hist)
 
     return [
         vm_info,
@@ -330,7 +377,16 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         early,
         refault_rate,
         threshold,
+        fault_latency,
+        scan,
+        window,
+        cycle,
+        stall,
     ]
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], h: DurationHistogram) -> None:
+    family.add_metric(labels, h.cumulative(), h.sum)
 
 
 def _store_families(stats: StoreStats) -> list[Metric]:

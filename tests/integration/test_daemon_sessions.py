@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 from wsd.daemon import Daemon, Settings
+from wsd.evictor.faults import FaultResult
 from wsd.kernel import Userfaultfd, memfd_create
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.testing.running import running_daemon
@@ -60,6 +61,9 @@ async def test_two_vms_tracked_and_torn_down(daemon: Daemon) -> None:
         # `begin` is younger than the cycles since then, and no other page is.
         ages = session.tracker.regions[0].state.ages
         assert np.flatnonzero(ages < session.tracker.cycles - begin).tolist() == hot
+        timings = session.timings
+        assert timings.scan.count >= 2 and timings.cycle.count >= 2
+        assert 0 < timings.scan.sum <= timings.cycle.sum
         dup = await spawn(daemon, "vm-a")
         try:
             assert dup.handoff_reply and dup.handoff_reply["error"]["code"] == "duplicate_vm"
@@ -78,7 +82,10 @@ async def test_first_touch_of_unpopulated_memory_is_zero_filled(daemon: Daemon) 
     try:
         await asyncio.to_thread(p.call, "write", pages=[0, 1, 2], version=4)
         assert await asyncio.to_thread(p.call, "read", pages=[0, 1, 2]) == [4, 4, 4]
-        assert daemon.sessions["vm-empty"].ctx.stats.zero_fills == 3
+        session = daemon.sessions["vm-empty"]
+        assert session.ctx.stats.zero_fills == 3
+        latency = session.faults.latency[("", FaultResult.ZERO)]
+        assert latency.count == 3 and latency.sum > 0
     finally:
         p.close()
 

@@ -7,6 +7,7 @@ driven through cycles, ``EvictorStats``, ``VmPolicy``, ``StoreStats``.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import urllib.request
@@ -23,7 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from wsd import __version__
 from wsd.daemon import Daemon
+from wsd.durations import FAULT_BUCKETS, CycleTimings, LabelledDurations
 from wsd.evictor import EvictorConfig, EvictorStats
+from wsd.evictor.faults import FaultResult
 from wsd.evictor.policy import VmPolicy
 from wsd.metrics import MetricsState, WsdCollector, make_registry, serve_metrics
 from wsd.storage import StoreStats
@@ -46,6 +49,10 @@ class FakeSession:
     tracker: SimpleNamespace
     ctx: SimpleNamespace
     last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    faults: SimpleNamespace = field(
+        default_factory=lambda: SimpleNamespace(latency=LabelledDurations(FAULT_BUCKETS))
+    )
+    timings: CycleTimings = field(default_factory=CycleTimings)
 
 
 def region(index: int, npages: int, page_size: int) -> Region:
@@ -107,7 +114,22 @@ def session(vm_id: str, *, cycles: int, granularities: list[Granularity]) -> Fak
     vm.note_refaults(NOW - 30, 4)
     vm.early_refaults = 2
     last_hot = [t.state.ages == 0 for t in regions] if cycles else []
-    return FakeSession(vm_id, tracker, SimpleNamespace(stats=stats, vm=vm), last_hot)
+    s = FakeSession(vm_id, tracker, SimpleNamespace(stats=stats, vm=vm), last_hot)
+    if cycles:
+        # Two zero fills of 20 µs, three fetches from the store (one retried), a stall.
+        latency = s.faults.latency
+        for seconds in (20e-6, 20e-6):
+            latency.observe(("", FaultResult.ZERO), seconds)
+        for seconds in (300e-6, 0.002):
+            latency.observe(("tiered", FaultResult.OK), seconds)
+        latency.observe(("tiered", FaultResult.RETRIED), 0.5)
+        for _ in range(cycles):
+            s.timings.scan.observe(0.001)
+            s.timings.window.observe(0.003)
+            s.timings.cycle.observe(0.04)
+        s.timings.stall.observe("rwp", 50e-6)
+        s.timings.stall.observe("minor", 8e-6)
+    return s
 
 
 def store_stats() -> StoreStats:
@@ -171,6 +193,24 @@ def test_every_metric_is_documented(registry: CollectorRegistry) -> None:
     names = {f.name + suffix.get(f.type, "") for f in registry.collect()}
     undocumented = {n for n in names if n.startswith("wsd") and f"`{n}" not in doc}
     assert not undocumented
+
+
+def exported_names(reg: CollectorRegistry) -> set[str]:
+    """Every name a query can use: families (as documented) and their samples."""
+    suffix = {"counter": "_total", "info": "_info"}
+    names = set()
+    for family in reg.collect():
+        names.add(family.name + suffix.get(family.type, ""))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_every_documented_metric_is_exported(registry: CollectorRegistry) -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    documented = {n for row in rows for n in re.findall(r"`(wsd_[a-z0-9_]+)", row)}
+    assert len(documented) > 50
+    assert not documented - exported_names(registry)
 
 
 def test_daemon_level(registry: CollectorRegistry) -> None:
@@ -402,3 +442,58 @@ async def test_serving_on_a_busy_port_names_the_address() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(OSError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}"):
             await serve_metrics(CollectorRegistry(), "127.0.0.1", port)
+
+
+def bucket(reg: CollectorRegistry, name: str, le: str, **labels: str) -> float:
+    return value(reg, f"{name}_bucket", **labels, le=le)
+
+
+def test_fault_latency_by_backend_and_result(registry: CollectorRegistry) -> None:
+    name = "wsd_fault_latency_seconds"
+    zero = {"vm_id": "a", "backend": "", "result": "zero"}
+    assert value(registry, f"{name}_count", **zero) == 2
+    assert value(registry, f"{name}_sum", **zero) == pytest.approx(40e-6)
+    assert bucket(registry, name, "1e-05", **zero) == 0
+    assert bucket(registry, name, "2.5e-05", **zero) == 2
+    ok = {"vm_id": "a", "backend": "tiered", "result": "ok"}
+    # Cumulative: 300 µs in the 500 µs bucket, 2 ms in the 2.5 ms one.
+    assert bucket(registry, name, "0.0005", **ok) == 1
+    assert bucket(registry, name, "0.0025", **ok) == 2
+    assert bucket(registry, name, "+Inf", **ok) == 2
+    retried = {"vm_id": "a", "backend": "tiered", "result": "retried"}
+    assert bucket(registry, name, "0.25", **retried) == 0
+    assert bucket(registry, name, "0.5", **retried) == 1  # `le` is inclusive
+    # Only outcomes that happened have a series.
+    assert registry.get_sample_value(f"{name}_count", {**ok, "result": "poisoned"}) is None
+
+
+def test_scan_window_and_cycle_durations(registry: CollectorRegistry) -> None:
+    a = {"vm_id": "a"}
+    for name, seconds, le_below, le_at in (
+        ("wsd_scan_duration_seconds", 0.001, "0.0005", "0.001"),
+        ("wsd_sync_window_duration_seconds", 0.003, "0.0025", "0.005"),
+        ("wsd_cycle_duration_seconds", 0.04, "0.025", "0.05"),
+    ):
+        assert value(registry, f"{name}_count", **a) == CYCLES, name
+        assert value(registry, f"{name}_sum", **a) == pytest.approx(CYCLES * seconds), name
+        assert bucket(registry, name, le_below, **a) == 0, name
+        assert bucket(registry, name, le_at, **a) == CYCLES, name
+    # Before its first cycle a VM has empty histograms.
+    assert value(registry, "wsd_cycle_duration_seconds_count", vm_id="b") == 0
+
+
+def test_no_sync_window_in_wp_async_mode() -> None:
+    daemon = fake_daemon()
+    sessions = cast("dict[str, FakeSession]", daemon.sessions)
+    sessions["a"].tracker.mode = TrackingMode.WP_ASYNC
+    reg = make_registry(daemon, MetricsState())
+    assert reg.get_sample_value("wsd_sync_window_duration_seconds_count", {"vm_id": "a"}) is None
+    assert value(reg, "wsd_scan_duration_seconds_count", vm_id="a") == CYCLES
+
+
+def test_vcpu_stall_by_fault_kind(registry: CollectorRegistry) -> None:
+    name = "wsd_vcpu_stall_seconds"
+    assert value(registry, f"{name}_count", vm_id="a", fault="rwp") == 1
+    assert bucket(registry, name, "5e-05", vm_id="a", fault="rwp") == 1
+    assert bucket(registry, name, "2.5e-05", vm_id="a", fault="rwp") == 0
+    assert value(registry, f"{name}_sum", vm_id="a", fault="minor") == pytest.approx(8e-6)

@@ -12,11 +12,17 @@ wsd never installs zeros or another version in place of an evicted page.
 Past ``fetch_deadline_seconds`` the configured policy applies: keep waiting
 (logged once as an error, counted in ``fetches_stuck``) or ``UFFDIO_POISON``,
 which makes the guest see a memory error on that page.
+
+Each fault that starts a zero fill, a fetch or a remnant restore is timed,
+from wsd reading its message to the page being installed and the vCPU woken,
+into :attr:`FaultService.latency` by store and :class:`FaultResult`.  A fault
+on a page already being fetched is not timed separately: that fetch wakes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from wsd.durations import FAULT_BUCKETS, LabelledDurations
 from wsd.kernel import KernelError, PageFault, pwrite
 from wsd.storage import InlineGet, StorageError
 from wsd.tracker.mode import TrackingMode
@@ -45,6 +52,18 @@ VMM_GONE = frozenset({errno.ESRCH, errno.ENOENT})
 COPY_EAGAIN_RETRIES = 100
 
 
+class FaultResult(enum.StrEnum):
+    """How a fault's service ended: the ``result`` of its latency."""
+
+    ZERO = "zero"  # first touch of a never-evicted page: a zero page
+    OK = "ok"  # fetched and installed at the first attempt
+    RETRIED = "retried"  # installed after failed attempts (tier down, corrupt page)
+    RACE = "race"  # someone else populated the page first; theirs stays
+    POISONED = "poisoned"  # past the fetch deadline: a memory error for the guest
+    GONE = "gone"  # the VMM's memory went away: nothing left to serve
+    ERROR = "error"  # a bug; the fetch is retried a second later and timed again
+
+
 class FaultService:
     def __init__(self, ctx: VmContext, spawn: Spawn) -> None:
         self.ctx = ctx
@@ -56,9 +75,21 @@ class FaultService:
         # Faults that arrived while their page was being prefetched: if the
         # prefetch does not install the page, they get a demand fetch.
         self.waiters: set[tuple[int, int]] = set()
+        # Seconds from reading a fault to waking its vCPU, by (backend, result).
+        self.latency = LabelledDurations[tuple[str, FaultResult]](FAULT_BUCKETS)
+        # The keys, built once: a tuple per observation would allocate.
+        backend = ctx.store.name if ctx.store is not None else ""
+        self._latency_keys = {r: ("" if r is FaultResult.ZERO else backend, r) for r in FaultResult}
 
-    def on_missing(self, fault: PageFault) -> None:
+    def _timed(self, result: FaultResult, started: float | None) -> None:
+        """Record a fault's latency; ``started`` None: a fault nobody timed."""
+        if started is not None:
+            self.latency.observe(self._latency_keys[result], self.ctx.clock() - started)
+
+    def on_missing(self, fault: PageFault, read_at: float | None = None) -> None:
+        """Serve a MISSING fault; ``read_at``: when its message was read (default: now)."""
         ctx = self.ctx
+        started = ctx.clock() if read_at is None else read_at
         where = ctx.tracker.locate(fault.address)
         if where is None:
             log.error("fault outside every region", vm_id=ctx.vm_id, address=hex(fault.address))
@@ -66,15 +97,16 @@ class FaultService:
         i, t, page = where
         if not t.state.is_evicted(page):
             self._zero_fill(t, page)
+            self._timed(FaultResult.ZERO, started)
             return
         if (i, page) in self.fetching:
             self.waiters.add((i, page))  # the fetch in flight wakes this thread too
             return
-        if self._inline is not None and self._fetch_inline(i, t, page):
+        if self._inline is not None and self._fetch_inline(i, t, page, started):
             return
-        self._start_fetch(i, t, page)
+        self._start_fetch(i, t, page, started)
 
-    def _fetch_inline(self, i: int, t: TrackedRegion, page: int) -> bool:
+    def _fetch_inline(self, i: int, t: TrackedRegion, page: int, started: float) -> bool:
         """Serve the fault right here when the store has the page in memory.
 
         No task, no thread hop: the common case of an in-memory tier.  False
@@ -97,9 +129,11 @@ class FaultService:
         except FileExistsError:
             self.ctx.stats.copy_races += 1
             t.state.note_fetched([page])
+            self._timed(FaultResult.RACE, started)
             return True
         except BlockingIOError:
             return False
+        self._timed(FaultResult.OK, started)
         self._fetched(i, t, page, len(stored.data))
         if self.ctx.config.prefetch_pages:
             self._spawn_task(self._prefetch(i, t, page))
@@ -115,11 +149,14 @@ class FaultService:
         ctx.policies[i].note_refault(page, ctx.tracker.cycles, ctx.config)
         ctx.discards[i].add(page)
 
-    def _start_fetch(self, i: int, t: TrackedRegion, page: int) -> None:
+    def _start_fetch(
+        self, i: int, t: TrackedRegion, page: int, started: float | None = None
+    ) -> None:
+        """Fetch ``page`` in a task; ``started``: when its fault was read (None: not timed)."""
         if self.closed:
             return
         self.fetching.add((i, page))
-        self._spawn_task(self._fetch(i, t, page))
+        self._spawn_task(self._fetch(i, t, page, started))
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         if self.closed:
@@ -153,40 +190,50 @@ class FaultService:
         t.state.note_access([page])
         self.ctx.stats.zero_fills += 1
 
-    async def _fetch(self, i: int, t: TrackedRegion, page: int) -> None:
+    async def _fetch(self, i: int, t: TrackedRegion, page: int, started: float | None) -> None:
         ctx = self.ctx
         try:
-            data = await self._get(i, t, page)
+            data, retried = await self._get(i, t, page)
             if data is None:
+                self._timed(FaultResult.POISONED, started)
                 return
             if await self.install(t, page, data, wake=True):
+                self._timed(FaultResult.RETRIED if retried else FaultResult.OK, started)
                 self._fetched(i, t, page, len(data))
+            else:
+                self._timed(FaultResult.RACE, started)
+            started = None  # timed: a failing prefetch below is no fault's
             if ctx.config.prefetch_pages:
                 await self._prefetch(i, t, page)
         except Exception as e:
             if isinstance(e, KernelError) and e.errno in VMM_GONE:
+                self._timed(FaultResult.GONE, started)
                 log.info("VMM memory gone, fetch dropped", vm_id=ctx.vm_id, page=page)
             else:
+                self._timed(FaultResult.ERROR, started)
                 # A bug must not take the daemon down.  The fault was consumed,
                 # so nobody else will ask again: retry later.
                 log.exception("fetch failed", vm_id=ctx.vm_id, region=i, page=page)
                 self.fetching.discard((i, page))
                 await asyncio.sleep(1.0)
                 if t.state.is_evicted(page) and (i, page) not in self.fetching:
-                    self._start_fetch(i, t, page)
+                    self._start_fetch(i, t, page, ctx.clock())
                 return
         self.fetching.discard((i, page))
         self.waiters.discard((i, page))
 
-    async def _get(self, i: int, t: TrackedRegion, page: int) -> bytes | None:
-        """The page's stored bytes, retrying until they come or the deadline policy ends it."""
+    async def _get(self, i: int, t: TrackedRegion, page: int) -> tuple[bytes | None, bool]:
+        """The page's stored bytes, retrying until they come or the deadline policy ends it.
+
+        Also whether any attempt failed first.  None: the page was poisoned.
+        """
         ctx = self.ctx
         cfg = ctx.config
         r = t.region
         generation = t.state.generation(page)
         delay = cfg.fetch_retry_initial_seconds
         started = ctx.clock()
-        alerted = False
+        alerted = failed = False
         while True:
             if ctx.store is None:
                 error: Exception = RuntimeError("no storage tier is configured")
@@ -195,10 +242,11 @@ class FaultService:
                     stored = await ctx.store.get(
                         ctx.namespaces[i], page * r.page_size, generation=generation
                     )
-                    return stored.data
+                    return stored.data, failed
                 except StorageError as e:
                     error = e
             ctx.stats.fetch_errors += 1
+            failed = True
             waited = ctx.clock() - started
             if waited < cfg.fetch_deadline_seconds:
                 log.warning(
@@ -220,7 +268,7 @@ class FaultService:
                     error=str(error),
                 )
                 self._poison(t, page)
-                return None
+                return None, True
             elif not alerted:
                 alerted = True
                 ctx.stats.fetches_stuck += 1
@@ -235,13 +283,18 @@ class FaultService:
             await asyncio.sleep(delay)
             delay = min(delay * 2, cfg.fetch_retry_max_seconds)
 
-    async def install(self, t: TrackedRegion, page: int, data: bytes, *, wake: bool) -> bool:
-        """UFFDIO_COPY ``data`` to the page; False if someone else populated it first."""
+    async def install(
+        self, t: TrackedRegion, page: int, data: bytes, *, wake: bool, wp: bool = False
+    ) -> bool:
+        """UFFDIO_COPY ``data`` to the page; False if someone else populated it first.
+
+        ``wp`` installs it write-protected (wp-async mode: its next write shows).
+        """
         r = t.region
         addr = r.host_virt_addr + page * r.page_size
         for attempt in range(COPY_EAGAIN_RETRIES):
             try:
-                self.ctx.tracker.uffd.copy(addr, data, wake=wake)
+                self.ctx.tracker.uffd.copy(addr, data, wake=wake, wp=wp)
                 return True
             except FileExistsError:
                 if page in t.remnants:
@@ -274,8 +327,12 @@ class FaultService:
         pwrite(t.memfd, data, r.offset + page * r.page_size)
         t.remnants.discard(page)
 
-    def on_minor(self, fault: PageFault) -> bool:
-        """A MINOR fault the tracker left to us: a punch remnant; False if not one."""
+    def on_minor(self, fault: PageFault, read_at: float | None = None) -> bool:
+        """A MINOR fault the tracker left to us: a punch remnant; False if not one.
+
+        ``read_at``: when its message was read (default: now).
+        """
+        started = self.ctx.clock() if read_at is None else read_at
         where = self.ctx.tracker.locate(fault.address)
         if where is None:
             return False
@@ -286,28 +343,34 @@ class FaultService:
             self.waiters.add((i, page))
         else:
             self.fetching.add((i, page))
-            self._spawn_task(self._restore_remnant(i, t, page))
+            self._spawn_task(self._restore_remnant(i, t, page, started))
         return True
 
-    async def _restore_remnant(self, i: int, t: TrackedRegion, page: int) -> None:
+    async def _restore_remnant(self, i: int, t: TrackedRegion, page: int, started: float) -> None:
         r = t.region
         addr = r.host_virt_addr + page * r.page_size
         try:
-            data = await self._get(i, t, page)
+            data, retried = await self._get(i, t, page)
             if data is None:
+                self._timed(FaultResult.POISONED, started)
                 return
+            result = FaultResult.RACE
             if page in t.remnants:
                 self.restore(t, page, data)
                 t.state.note_page_fetched(page)
                 self.ctx.stats.fetched_pages += 1
                 self.ctx.stats.fetched_bytes += len(data)
+                result = FaultResult.RETRIED if retried else FaultResult.OK
             try:
                 self.ctx.tracker.uffd.continue_(addr, r.page_size)
             except FileExistsError:
                 self.ctx.tracker.uffd.wake(addr, r.page_size)
+            self._timed(result, started)
         except Exception as e:
             if isinstance(e, KernelError) and e.errno in VMM_GONE:
+                self._timed(FaultResult.GONE, started)
                 return
+            self._timed(FaultResult.ERROR, started)
             log.exception("restoring a punch remnant failed", vm_id=self.ctx.vm_id, page=page)
         finally:
             self.fetching.discard((i, page))
@@ -319,7 +382,7 @@ class FaultService:
         A COPY'd page is unprotected and would read as ACCESSED at the next
         scan (RWP-FACTS fact 6): install without waking, re-protect, then wake,
         so a thread waiting on one of them re-touches a protected page and is
-        recorded like any access.
+        recorded like any access.  In wp-async mode the COPY itself protects.
         """
         ctx = self.ctx
         r = t.region
@@ -345,7 +408,10 @@ class FaultService:
                 p = offset // r.page_size
                 if not t.state.is_evicted(p):
                     continue
-                if await self.install(t, p, stored.data, wake=False):
+                # In wp-async mode a page COPY'd without WP reads as written at
+                # the next scan: a prefetched page would look hot.
+                wp = ctx.tracker.mode is TrackingMode.WP_ASYNC
+                if await self.install(t, p, stored.data, wake=False, wp=wp):
                     addr = r.host_virt_addr + offset
                     if ctx.tracker.mode is TrackingMode.RWP:
                         ctx.tracker.uffd.rwprotect(addr, r.page_size, protect=True, wake=True)
