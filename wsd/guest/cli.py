@@ -96,6 +96,9 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
         default=Thp.DEFAULT,
         help="madvise the mapping: never = MADV_NOHUGEPAGE, always = MADV_HUGEPAGE",
     )
+    ap.add_argument(
+        "--progress", type=Path, help="JSON lines, one per second: time, operations, writes"
+    )
     ap.add_argument("--seed", type=int, help="RNG seed (default random; in the report)")
     ap.add_argument(
         "--ready-fd",
@@ -124,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> GuestConfig:
         seed=args.seed,
         report=args.report,
         truth=args.truth,
+        progress=args.progress,
         ready_fd=args.ready_fd,
     )
 

@@ -111,6 +111,8 @@ class GuestConfig:
     seed: int | None = None
     report: Path | None = None
     truth: Path | None = None
+    progress: Path | None = None
+    """JSON lines, one per second: time, operations and writes so far."""
     ready_fd: int | None = None
 
     @property

@@ -265,16 +265,28 @@ def _main_loop(config: GuestConfig, workload: Workload, waker: _Waker) -> None:
     deadline = start + config.duration if config.duration else None
     timed_phases = config.pattern is Pattern.PHASES and config.phase_passes is None
     next_phase = start + config.phase_seconds if timed_phases and config.phase_seconds else None
-    while not workload.stopping and waker.signal is None:
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            return
-        if next_phase is not None and now >= next_phase:
-            workload.advance_phase()
-            next_phase += config.phase_seconds or 0.0
-            continue
-        wakes = [t for t in (deadline, next_phase) if t is not None]
-        waker.sleep(max(0.0, min(wakes) - now) if wakes else None)
+    progress = config.progress.open("a", buffering=1) if config.progress else None
+    next_tick = start + 1.0 if progress else None
+    try:
+        while not workload.stopping and waker.signal is None:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            if next_phase is not None and now >= next_phase:
+                workload.advance_phase()
+                next_phase += config.phase_seconds or 0.0
+                continue
+            if progress is not None and next_tick is not None and now >= next_tick:
+                total = workload.totals()
+                line = {"t": now, "ops": total.ops, "writes": total.writes}
+                progress.write(json.dumps(line) + "\n")
+                next_tick += 1.0
+                continue
+            wakes = [t for t in (deadline, next_phase, next_tick) if t is not None]
+            waker.sleep(max(0.0, min(wakes) - now) if wakes else None)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _report(
