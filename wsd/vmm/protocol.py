@@ -37,6 +37,11 @@ MAX_REGIONS = 512
 MAX_FDS = 64
 PAGE_SIZES = (4096, 2 << 20, 1 << 30)
 
+# Addresses, sizes and offsets are u64 in the kernel; bounding them here keeps
+# arithmetic on hostile numbers cheap and error messages short.
+U64 = Annotated[int, Field(ge=0, lt=1 << 64)]
+POSITIVE_U64 = Annotated[int, Field(gt=0, lt=1 << 64)]
+
 
 class ErrorCode(enum.StrEnum):
     BAD_JSON = "bad_json"
@@ -47,6 +52,9 @@ class ErrorCode(enum.StrEnum):
     BAD_REGION = "bad_region"
     UNSUPPORTED = "unsupported"
     DUPLICATE = "duplicate_vm"
+    FORBIDDEN = "forbidden"
+    LIMIT = "limit_exceeded"
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
 
@@ -82,7 +90,7 @@ class UffdSpec(BaseModel):
     fd_index: Annotated[int, Field(ge=0, lt=MAX_FDS)] = 0
     state: UffdState = UffdState.RAW
     # For REGISTERED: the features UFFDIO_API enabled and the register mode used.
-    features: Annotated[int, Field(ge=0)] | None = None
+    features: U64 | None = None
     register_mode: list[RegisterModeName] | None = None
 
     @model_validator(mode="after")
@@ -105,12 +113,12 @@ class Region(BaseModel):
 
     model_config = _STRICT
 
-    guest_phys_addr: Annotated[int, Field(ge=0)]
-    host_virt_addr: Annotated[int, Field(gt=0)]
-    size: Annotated[int, Field(gt=0)]
+    guest_phys_addr: U64
+    host_virt_addr: POSITIVE_U64
+    size: POSITIVE_U64
     fd_index: Annotated[int, Field(ge=0, lt=MAX_FDS)]
-    offset: Annotated[int, Field(ge=0)] = 0
-    page_size: int = 4096
+    offset: U64 = 0
+    page_size: POSITIVE_U64 = 4096
     dma_pinned: bool = False
 
     @field_validator("page_size")
@@ -138,13 +146,13 @@ class FirecrackerRegion(BaseModel):
 
     model_config = _STRICT
 
-    base_host_virt_addr: Annotated[int, Field(gt=0)]
-    size: Annotated[int, Field(gt=0)]
-    offset: Annotated[int, Field(ge=0)]
-    page_size: int = 4096
-    page_size_kib: int | None = None  # older Firecracker releases
+    base_host_virt_addr: POSITIVE_U64
+    size: POSITIVE_U64
+    offset: U64
+    page_size: POSITIVE_U64 = 4096
+    page_size_kib: POSITIVE_U64 | None = None  # older Firecracker releases
     fd_index: Annotated[int, Field(ge=0, lt=MAX_FDS)] = 1
-    guest_phys_addr: Annotated[int, Field(ge=0)] | None = None
+    guest_phys_addr: U64 | None = None
 
     def to_region(self) -> Region:
         page_size = self.page_size_kib * 1024 if self.page_size_kib else self.page_size
@@ -170,7 +178,8 @@ class HandoffRequest(BaseModel):
     type: Literal["handoff"]
     version: int
     vm_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")]
-    vmm_pid: Annotated[int, Field(gt=0)]
+    # pid_t is an int32; the kernel's pids stay below PID_MAX_LIMIT (2^22).
+    vmm_pid: Annotated[int, Field(gt=0, lt=1 << 31)]
     uffd: UffdSpec = UffdSpec()
     regions: Annotated[list[Region], Field(min_length=1, max_length=MAX_REGIONS)]
 
@@ -191,7 +200,7 @@ class HandoffRequest(BaseModel):
                 if _is_firecracker(r):
                     out.append(FirecrackerRegion.model_validate(r).to_region())
                 else:
-                    out.append(Region.model_validate_json(json.dumps(r)))
+                    out.append(Region.model_validate(r))
             except ValidationError as e:
                 raise ValueError(f"regions[{i}]{_describe(e, nested=True)}") from None
         return out
@@ -251,29 +260,61 @@ def parse_request(raw: bytes) -> HandoffRequest:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise HandoffError(ErrorCode.TOO_LARGE, f"message exceeds {MAX_MESSAGE_BYTES} bytes")
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HandoffError(ErrorCode.BAD_JSON, f"message is not valid JSON: {e}") from None
+        # Strict UTF-8 first: json.loads would also take UTF-16 and UTF-32,
+        # which the protocol (and pydantic, which parses the bytes again) does not.
+        obj = json.loads(raw.decode(), parse_constant=_reject_constant)
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and integers of
+    # more than 4300 digits; RecursionError, arrays nested thousands deep.
+    except (ValueError, RecursionError) as e:
+        # Python's advice on its own integer limit means nothing to a client.
+        why = str(e).partition("; use sys.set_int_max_str_digits()")[0]
+        raise HandoffError(ErrorCode.BAD_JSON, f"message is not valid JSON: {why}") from None
     if not isinstance(obj, dict):
-        raise HandoffError(ErrorCode.INVALID, "message must be a JSON object")
+        raise HandoffError(
+            ErrorCode.INVALID, f"message must be a JSON object, not {type(obj).__name__}"
+        )
     if obj.get("type") != "handoff":
-        raise HandoffError(ErrorCode.INVALID, f"unknown message type {obj.get('type')!r}", "type")
+        raise HandoffError(
+            ErrorCode.INVALID, f"unknown message type {_brief(obj.get('type'))}", "type"
+        )
     if obj.get("version") != PROTOCOL_VERSION:
         raise HandoffError(
             ErrorCode.BAD_VERSION,
-            f"unsupported protocol version {obj.get('version')!r}; this wsd speaks "
+            f"unsupported protocol version {_brief(obj.get('version'))}; this wsd speaks "
             f"version {PROTOCOL_VERSION}",
             "version",
         )
     try:
         return HandoffRequest.model_validate_json(raw)
     except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":  # e.g. a lone surrogate escape, "\ud800"
+            why = str(first["msg"]).removeprefix("Invalid JSON: ")
+            raise HandoffError(ErrorCode.BAD_JSON, f"message is not valid JSON: {why}") from None
         text = _describe(e)
         # Every message starts with the field it blames ("regions[1].size: ...",
         # "regions[1] overlaps regions[0] ...").
         head = _FIELD.match(text)
         code = ErrorCode.BAD_REGION if text.startswith("regions") else ErrorCode.INVALID
         raise HandoffError(code, text, head.group(0) if head else None) from None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _brief(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut short: a hostile value must not make a huge reply or log line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _json_brief(value: object, limit: int = 80) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # bytes, or an int too long to print
+        text = repr(value)
+    return text[:limit]
 
 
 _FIELD = re.compile(r"^[a-z_]+(?:\[\d+\]|\.[a-z_]+)*(?=[: ])")
@@ -287,7 +328,7 @@ def _describe(e: ValidationError, nested: bool = False) -> str:
     if msg.startswith("regions["):
         return msg
     if first.get("input") is not None and first["type"] not in ("value_error", "missing"):
-        msg += f" (got {json.dumps(first['input'])[:80]})"
+        msg += f" (got {_json_brief(first['input'])})"
     if nested:
         return f".{where}: {msg}" if where else f": {msg}"
     return f"{where}: {msg}" if where else msg
