@@ -12,9 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from wsd.access import AccessConfig
 from wsd.evictor import EvictorConfig
 from wsd.storage import StorageConfig
 from wsd.tracker.mode import TrackingMode
+from wsd.vmm.limits import HandoffLimits
 
 
 class _Strict(BaseModel):
@@ -82,6 +84,10 @@ class WsdConfig(_Strict):
     evictor: EvictorConfig = Field(default_factory=EvictorConfig)
     vm: dict[str, VmOverride] = Field(default_factory=dict)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    """Who may connect to wsd's sockets."""
+    limits: HandoffLimits = Field(default_factory=HandoffLimits)
+    """How much hand-off clients may ask for: time, connections, sessions, memory."""
 
     def evictor_for(self, vm_id: str) -> EvictorConfig:
         """The evictor settings of one VM: the global table with its overrides applied."""

@@ -29,6 +29,7 @@ import structlog
 import uvloop
 
 from wsd import sdnotify
+from wsd.access import AccessPolicy
 from wsd.config import MetricsSection, WsdConfig
 from wsd.durations import CycleTimings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
@@ -38,6 +39,7 @@ from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metric
 from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
+from wsd.vmm.limits import HandoffLimits
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
 
@@ -64,6 +66,10 @@ class Settings:
     """Per-VM evictor settings, by vm_id."""
     metrics: MetricsSection | None = None
     """Where to serve Prometheus metrics; None: not served."""
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    """Who may connect, and the sockets' mode and group."""
+    limits: HandoffLimits = field(default_factory=HandoffLimits)
+    """Bounds on hand-off clients: message time, pending connections, sessions, sizes."""
 
     @classmethod
     def from_config(cls, config: WsdConfig) -> Settings:
@@ -77,6 +83,8 @@ class Settings:
             state_dir=d.state_dir,
             vm_evictor={vm_id: config.evictor_for(vm_id) for vm_id in config.vm},
             metrics=config.metrics if config.metrics.enabled else None,
+            access=AccessPolicy.from_config(config.access),
+            limits=config.limits,
         )
 
     def evictor_for(self, vm_id: str) -> EvictorConfig:
@@ -113,7 +121,9 @@ class Daemon:
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
         self.metrics_server: MetricsServer | None = None
-        self.server = HandoffServer(settings.socket, self.handoff)
+        self.server = HandoffServer(
+            settings.socket, self.handoff, access=settings.access, limits=settings.limits
+        )
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
 
@@ -200,8 +210,9 @@ class Daemon:
         """Apply reloadable tunables without dropping sessions.
 
         The interval and every evictor setting (global and per VM) take effect
-        at the next cycle.  The socket, tracking mode, storage and state
-        directory need a restart: a change to them is logged and ignored.
+        at the next cycle.  The socket, tracking mode, storage, state
+        directory, access and limits need a restart: a change to them is
+        logged and ignored.
         """
         old = self.settings
         fixed = {
@@ -209,6 +220,8 @@ class Daemon:
             "mode": (old.mode, new.mode),
             "storage": (old.storage, new.storage),
             "state_dir": (old.state_dir, new.state_dir),
+            "access": (old.access, new.access),
+            "limits": (old.limits, new.limits),
         }
         ignored = [name for name, (a, b) in fixed.items() if a != b]
         if ignored:
@@ -219,6 +232,8 @@ class Daemon:
             mode=old.mode,
             storage=old.storage,
             state_dir=old.state_dir,
+            access=old.access,
+            limits=old.limits,
         )
         for session in self.sessions.values():
             config = self.settings.evictor_for(session.vm_id)

@@ -119,7 +119,7 @@ async def test_socket_mode_is_tight(server) -> None:
         (b"{not json\n", "bad_json", "not valid JSON"),
         (message(version=2), "bad_version", "unsupported protocol version 2"),
         (message(type="hello"), "invalid_message", "unknown message type 'hello'"),
-        (message(vmm_pid=1), "invalid_message", "vmm_pid 1 is not the connecting process"),
+        (message(vmm_pid=1), "forbidden", "vmm_pid 1 is not the connecting process"),
         (
             message(
                 regions=[

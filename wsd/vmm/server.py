@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
-import os
 import socket
-import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +21,11 @@ from typing import Any
 
 import structlog
 
+from wsd.access import AccessPolicy, PeerCred, peer_cred
 from wsd.kernel import KernelError, close_fds, recv_with_fds
 
 from .fdcheck import check_fds
+from .limits import HandoffLimits, check_request
 from .protocol import (
     MAX_FDS,
     MAX_MESSAGE_BYTES,
@@ -34,16 +36,23 @@ from .protocol import (
     parse_request,
 )
 
+__all__ = [
+    "MESSAGE_TIMEOUT",
+    "Accepted",
+    "Handler",
+    "HandoffServer",
+    "PeerCred",
+    "accepted_reply",
+    "peer_cred",
+    "receive_message",
+]
+
 log = structlog.get_logger("wsd.vmm")
 
-MESSAGE_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
+MESSAGE_TIMEOUT = HandoffLimits().message_timeout_seconds
+# accept() failing for lack of fds or memory must not end the server; it
+# retries after this pause, by which time some connection has usually ended.
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 @dataclass
@@ -56,12 +65,6 @@ class Accepted:
 
 # The handler owns the fds from the moment it is called, on success and failure.
 Handler = Callable[[HandoffRequest, list[int], PeerCred], Awaitable[Accepted]]
-
-
-def peer_cred(sock: socket.socket) -> PeerCred:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -79,7 +82,9 @@ async def _readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
-async def receive_message(sock: socket.socket) -> tuple[bytes, list[int]]:
+async def receive_message(
+    sock: socket.socket, *, timeout: float = MESSAGE_TIMEOUT
+) -> tuple[bytes, list[int]]:
     """Read one ``\\n``-terminated message and every fd attached to its bytes.
 
     Raises HandoffError (after closing what was received) when the message is
@@ -88,17 +93,23 @@ async def receive_message(sock: socket.socket) -> tuple[bytes, list[int]]:
     data = bytearray()
     fds: list[int] = []
     try:
-        async with asyncio.timeout(MESSAGE_TIMEOUT):
-            while b"\n" not in data:
+        async with asyncio.timeout(timeout):
+            end = -1
+            while end < 0:
                 await _readable(sock)
                 try:
                     chunk, got = recv_with_fds(sock, 65536, MAX_FDS - len(fds))
                 except BlockingIOError:
                     continue
                 except KernelError as e:
-                    raise HandoffError(
-                        ErrorCode.BAD_FDS, f"receiving the message: {e}", "fds"
-                    ) from e
+                    # EMSGSIZE: the kernel truncated the fds (and closed the
+                    # ones that did not fit); recv_with_fds closed the rest.
+                    why = (
+                        f"more than {MAX_FDS} file descriptors attached"
+                        if e.errno == errno.EMSGSIZE
+                        else f"receiving the message: {e}"
+                    )
+                    raise HandoffError(ErrorCode.BAD_FDS, why, "fds") from e
                 fds += got
                 if not chunk:
                     raise HandoffError(
@@ -106,57 +117,63 @@ async def receive_message(sock: socket.socket) -> tuple[bytes, list[int]]:
                         "connection closed before the end "
                         "of the message (a message ends with a newline)",
                     )
+                # Search only the new bytes: a client dribbling a byte at a
+                # time must not cost a scan of the whole buffer each time.
+                end = chunk.find(b"\n")
+                if end >= 0:
+                    end += len(data)
                 data += chunk
-                if len(data) > MAX_MESSAGE_BYTES:
+                if len(data) > MAX_MESSAGE_BYTES + 1:
                     raise HandoffError(
                         ErrorCode.TOO_LARGE, f"message exceeds {MAX_MESSAGE_BYTES} bytes"
                     )
     except TimeoutError:
         close_fds(fds)
         raise HandoffError(
-            ErrorCode.INVALID, f"no complete message within {MESSAGE_TIMEOUT:g} s"
+            ErrorCode.TIMEOUT,
+            f"no complete message within {timeout:g} s of connecting "
+            f"(limits.message_timeout_seconds); got {len(data)} bytes without a newline",
         ) from None
     except BaseException:
         close_fds(fds)
         raise
-    line, _, rest = bytes(data).partition(b"\n")
-    if rest.strip():
+    if data[end + 1 :].strip():
         close_fds(fds)
         raise HandoffError(ErrorCode.INVALID, "data after the end of the message")
-    return line, fds
-
-
-async def _send(sock: socket.socket, reply: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(OSError):
-        await loop.sock_sendall(sock, json.dumps(reply).encode() + b"\n")
+    return bytes(data[:end]), fds
 
 
 class HandoffServer:
-    """Listens on a UNIX socket; one task per connection."""
+    """Listens on a UNIX socket; one task per connection.
 
-    def __init__(self, path: Path, handler: Handler, *, mode: int = 0o600) -> None:
+    Counts what it refused, by error code, in :attr:`refused`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        *,
+        access: AccessPolicy | None = None,
+        limits: HandoffLimits | None = None,
+    ) -> None:
         self.path = path
         self.handler = handler
-        self.mode = mode
+        self.access = access or AccessPolicy()
+        self.limits = limits or HandoffLimits()
         self.sock: socket.socket | None = None
         self.sessions = 0
+        """Sessions running or being started."""
+        self.pending = 0
+        """Connections whose hand-off is not answered yet."""
+        self.refused: Counter[ErrorCode] = Counter()
+
+    @property
+    def mode(self) -> int:
+        return self.access.socket_mode
 
     def listen(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # Bind under a restrictive umask so the socket is never briefly world-usable.
-        old = os.umask(0o777 & ~self.mode)
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        os.chmod(self.path, self.mode)
-        sock.listen(64)
-        sock.setblocking(False)
-        self.sock = sock
+        self.sock = self.access.listen(self.path, backlog=self.limits.max_pending_connections)
 
     async def serve(self) -> None:
         """Accept until cancelled; connection tasks live in a TaskGroup of our own."""
@@ -167,7 +184,12 @@ class HandoffServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 while True:
-                    conn, _ = await loop.sock_accept(self.sock)
+                    try:
+                        conn, _ = await loop.sock_accept(self.sock)
+                    except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...
+                        log.warning("accepting a hand-off connection failed", error=str(e))
+                        await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                        continue
                     conn.setblocking(False)
                     tg.create_task(self._connection(conn))
         finally:
@@ -186,48 +208,87 @@ class HandoffServer:
     async def _serve_connection(self, conn: socket.socket) -> None:
         with conn:
             peer = peer_cred(conn)
-            bound = log.bind(peer_pid=peer.pid, peer_uid=peer.uid)
+            bound = log.bind(peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid)
             try:
-                raw, fds = await receive_message(conn)
-                accepted = await self._accept(raw, fds, peer)
+                accepted = await self._handoff(conn, peer)
             except HandoffError as e:
+                self.refused[e.code] += 1
                 bound.warning("handoff refused", code=e.code.value, error=e.message)
-                await _send(conn, e.reply())
+                await self._send(conn, e.reply())
                 return
-            await _send(conn, accepted.reply)
-            self.sessions += 1
-            bound.info(
-                "session started",
-                **{k: v for k, v in accepted.reply.items() if k in ("vm_id", "mode")},
-            )
             try:
+                await self._send(conn, accepted.reply)
+                bound.info(
+                    "session started",
+                    **{k: v for k, v in accepted.reply.items() if k in ("vm_id", "mode")},
+                )
                 await self._wait_closed(conn)
             finally:
                 self.sessions -= 1
                 await accepted.close()
                 bound.info("session ended", vm_id=accepted.reply.get("vm_id"))
 
+    async def _handoff(self, conn: socket.socket, peer: PeerCred) -> Accepted:
+        """Check the peer, take its message and start its session; refusals raise."""
+        refusal = self.access.refusal(peer)
+        if refusal is not None:
+            raise HandoffError(ErrorCode.FORBIDDEN, refusal)
+        if self.pending >= self.limits.max_pending_connections:
+            raise HandoffError(
+                ErrorCode.LIMIT,
+                f"wsd is already receiving {self.pending} hand-offs "
+                "(limits.max_pending_connections); try again later",
+            )
+        self.pending += 1
+        try:
+            raw, fds = await receive_message(conn, timeout=self.limits.message_timeout_seconds)
+            return await self._accept(raw, fds, peer)
+        finally:
+            self.pending -= 1
+
     async def _accept(self, raw: bytes, fds: list[int], peer: PeerCred) -> Accepted:
         try:
             req = parse_request(raw)
             if req.vmm_pid != peer.pid:
                 raise HandoffError(
-                    ErrorCode.INVALID,
-                    f"vmm_pid {req.vmm_pid} is not the connecting process (pid {peer.pid});"
-                    " a VMM may only hand off its own memory",
+                    ErrorCode.FORBIDDEN,
+                    f"vmm_pid {req.vmm_pid} is not the connecting process (pid {peer.pid} in "
+                    "wsd's pid namespace); a VMM may only hand off its own memory",
                     "vmm_pid",
+                )
+            check_request(req, self.limits)
+            if self.sessions >= self.limits.max_sessions:
+                raise HandoffError(
+                    ErrorCode.LIMIT,
+                    f"wsd already runs {self.sessions} sessions (limits.max_sessions)",
                 )
             check_fds(req, fds)
         except BaseException:
             close_fds(fds)
             raise
+        # Counted from here, so hand-offs starting side by side cannot
+        # together pass max_sessions.
+        self.sessions += 1
         try:
             return await self.handler(req, fds, peer)
         except HandoffError:
+            self.sessions -= 1
             raise
         except Exception as e:
+            self.sessions -= 1
             log.exception("handoff handler failed")
             raise HandoffError(ErrorCode.INTERNAL, f"wsd could not start the session: {e}") from e
+        except BaseException:
+            self.sessions -= 1
+            raise
+
+    async def _send(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        # A peer that never reads cannot hold the connection open by filling
+        # the socket buffer.
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(self.limits.message_timeout_seconds):
+                await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
 
     @staticmethod
     async def _wait_closed(conn: socket.socket) -> None:
