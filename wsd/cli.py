@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from wsd import config, daemon, demo, kernel_info
+from wsd.control import cli as control_cli
 from wsd.guest import cli as guest_cli
 from wsd.kernel import FeatureUnavailable, probe_kernel
 from wsd.tracker.mode import TrackingMode
@@ -36,6 +37,10 @@ def _run(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {}
     if args.socket is not None:
         overrides["socket"] = args.socket
+    if args.control_socket is not None:
+        overrides["control_socket"] = args.control_socket
+    if args.config:
+        overrides["config_path"] = args.config
     if args.interval is not None:
         overrides["interval"] = args.interval
     if args.mode:
@@ -64,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--config", type=Path, help="the TOML configuration (see config.example.toml)")
     ru.add_argument("--socket", type=Path, help="hand-off socket (overrides daemon.socket)")
     ru.add_argument(
+        "--control-socket",
+        type=Path,
+        help="control socket for wsd status and wsd vm (overrides daemon.control_socket)",
+    )
+    ru.add_argument(
         "--interval",
         type=float,
         help="tracking interval in seconds (overrides daemon.interval_seconds)",
@@ -75,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ru.set_defaults(func=_run)
     guest_cli.add_parser(sub)
+    control_cli.add_parsers(sub)
     return ap
 
 

@@ -26,6 +26,8 @@ class _Strict(BaseModel):
 class DaemonSection(_Strict):
     socket: Path = Path("/run/wsd/wsd.sock")
     """Where VMMs hand off guest memory (a UNIX socket, mode 0600)."""
+    control_socket: Path = Path("/run/wsd/control.sock")
+    """Where ``wsd status`` and ``wsd vm ...`` reach the daemon (a UNIX socket, mode 0600)."""
     interval_seconds: float = Field(default=1.0, gt=0, le=3600)
     """The tracking interval: one scan (and one eviction window) per interval."""
     mode: TrackingMode | None = None

@@ -31,6 +31,7 @@ import uvloop
 from wsd import sdnotify
 from wsd.access import AccessPolicy
 from wsd.config import MetricsSection, WsdConfig
+from wsd.control import ControlCommands, ControlServer, EvictionRequest
 from wsd.durations import CycleTimings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
@@ -55,6 +56,10 @@ class Settings:
     """What the daemon runs with; :meth:`from_config` builds it from the TOML file."""
 
     socket: Path = Path("/run/wsd/wsd.sock")
+    control_socket: Path | None = None
+    """Where ``wsd status`` and ``wsd vm ...`` reach the daemon; None: nowhere."""
+    config_path: Path | None = None
+    """The file these settings came from, for ``wsd status``."""
     interval: float = 1.0
     mode: TrackingMode | None = None
     storage: StorageConfig | None = None
@@ -76,6 +81,7 @@ class Settings:
         d = config.daemon
         return cls(
             socket=d.socket,
+            control_socket=d.control_socket,
             interval=d.interval_seconds,
             mode=d.mode,
             storage=config.storage,
@@ -102,6 +108,10 @@ class Session:
     last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     closed: bool = False
+    paused: bool = False
+    """Eviction paused by an operator (``wsd vm pause``); tracking goes on."""
+    eviction: EvictionRequest | None = None
+    """An operator's one-shot eviction (``wsd vm evict``) under way."""
     timings: CycleTimings = field(default_factory=CycleTimings)
 
 
@@ -117,6 +127,7 @@ class Daemon:
         self.kernel = kernel or probe_kernel()
         self.decision: ModeDecision = choose_mode(self.kernel, settings.mode)
         self.clock = clock
+        self.started_at = clock()
         self.sessions: dict[str, Session] = {}
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
@@ -124,6 +135,11 @@ class Daemon:
         self.server = HandoffServer(
             settings.socket, self.handoff, access=settings.access, limits=settings.limits
         )
+        self.control: ControlServer | None = None
+        if settings.control_socket is not None:
+            self.control = ControlServer(
+                settings.control_socket, ControlCommands(self), access=settings.access
+            )
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
 
@@ -151,6 +167,11 @@ class Daemon:
         self.server.listen()
         metrics = None
         try:
+            if self.control is not None:
+                try:
+                    self.control.listen()
+                except OSError as e:
+                    raise StartupError(str(e)) from e
             if self.settings.metrics is not None:
                 m = self.settings.metrics
                 registry = make_registry(self, self.metrics_state)
@@ -160,6 +181,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 serving = tg.create_task(self.server.serve())
+                controlling = tg.create_task(self.control.serve()) if self.control else None
                 refreshing = tg.create_task(self._refresh_store_stats())
                 interval = sdnotify.watchdog_interval()
                 watchdog = tg.create_task(_keep_alive(interval)) if interval else None
@@ -167,6 +189,8 @@ class Daemon:
                 await self._stop.wait()
                 sdnotify.stopping(f"draining {len(self.sessions)} VMs")
                 serving.cancel()
+                if controlling is not None:
+                    controlling.cancel()
                 refreshing.cancel()
                 for session in list(self.sessions.values()):
                     # Bringing every evicted page back may take a while.
@@ -210,7 +234,7 @@ class Daemon:
         """Apply reloadable tunables without dropping sessions.
 
         The interval and every evictor setting (global and per VM) take effect
-        at the next cycle.  The socket, tracking mode, storage, state
+        at the next cycle.  The sockets, tracking mode, storage, state
         directory, access and limits need a restart: a change to them is
         logged and ignored.
         """
@@ -222,6 +246,7 @@ class Daemon:
             "state_dir": (old.state_dir, new.state_dir),
             "access": (old.access, new.access),
             "limits": (old.limits, new.limits),
+            "control_socket": (old.control_socket, new.control_socket),
         }
         ignored = [name for name, (a, b) in fixed.items() if a != b]
         if ignored:
@@ -234,6 +259,7 @@ class Daemon:
             state_dir=old.state_dir,
             access=old.access,
             limits=old.limits,
+            control_socket=old.control_socket,
         )
         for session in self.sessions.values():
             config = self.settings.evictor_for(session.vm_id)
@@ -336,7 +362,7 @@ class Daemon:
         session.last_hot = await session.tracker.cycle(commit)
         if session.tracker.mode is TrackingMode.RWP:
             timings.window.observe(self.clock() - started)
-        await session.evictor.prepare()
+        await _prepare(session)
         timings.cycle.observe(self.clock() - started)
 
     def _on_uffd(self, session: Session) -> None:
@@ -386,6 +412,10 @@ class Daemon:
             return
         session.closed = True
         self.sessions.pop(session.vm_id, None)
+        if session.eviction is not None:
+            session.eviction.abandon(
+                f"VM {session.vm_id!r}'s session ended before the eviction was committed"
+            )
         if session.task is not None and session.task is not asyncio.current_task():
             session.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -409,6 +439,22 @@ class Daemon:
             evicted=session.ctx.stats.evicted_pages,
             fetched=session.ctx.stats.fetched_pages,
         )
+
+
+async def _prepare(session: Session) -> None:
+    """Between windows: the evictor's prepare, an operator's one-shot eviction
+    instead, or nothing while eviction is paused."""
+    request = session.eviction
+    if request is not None and request.prepared:
+        # The window that just closed committed it.
+        request.committed(session.ctx.stats)
+        session.eviction = request = None
+    if request is not None:
+        await request.prepare(session.evictor)
+        if request.done.done():  # nothing to evict: answered already
+            session.eviction = None
+    elif not session.paused:
+        await session.evictor.prepare()
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 CONFIG = """
 [daemon]
 socket = "{socket}"
+control_socket = "{socket}.control"
 interval_seconds = {interval}
 state_dir = "{state}"
 
