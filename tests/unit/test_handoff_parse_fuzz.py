@@ -6,8 +6,9 @@ whose message is short and names the field it blames.  Nothing else may
 escape :func:`parse_request`: the server turns anything else into a
 connection that dies without a reply.
 
-The case counts add up to about 10,000; tests/integration/test_handoff_socket_fuzz.py
-sends more through a real socket with real fds.
+The case counts add up to 8,800 (about 50 s of one CPU);
+tests/integration/test_handoff_socket_fuzz.py sends 1,500 more through a real
+socket with real fds, for over 10,000 in a CI run.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def valid_message(draw: st.DrawFn) -> dict[str, Any]:
     regions: list[dict[str, Any]] = []
     gpa = draw(st.integers(0, 8)) * page
     hva = HOST
-    for _ in range(draw(st.integers(1, 6))):
+    for _ in range(draw(st.integers(1, 4))):
         size = draw(st.integers(1, 16)) * page
         if firecracker:
             # Firecracker keeps guest memory in one file laid out by guest address.
@@ -118,7 +119,7 @@ def encode(msg: object) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=400)
 @given(valid_message())
 def test_valid_messages_are_accepted(msg: dict[str, Any]) -> None:
     req = outcome(encode(msg))
@@ -140,12 +141,12 @@ JSON_LEAF = st.one_of(
     st.booleans(),
     HOSTILE_INTS,
     st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=30),
+    st.text(max_size=12),
 )
 JSON_VALUE = st.recursive(
     JSON_LEAF,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
-    max_leaves=6,
+    max_leaves=4,
 )
 REGION_KEYS = [
     "guest_phys_addr",
@@ -231,13 +232,13 @@ def mutated_message(draw: st.DrawFn) -> dict[str, Any]:
     return msg
 
 
-@settings(FUZZ, max_examples=3000)
+@settings(FUZZ, max_examples=2500)
 @given(mutated_message())
 def test_mutated_messages_get_a_request_or_a_precise_error(msg: dict[str, Any]) -> None:
     outcome(encode(msg))
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=600)
 @given(valid_message(), st.data())
 def test_overlapping_regions_are_named(msg: dict[str, Any], data: st.DataObject) -> None:
     regions = msg["regions"]
@@ -250,7 +251,7 @@ def test_overlapping_regions_are_named(msg: dict[str, Any], data: st.DataObject)
     assert err.field == f"regions[{i + 1}]"
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=600)
 @given(valid_message(), st.data())
 def test_unaligned_regions_are_named(msg: dict[str, Any], data: st.DataObject) -> None:
     regions = msg["regions"]
@@ -268,14 +269,14 @@ def test_unaligned_regions_are_named(msg: dict[str, Any], data: st.DataObject) -
 # -- arbitrary JSON and bytes ---------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=1500)
+@settings(FUZZ, max_examples=1200)
 @given(JSON_VALUE)
 def test_any_json_value_gets_an_answer(value: object) -> None:
     err = outcome(encode(value))
     assert isinstance(err, HandoffError)
 
 
-@settings(FUZZ, max_examples=1500)
+@settings(FUZZ, max_examples=2000)
 @given(st.binary(max_size=300))
 def test_any_bytes_get_an_answer(raw: bytes) -> None:
     outcome(raw)
