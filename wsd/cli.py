@@ -25,7 +25,16 @@ def _kernel_info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return demo.run(size_mib=args.size_mib, hot_percent=args.hot_percent)
+    return demo.run(
+        demo.DemoOptions(
+            seconds=args.seconds,
+            size=args.size,
+            hot=args.hot,
+            phase_seconds=args.phase_seconds,
+            interval=args.interval,
+            threads=args.threads,
+        )
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -61,9 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     ki = sub.add_parser("kernel-info", help="report kernel support and the tracking mode")
     ki.add_argument("--json", action="store_true", help="machine-readable output")
     ki.set_defaults(func=_kernel_info)
-    de = sub.add_parser("demo", help="hand a puppet guest to wsd.kernel: arm, scan, evict, fetch")
-    de.add_argument("--size-mib", type=int, default=64)
-    de.add_argument("--hot-percent", type=float, default=10.0)
+    de = sub.add_parser(
+        "demo", help="run wsd and a synthetic guest for half a minute, with a live view"
+    )
+    dd = demo.DemoOptions()
+    de.add_argument("--seconds", type=float, default=dd.seconds, help="%(default)s")
+    de.add_argument("--size", default=dd.size, help="guest memory (%(default)s)")
+    de.add_argument("--hot", default=dd.hot, help="hot-set size (%(default)s)")
+    de.add_argument(
+        "--phase-seconds", type=float, default=dd.phase_seconds, help="hot set moves (%(default)s)"
+    )
+    de.add_argument("--interval", type=float, default=dd.interval, help="tracking (%(default)s)")
+    de.add_argument("--threads", type=int, default=dd.threads, help="guest threads (%(default)s)")
     de.set_defaults(func=_demo)
     ru = sub.add_parser("run", help="run the daemon in the foreground")
     ru.add_argument("--config", type=Path, help="the TOML configuration (see config.example.toml)")

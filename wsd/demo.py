@@ -1,105 +1,234 @@
-"""``wsd demo``: one tracking cycle and one eviction on a puppet guest, for real.
+"""``wsd demo``: the daemon and a synthetic guest, live, in one command.
 
-It plays both sides on this kernel: a puppet VMM process hands over its memfd
-and raw uffd, and this process arms tracking in the mode the kernel supports,
-lets the guest touch a known hot set, scans it, evicts the cold rest into a
-dict standing in for a storage tier, and serves the fetch-back faults while
-the guest re-reads and verifies every page.
+wsd runs in this process, as ``wsd run`` would (uvloop, one root TaskGroup),
+with a file tier in a temporary directory, metrics on a free local port and a
+control socket.  ``wsd guest`` runs beside it as the VMM: self-checking pages,
+a hot set that moves every few seconds.  One line per second shows what wsd
+sees and does; at the end the guest stops, re-reads and checks every page,
+and the summary says whether any byte was lost.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+import functools
+import subprocess
+import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
+import uvloop
 
-from wsd.kernel import (
-    Feature,
-    PageCategory,
-    PageFault,
-    Pagemap,
-    Userfaultfd,
-    data_ranges,
-    pread,
-    probe_kernel,
-    punch_hole,
+from wsd.config import MetricsSection
+from wsd.daemon import Daemon, Session, Settings
+from wsd.evictor import EvictorConfig
+from wsd.evictor.drain import drain
+from wsd.guest.process import GuestError, GuestProcess
+from wsd.storage import FileStoreConfig
+from wsd.testing.running import running_daemon
+
+VM_ID = "demo"
+MIB = 1 << 20
+
+# Quicker than the defaults, so that half a minute shows the whole story:
+# pages idle for 3 intervals go, a refault doubles a page's threshold.
+DEMO_EVICTOR = EvictorConfig(
+    min_idle_cycles=3,
+    max_idle_cycles=32,
+    refault_window_cycles=8,
+    refault_penalty_cycles=4,
+    rate_mb_per_second=None,
+    promotion_target_percent_per_minute=None,
+    prefetch_pages=0,  # the demo's hot sets are scattered pages: neighbours are cold
 )
-from wsd.testing.faults import serve_faults
-from wsd.testing.puppet_vmm import PuppetVMM
-from wsd.tracker.mode import TrackingMode, choose_mode
-from wsd.tracker.session import REQUIRED
+
+# Metrics shown in the summary, read back from the live endpoint.
+SHOWN_METRICS = (
+    "wsd_guest_memory_bytes",
+    "wsd_resident_memory_bytes",
+    "wsd_evicted_memory_bytes",
+    "wsd_working_set_bytes",
+    "wsd_evicted_pages_total",
+    "wsd_fetched_pages_total",
+    "wsd_fault_latency_seconds_count",
+)
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+@dataclass(frozen=True)
+class DemoOptions:
+    seconds: float = 30.0
+    size: str = "256M"
+    hot: str = "10%"
+    phase_seconds: float = 10.0
+    interval: float = 0.5
+    threads: int = 2
 
 
-def run(size_mib: int = 64, hot_percent: float = 10.0) -> int:
-    decision = choose_mode(probe_kernel())
-    mode = decision.mode
-    print(f"tracking mode: {mode} ({decision.reason})")
-    for lim in decision.limitations:
-        print(f"  limitation: {lim}")
-    with (
-        PuppetVMM.spawn(size_mib << 20) as p,
-        Userfaultfd(os.dup(p.uffd_fd)) as uffd,
-        Pagemap.open(p.pid) as pm,
-    ):
-        print(f"guest: pid {p.pid}, {_mib(p.size)} memfd at {p.base:#x}, {p.npages} pages")
-        uffd.api(REQUIRED[mode])
-        uffd.register(p.base, p.size, decision.register_mode)
-        t0 = time.perf_counter()
-        if mode is TrackingMode.RWP:
-            uffd.rwprotect(p.base, p.size, protect=True)
-        else:
-            uffd.writeprotect(p.base, p.size, protect=True)
-        arm_ms = (time.perf_counter() - t0) * 1e3
-        print(f"armed {mode} on the whole guest in {arm_ms:.2f} ms")
+def run(opts: DemoOptions) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_demo(opts))
 
-        rng = np.random.default_rng(0)
-        hot = np.sort(rng.choice(p.npages, size=int(p.npages * hot_percent / 100), replace=False))
-        # wp-async sees writes only, so the guest writes its hot set here.
-        p.call("touch", pages=hot.tolist(), write=mode is TrackingMode.WP_ASYNC)
-        category = PageCategory.ACCESSED if mode is TrackingMode.RWP else PageCategory.WRITTEN
-        t0 = time.perf_counter()
-        if mode is TrackingMode.RWP:
-            uffd.set_mode(disable=Feature.RWP_ASYNC)  # the sync window opens before the scan
-        seen = pm.scan(p.base, p.size, category_mask=category).page_indices(p.base, p.page_size)
-        scan_ms = (time.perf_counter() - t0) * 1e3
-        exact = np.array_equal(seen, hot)
-        print(
-            f"guest touched {len(hot)} pages; scan found {len(seen)} hot pages in"
-            f" {scan_ms:.2f} ms ({'exact match' if exact else 'MISMATCH'})"
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:7.1f} MiB"
+
+
+@dataclass
+class _View:
+    guest: int
+    resident: int
+    evicted: int
+    wss: int | None
+    fetched: int
+    raced: int
+
+
+def _view(s: Session) -> _View:
+    regions = s.tracker.regions
+    wss = 0
+    for t in regions:
+        smallest = min(t.state.working_set().values(), key=lambda e: e.horizon)
+        if smallest.pages is None:
+            wss = -1
+            break
+        wss += smallest.pages * t.region.page_size
+    return _View(
+        guest=sum(t.region.size for t in regions),
+        resident=sum(t.state.resident_pages * t.region.page_size for t in regions),
+        evicted=sum(t.state.evicted_pages * t.region.page_size for t in regions),
+        wss=None if wss < 0 else wss,
+        fetched=s.ctx.stats.fetched_pages,
+        raced=s.ctx.stats.raced_writes,
+    )
+
+
+async def _demo(opts: DemoOptions) -> int:
+    with tempfile.TemporaryDirectory(prefix="wsd-demo-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        settings = Settings(
+            socket=tmp / "wsd.sock",
+            control_socket=tmp / "control.sock",
+            interval=opts.interval,
+            storage=FileStoreConfig(root=tmp / "pages"),
+            evictor=DEMO_EVICTOR,
+            state_dir=tmp / "state",
+            metrics=MetricsSection(address="127.0.0.1:0"),
         )
+        async with running_daemon(settings) as d:
+            return await _with_daemon(d, opts, tmp)
 
-        cold = np.setdiff1d(np.arange(p.npages), seen)
-        tier: dict[int, bytes] = {}
-        t0 = time.perf_counter()
-        for page in cold.tolist():
-            tier[page] = bytes(pread(p.memfd, p.page_size, p.offset(page)))
-            punch_hole(p.memfd, p.offset(page), p.page_size)
-            uffd.wake(p.addr(page), p.page_size)
-        if mode is TrackingMode.RWP:
-            uffd.set_mode(enable=Feature.RWP_ASYNC)
-        evict_ms = (time.perf_counter() - t0) * 1e3
-        resident = sum(e - s for s, e in data_ranges(p.memfd))
+
+async def _with_daemon(d: Daemon, opts: DemoOptions, tmp: Path) -> int:
+    decision = d.decision
+    print(f"wsd demo: kernel {d.kernel.release}, tracking mode {decision.mode} ({decision.reason})")
+    for limitation in decision.limitations:
+        print(f"  limitation: {limitation}")
+    assert d.metrics_server is not None
+    host, port = d.metrics_server.address
+    metrics_url = f"http://{host}:{port}/metrics"
+    print(f"  metrics: {metrics_url}   control: wsd status --socket {tmp / 'control.sock'}")
+    print(
+        f"  guest: {opts.size}, hot set {opts.hot} moving every {opts.phase_seconds:g} s, "
+        f"{opts.threads} threads, 30% writes; file tier in {tmp / 'pages'}"
+    )
+    argv = [
+        "--socket",
+        str(d.settings.socket),
+        "--vm-id",
+        VM_ID,
+        "--size",
+        opts.size,
+        "--hot",
+        opts.hot,
+        "--pattern",
+        "phases",
+        "--phase-seconds",
+        str(opts.phase_seconds),
+        "--threads",
+        str(opts.threads),
+        "--write-ratio",
+        "0.3",
+        "--thp",
+        "never",
+    ]
+    start = functools.partial(GuestProcess.start, argv, ready_timeout=300)
+    guest = await asyncio.to_thread(start)
+    try:
+        return await _watch(d, guest, opts, metrics_url)
+    finally:
+        guest.close()
+
+
+async def _watch(d: Daemon, guest: GuestProcess, opts: DemoOptions, metrics_url: str) -> int:
+    s = d.sessions[VM_ID]
+    print()
+    print("     t        wss     resident      evicted   refaults/s  raced  guest")
+    began = time.monotonic()
+    last_fetched, last_t = 0, began
+    peak_evicted = 0
+    while (now := time.monotonic()) - began < opts.seconds:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        v = _view(s)
+        peak_evicted = max(peak_evicted, v.evicted)
+        rate = (v.fetched - last_fetched) / (now - last_t)
+        last_fetched, last_t = v.fetched, now
+        alive = "running" if guest.proc.poll() is None else "EXITED"
+        wss = _mib(v.wss) if v.wss is not None else "        ..."
         print(
-            f"evicted {len(cold)} cold pages in {evict_ms:.1f} ms;"
-            f" resident {_mib(resident)} of {_mib(p.size)}"
+            f"{now - began:5.0f}s {wss} {_mib(v.resident)} {_mib(v.evicted)} "
+            f"{rate:11.0f} {v.raced:6d}  {alive}"
         )
+        if guest.proc.poll() is not None:
+            break
+    metrics = await asyncio.to_thread(_scrape, metrics_url)
+    stats = s.ctx.stats
+    # Stop evicting and bring every page back in bulk, as stopping wsd would,
+    # so the guest's final check of every page does not fault on each one
+    # (slow under TCG).  The check then proves the drained bytes are right.
+    s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
+    evicted_at_end = _view(s).evicted
+    fetched_on_fault = stats.fetched_pages
+    await drain(s.ctx, s.faults)
+    try:
+        code = await asyncio.to_thread(guest.stop, 300)
+        report = guest.report()
+    except (subprocess.TimeoutExpired, GuestError, OSError, ValueError) as e:
+        print(f"\nFAILED: the guest did not stop cleanly: {e}\n{guest.stderr()}")
+        return 1
+    v = _view(s)
+    print()
+    print(f"summary ({d.decision.mode} mode, {time.monotonic() - began:.0f} s):")
+    print(f"  guest memory        {_mib(v.guest)}")
+    print(f"  peak evicted        {_mib(peak_evicted)}")
+    print(f"  evicted pages       {stats.evicted_pages} ({_mib(stats.evicted_bytes).strip()})")
+    fetched = f"{fetched_on_fault} pages on fault"
+    print(f"  fetched back        {fetched}")
+    print(f"  drained at the end  {_mib(evicted_at_end).strip()}, before the guest's final check")
+    if stats.raced_writes:
+        print(f"  raced writes kept   {stats.raced_writes} (written while being evicted, put back)")
+    print(f"  guest operations    {report['ops']} ({report['writes']} writes)")
+    ok = code == 0 and report["verify_errors"] == 0 and report["unverified"] == 0
+    print(
+        f"  data verified       {'OK' if ok else 'FAILED'}: {report['final_check_pages']} pages "
+        f"re-read at exit, {report['verify_errors']} errors"
+    )
+    print(f"  metrics were at     {metrics_url}")
+    for line in metrics:
+        print(f"    {line}")
+    if not ok:
+        print(guest.stderr())
+    return 0 if ok else 1
 
-        def fetch(f: PageFault) -> None:
-            page = (f.address - p.base) // p.page_size
-            uffd.copy(p.addr(page), tier[page])
 
-        t0 = time.perf_counter()
-        rid = p.send("read", pages=list(range(p.npages)))
-        faults = serve_faults(uffd, fetch, until=lambda: p.done(rid), timeout=120)
-        p.wait(rid)
-        fetch_s = time.perf_counter() - t0
-        print(
-            f"guest re-read all {p.npages} pages: {faults} fetch-back faults served in"
-            f" {fetch_s:.2f} s; every page verified intact"
-        )
-        return 0 if exact and faults == len(cold) else 1
+def _scrape(url: str) -> list[str]:
+    """The summary's metrics, as Prometheus served them during the run."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(SHOWN_METRICS) and f'vm_id="{VM_ID}"' in line
+    ]

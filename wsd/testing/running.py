@@ -16,13 +16,15 @@ from wsd.tracker.session import VmTracker
 
 @contextlib.asynccontextmanager
 async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
-    """A Daemon serving on ``settings.socket`` until the block ends."""
+    """A Daemon serving on ``settings.socket`` (and its other sockets) until the block ends."""
     d = Daemon(settings)
     task = asyncio.create_task(d.run())
-    while not settings.socket.exists():
-        if task.done():
-            task.result()  # raises what stopped it
-        await asyncio.sleep(0.01)
+    ready = asyncio.create_task(d.ready.wait())
+    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        task.result()  # raises what stopped it
+        raise RuntimeError("the daemon stopped before it was ready")
     try:
         yield d
     finally:
