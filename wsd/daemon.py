@@ -28,7 +28,7 @@ import numpy.typing as npt
 import structlog
 import uvloop
 
-from wsd import sdnotify
+from wsd import fdstore, resume, sdnotify
 from wsd.access import AccessPolicy
 from wsd.config import MetricsSection, WsdConfig
 from wsd.control import ControlCommands, ControlServer, EvictionRequest
@@ -142,6 +142,8 @@ class Daemon:
             )
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once every socket and the metrics server are up (when systemd hears READY=1)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -180,12 +182,14 @@ class Daemon:
                 log.info("serving metrics", address=f"{host}:{port}")
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                await self._resume_stored()
                 serving = tg.create_task(self.server.serve())
                 controlling = tg.create_task(self.control.serve()) if self.control else None
                 refreshing = tg.create_task(self._refresh_store_stats())
                 interval = sdnotify.watchdog_interval()
                 watchdog = tg.create_task(_keep_alive(interval)) if interval else None
                 sdnotify.ready(f"listening on {self.settings.socket}, mode {self.decision.mode}")
+                self.ready.set()
                 await self._stop.wait()
                 sdnotify.stopping(f"draining {len(self.sessions)} VMs")
                 serving.cancel()
@@ -301,27 +305,55 @@ class Daemon:
         except BaseException:
             close_fds(memfds)
             raise
+        try:
+            if self.settings.state_dir is not None:
+                # Before anything is evicted: from here a wsd crash loses nothing.
+                resume.park(self.settings.state_dir, req.vm_id, req.vmm_pid, tracker, memfds)
+        except BaseException:
+            tracker.close()
+            close_fds(memfds)
+            raise
+        session = self._start_session(req.vm_id, tracker, memfds)
+        granularity = [str(t.state.granularity) for t in tracker.regions]
+        reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
+        return Accepted(reply, lambda: self._end(session))
+
+    def _start_session(self, vm_id: str, tracker: VmTracker, memfds: list[int]) -> Session:
+        """Serve faults and run cycles for a tracker (handed off or resumed); owns its fds."""
         assert self._tg is not None
         tg = self._tg
         try:
-            evictor_config = self.settings.evictor_for(req.vm_id)
-            ctx = VmContext(req.vm_id, tracker, self.store, evictor_config, self.clock)
+            evictor_config = self.settings.evictor_for(vm_id)
+            ctx = VmContext(vm_id, tracker, self.store, evictor_config, self.clock)
             evictor = Evictor(ctx, state_dir=self.settings.state_dir, host_room=self._host_room)
         except BaseException:
             tracker.close()
             close_fds(memfds)
             raise
-        session = Session(
-            req.vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor
-        )
-        self.sessions[req.vm_id] = session
+        session = Session(vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor)
+        self.sessions[vm_id] = session
         loop = asyncio.get_running_loop()
         loop.add_reader(tracker.uffd.fd, self._on_uffd, session)
-        session.task = self._tg.create_task(self._cycles(session))
+        session.task = tg.create_task(self._cycles(session))
         self._status()
-        granularity = [str(t.state.granularity) for t in tracker.regions]
-        reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
-        return Accepted(reply, lambda: self._end(session))
+        return session
+
+    async def _resume_stored(self) -> None:
+        """Take back the sessions a previous wsd parked in systemd's fd store."""
+        for stored in fdstore.take_listen_fds().values():
+            try:
+                resumed = await resume.resume(
+                    stored,
+                    state_dir=self.settings.state_dir,
+                    store=self.store,
+                    kernel=self.kernel,
+                    clock=self.clock,
+                )
+            except KernelError as e:
+                log.error("resuming a stored session failed", vm_id=stored.vm_id, error=str(e))
+                continue
+            if resumed is not None:
+                self._start_session(stored.vm_id, resumed.tracker, resumed.memfds)
 
     async def _cycles(self, session: Session) -> None:
         """Every interval: a window (scan, commit what was prepared), then prepare more.
@@ -431,6 +463,9 @@ class Daemon:
                 session.tracker.close()
             finally:
                 close_fds(session.memfds)
+        if self.settings.state_dir is not None:
+            # Drained (or its VMM is gone): nothing of it is left to resume.
+            resume.unpark(self.settings.state_dir, session.vm_id, len(session.memfds))
         self._status()
         log.info(
             "session closed",

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
+
+from wsd.kernel import send_with_fds
 
 log = structlog.get_logger("wsd.sdnotify")
 
@@ -32,8 +34,8 @@ class Notifier:
         self.clock_ns = clock_ns
         self._warned = False
 
-    def notify(self, *fields: str) -> bool:
-        """Send ``KEY=VALUE`` fields as one datagram; True if it went out."""
+    def notify(self, *fields: str, fds: Sequence[int] = ()) -> bool:
+        """Send ``KEY=VALUE`` fields as one datagram (``fds`` attached); True if it went out."""
         if not fields or any("=" not in f or "\n" in f for f in fields):
             raise ValueError(f"notify fields must be KEY=VALUE lines, got {fields!r}")
         target = self.environ.get("NOTIFY_SOCKET", "")
@@ -45,7 +47,11 @@ class Notifier:
             addr = "\0" + target[1:] if target[0] == "@" else target
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
                 s.setblocking(False)  # never stall the event loop; systemd reads promptly
-                s.sendto("\n".join(fields).encode(), addr)
+                if fds:
+                    s.connect(addr)
+                    send_with_fds(s, "\n".join(fields).encode(), fds)
+                else:
+                    s.sendto("\n".join(fields).encode(), addr)
         except OSError as e:
             if not self._warned:
                 self._warned = True
@@ -105,8 +111,8 @@ _default = Notifier()
 """The process's notifier, reading ``os.environ``; the functions below use it."""
 
 
-def notify(*fields: str) -> bool:
-    return _default.notify(*fields)
+def notify(*fields: str, fds: Sequence[int] = ()) -> bool:
+    return _default.notify(*fields, fds=fds)
 
 
 def ready(status: str | None = None) -> bool:

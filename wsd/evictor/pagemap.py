@@ -17,9 +17,8 @@ directory).  Cost is proportional to the evicted pages (8 bytes each).
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+
+from wsd.atomicfile import write_atomically
 
 FORMAT: Final = "wsd-pagemap-1"
 
@@ -73,22 +74,14 @@ def save(state_dir: Path, vm: VmMap) -> Path:
         arrays[f"pages{i}"] = r.pages.astype(np.int64, copy=False)
         arrays[f"generations{i}"] = r.generations.astype(np.uint32, copy=False)
     final = path_for(state_dir, vm.vm_id)
-    fd, tmp = tempfile.mkstemp(prefix=f".{vm.vm_id}.", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dirfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    write_atomically(final, buf.getvalue())
     return final
+
+
+def remove(state_dir: Path, vm_id: str) -> None:
+    path_for(state_dir, vm_id).unlink(missing_ok=True)
 
 
 def load(path: Path) -> VmMap:

@@ -10,7 +10,7 @@ from .fds import FdInfo, FdKind, OwnedFd, close_fds, describe_fd
 from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
-from .pidfd import pidfd_getfd, pidfd_open
+from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
 from .pins import HeldPages
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
@@ -81,6 +81,7 @@ __all__ = [
     "pread_into",
     "probe_api",
     "probe_kernel",
+    "process_start_ticks",
     "punch_hole",
     "pwrite",
     "recv_with_fds",

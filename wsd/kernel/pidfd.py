@@ -1,4 +1,4 @@
-"""pidfd_open(2) and pidfd_getfd(2)."""
+"""pidfd_open(2), pidfd_getfd(2), and telling one process from a later one with its pid."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ._ffi import ffi, libc
 from .errors import FeatureUnavailable, oserror
 from .sysno import NR
 
-__all__ = ["pidfd_getfd", "pidfd_open"]
+__all__ = ["pidfd_getfd", "pidfd_open", "process_start_ticks"]
 
 
 def pidfd_open(pid: int, flags: int = 0) -> int:
@@ -41,3 +41,19 @@ def pidfd_getfd(pidfd: int, target_fd: int, *, pid: int | None = None) -> int:
             raise FeatureUnavailable("pidfd_getfd(2)", "Linux 5.6", err=err)
         raise oserror("pidfd_getfd", err, pid=pid, detail=f"target fd {target_fd}")
     return fd
+
+
+def process_start_ticks(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22).
+
+    Together with the pid it names one process for the life of the system: a
+    recycled pid has a later start.  ``ProcessLookupError`` if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        raise oserror("open(/proc/<pid>/stat)", errno.ESRCH, pid=pid) from None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])

@@ -118,6 +118,22 @@ def _granularity(r: Region, minor: bool, shmem_thp: bool) -> Granularity:
     return Granularity.THP_2M_UNTRAPPABLE
 
 
+def _tracked_regions(
+    regions: Sequence[tuple[Region, int]], minor: Sequence[bool], kernel: KernelFeatures, now: float
+) -> list[TrackedRegion]:
+    shmem_thp = kernel.thp_shmem_enabled not in (None, "never", "deny")
+    return [
+        TrackedRegion(
+            r,
+            fd,
+            RegionState(r.size // r.page_size, _granularity(r, m, shmem_thp), started_at=now),
+            minor=m,
+            thp_possible=shmem_thp and r.page_size == 4096,
+        )
+        for (r, fd), m in zip(regions, minor, strict=True)
+    ]
+
+
 def _names(mode: RegisterMode) -> set[str]:
     return {m.name or "" for m in RegisterMode if m in mode}
 
@@ -216,18 +232,7 @@ class VmTracker:
         except BaseException:
             uffd.close()
             raise
-        now = clock()
-        shmem_thp = kernel.thp_shmem_enabled not in (None, "never", "deny")
-        tracked = [
-            TrackedRegion(
-                r,
-                fd,
-                RegionState(r.size // r.page_size, _granularity(r, m, shmem_thp), started_at=now),
-                minor=m,
-                thp_possible=shmem_thp and r.page_size == 4096,
-            )
-            for (r, fd), m in zip(regions, minor, strict=True)
-        ]
+        tracked = _tracked_regions(regions, minor, kernel, clock())
         tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
         try:
             tracker.arm()
@@ -235,6 +240,50 @@ class VmTracker:
             tracker.close()
             # With a pre-registered uffd this is where a false claim shows.
             raise HandoffError(ErrorCode.UNSUPPORTED, f"cannot arm tracking: {e}") from e
+        return tracker
+
+    @classmethod
+    def adopt(
+        cls,
+        vm_id: str,
+        *,
+        vmm_pid: int,
+        uffd_fd: int,
+        features: Feature,
+        regions: Sequence[tuple[Region, int]],
+        minor: Sequence[bool],
+        decision: ModeDecision,
+        kernel: KernelFeatures,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> VmTracker:
+        """Resume tracking a uffd that a previous wsd negotiated and registered.
+
+        The uffd keeps its features and registrations across owners, so
+        nothing is negotiated again.  The previous wsd may have died anywhere:
+        in rwp mode inside a sync window (going async releases the vCPUs
+        blocked on RWP faults), or after reading a fault it never resolved
+        (its message is gone, so a ``UFFDIO_WAKE`` of every region makes those
+        threads fault again, and this wsd reads the new messages).  Takes
+        ownership of ``uffd_fd``; raises :class:`KernelError` if the VMM is gone.
+        """
+        uffd = Userfaultfd(uffd_fd)
+        uffd.features = features
+        try:
+            pagemap = Pagemap.open(vmm_pid)
+        except BaseException:
+            uffd.close()
+            raise
+        tracked = _tracked_regions(regions, minor, kernel, clock())
+        tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
+        try:
+            if tracker.mode is TrackingMode.RWP:
+                uffd.set_mode(enable=Feature.RWP_ASYNC)
+            tracker.arm()
+            for t in tracked:
+                uffd.wake(t.region.host_virt_addr, t.region.size)
+        except BaseException:
+            tracker.close()
+            raise
         return tracker
 
     def arm(self) -> None:

@@ -1,0 +1,183 @@
+"""Sessions that outlive a wsd process: parked at hand-off, resumed after a restart.
+
+**Park** (right after a hand-off is accepted, before anything is evicted):
+write the session's description (:mod:`wsd.recovery`), then hand its uffd and
+memfds to systemd's fd store (:mod:`wsd.fdstore`).  In that order, a restarted
+wsd that gets the fds back always finds the description.
+
+**Resume** (at start, for each session systemd hands back): check the VMM is
+the same process (pid and start time), adopt the uffd without negotiating
+anything again, and rebuild each region's state from the memfd (what is
+resident) and the page map (which holes are evicted, at which generation).
+Faults that queued while no wsd ran are then read and served like any others.
+
+**Unpark** when a session ends for good (drained, or its VMM gone): take the
+fds out of the store and delete the description and the page map.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from wsd import fdstore, recovery
+from wsd.evictor import pagemap
+from wsd.kernel import Feature, KernelFeatures, close_fds, process_start_ticks
+from wsd.recovery import RecoveryError, SessionRecord
+from wsd.storage import PageNamespace, PageStore, StorageError
+from wsd.tracker.mode import LIMITATIONS, REGISTER, ModeDecision
+from wsd.tracker.session import VmTracker
+from wsd.vmm.protocol import Region
+
+log = structlog.get_logger("wsd.resume")
+
+
+def memfd_positions(regions: Sequence[Region]) -> list[int]:
+    """Each region's memfd as a position in the session's memfd list (sorted fd indexes)."""
+    order = sorted({r.fd_index for r in regions})
+    return [order.index(r.fd_index) for r in regions]
+
+
+def park(
+    state_dir: Path, vm_id: str, vmm_pid: int, tracker: VmTracker, memfds: Sequence[int]
+) -> None:
+    """Persist the session's description, then put its fds in systemd's store."""
+    regions = [t.region for t in tracker.regions]
+    record = SessionRecord(
+        vm_id=vm_id,
+        vmm_pid=vmm_pid,
+        vmm_start_ticks=process_start_ticks(vmm_pid),
+        mode=tracker.mode,
+        features=int(tracker.uffd.features or Feature(0)),
+        regions=[
+            r.model_copy(update={"fd_index": k})
+            for r, k in zip(regions, memfd_positions(regions), strict=True)
+        ],
+        minor=[t.minor for t in tracker.regions],
+    )
+    recovery.save(state_dir, record)
+    if not fdstore.store(vm_id, tracker.uffd.fd, memfds):
+        log.info(
+            "no systemd fd store: this session does not survive a wsd crash",
+            vm_id=vm_id,
+        )
+
+
+def unpark(state_dir: Path, vm_id: str, memfds: int) -> None:
+    fdstore.remove(vm_id, memfds)
+    recovery.remove(state_dir, vm_id)
+    pagemap.remove(state_dir, vm_id)
+
+
+@dataclass
+class Resumed:
+    tracker: VmTracker
+    memfds: list[int]
+
+
+async def resume(
+    stored: fdstore.StoredSession,
+    *,
+    state_dir: Path | None,
+    store: PageStore | None,
+    kernel: KernelFeatures,
+    clock: Callable[[], float] = time.monotonic,
+) -> Resumed | None:
+    """Adopt a session systemd handed back; None if it cannot be (and it is cleaned up)."""
+    vm_id = stored.vm_id
+    memfds = [stored.memfds[k] for k in sorted(stored.memfds)]
+    assert stored.uffd is not None
+    if state_dir is None:
+        log.error("stored session dropped: no state_dir to resume it from", vm_id=vm_id)
+        close_fds([stored.uffd, *memfds])
+        fdstore.remove(vm_id, len(memfds))
+        return None
+    try:
+        record = recovery.load(state_dir, vm_id)
+        vmap = _load_map(state_dir, vm_id)
+        if len(memfds) != max(r.fd_index for r in record.regions) + 1:
+            raise RecoveryError(f"{len(memfds)} memfds stored, the description uses more")
+    except RecoveryError as e:
+        # Without the description the fds cannot be used; without a trusted
+        # map its evicted pages would be served as zeros.  Loudly give up.
+        log.error("stored session cannot be resumed", vm_id=vm_id, error=str(e))
+        close_fds([stored.uffd, *memfds])
+        fdstore.remove(vm_id, len(memfds))
+        return None
+    if not _same_process(record):
+        log.warning("VMM of a stored session is gone, dropping its pages", vm_id=vm_id)
+        await _discard_stored(store, record, vmap)
+        close_fds([stored.uffd, *memfds])
+        unpark(state_dir, vm_id, len(memfds))
+        return None
+    decision = ModeDecision(
+        record.mode, REGISTER[record.mode], "resumed from a previous wsd", LIMITATIONS[record.mode]
+    )
+    regions = [(r, memfds[r.fd_index]) for r in record.regions]
+    tracker = VmTracker.adopt(
+        vm_id,
+        vmm_pid=record.vmm_pid,
+        uffd_fd=stored.uffd,
+        features=Feature(record.features),
+        regions=regions,
+        minor=record.minor,
+        decision=decision,
+        kernel=kernel,
+        clock=clock,
+    )
+    evicted = 0
+    for i, t in enumerate(tracker.regions):
+        listed, gens = _listed(vmap, i, t.region)
+        t.state.restore(t.resident(), listed, gens)
+        evicted += t.state.evicted_pages
+    log.info("session resumed", vm_id=vm_id, mode=str(record.mode), evicted_pages=evicted)
+    return Resumed(tracker, memfds)
+
+
+def _same_process(record: SessionRecord) -> bool:
+    try:
+        return process_start_ticks(record.vmm_pid) == record.vmm_start_ticks
+    except OSError:
+        return False
+
+
+def _load_map(state_dir: Path, vm_id: str) -> pagemap.VmMap | None:
+    path = pagemap.path_for(state_dir, vm_id)
+    if not path.exists():
+        return None  # nothing was ever evicted
+    try:
+        return pagemap.load(path)
+    except pagemap.PageMapError as e:
+        raise RecoveryError(str(e)) from e
+
+
+def _listed(
+    vmap: pagemap.VmMap | None, i: int, region: Region
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
+    if vmap is None:
+        return np.empty(0, np.int64), np.empty(0, np.uint32)
+    if i >= len(vmap.regions):
+        raise RecoveryError(f"the page map of {vmap.vm_id!r} has no region {i}")
+    m = vmap.regions[i]
+    if (m.offset, m.size, m.page_size) != (region.offset, region.size, region.page_size):
+        raise RecoveryError(f"the page map of {vmap.vm_id!r} describes region {i} differently")
+    return m.pages, m.generations
+
+
+async def _discard_stored(
+    store: PageStore | None, record: SessionRecord, vmap: pagemap.VmMap | None
+) -> None:
+    if store is None or vmap is None:
+        return
+    for i, m in enumerate(vmap.regions):
+        ns = PageNamespace(record.vm_id, i, m.page_size)
+        try:
+            await store.discard(ns, [int(p) * m.page_size for p in m.pages])
+        except StorageError as e:
+            log.warning("discarding a gone VMM's pages failed", vm_id=record.vm_id, error=str(e))
