@@ -1,0 +1,165 @@
+"""The crash soak: ``wsd run`` SIGKILLed again and again under a guest, no page lost.
+
+A ``wsd run`` process runs under :class:`~wsd.testing.supervisor.Supervisor`
+(systemd's fd store, stood in for) with the file tier and a state directory,
+evicting everything idle for one interval.  ``wsd guest`` hammers its
+self-checking pages on three threads the whole time.  wsd is killed at random
+moments, so kills land in the middle of eviction batches, and restarted; each
+restart must resume the session from the stored fds, the session description
+and the page map, and serve the faults that queued while no wsd ran.  At the
+end the guest re-reads and checks every page, and a clean stop must leave the
+fd store and the state directory empty.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsd.evictor import pagemap
+from wsd.guest.process import GuestProcess
+from wsd.testing.supervisor import Supervisor
+
+VM_ID = "crashy"
+
+CONFIG = """\
+[daemon]
+socket = "{tmp}/wsd.sock"
+control_socket = "{tmp}/control.sock"
+interval_seconds = {interval}
+state_dir = "{tmp}/state"
+{mode}
+[storage]
+kind = "file"
+root = "{tmp}/pages"
+
+[evictor]
+min_idle_cycles = 1
+max_idle_cycles = 1
+max_pages_per_window = 1024
+batch_pages = 128
+promotion_target_percent_per_minute = 0.0001
+prefetch_pages = 8
+
+[metrics]
+enabled = false
+"""
+
+
+@dataclass
+class SoakResult:
+    kills: int
+    seconds: float
+    in_storage_at_kill: list[int]
+    resumed: int
+    guest_ops: int
+    pages: int
+    pages_verified_at_exit: int
+    verify_errors: int
+    unverified: int
+    stored_after_stop: list[str]
+    state_left_after_stop: list[str]
+
+
+def evicted_in_map(state: Path, vm_id: str) -> int:
+    """Pages the page map lists as evicted (some may have been fetched back since)."""
+    path = pagemap.path_for(state, vm_id)
+    if not path.exists():
+        return 0
+    return sum(len(r.pages) for r in pagemap.load(path).regions)
+
+
+def crash_soak(
+    tmp: Path,
+    *,
+    kills: int,
+    seconds: float | None = None,
+    gap: tuple[float, float] = (0.3, 2.0),
+    size: str = "32M",
+    interval: float = 0.2,
+    mode: str | None = None,
+    ready_timeout: float = 120.0,
+) -> SoakResult:
+    """Kill wsd ``kills`` times (and for at least ``seconds``); check the guest lost nothing."""
+    cfg = tmp / "wsd.toml"
+    mode_line = f'mode = "{mode}"\n' if mode else ""
+    cfg.write_text(CONFIG.format(tmp=tmp, interval=interval, mode=mode_line))
+    sup = Supervisor([sys.executable, "-m", "wsd", "run", "--config", str(cfg)], tmp)
+    rng = random.Random()
+    in_storage: list[int] = []
+    try:
+        sup.start(ready_timeout)
+        guest = GuestProcess.start(
+            [
+                "--socket",
+                str(tmp / "wsd.sock"),
+                "--vm-id",
+                VM_ID,
+                "--size",
+                size,
+                "--threads",
+                "3",
+                "--pattern",
+                "zipf",
+                "--zipf-s",
+                "1.3",
+                "--write-ratio",
+                "0.5",
+                "--thp",
+                "never",
+            ],
+            ready_timeout=300,
+        )
+        began = time.monotonic()
+        try:
+            time.sleep(gap[1])
+            while len(in_storage) < kills or time.monotonic() - began < (seconds or 0):
+                time.sleep(rng.uniform(*gap))
+                sup.kill()
+                in_storage.append(evicted_in_map(tmp / "state", VM_ID))
+                stored = sorted(sup.stored_names())
+                if stored != [f"wsd.{VM_ID}.mem0", f"wsd.{VM_ID}.uffd"]:
+                    raise AssertionError(f"fd store after a kill: {stored}")
+                sup.start(ready_timeout)
+            time.sleep(gap[1])
+            if guest.proc.poll() is not None:
+                raise AssertionError(f"the guest died: {guest.stderr()}")
+            # The final check reads every page back: wsd must be serving.
+            code = guest.stop(600)
+            if code != 0:
+                raise AssertionError(f"guest exit {code}: {guest.stderr()}")
+            elapsed = time.monotonic() - began
+        finally:
+            guest.close()
+        report = guest.report()
+        if sup.stop() != 0:
+            raise AssertionError("wsd did not stop cleanly")
+        log = (tmp / "service.log").read_text()
+        return SoakResult(
+            kills=len(in_storage),
+            seconds=elapsed,
+            in_storage_at_kill=in_storage,
+            resumed=log.count('"session resumed"') + log.count("session resumed "),
+            guest_ops=report["ops"],
+            pages=report["pages"],
+            pages_verified_at_exit=report["final_check_pages"],
+            verify_errors=report["verify_errors"],
+            unverified=report["unverified"],
+            stored_after_stop=sup.stored_names(),
+            state_left_after_stop=sorted(p.name for p in (tmp / "state").glob(f"{VM_ID}.*")),
+        )
+    finally:
+        sup.close()
+
+
+def check(r: SoakResult) -> None:
+    """What every soak must show."""
+    print(f"\ncrash soak: {r}")
+    assert r.verify_errors == 0 and r.unverified == 0
+    assert r.pages_verified_at_exit == r.pages
+    assert r.resumed == r.kills, r
+    assert sum(1 for n in r.in_storage_at_kill if n > 0) >= r.kills // 2, r.in_storage_at_kill
+    assert r.stored_after_stop == [] and r.state_left_after_stop == [], r
