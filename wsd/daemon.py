@@ -28,7 +28,7 @@ import numpy.typing as npt
 import structlog
 import uvloop
 
-from wsd import fdstore, resume, sdnotify
+from wsd import fdstore, recovery, resume, sdnotify
 from wsd.access import AccessPolicy
 from wsd.config import MetricsSection, WsdConfig
 from wsd.control import ControlCommands, ControlServer, EvictionRequest
@@ -37,6 +37,7 @@ from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
 from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
+from wsd.recovery import RecoveryError
 from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
@@ -290,6 +291,15 @@ class Daemon:
         if problem:
             close_fds(fds)
             raise problem
+        if req.type == "reattach":
+            tracker = self._reattach(req, uffd_fd, memfds)
+            session = self._start_session(req.vm_id, tracker, memfds)
+            granularity = [str(t.state.granularity) for t in tracker.regions]
+            evicted = sum(t.state.evicted_pages for t in tracker.regions)
+            reply = accepted_reply(
+                req, str(tracker.mode), granularity=granularity, evicted_pages=evicted
+            )
+            return Accepted(reply, lambda: self._end_soon(session))
         try:
             # From here the tracker owns the uffd fd (and closes it if it fails).
             tracker = VmTracker.start(
@@ -316,7 +326,56 @@ class Daemon:
         session = self._start_session(req.vm_id, tracker, memfds)
         granularity = [str(t.state.granularity) for t in tracker.regions]
         reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
-        return Accepted(reply, lambda: self._end(session))
+        return Accepted(reply, lambda: self._end_soon(session))
+
+    def _reattach(self, req: HandoffRequest, uffd_fd: int, memfds: list[int]) -> VmTracker:
+        """A VMM hands back the uffd of a session a wsd that died had (no systemd fd store).
+
+        Same checks as a resume from the fd store, and the regions must be
+        the ones handed off the first time.  Closes the fds if it refuses.
+        """
+        try:
+            state_dir = self.settings.state_dir
+            if state_dir is None:
+                raise HandoffError(
+                    ErrorCode.UNSUPPORTED, "wsd runs without a state_dir: nothing to reattach"
+                )
+            try:
+                record, vmap = resume.load(state_dir, req.vm_id)
+            except RecoveryError as e:
+                raise HandoffError(
+                    ErrorCode.NO_SESSION, f"no session of {req.vm_id!r} to reattach: {e}", "vm_id"
+                ) from e
+            if record.vmm_pid != req.vmm_pid or not resume.same_process(record):
+                raise HandoffError(
+                    ErrorCode.FORBIDDEN,
+                    f"{req.vm_id!r} was handed off by pid {record.vmm_pid}, which is not "
+                    f"pid {req.vmm_pid} or has exited since",
+                    "vmm_pid",
+                )
+            wanted = [
+                r.model_copy(update={"fd_index": k})
+                for r, k in zip(req.regions, resume.memfd_positions(req.regions), strict=True)
+            ]
+            if wanted != record.regions:
+                raise HandoffError(
+                    ErrorCode.BAD_REGION,
+                    "the regions differ from the ones first handed off (see "
+                    f"{recovery.session_path(state_dir, req.vm_id)})",
+                    "regions",
+                )
+        except BaseException:
+            close_fds([uffd_fd, *memfds])
+            raise
+        try:
+            tracker = resume.adopt(
+                record, vmap, uffd_fd, memfds, kernel=self.kernel, clock=self.clock
+            )
+        except BaseException:
+            close_fds(memfds)
+            raise
+        fdstore.store(req.vm_id, tracker.uffd.fd, memfds)
+        return tracker
 
     def _start_session(self, vm_id: str, tracker: VmTracker, memfds: list[int]) -> Session:
         """Serve faults and run cycles for a tracker (handed off or resumed); owns its fds."""
@@ -438,6 +497,17 @@ class Daemon:
                 total += t.region.size
                 evicted += t.state.evicted_pages * t.region.page_size
         return max(0, int(cap * total) - evicted)
+
+    async def _end_soon(self, session: Session) -> None:
+        """End a session whose VMM hung up, in a task of the root group.
+
+        The hand-off server calls this from the connection's task, which a
+        shutdown cancels: a drain cut short there would leave the session
+        parked and half-drained.  The root group's task finishes it (the
+        group waits for it), and the shutdown does not start it twice.
+        """
+        assert self._tg is not None
+        await asyncio.shield(self._tg.create_task(self._end(session)))
 
     async def _end(self, session: Session) -> None:
         if session.closed:

@@ -99,8 +99,7 @@ async def resume(
         fdstore.remove(vm_id, len(memfds))
         return None
     try:
-        record = recovery.load(state_dir, vm_id)
-        vmap = _load_map(state_dir, vm_id)
+        record, vmap = load(state_dir, vm_id)
         if len(memfds) != max(r.fd_index for r in record.regions) + 1:
             raise RecoveryError(f"{len(memfds)} memfds stored, the description uses more")
     except RecoveryError as e:
@@ -110,37 +109,64 @@ async def resume(
         close_fds([stored.uffd, *memfds])
         fdstore.remove(vm_id, len(memfds))
         return None
-    if not _same_process(record):
+    if not same_process(record):
         log.warning("VMM of a stored session is gone, dropping its pages", vm_id=vm_id)
         await _discard_stored(store, record, vmap)
         close_fds([stored.uffd, *memfds])
         unpark(state_dir, vm_id, len(memfds))
         return None
+    try:
+        tracker = adopt(record, vmap, stored.uffd, memfds, kernel=kernel, clock=clock)
+    except BaseException:
+        close_fds(memfds)
+        raise
+    return Resumed(tracker, memfds)
+
+
+def adopt(
+    record: SessionRecord,
+    vmap: pagemap.VmMap | None,
+    uffd: int,
+    memfds: Sequence[int],
+    *,
+    kernel: KernelFeatures,
+    clock: Callable[[], float] = time.monotonic,
+) -> VmTracker:
+    """Track ``record``'s session again with its uffd and memfds (owns the uffd)."""
     decision = ModeDecision(
         record.mode, REGISTER[record.mode], "resumed from a previous wsd", LIMITATIONS[record.mode]
     )
-    regions = [(r, memfds[r.fd_index]) for r in record.regions]
     tracker = VmTracker.adopt(
-        vm_id,
+        record.vm_id,
         vmm_pid=record.vmm_pid,
-        uffd_fd=stored.uffd,
+        uffd_fd=uffd,
         features=Feature(record.features),
-        regions=regions,
+        regions=[(r, memfds[r.fd_index]) for r in record.regions],
         minor=record.minor,
         decision=decision,
         kernel=kernel,
         clock=clock,
     )
-    evicted = 0
-    for i, t in enumerate(tracker.regions):
-        listed, gens = _listed(vmap, i, t.region)
-        t.state.restore(t.resident(), listed, gens)
-        evicted += t.state.evicted_pages
-    log.info("session resumed", vm_id=vm_id, mode=str(record.mode), evicted_pages=evicted)
-    return Resumed(tracker, memfds)
+    try:
+        evicted = 0
+        for i, t in enumerate(tracker.regions):
+            listed, gens = _listed(vmap, i, t.region)
+            t.state.restore(t.resident(), listed, gens)
+            evicted += t.state.evicted_pages
+    except BaseException:
+        tracker.close()
+        raise
+    log.info("session resumed", vm_id=record.vm_id, mode=str(record.mode), evicted_pages=evicted)
+    return tracker
 
 
-def _same_process(record: SessionRecord) -> bool:
+def load(state_dir: Path, vm_id: str) -> tuple[SessionRecord, pagemap.VmMap | None]:
+    """A parked session's description and page map; :class:`RecoveryError` says what is wrong."""
+    return recovery.load(state_dir, vm_id), _load_map(state_dir, vm_id)
+
+
+def same_process(record: SessionRecord) -> bool:
+    """Whether the session's VMM is still the process that handed it off."""
     try:
         return process_start_ticks(record.vmm_pid) == record.vmm_start_ticks
     except OSError:

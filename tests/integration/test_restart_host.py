@@ -19,6 +19,10 @@ def test_sigkill_during_eviction_loses_no_page(tmp_path: Path) -> None:
     check(crash_soak(tmp_path, kills=8))
 
 
+def test_without_systemd_the_vmm_reattaches_and_loses_no_page(tmp_path: Path) -> None:
+    check(crash_soak(tmp_path, kills=5, reattach=True))
+
+
 @pytest.mark.soak
 def test_sigkill_soak_ten_minutes(tmp_path: Path) -> None:
     check(crash_soak(tmp_path, kills=20, seconds=600, gap=(1.0, 20.0)))

@@ -85,6 +85,12 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
         help="run without wsd (a baseline for benchmarks)",
     )
     ap.add_argument(
+        "--reattach",
+        action="store_true",
+        help="when wsd closes the hand-off connection (it died), reconnect every second with"
+        " a reattach message until a restarted wsd takes the session back",
+    )
+    ap.add_argument(
         "--user-mode-only",
         action="store_true",
         help="create the uffd with UFFD_USER_MODE_ONLY (kernel-originated faults then SIGBUS)",
@@ -123,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> GuestConfig:
         socket=args.socket,
         handoff=args.handoff,
         user_mode_only=args.user_mode_only,
+        reattach=args.reattach,
         thp=args.thp,
         seed=args.seed,
         report=args.report,

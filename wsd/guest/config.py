@@ -107,6 +107,8 @@ class GuestConfig:
     socket: Path = DEFAULT_SOCKET
     handoff: bool = True
     user_mode_only: bool = False
+    reattach: bool = False
+    """When wsd closes the hand-off connection, reattach to the next wsd on the socket."""
     thp: Thp = Thp.DEFAULT
     seed: int | None = None
     report: Path | None = None

@@ -95,12 +95,17 @@ class GuestMemory:
         return self.uffd
 
     def hand_off(
-        self, path: os.PathLike[str] | str, vm_id: str
+        self, path: os.PathLike[str] | str, vm_id: str, *, reattach: bool = False
     ) -> tuple[dict[str, Any], socket.socket]:
-        """Send uffd (fd 0) and memfd (fd 1) to wsd; raises HandoffRefused on an error reply."""
+        """Send uffd (fd 0) and memfd (fd 1) to wsd; raises HandoffRefused on an error reply.
+
+        ``reattach``: give a restarted wsd the session its predecessor had.
+        """
         if self.uffd is None:
             raise RuntimeError("open_uffd() before hand_off()")
         msg = handoff_message(vm_id, os.getpid(), self.base, self.size, self.page_size)
+        if reattach:
+            msg["type"] = "reattach"
         return hand_off(os.fspath(path), msg, [self.uffd, self.memfd])
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -99,25 +99,57 @@ def _signals(waker: _Waker) -> Iterator[None]:
 
 
 class _SessionWatch:
-    """Keeps the hand-off connection open and notices if wsd closes it."""
+    """Keeps the hand-off connection open and notices if wsd closes it.
 
-    def __init__(self, sock: socket.socket) -> None:
+    With ``reattach``, a closed connection means wsd died: it calls it every
+    second until a restarted wsd takes the session back, then watches anew.
+    """
+
+    def __init__(
+        self, sock: socket.socket, reattach: Callable[[], socket.socket] | None = None
+    ) -> None:
         self.sock = sock
         self.closed_by_wsd: float | None = None
+        self.reattached = 0
+        self._reattach = reattach
         self._closing = False
-        sock.settimeout(None)
         self._thread = threading.Thread(target=self._watch, name="handoff-watch", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
-        try:
-            while self.sock.recv(4096):
-                pass  # wsd sends nothing after its reply in protocol 1
-        except OSError:
-            return
-        if not self._closing:
+        while True:
+            self.sock.settimeout(None)
+            try:
+                while self.sock.recv(4096):
+                    pass  # wsd sends nothing after its reply in protocol 1
+            except OSError:
+                pass
+            if self._closing:
+                return
             self.closed_by_wsd = time.monotonic()
-            _say("wsd closed the hand-off connection: the session has ended (running on)")
+            if self._reattach is None:
+                _say("wsd closed the hand-off connection: the session has ended (running on)")
+                return
+            _say("wsd closed the hand-off connection: reattaching to the next wsd")
+            while not self._closing:
+                time.sleep(1.0)
+                try:
+                    sock = self._reattach()
+                except HandoffRefused as e:
+                    if e.code == "duplicate_vm":
+                        # A wsd under systemd took it back from its fd store.
+                        _say("wsd has the session already (resumed from its fd store)")
+                        return
+                    _say(f"reattach failed, retrying: {e}")
+                    continue
+                except OSError as e:
+                    _say(f"reattach failed, retrying: {e}")
+                    continue
+                self.sock.close()
+                self.sock = sock
+                self.reattached += 1
+                _say("reattached")
+                break
 
     def close(self) -> None:
         self._closing = True
@@ -201,7 +233,13 @@ def _run(config: GuestConfig, memory: GuestMemory) -> int:
             _say(f"cannot hand off to wsd at {config.socket}: {e}")
             return EXIT_HANDOFF
         # Open until we exit: closing it would end wsd's session.
-        session.watch = _SessionWatch(sock)
+        reattach = None
+        if config.reattach:
+
+            def reattach() -> socket.socket:
+                return memory.hand_off(config.socket, config.vm_id, reattach=True)[1]
+
+        session.watch = _SessionWatch(sock, reattach)
     try:
         return _run_workload(config, memory, session)
     finally:
@@ -311,6 +349,7 @@ def _report(
         "seed": session.seed,
         "handoff": session.reply,
         "handoff_closed_by_wsd": session.watch.closed_by_wsd if session.watch else None,
+        "reattached": session.watch.reattached if session.watch else 0,
         "fill_seconds": session.fill_seconds,
         "started": workload.started,
         "ended": ended,

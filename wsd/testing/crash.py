@@ -82,16 +82,43 @@ def crash_soak(
     interval: float = 0.2,
     mode: str | None = None,
     ready_timeout: float = 120.0,
+    reattach: bool = False,
 ) -> SoakResult:
-    """Kill wsd ``kills`` times (and for at least ``seconds``); check the guest lost nothing."""
+    """Kill wsd ``kills`` times (and for at least ``seconds``); check the guest lost nothing.
+
+    ``reattach``: no fd store (wsd runs without ``$NOTIFY_SOCKET``); the guest
+    gives each new wsd its session back with a ``reattach`` hand-off.
+    """
     cfg = tmp / "wsd.toml"
     mode_line = f'mode = "{mode}"\n' if mode else ""
     cfg.write_text(CONFIG.format(tmp=tmp, interval=interval, mode=mode_line))
-    sup = Supervisor([sys.executable, "-m", "wsd", "run", "--config", str(cfg)], tmp)
+    argv = [sys.executable, "-m", "wsd", "run", "--config", str(cfg)]
+    sup = Supervisor(argv, tmp, notify=not reattach)
+    log_path = tmp / "service.log"
+
+    def resumed() -> int:
+        text = log_path.read_text() if log_path.exists() else ""
+        return text.count('"session resumed"') + text.count("session resumed ")
+
+    def restarted() -> None:
+        sup.start(ready_timeout)
+        if reattach:
+            # Ready once the guest has given the new wsd its session back.
+            deadline = time.monotonic() + ready_timeout
+            while resumed() < len(in_storage):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no reattach within {ready_timeout:g} s")
+                time.sleep(0.1)
+
     rng = random.Random()
     in_storage: list[int] = []
     try:
         sup.start(ready_timeout)
+        deadline = time.monotonic() + ready_timeout
+        while not (tmp / "wsd.sock").exists():  # without READY=1 to wait for
+            if time.monotonic() > deadline:
+                raise AssertionError(f"wsd not listening after {ready_timeout:g} s")
+            time.sleep(0.1)
         guest = GuestProcess.start(
             [
                 "--socket",
@@ -110,6 +137,7 @@ def crash_soak(
                 "0.5",
                 "--thp",
                 "never",
+                *(["--reattach"] if reattach else []),
             ],
             ready_timeout=300,
         )
@@ -121,9 +149,10 @@ def crash_soak(
                 sup.kill()
                 in_storage.append(evicted_in_map(tmp / "state", VM_ID))
                 stored = sorted(sup.stored_names())
-                if stored != [f"wsd.{VM_ID}.mem0", f"wsd.{VM_ID}.uffd"]:
+                expected = [] if reattach else [f"wsd.{VM_ID}.mem0", f"wsd.{VM_ID}.uffd"]
+                if stored != expected:
                     raise AssertionError(f"fd store after a kill: {stored}")
-                sup.start(ready_timeout)
+                restarted()
             time.sleep(gap[1])
             if guest.proc.poll() is not None:
                 raise AssertionError(f"the guest died: {guest.stderr()}")
@@ -137,12 +166,11 @@ def crash_soak(
         report = guest.report()
         if sup.stop() != 0:
             raise AssertionError("wsd did not stop cleanly")
-        log = (tmp / "service.log").read_text()
         return SoakResult(
             kills=len(in_storage),
             seconds=elapsed,
             in_storage_at_kill=in_storage,
-            resumed=log.count('"session resumed"') + log.count("session resumed "),
+            resumed=resumed(),
             guest_ops=report["ops"],
             pages=report["pages"],
             pages_verified_at_exit=report["final_check_pages"],

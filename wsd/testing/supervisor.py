@@ -30,8 +30,15 @@ LISTEN_FDS_START = 3
 
 class Supervisor:
     def __init__(
-        self, argv: Sequence[str], workdir: Path, env: Mapping[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        notify: bool = True,
     ) -> None:
+        """``notify=False`` runs the service without ``$NOTIFY_SOCKET`` (no fd store, no READY)."""
+        self.notify = notify
         self.argv = list(argv)
         self.workdir = workdir
         self.env = dict(os.environ if env is None else env)
@@ -84,12 +91,14 @@ class Supervisor:
     # -- the service -----------------------------------------------------------------
 
     def start(self, ready_timeout: float = 120.0, log: Path | None = None) -> None:
-        """Start the service with the stored fds; wait for ``READY=1``."""
+        """Start the service with the stored fds; wait for ``READY=1`` (if ``notify``)."""
         self._ready.clear()
         with self._lock:
             names = [n for n, _ in self.stored]
             fds = [fd for _, fd in self.stored]
         env = dict(self.env, NOTIFY_SOCKET=str(self.notify_path))
+        if not self.notify:
+            del env["NOTIFY_SOCKET"]
         argv = [
             sys.executable,
             "-m",
@@ -106,7 +115,7 @@ class Supervisor:
         finally:
             out.close()
         self.starts += 1
-        if not self._ready.wait(ready_timeout):
+        if self.notify and not self._ready.wait(ready_timeout):
             code = self.proc.poll()
             raise RuntimeError(f"service not ready after {ready_timeout:g} s (exit {code})")
 

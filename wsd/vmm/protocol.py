@@ -52,6 +52,7 @@ class ErrorCode(enum.StrEnum):
     BAD_REGION = "bad_region"
     UNSUPPORTED = "unsupported"
     DUPLICATE = "duplicate_vm"
+    NO_SESSION = "no_session"
     FORBIDDEN = "forbidden"
     LIMIT = "limit_exceeded"
     TIMEOUT = "timeout"
@@ -175,7 +176,8 @@ def _is_firecracker(v: object) -> bool:
 class HandoffRequest(BaseModel):
     model_config = _STRICT
 
-    type: Literal["handoff"]
+    type: Literal["handoff", "reattach"]
+    """``reattach``: the same VM again, to a restarted wsd (see docs/protocol.md)."""
     version: int
     vm_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")]
     # pid_t is an int32; the kernel's pids stay below PID_MAX_LIMIT (2^22).
@@ -273,7 +275,7 @@ def parse_request(raw: bytes) -> HandoffRequest:
         raise HandoffError(
             ErrorCode.INVALID, f"message must be a JSON object, not {type(obj).__name__}"
         )
-    if obj.get("type") != "handoff":
+    if obj.get("type") not in ("handoff", "reattach"):
         raise HandoffError(
             ErrorCode.INVALID, f"unknown message type {_brief(obj.get('type'))}", "type"
         )
