@@ -35,6 +35,7 @@ from wsd.control import ControlCommands, ControlServer, EvictionRequest
 from wsd.durations import CycleTimings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
+from wsd.evictor.events import on_event
 from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
 from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
 from wsd.recovery import RecoveryError
@@ -468,7 +469,9 @@ class Daemon:
         read_at = self.clock()
         for msg in messages:
             if not isinstance(msg, PageFault):
-                log.warning("unexpected uffd event", vm_id=session.vm_id, event=repr(msg))
+                # REMOVE, UNMAP, REMAP: the VMM's madvise/munmap/mremap waited
+                # for this read; the state changes now (docs/life-events.md).
+                on_event(session.faults, session.evictor, msg)
                 continue
             # An RWP fault read after its window closed stalls nobody: going
             # async released its vCPU.

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Collection
 
 import numpy as np
 import structlog
 
-from wsd.kernel import KernelError
+from wsd.kernel import KernelError, data_ranges, map_shared, pwrite
 from wsd.storage import StorageError
 
 from .context import VmContext
@@ -97,7 +98,81 @@ async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
                 p = offset // ps
                 if not t.state.is_evicted(p) or (i, p) in faults.fetching:
                     continue
+                if t.state.generation(p) != gens[offset]:
+                    continue  # removed (and maybe evicted again) during the get
                 if await faults.install(t, p, stored.data, wake=True):
                     t.state.note_fetched([p])
                     ctx.stats.fetched_pages += 1
                     ctx.stats.fetched_bytes += ps
+
+
+async def restore_to_memfd(
+    ctx: VmContext, i: int, fetching: Collection[tuple[int, int]] = ()
+) -> int:
+    """Write region ``i``'s evicted pages back into its memfd, not through the uffd.
+
+    For memory the uffd cannot serve any more: a region the VMM unmapped or
+    moved (the memfd outlives the mapping, and whoever maps it next must find
+    the guest's bytes), or one another process maps (its accesses bypass the
+    uffd).  A page is written only while it is still a hole, checked right
+    before the write with no ``await`` in between: a hole cannot have been
+    written by anyone, so nothing newer is overwritten.  Pages in ``fetching``
+    are left to their fetch.  Returns the pages written; raises
+    :class:`StorageError` if the tier fails past the fetch deadline.
+    """
+    assert ctx.store is not None or not ctx.tracker.regions[i].state.evicted_pages
+    t = ctx.tracker.regions[i]
+    r = t.region
+    ps = r.page_size
+    written = 0
+    delay = ctx.config.fetch_retry_initial_seconds
+    started = ctx.clock()
+    while t.state.evicted_pages and ctx.store is not None:
+        pages = [int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in fetching]
+        if not pages:
+            await asyncio.sleep(0.005)  # fetches in flight: let them land
+            continue
+        for k in range(0, len(pages), BATCH):
+            chunk = pages[k : k + BATCH]
+            gens = {p * ps: t.state.generation(p) for p in chunk}
+            try:
+                got = await ctx.store.get_many(ctx.namespaces[i], list(gens), generations=gens)
+            except StorageError as e:
+                if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
+                    raise
+                log.warning("restore: fetch failed, retrying", vm_id=ctx.vm_id, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, ctx.config.fetch_retry_max_seconds)
+                break
+            for offset, stored in got.items():
+                p = offset // ps
+                if not t.state.is_evicted(p) or t.state.generation(p) != gens[offset]:
+                    continue
+                if (i, p) in fetching:
+                    continue
+                at = r.offset + offset
+                if data_ranges(t.memfd, at, at + ps):
+                    # Filled behind the uffd (another mapper touched the hole):
+                    # whatever it holds is what the guest sees now.
+                    log.error(
+                        "an evicted page was repopulated behind the uffd; its stored bytes lost",
+                        vm_id=ctx.vm_id,
+                        region=i,
+                        page=p,
+                    )
+                else:
+                    _write_page(t.memfd, at, stored.data, ps)
+                    written += 1
+                t.state.note_fetched([p])
+                ctx.discards[i].add(p)
+    return written
+
+
+def _write_page(memfd: int, at: int, data: bytes, page_size: int) -> None:
+    if page_size == 4096:
+        pwrite(memfd, data, at)
+        return
+    # hugetlbfs has no write(): through wsd's own short-lived mapping, which
+    # no uffd watches.
+    with map_shared(memfd, page_size, at) as m:
+        m[:] = data

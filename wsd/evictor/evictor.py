@@ -42,8 +42,9 @@ from wsd.storage import StorageError
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
 
-from . import pagemap
+from . import guards, pagemap
 from .context import VmContext
+from .guards import guard_reason
 from .policy import pages_for_bytes, select
 from .transaction import not_punched, punch_and_wake, punch_verified, read_pages
 
@@ -60,6 +61,9 @@ HostRoom = Callable[[], int | None]
 
 def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
     """Why no page of ``t`` may be evicted, or None."""
+    guarded = guard_reason(ctx, t)  # life events, DMA pins, other mappers
+    if guarded is not None:
+        return guarded
     if not t.state.granularity.evictable:
         return f"{t.state.granularity}: accesses cannot be trapped (RWP-FACTS fact 8)"
     if t.thp_possible:
@@ -85,6 +89,9 @@ class Prepared:
     # The bytes stored, by byte offset in the region: kept in wp-async mode,
     # where the commit compares them with the pages' final bytes.
     stored: Mapping[int, bytes] | None = None
+    # Each page's generation when it was read: a page whose generation moved
+    # since (removed by the VMM) is not punched, its stored bytes are stale.
+    generations: npt.NDArray[np.uint32] | None = None
 
 
 class Evictor:
@@ -101,6 +108,10 @@ class Evictor:
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
         self._prepared: list[Prepared] = []
         self._scratch = bytearray()  # wp-async: final bytes of the pages being punched
+        # The page map must be rewritten (pages removed by the VMM); writes of
+        # it are serialised, so an older snapshot never replaces a newer one.
+        self.map_dirty = False
+        self._map_lock = asyncio.Lock()
         for i, reason in enumerate(self.reasons):
             if reason and ctx.config.enabled:
                 log.warning("region not evicted", vm_id=ctx.vm_id, region=i, reason=reason)
@@ -125,6 +136,8 @@ class Evictor:
         """Between windows: store the next pages to evict, for the next commit."""
         ctx = self.ctx
         cfg = ctx.config
+        if cfg.enabled and ctx.store is not None:
+            await guards.check(self, unevictable_reason)  # pins and other mappers, every few cycles
         if not cfg.enabled or ctx.store is None or all(self.reasons):
             return
         await self._flush_discards()
@@ -163,11 +176,13 @@ class Evictor:
             ctx.vm.refund(now, budget - spent)
         if self._prepared and self.state_dir is not None:
             try:
-                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+                await self.save_map(force=True)
             except OSError as e:
                 # Without the map on disk a crash would strand these pages: don't punch.
                 log.warning("writing the page map failed, nothing evicted", error=str(e))
                 self._prepared.clear()
+        elif self.map_dirty:
+            await self.save_map()  # a removal's rewrite failed earlier: again
 
     async def prepare_idle(self, max_bytes: int | None = None) -> int:
         """Instead of :meth:`prepare`, once (an operator's ``wsd vm evict``): store
@@ -179,6 +194,8 @@ class Evictor:
         the host-wide cap.  Returns the bytes stored for the commit.
         """
         ctx = self.ctx
+        if ctx.store is not None:
+            await guards.check(self, unevictable_reason, force=True)
         if ctx.store is None or all(self.reasons):
             return 0
         await self._flush_discards()
@@ -205,7 +222,7 @@ class Evictor:
                 spent += len(batch.pages) * ps
         if self._prepared and self.state_dir is not None:
             try:
-                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+                await self.save_map(force=True)
             except OSError as e:
                 log.warning("writing the page map failed, nothing evicted", error=str(e))
                 self._prepared.clear()
@@ -226,7 +243,7 @@ class Evictor:
         if self.state_dir is not None:
             self._prepared.append(batch)
             try:
-                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+                await self.save_map(force=True)
             finally:
                 self._prepared.remove(batch)
         return await self._commit_in_chunks(batch, None)
@@ -253,7 +270,7 @@ class Evictor:
             )
             return None
         verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
-        return Prepared(i, pages, data if verify else None)
+        return Prepared(i, pages, data if verify else None, (gens - 1).astype(np.uint32))
 
     async def _commit_in_chunks(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
         """Commit ``COMMIT_CHUNK`` pages at a time, serving faults in between.
@@ -271,7 +288,8 @@ class Evictor:
         for k in range(0, len(batch.pages), step):
             if k:
                 await asyncio.sleep(0)
-            chunk = Prepared(batch.region, batch.pages[k : k + step], batch.stored)
+            gens = None if batch.generations is None else batch.generations[k : k + step]
+            chunk = Prepared(batch.region, batch.pages[k : k + step], batch.stored, gens)
             done += self._commit(chunk, hot)
         return done
 
@@ -280,6 +298,15 @@ class Evictor:
         ctx = self.ctx
         i, pages = batch.region, batch.pages
         t = ctx.tracker.regions[i]
+        if t.vanished is not None:
+            ctx.discards[i].update(pages.tolist())
+            return 0  # unmapped or moved since prepared: nothing to punch here
+        if batch.generations is not None:
+            moved = t.state.generations[pages] != batch.generations
+            if moved.any():
+                # Removed by the VMM since they were read: a fresh page now.
+                ctx.discards[i].update(pages[moved].tolist())
+                pages = pages[~moved]
         keep = pages if hot is None else pages[~hot[pages]]
         if t.touched:
             keep = keep[~np.isin(keep, np.fromiter(t.touched, np.int64, len(t.touched)))]
@@ -371,6 +398,46 @@ class Evictor:
                 await ctx.store.discard(ctx.namespaces[i], offsets)
             except StorageError as e:
                 log.warning("discarding fetched pages failed", vm_id=ctx.vm_id, error=str(e))
+
+    def forget_prepared(self, i: int, pages: npt.NDArray[np.int64] | None) -> npt.NDArray[np.int64]:
+        """Take ``pages`` of region ``i`` (None: all of them) out of the prepared
+        batches; returns those that were prepared, whose stored copies are stale."""
+        out: list[npt.NDArray[np.int64]] = [np.empty(0, dtype=np.int64)]
+        kept = []
+        for batch in self._prepared:
+            if batch.region != i:
+                kept.append(batch)
+                continue
+            gone = np.ones(len(batch.pages), np.bool_)
+            if pages is not None:
+                gone = np.isin(batch.pages, pages)
+            out.append(batch.pages[gone])
+            if not gone.all():
+                gens = None if batch.generations is None else batch.generations[~gone]
+                kept.append(Prepared(i, batch.pages[~gone], batch.stored, gens))
+        self._prepared = kept
+        return np.concatenate(out)
+
+    async def save_map(self, *, force: bool = False) -> None:
+        """Write the page map (when ``map_dirty``, or ``force``), one write at a time.
+
+        The snapshot is taken under the lock, so the file on disk always ends
+        up as the newest one.  Raises ``OSError`` only when ``force`` (a batch
+        must not be punched without its map); otherwise it logs and stays dirty.
+        """
+        if self.state_dir is None:
+            return
+        async with self._map_lock:
+            if not (force or self.map_dirty):
+                return
+            self.map_dirty = False
+            try:
+                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+            except OSError as e:
+                self.map_dirty = True
+                if force:
+                    raise
+                log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
 
     def _map_with_prepared(self) -> pagemap.VmMap:
         """The page map as it will be once every prepared batch is committed."""

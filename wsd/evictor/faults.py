@@ -64,6 +64,10 @@ class FaultResult(enum.StrEnum):
     ERROR = "error"  # a bug; the fetch is retried a second later and timed again
 
 
+class _Removed(Exception):
+    """The page being fetched was removed by the VMM: no stored copy applies any more."""
+
+
 class FaultService:
     def __init__(self, ctx: VmContext, spawn: Spawn) -> None:
         self.ctx = ctx
@@ -158,6 +162,10 @@ class FaultService:
         self.fetching.add((i, page))
         self._spawn_task(self._fetch(i, t, page, started))
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as one of this session's tasks (cancelled by :meth:`close`)."""
+        self._spawn_task(coro)
+
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         if self.closed:
             coro.close()
@@ -185,15 +193,35 @@ class FaultService:
             else:  # hugetlbfs has no UFFDIO_ZEROPAGE
                 uffd.copy(addr, bytes(r.page_size))
         except FileExistsError:
-            pass  # populated meanwhile (another thread's fault on the same page)
+            # Populated meanwhile: another thread's fault on the same page (its
+            # ZEROPAGE woke us too), or wsd wrote the page into the memfd (a
+            # detached region's restore), which wakes nobody: wake it here.
+            uffd.wake(addr, r.page_size)
         t.state.note_populated([page])
         t.state.note_access([page])
         self.ctx.stats.zero_fills += 1
 
     async def _fetch(self, i: int, t: TrackedRegion, page: int, started: float | None) -> None:
         ctx = self.ctx
+        generation = t.state.generation(page)
         try:
-            data, retried = await self._get(i, t, page)
+            try:
+                data, retried = await self._get(i, t, page)
+            except _Removed:
+                data = None
+            if t.state.generation(page) != generation:
+                # The VMM removed the page while we fetched it (a balloon): the
+                # bytes we got are stale and it is a fresh page now.  No await
+                # between this check and the install, so no removal slips in.
+                self.fetching.discard((i, page))
+                self.waiters.discard((i, page))
+                if t.state.is_evicted(page):
+                    # Removed, touched and evicted again meanwhile: that copy.
+                    self._start_fetch(i, t, page, started)
+                else:
+                    self._zero_fill(t, page)
+                    self._timed(FaultResult.ZERO, started)
+                return
             if data is None:
                 self._timed(FaultResult.POISONED, started)
                 return
@@ -282,6 +310,8 @@ class FaultService:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, cfg.fetch_retry_max_seconds)
+            if t.state.generation(page) != generation:
+                raise _Removed  # removed by the VMM meanwhile: stop asking the tier
 
     async def install(
         self, t: TrackedRegion, page: int, data: bytes, *, wake: bool, wp: bool = False
@@ -304,11 +334,12 @@ class FaultService:
                     self.restore(t, page, data)
                     self.ctx.tracker.uffd.wake(addr, r.page_size)
                     return True
-                # Only the VMM itself (writing through another mapping) can have
-                # filled the hole: its bytes are newer than ours, keep them.
+                # Only the VMM itself (writing through another mapping), or wsd
+                # restoring a detached region, can have filled the hole: its
+                # bytes are at least as new as ours, keep them.  A failed COPY
+                # wakes nobody, so wake the thread that faulted.
                 self.ctx.stats.copy_races += 1
-                if not wake:
-                    self.ctx.tracker.uffd.wake(addr, r.page_size)
+                self.ctx.tracker.uffd.wake(addr, r.page_size)
                 t.state.note_fetched([page])
                 return False
             except BlockingIOError:
@@ -406,8 +437,8 @@ class FaultService:
                 return
             for offset, stored in got.items():
                 p = offset // r.page_size
-                if not t.state.is_evicted(p):
-                    continue
+                if not t.state.is_evicted(p) or t.state.generation(p) != gens[offset]:
+                    continue  # fetched meanwhile, or removed by the VMM
                 # In wp-async mode a page COPY'd without WP reads as written at
                 # the next scan: a prefetched page would look hot.
                 wp = ctx.tracker.mode is TrackingMode.WP_ASYNC

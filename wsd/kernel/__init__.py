@@ -12,6 +12,7 @@ from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, pun
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
 from .pins import HeldPages
+from .procfs import FileId, file_id, mappers_of, pinned_bytes
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
     MSG_SIZE,
@@ -47,6 +48,7 @@ __all__ = [
     "FdKind",
     "Feature",
     "FeatureUnavailable",
+    "FileId",
     "ForkEvent",
     "HeldPages",
     "Ioctl",
@@ -71,12 +73,15 @@ __all__ = [
     "decode_messages",
     "describe_fd",
     "feature_requirement",
+    "file_id",
     "map_shared",
+    "mappers_of",
     "memfd_create",
     "open_userfaultfd",
     "oserror",
     "pidfd_getfd",
     "pidfd_open",
+    "pinned_bytes",
     "pread",
     "pread_into",
     "probe_api",

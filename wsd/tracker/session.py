@@ -52,7 +52,19 @@ REQUIRED: dict[TrackingMode, Feature] = {
     TrackingMode.WP_ASYNC: Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM | Feature.MISSING_SHMEM,
 }
 OPTIONAL = (
-    Feature.MISSING_HUGETLBFS | Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS | Feature.POISON
+    Feature.MISSING_HUGETLBFS
+    | Feature.MINOR_SHMEM
+    | Feature.MINOR_HUGETLBFS
+    | Feature.POISON
+    # Guest memory life events (docs/life-events.md).  Non-cooperative: the
+    # VMM's madvise/munmap/mremap waits until wsd has read the message.
+    # REMOVE: a balloon discarded pages, whose stored copies must never come
+    # back.  UNMAP and REMAP: a region went away or moved; without REMAP the
+    # kernel drops the registration of a moved range, and its evicted pages
+    # would silently read as zeros.
+    | Feature.EVENT_REMOVE
+    | Feature.EVENT_UNMAP
+    | Feature.EVENT_REMAP
 )
 
 log = structlog.get_logger("wsd.tracker")
@@ -78,6 +90,13 @@ class TrackedRegion:
     # Shmem THP is enabled on this kernel, so this 4 KiB region may be backed
     # by huge pages (tracked exactly through MINOR, but see the evictor).
     thp_possible: bool = False
+    # Why this region is no longer mapped where the hand-off said (the VMM
+    # unmapped or moved part of it), or None.  A vanished region is neither
+    # scanned nor armed nor evicted; its evicted pages go back into the memfd.
+    vanished: str | None = None
+    # Other processes that map this region's memfd (vhost-user backends,
+    # virtiofsd), as of the last check; the evictor leaves the region alone.
+    other_mappers: tuple[int, ...] = ()
 
     @property
     def npages(self) -> int:
@@ -153,6 +172,11 @@ class VmTracker:
     sync_faults: int = 0
     minor_faults: int = 0
     late_rwp_faults: int = 0
+    # Guest memory life events (wsd.evictor.events) and guards (wsd.evictor.guards).
+    removed_pages: int = 0  # discarded by the VMM (UFFD_EVENT_REMOVE)
+    removed_evicted_pages: int = 0  # ... of which were evicted: their copies dropped
+    pinned_bytes: int = 0  # the VMM's VmPin at the last check
+    guards_checked_at: int | None = None  # the cycle of that check
     _in_window: bool = field(default=False, repr=False)
 
     @property
@@ -289,6 +313,8 @@ class VmTracker:
     def arm(self) -> None:
         """Start an interval: protect everything so the next touch is recorded."""
         for t in self.regions:
+            if t.vanished:
+                continue  # not mapped there any more: the ioctl would fail
             r = t.region
             if self.mode is TrackingMode.RWP:
                 self.uffd.rwprotect(r.host_virt_addr, r.size, protect=True)
@@ -297,6 +323,10 @@ class VmTracker:
 
     def _scan(self, t: TrackedRegion) -> npt.NDArray[np.bool_]:
         r = t.region
+        if t.vanished:
+            # Scanning an address range the VMM unmapped (or mapped something
+            # unregistered over) fails or reports another mapping: nothing hot.
+            return np.zeros(t.npages, dtype=np.bool_)
         # Size the output vector from the last cycle so one ioctl usually does.
         vec_len = max(4096, t.last_runs + t.last_runs // 4)
         if self.mode is TrackingMode.RWP:
@@ -338,7 +368,8 @@ class VmTracker:
             hot = [self._scan(t) for t in self.regions]
             now = self.clock()
             for t, h in zip(self.regions, hot, strict=True):
-                t.state.observe(h, self._resident(t), now)
+                if not t.vanished:
+                    t.state.observe(h, self._resident(t), now)
             if hook is not None:
                 await hook(self, hot)
         finally:
@@ -390,6 +421,16 @@ class VmTracker:
         t.touched.add(page)
         self.sync_faults += 1
         return True
+
+    def relocate(self, index: int, host_virt_addr: int) -> None:
+        """Region ``index`` moved, whole, to ``host_virt_addr`` (an ``mremap`` by the VMM).
+
+        With ``EVENT_REMAP`` negotiated the registration moves with the
+        mapping, and the memfd (so every page's state) is the same: only the
+        address changes.
+        """
+        t = self.regions[index]
+        t.region = t.region.model_copy(update={"host_virt_addr": host_virt_addr})
 
     def locate(self, address: int) -> tuple[int, TrackedRegion, int] | None:
         """(region index, region, page index) of a guest address, or None outside all."""

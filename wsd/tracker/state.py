@@ -15,7 +15,9 @@ vectorised passes and no Python loop per page:
     ``RESIDENT`` (in the memfd at the last :meth:`RegionState.observe`, updated
     by eviction and fetch-back) and ``EVICTED`` (its bytes live in storage).
 ``generation`` (uint32)
-    How many times the page was evicted; storage tags each copy with it.
+    Moves on at each eviction and each removal by the VMM; storage tags each
+    copy with it, so a copy (or a fetch, or a prepared eviction) from before
+    either is recognisably stale.
 
 That is 6 bytes per page: 1.5 MiB per GiB of 4 KiB pages, 3 KiB per GiB of
 hugetlbfs 2 MiB pages.  See ``docs/tracker.md`` ("Tracker state").
@@ -458,6 +460,28 @@ class RegionState:
         self._version += 1
         if accessed:
             self.note_access(idx)
+
+    def note_removed(self, pages: PageIndices) -> npt.NDArray[np.int64]:
+        """Pages the VMM discarded (``MADV_DONTNEED``/``MADV_REMOVE``: a balloon, free
+        page reporting): they become never-populated, so their next touch is a fresh
+        zero page, never a stored copy.
+
+        Every page's generation moves on, evicted or not: a fetch or an eviction
+        prepared before the removal carries the old generation and must find it
+        stale.  Returns the pages that were evicted, whose stored copies are
+        garbage now.  Resident pages lose ``RESIDENT`` too (``MADV_REMOVE`` frees
+        them; after ``MADV_DONTNEED`` on a shared mapping the next resident walk
+        finds them again).
+        """
+        idx = self._indices(pages)
+        flags = self._flags[idx]
+        evicted: npt.NDArray[np.int64] = idx[(flags & _EVICTED) != 0]
+        self._resident_pages -= int(np.count_nonzero(flags & _RESIDENT))
+        self._evicted_pages -= len(evicted)
+        self._flags[idx] = 0
+        self._generation[idx] += np.uint32(1)
+        self._version += 1
+        return evicted
 
     def note_populated(self, pages: PageIndices) -> None:
         """Pages that became resident without an eviction round trip (a zero-filled

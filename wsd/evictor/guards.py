@@ -1,0 +1,165 @@
+"""Memory wsd must not punch: DMA-pinned by the VMM, or mapped by another process.
+
+- **DMA pins** (VFIO passthrough, RDMA, io_uring fixed buffers): a device
+  writes guest pages without faulting.  Punching such a page frees it under
+  the device; its next DMA lands in a freed page and the guest never sees it.
+  wsd trusts two signals: the hand-off's per-region ``dma_pinned`` flag, and
+  ``VmPin`` in ``/proc/<vmm>/status`` (``mm->pinned_vm``), which says pages are
+  pinned but not which: then no region of that VM is evicted.
+- **Other mappers** of a guest memfd (vhost-user backends, virtiofsd, DPDK):
+  their mappings are not registered with wsd's uffd, so after a punch their
+  next access to the hole silently maps a fresh zero page.  wsd finds them by
+  scanning ``/proc/*/maps`` for the memfd's device and inode, and refuses to
+  evict any region of that memfd while one exists.  If pages were evicted
+  before the mapper appeared, they are written back into the memfd at once.
+
+The ``/proc`` walk is slow, so it runs in a thread, before the session's
+first eviction and then every :data:`CHECK_EVERY_CYCLES` cycles.  A mapper
+that appears between two checks can see holes for up to that many intervals:
+a VMM that starts a backend after the hand-off should hand off again, or set
+``dma_pinned``/keep eviction off for that VM (docs/life-events.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from wsd.kernel import FileId, file_id, mappers_of, pinned_bytes
+from wsd.tracker.session import TrackedRegion
+
+from .drain import restore_to_memfd
+
+if TYPE_CHECKING:
+    from .context import VmContext
+    from .evictor import Evictor
+
+log = structlog.get_logger("wsd.evictor")
+
+Reason = Callable[["VmContext", TrackedRegion], "str | None"]
+
+CHECK_EVERY_CYCLES = 10
+PROC = Path("/proc")
+
+
+def guard_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
+    """Why a life event, a DMA pin or another mapper keeps ``t`` from eviction, or None."""
+    if t.vanished is not None:
+        return f"region {t.vanished}"
+    if t.region.dma_pinned:
+        return "dma_pinned: a device may DMA into this region, a punched page would be lost"
+    if ctx.tracker.pinned_bytes:
+        return (
+            f"the VMM has {ctx.tracker.pinned_bytes >> 10} KiB pinned (VmPin): a device may "
+            "DMA into any region"
+        )
+    if t.other_mappers:
+        pids = ", ".join(map(str, t.other_mappers))
+        return (
+            f"other processes map this region's memfd (pids {pids}): after a punch they "
+            "would read zeros"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class GuardReading:
+    pinned_bytes: int
+    mappers: dict[FileId, set[int]]
+
+
+def read_guards(vmm_pid: int | None, files: Sequence[FileId], *, proc: Path = PROC) -> GuardReading:
+    """VmPin of the VMM and the other mappers of ``files`` (blocking: run in a thread)."""
+    pinned = 0
+    if vmm_pid is not None:
+        try:
+            pinned = pinned_bytes(vmm_pid, proc=proc)
+        except ProcessLookupError:
+            pinned = 0  # the VMM is gone; the session ends on its own
+    exclude = {os.getpid()} | ({vmm_pid} if vmm_pid is not None else set())
+    return GuardReading(pinned, mappers_of(files, exclude=exclude, proc=proc))
+
+
+async def check(
+    evictor: Evictor, reason: Reason, *, proc: Path = PROC, force: bool = False
+) -> None:
+    """Every :data:`CHECK_EVERY_CYCLES` cycles (and first thing): re-read pins and
+    mappers, then recompute which regions may be evicted, logging every change."""
+    ctx = evictor.ctx
+    tracker = ctx.tracker
+    if (
+        force
+        or tracker.guards_checked_at is None
+        or (tracker.cycles - tracker.guards_checked_at >= CHECK_EVERY_CYCLES)
+    ):
+        tracker.guards_checked_at = tracker.cycles
+        ids = [file_id(t.memfd) for t in tracker.regions]
+        try:
+            reading = await asyncio.to_thread(read_guards, tracker.pagemap.pid, ids, proc=proc)
+        except OSError as e:
+            log.warning("checking pins and other mappers failed", vm_id=ctx.vm_id, error=str(e))
+        else:
+            apply(evictor, reading, ids)
+    update_reasons(evictor, reason)
+    if any(t.other_mappers and t.state.evicted_pages for t in tracker.regions):
+        for i, t in enumerate(tracker.regions):
+            if t.other_mappers and t.state.evicted_pages:
+                log.warning(
+                    "another process maps evicted memory: writing it back into the memfd",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    pages=t.state.evicted_pages,
+                    pids=list(t.other_mappers),
+                )
+                await restore_to_memfd(ctx, i)
+
+
+def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId]) -> None:
+    """Record a reading on the tracker; log what changed."""
+    ctx = evictor.ctx
+    tracker = ctx.tracker
+    if reading.pinned_bytes != tracker.pinned_bytes:
+        if reading.pinned_bytes:
+            log.warning(
+                "the VMM pins memory (VmPin): no page of this VM is evicted",
+                vm_id=ctx.vm_id,
+                pid=tracker.pagemap.pid,
+                pinned_bytes=reading.pinned_bytes,
+            )
+        else:
+            log.info("the VMM pins no memory any more (VmPin 0)", vm_id=ctx.vm_id)
+        tracker.pinned_bytes = reading.pinned_bytes
+    for i, (t, fid) in enumerate(zip(tracker.regions, ids, strict=True)):
+        pids = tuple(sorted(reading.mappers.get(fid, ())))
+        if pids != t.other_mappers:
+            if pids:
+                log.warning(
+                    "other processes map this region's memfd: not evicted while they do",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    memfd=str(fid),
+                    pids=list(pids),
+                )
+            else:
+                log.info("no other process maps this region's memfd now", vm_id=ctx.vm_id, region=i)
+            t.other_mappers = pids
+
+
+def update_reasons(evictor: Evictor, reason: Reason) -> None:
+    """Recompute ``evictor.reasons`` with ``reason`` (``unevictable_reason``); log
+    each region whose reason changed."""
+    ctx = evictor.ctx
+    for i, t in enumerate(ctx.tracker.regions):
+        now = reason(ctx, t)
+        if now != evictor.reasons[i]:
+            if now is not None:
+                log.warning("region not evicted", vm_id=ctx.vm_id, region=i, reason=now)
+            else:
+                log.info("region evictable again", vm_id=ctx.vm_id, region=i)
+            evictor.reasons[i] = now
