@@ -48,6 +48,21 @@ from wsd.vmm.client import HandoffRefused, hand_off
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
+DISCARDED = -1
+"""The version of a page the puppet discarded: it must read back as zeros."""
+
+# A test puppet acting out a VMM's own syscalls (madvise, fallocate, io_uring):
+# not wsd's, so not in wsd.kernel.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+MADV_DONTNEED = 4
+MADV_REMOVE = 9
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_NR_IO_URING_SETUP = 425  # the same on x86_64 and aarch64
+_NR_IO_URING_REGISTER = 427
+
 
 def page_pattern(index: int, version: int, page_size: int) -> bytes:
     """The bytes page ``index`` holds at ``version``: no two (index, version) collide."""
@@ -87,6 +102,7 @@ class _Guest:
         self.map = mmap.mmap(self.memfd, size, flags=mmap.MAP_SHARED)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.versions = np.zeros(size // page_size, dtype=np.int64)
+        self.pinned: list[tuple[int, mmap.mmap]] = []
         self.session: socket.socket | None = None
         if fill:
             npages = size // page_size
@@ -108,13 +124,21 @@ class _Guest:
             self.versions[p] = version
 
     def read(self, pages: Iterable[int]) -> list[int]:
-        """Versions read; raises naming the first page that is not intact."""
+        """Versions read (``DISCARDED`` for zeros where expected); raises naming the
+        first page that is not intact."""
         out = []
         buf = ctypes.create_string_buffer(self.page_size)
         for p in pages:
             ctypes.memmove(buf, self._addr(p), self.page_size)
             data = buf.raw
             want = int(self.versions[p])
+            if want == DISCARDED:
+                if any(data):
+                    found = decode_page(data, self.page_size)
+                    what = f"page {found[0]} version {found[1]}" if found else "garbage"
+                    raise PuppetError(f"page {p}: discarded, expected zeros, found {what}")
+                out.append(want)
+                continue
             if data != page_pattern(p, want, self.page_size):
                 found = decode_page(data, self.page_size)
                 what = (
@@ -125,6 +149,50 @@ class _Guest:
                 raise PuppetError(f"page {p}: expected version {want}, found {what}")
             out.append(want)
         return out
+
+    def discard(self, pages: Iterable[int], how: str) -> None:
+        """Give pages back as a balloon does; their next read must find zeros.
+
+        ``how``: ``remove`` (``MADV_REMOVE``: frees the memfd's pages too),
+        ``dontneed`` (``MADV_DONTNEED``: drops this mapping's PTEs only), or
+        ``punch+dontneed`` (QEMU's way for shared memory: ``fallocate``
+        punch, then ``MADV_DONTNEED``).  The madvise raises a uffd REMOVE
+        event and waits until the uffd's reader has read it.
+        """
+        for p in pages:
+            addr, length = self._addr(p), self.page_size
+            if how == "punch+dontneed":
+                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                if _libc.fallocate(self.memfd, mode, p * length, length) < 0:
+                    raise OSError(ctypes.get_errno(), f"fallocate punch of page {p}")
+            advice = {"remove": MADV_REMOVE, "dontneed": MADV_DONTNEED}.get(how.rsplit("+", 1)[-1])
+            if advice is None:
+                raise PuppetError(f"unknown discard {how!r}")
+            if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) < 0:
+                raise OSError(ctypes.get_errno(), f"madvise({how}) of page {p}")
+            if how != "dontneed":
+                self.versions[p] = DISCARDED
+
+    def pin(self, nbytes: int) -> None:
+        """Pin ``nbytes`` of private memory long-term, as a DMA-capable VMM would:
+        io_uring registered buffers raise ``VmPin`` (``mm->pinned_vm``)."""
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+        ring = _libc.syscall(_NR_IO_URING_SETUP, ctypes.c_uint(4), params)
+        if ring < 0:
+            raise OSError(ctypes.get_errno(), "io_uring_setup")
+        buf = mmap.mmap(-1, nbytes)
+        iov = (ctypes.c_void_p * 2)(ctypes.addressof(ctypes.c_char.from_buffer(buf)), nbytes)
+        if _libc.syscall(_NR_IO_URING_REGISTER, ring, 0, iov, ctypes.c_uint(1)) < 0:
+            raise OSError(ctypes.get_errno(), "io_uring_register(IORING_REGISTER_BUFFERS)")
+        self.pinned.append((ring, buf))
+
+    def unpin(self) -> None:
+        for ring, _ in self.pinned:
+            # IORING_UNREGISTER_BUFFERS unpins now; closing the ring alone
+            # unpins later, from a kernel worker.
+            _libc.syscall(_NR_IO_URING_REGISTER, ring, 1, None, ctypes.c_uint(0))
+            os.close(ring)
+        self.pinned.clear()
 
     def touch(self, pages: Iterable[int], write: bool) -> None:
         one = ctypes.create_string_buffer(1)
@@ -211,6 +279,17 @@ def _child(a: argparse.Namespace) -> None:
                 result = guest.read(req["pages"])
             elif op == "touch":
                 guest.touch(req["pages"], req.get("write", False))
+            elif op == "discard":
+                guest.discard(req["pages"], req.get("how", "remove"))
+            elif op == "pin":
+                guest.pin(req["bytes"])
+            elif op == "unpin":
+                guest.unpin()
+            elif op == "unmap":
+                # Guest memory unplugged: the UNMAP event waits for wsd's read.
+                # (The memfd stays open: it outlives the mapping.)
+                if _libc.munmap(ctypes.c_void_p(guest.base), ctypes.c_size_t(guest.size)) < 0:
+                    raise OSError(ctypes.get_errno(), "munmap of the guest memory")
             else:
                 raise PuppetError(f"unknown op {op!r}")
             reply({"id": req["id"], "ok": True, "result": result})

@@ -9,7 +9,8 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 
 from wsd.daemon import Daemon, Settings
-from wsd.evictor import FaultService
+from wsd.evictor import Evictor, FaultService
+from wsd.evictor.events import on_event
 from wsd.kernel import PageFault
 from wsd.tracker.session import VmTracker
 
@@ -34,11 +35,12 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
 
 @contextlib.contextmanager
 def serving_faults(
-    tracker: VmTracker, faults: FaultService | None = None
+    tracker: VmTracker, faults: FaultService | None = None, evictor: Evictor | None = None
 ) -> Iterator[list[PageFault]]:
     """Resolve the tracker's faults from the running loop, as the daemon does.
 
-    With ``faults``, MISSING faults go to it (zero-fill or fetch-back).  Yields
+    With ``faults``, MISSING faults go to it (zero-fill or fetch-back); with
+    ``evictor`` too, life events (REMOVE, UNMAP, REMAP) are handled.  Yields
     the list of faults nobody handled (should stay empty).
     """
     loop = asyncio.get_running_loop()
@@ -46,6 +48,9 @@ def serving_faults(
 
     def readable() -> None:
         for msg in tracker.uffd.read_messages():
+            if not isinstance(msg, PageFault) and faults is not None and evictor is not None:
+                on_event(faults, evictor, msg)
+                continue
             if isinstance(msg, PageFault) and tracker.on_fault(msg):
                 continue
             if isinstance(msg, PageFault) and msg.is_missing and faults is not None:

@@ -1,0 +1,287 @@
+"""Guest memory life events, DMA pins and other mappers on the host kernel (wp-async).
+
+A puppet VMM discards evicted pages the way a balloon does (``MADV_REMOVE``;
+QEMU's ``fallocate`` punch then ``MADV_DONTNEED``), pins memory (io_uring
+registered buffers raise ``VmPin``), unmaps its guest memory, or shares its
+memfd with a second process.  Each test fails on a daemon that ignores the
+case: it would serve the old evicted bytes, punch pinned or shared memory, or
+leave an unmapped region's pages in storage.  docs/life-events.md maps each
+guarantee to its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from wsd.daemon import Settings
+from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext, pagemap
+from wsd.evictor.evictor import unevictable_reason
+from wsd.evictor.guards import check
+from wsd.kernel import Feature, pread
+from wsd.storage import (
+    FileStoreConfig,
+    PageNamespace,
+    PageStore,
+    StoredPage,
+    TierUnavailable,
+    open_backend,
+)
+from wsd.testing.arming import track_puppet
+from wsd.testing.puppet_vmm import DISCARDED, PuppetVMM, page_pattern
+from wsd.testing.running import running_daemon, serving_faults
+from wsd.tracker.session import VmTracker
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+SIZE = 4 << 20  # 1024 pages
+
+
+class FlakyStore:
+    """A store whose ``get`` fails while ``failing``."""
+
+    def __init__(self, inner: PageStore) -> None:
+        self.inner = inner
+        self.failing = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage:
+        if self.failing:
+            raise TierUnavailable("injected outage", backend="flaky")
+        return await self.inner.get(ns, offset, generation=generation)
+
+
+@pytest.fixture
+def puppet() -> Iterator[PuppetVMM]:
+    with PuppetVMM.spawn(SIZE) as p:
+        yield p
+
+
+@pytest_asyncio.fixture
+async def file_store(tmp_path: Path) -> AsyncIterator[PageStore]:
+    store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+    yield store
+    await store.close()
+
+
+@pytest_asyncio.fixture
+async def tracker(puppet: PuppetVMM) -> AsyncIterator[VmTracker]:
+    t = track_puppet(puppet, vm_id="life")
+    yield t
+    t.close()
+
+
+def session(
+    tracker: VmTracker, store: Any, state_dir: Path | None = None, **config: Any
+) -> tuple[VmContext, FaultService, Evictor]:
+    ctx = VmContext(tracker.vm_id, tracker, store, EvictorConfig(**config))
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    return ctx, FaultService(ctx, spawn), Evictor(ctx, state_dir=state_dir)
+
+
+async def call(p: PuppetVMM, op: str, **args: Any) -> Any:
+    return await asyncio.to_thread(p.call, op, **args)
+
+
+async def evict(ev: Evictor, pages: range | list[int]) -> None:
+    arr = np.array(sorted(pages), dtype=np.int64)
+    assert await ev.evict_batch(0, ev.ctx.tracker.regions[0], arr) == len(arr)
+
+
+async def wait_until(cond: Any, what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_the_life_events_are_negotiated(tracker: VmTracker) -> None:
+    enabled = tracker.uffd.features or Feature(0)
+    assert Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REMAP in enabled
+
+
+@pytest.mark.parametrize("how", ["remove", "punch+dontneed"])
+async def test_a_removed_evicted_page_reads_zeros_while_others_are_served(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore, tmp_path: Path, how: str
+) -> None:
+    ctx, faults, ev = session(tracker, file_store, tmp_path / "state")
+    state = tracker.regions[0].state
+    await tracker.cycle()
+    await evict(ev, range(0, 64))
+    with serving_faults(tracker, faults, ev):
+        # The madvise blocks until wsd reads the REMOVE: served by the loop.
+        await call(puppet, "discard", pages=list(range(10, 20)), how=how)
+        assert tracker.removed_evicted_pages == 10
+        assert not state.evicted_mask(np.arange(10, 20)).any()
+        versions = await call(puppet, "read", pages=list(range(64)))
+    # A naive daemon serves the old bytes (version 0) for 10..19.
+    assert versions == [0] * 10 + [DISCARDED] * 10 + [0] * 44
+    assert ctx.stats.fetched_pages == 54 and ctx.stats.zero_fills == 10
+    assert set(range(10, 20)) <= ctx.discards[0]
+    # The map on disk no longer lists them: a restarted wsd would not fetch them.
+    await wait_until(lambda: not ev.map_dirty, "the page map rewrite")
+    saved = pagemap.load(pagemap.path_for(tmp_path / "state", "life"))
+    assert not set(saved.regions[0].pages.tolist()) & set(range(10, 20))
+
+
+async def test_a_fetch_in_flight_for_a_removed_page_installs_zeros(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    flaky = FlakyStore(file_store)
+    _, faults, ev = session(
+        tracker, flaky, fetch_retry_initial_seconds=0.02, fetch_retry_max_seconds=0.05
+    )
+    await tracker.cycle()
+    await evict(ev, [5, 6])
+    with serving_faults(tracker, faults, ev):
+        rid = puppet.send("read", pages=[5])
+        await wait_until(lambda: (0, 5) in faults.fetching, "the fetch of page 5")
+        await asyncio.sleep(0.1)
+        assert not puppet.done(rid), "the tier is down: the reader waits"
+        await call(puppet, "discard", pages=[5], how="remove")
+        # The fetch sees the generation moved and installs a zero page.
+        assert await asyncio.to_thread(puppet.wait, rid) == [DISCARDED]
+        flaky.failing = False
+        assert await call(puppet, "read", pages=[6]) == [0]
+
+
+async def test_a_prepared_page_removed_before_its_commit_is_not_punched(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    ctx, faults, ev = session(tracker, file_store)
+    state = tracker.regions[0].state
+    await tracker.cycle()
+    batch = await ev._prepare(0, np.arange(100, 110, dtype=np.int64))
+    assert batch is not None
+    with serving_faults(tracker, faults, ev):
+        await call(puppet, "discard", pages=[102, 103], how="remove")
+        # A commit already under way holds the batch: the generation check
+        # drops the removed pages in the same step as the punch.
+        assert await ev._commit_in_chunks(batch, None) == 8
+        assert not state.evicted_mask(np.array([102, 103])).any()
+        assert {102, 103} <= ctx.discards[0]
+        versions = await call(puppet, "read", pages=list(range(100, 110)))
+    assert versions == [0, 0, DISCARDED, DISCARDED] + [0] * 6
+
+
+async def test_another_mapper_of_the_memfd_stops_eviction_and_gets_pages_back(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    ctx, faults, ev = session(tracker, file_store, min_idle_cycles=1)
+    await tracker.cycle()
+    await evict(ev, range(0, 32))
+    # A vhost-user backend stand-in: maps the guest memfd, and waits.
+    mapper = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import mmap, sys; m = mmap.mmap({puppet.memfd}, {SIZE}, mmap.MAP_SHARED); "
+            "print('mapped', flush=True); sys.stdin.read()",
+        ],
+        pass_fds=[puppet.memfd],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert mapper.stdout is not None
+        assert await asyncio.to_thread(mapper.stdout.readline) == b"mapped\n"
+        with serving_faults(tracker, faults, ev):
+            await check(ev, unevictable_reason, force=True)
+        reason = ev.reasons[0]
+        assert reason is not None and str(mapper.pid) in reason
+        assert tracker.regions[0].other_mappers == (mapper.pid,)
+        # The pages evicted before it came are back in the memfd: it reads them.
+        assert tracker.regions[0].state.evicted_pages == 0
+        for p in (0, 17, 31):
+            assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
+        # And nothing is evicted while it maps the memfd.
+        for _ in range(3):
+            await tracker.cycle()
+        await ev.prepare()
+        assert not ev._prepared and ctx.stats.evicted_pages == 32
+    finally:
+        mapper.kill()
+        mapper.communicate()  # reaps it and closes the pipes
+    await check(ev, unevictable_reason, force=True)
+    assert ev.reasons[0] is None and tracker.regions[0].other_mappers == ()
+
+
+async def test_vmpin_stops_eviction_of_the_whole_vm(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    _, _, ev = session(tracker, file_store, min_idle_cycles=1)
+    await call(puppet, "pin", bytes=1 << 20)
+    for _ in range(3):
+        await tracker.cycle()
+    await ev.prepare()
+    assert not ev._prepared
+    assert tracker.pinned_bytes == 1 << 20
+    assert ev.reasons[0] is not None and "VmPin" in ev.reasons[0]
+    await call(puppet, "unpin")
+    await check(ev, unevictable_reason, force=True)
+    assert ev.reasons[0] is None
+
+
+async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    _, faults, ev = session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    await evict(ev, range(0, 1024, 4))
+    with serving_faults(tracker, faults, ev):
+        await call(puppet, "unmap")
+        await wait_until(lambda: t.vanished is not None, "the UNMAP event")
+        await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
+        # Cycles skip the vanished region instead of failing on it.
+        await tracker.cycle()
+    assert ev.reasons[0] is not None and "unmapped" in ev.reasons[0]
+    for p in (0, 4, 512, 1020):
+        assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
+
+
+async def test_the_daemon_serves_zeros_after_a_balloon_removes_evicted_pages(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        socket=tmp_path / "wsd.sock",
+        interval=0.1,
+        storage=FileStoreConfig(root=tmp_path / "pages"),
+        evictor=EvictorConfig(min_idle_cycles=1, max_idle_cycles=1, rate_mb_per_second=None),
+        state_dir=tmp_path / "state",
+    )
+    async with running_daemon(settings) as d:
+        p = await asyncio.to_thread(PuppetVMM.spawn, SIZE, handoff=settings.socket, vm_id="bal")
+        try:
+            assert p.handoff_reply is not None and p.handoff_reply["type"] == "accepted"
+            s = d.sessions["bal"]
+            state = s.tracker.regions[0].state
+            await wait_until(lambda: state.evicted_pages >= 512, "eviction", timeout=30)
+            s.paused = True  # hold the evicted set still
+            evicted = np.flatnonzero(state.evicted)[:50].tolist()
+            await call(p, "discard", pages=evicted, how="remove")
+            assert s.tracker.removed_evicted_pages == 50
+            versions = await call(p, "read", pages=list(range(p.npages)))
+            assert [p for p, v in enumerate(versions) if v == DISCARDED] == evicted
+            assert all(v == 0 for v in versions if v != DISCARDED)
+        finally:
+            await asyncio.to_thread(p.close)

@@ -1,0 +1,92 @@
+"""Life events, pins and other mappers with fakes: state transitions and /proc parsing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from wsd.evictor.guards import guard_reason, read_guards
+from wsd.kernel import FileId, mappers_of, pinned_bytes
+from wsd.tracker.state import Granularity, RegionState
+from wsd.vmm.protocol import Region
+
+
+def test_removed_pages_become_fresh_and_their_generation_moves_on() -> None:
+    s = RegionState(8, Granularity.PAGE_4K, started_at=0.0)
+    s.observe(np.zeros(8, np.bool_), np.ones(8, np.bool_), 1.0)
+    s.note_evicted([1, 2, 3])
+    stale = s.note_removed([2, 3, 4])
+    assert stale.tolist() == [2, 3]  # their stored copies are garbage now
+    assert s.evicted.tolist() == [False, True, False, False, False, False, False, False]
+    assert s.evicted_pages == 1 and s.resident_pages == 4  # 0, 5, 6, 7
+    # Evicted (1 -> 2) and resident (0 -> 1) pages alike: a prepared eviction
+    # or a fetch that read the old generation finds it stale.
+    assert s.generations.tolist() == [0, 1, 2, 2, 1, 0, 0, 0]
+    # Never populated: the next touch is a zero page, and it can be evicted again.
+    s.note_populated([2])
+    assert s.settled_mask(np.array([2])).all()
+    s.note_evicted([2])
+    assert s.generation(2) == 3
+
+
+def test_a_removal_is_no_candidate_until_repopulated() -> None:
+    s = RegionState(4, Granularity.PAGE_4K, started_at=0.0)
+    for t in range(1, 4):
+        s.observe(np.zeros(4, np.bool_), np.ones(4, np.bool_), float(t))
+    s.note_removed([0, 1])
+    assert s.cold_candidates(1).tolist() == [2, 3]
+
+
+def _proc(tmp_path: Path, pid: int, maps: str = "", status: str = "") -> None:
+    d = tmp_path / str(pid)
+    d.mkdir()
+    (d / "maps").write_text(maps)
+    (d / "status").write_text(status)
+
+
+def test_mappers_are_found_by_device_and_inode(tmp_path: Path) -> None:
+    memfd = FileId(os.makedev(0, 1), 5288)
+    line = "7f0000000000-7f0000400000 rw-s 00000000 00:01 5288   /memfd:guest (deleted)\n"
+    _proc(tmp_path, 10, line)  # the VMM: excluded
+    _proc(tmp_path, 11, line)  # vhost-user backend
+    _proc(tmp_path, 12, line.replace("00:01", "00:02"))  # same inode, other device
+    _proc(tmp_path, 13, "7f00-7f01 r--p 00000000 08:01 99 /usr/lib/libc.so\n")
+    (tmp_path / "self").mkdir()  # not a pid
+    assert mappers_of([memfd], exclude={10}, proc=tmp_path) == {memfd: {11}}
+
+
+def test_vmpin_is_read_in_bytes(tmp_path: Path) -> None:
+    _proc(tmp_path, 20, status="Name:\tvmm\nVmLck:\t   0 kB\nVmPin:\t  2048 kB\n")
+    _proc(tmp_path, 21, status="Name:\tkthreadd\n")
+    assert pinned_bytes(20, proc=tmp_path) == 2 << 20
+    assert pinned_bytes(21, proc=tmp_path) == 0
+    with pytest.raises(ProcessLookupError, match="no process 22"):
+        pinned_bytes(22, proc=tmp_path)
+    reading = read_guards(20, [], proc=tmp_path)
+    assert reading.pinned_bytes == 2 << 20
+
+
+def _region(**kw: Any) -> Region:
+    return Region(guest_phys_addr=0, host_virt_addr=1 << 30, size=1 << 20, fd_index=1, **kw)
+
+
+def _fakes(region: Region, *, pinned: int = 0, mappers: tuple[int, ...] = ()) -> Any:
+    t = SimpleNamespace(region=region, vanished=None, other_mappers=mappers)
+    ctx = SimpleNamespace(tracker=SimpleNamespace(pinned_bytes=pinned))
+    return ctx, t
+
+
+def test_guard_reasons_name_what_blocks_eviction() -> None:
+    assert guard_reason(*_fakes(_region())) is None
+    assert "dma_pinned" in (guard_reason(*_fakes(_region(dma_pinned=True))) or "")
+    assert "1024 KiB pinned (VmPin)" in (guard_reason(*_fakes(_region(), pinned=1 << 20)) or "")
+    why = guard_reason(*_fakes(_region(), mappers=(41, 42))) or ""
+    assert "pids 41, 42" in why
+    ctx, t = _fakes(_region())
+    t.vanished = "unmapped by the VMM"
+    assert guard_reason(ctx, t) == "region unmapped by the VMM"
