@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsd import config, daemon, demo, kernel_info
+from wsd import config, daemon, demo, kernel_info, logs
 from wsd.control import cli as control_cli
 from wsd.guest import cli as guest_cli
 from wsd.kernel import FeatureUnavailable, probe_kernel
@@ -43,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     except config.ConfigError as e:
         print(f"wsd: {e}", file=sys.stderr)
         return 2
+    logs.configure(cfg.daemon.log_format, cfg.daemon.log_level)
     overrides: dict[str, object] = {}
     if args.socket is not None:
         overrides["socket"] = args.socket
@@ -59,7 +60,9 @@ def _run(args: argparse.Namespace) -> int:
         return dataclasses.replace(daemon.Settings.from_config(cfg), **overrides)  # type: ignore[arg-type]
 
     def reload() -> daemon.Settings:
-        return settings_from(config.load(args.config))
+        new = config.load(args.config)
+        logs.configure(new.daemon.log_format, new.daemon.log_level)
+        return settings_from(new)
 
     return daemon.run(settings_from(cfg), reload if args.config else None)
 

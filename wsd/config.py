@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from wsd.access import AccessConfig
 from wsd.evictor import EvictorConfig
+from wsd.logs import LogFormat, LogLevel
 from wsd.storage import StorageConfig
 from wsd.tracker.mode import TrackingMode
 from wsd.vmm.limits import HandoffLimits
@@ -34,6 +35,10 @@ class DaemonSection(_Strict):
     """Force a tracking mode; unset picks the best this kernel supports."""
     state_dir: Path | None = Path("/var/lib/wsd")
     """Where page maps are persisted; unset keeps them in memory only."""
+    log_format: LogFormat = LogFormat.AUTO
+    """``json`` lines, ``console`` text, or ``auto``: console on a terminal, else JSON."""
+    log_level: LogLevel = LogLevel.INFO
+    """Events below this level are dropped."""
 
 
 class MetricsSection(_Strict):

@@ -3,6 +3,7 @@ rejects a bad file and keeps sessions."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -92,7 +93,7 @@ def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
             wsd.wait_for(lambda: wsd.logged("session started"), "session")
             wsd.wait_for(lambda: wsd.logged("serving metrics"), "metrics")
             line = next(x for x in wsd.events() if "serving metrics" in x)
-            address = line.split("address=")[1].split()[0].strip("'")
+            address = json.loads(line)["address"]
             wsd.wait_for(lambda: "wsd_tracker_cycles_total" in scrape(address), "a cycle")
             text = scrape(address)
             for metric in (
@@ -106,7 +107,7 @@ def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
             wsd.write(interval=0.5, idle=20)
             wsd.proc.send_signal(signal.SIGHUP)
             wsd.wait_for(lambda: wsd.logged("configuration reloaded"), "reload")
-            assert any("interval=0.5" in line for line in wsd.events())
+            assert any(json.loads(line).get("interval") == 0.5 for line in wsd.events())
 
             wsd.config.write_text("[evictor]\nmin_idle_cycles = 0\n")
             wsd.proc.send_signal(signal.SIGHUP)
@@ -128,6 +129,9 @@ def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
             wsd.wait_for(lambda: wsd.logged("need a restart"), "restart warning")
             assert wsd.proc.poll() is None
             assert not wsd.logged("session closed"), "a reload must not end sessions"
+            # stderr is no terminal here: every line is one JSON event.
+            for record in map(json.loads, wsd.events()):
+                assert {"timestamp", "level", "logger", "event"} <= record.keys(), record
     finally:
         assert wsd.stop() == 0, wsd.log.read_text()
 
