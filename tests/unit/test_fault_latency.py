@@ -45,7 +45,7 @@ class FakeUffd:
     def zeropage(self, addr: int, size: int) -> None:
         self.calls.append(("zeropage", addr))
 
-    def copy(self, addr: int, data: bytes, *, wake: bool = True) -> None:
+    def copy(self, addr: int, data: bytes, *, wake: bool = True, wp: bool = False) -> None:
         self.calls.append(("copy", addr))
 
     def wake(self, addr: int, size: int) -> None:
@@ -96,6 +96,11 @@ def service(store: FakeStore | None, clock: Clock, **config: Any) -> FaultServic
 SPAWNED: list[asyncio.Future[None]] = []
 
 
+@pytest.fixture(autouse=True)
+def no_tasks_left_from_another_test() -> None:
+    SPAWNED.clear()
+
+
 def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     task = asyncio.ensure_future(coro)
     SPAWNED.append(task)
@@ -103,9 +108,14 @@ def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
 
 
 async def settle() -> None:
-    """Wait for every fetch task, including those spawned while waiting."""
-    while SPAWNED:
-        await SPAWNED.pop()
+    """Wait for every fetch task, including those spawned while waiting.
+
+    A fetch that fails unexpectedly is retried every second for ever, so a
+    bound turns that into a failure instead of a hang.
+    """
+    async with asyncio.timeout(5):
+        while SPAWNED:
+            await SPAWNED.pop()
 
 
 def fault(page: int) -> PageFault:
