@@ -525,20 +525,33 @@ class Daemon:
             session.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await session.task
+        done = False
         try:
             # Faults keep being served while the pages come back.
-            await drain(session.ctx, session.faults)
+            done = await drain(session.ctx, session.faults)
         finally:
             await session.faults.close()
+            loop = asyncio.get_running_loop()
             with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(session.tracker.uffd.fd)
-            try:
-                session.tracker.close()
-            finally:
-                close_fds(session.memfds)
+                loop.remove_reader(session.tracker.uffd.fd)
+            if done and self._tg is not None:
+                session.tracker.release()
+                self._tg.create_task(_linger(session.tracker, session.memfds))
+            else:
+                # Pages may stay in storage: keep the registration, so the VMM
+                # blocks on them instead of reading zeros, until a wsd resumes.
+                try:
+                    session.tracker.close()
+                finally:
+                    close_fds(session.memfds)
         if self.settings.state_dir is not None:
-            # Drained (or its VMM is gone): nothing of it is left to resume.
-            resume.unpark(self.settings.state_dir, session.vm_id, len(session.memfds))
+            if done:
+                resume.unpark(self.settings.state_dir, session.vm_id, len(session.memfds))
+            else:
+                log.error(
+                    "session ended with pages still in storage; it stays parked for the next wsd",
+                    vm_id=session.vm_id,
+                )
         self._status()
         log.info(
             "session closed",
@@ -547,6 +560,26 @@ class Daemon:
             evicted=session.ctx.stats.evicted_pages,
             fetched=session.ctx.stats.fetched_pages,
         )
+
+
+# How long a released uffd is still read (see VmTracker.release).
+LINGER_SECONDS = 2.0
+
+
+async def _linger(tracker: VmTracker, memfds: list[int]) -> None:
+    """Read a released uffd for a moment, then close it and the memfds."""
+    loop = asyncio.get_running_loop()
+    try:
+        with contextlib.suppress(ValueError, OSError):
+            loop.add_reader(tracker.uffd.fd, tracker.discard_pending)
+        await asyncio.sleep(LINGER_SECONDS)
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(tracker.uffd.fd)
+        try:
+            tracker.close()
+        finally:
+            close_fds(memfds)
 
 
 async def _prepare(session: Session) -> None:

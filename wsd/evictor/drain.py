@@ -27,10 +27,15 @@ log = structlog.get_logger("wsd.evictor")
 BATCH = 256
 
 
-async def drain(ctx: VmContext, faults: FaultService) -> None:
-    """Bring back every evicted page of the VM, then forget the stored copies."""
+async def drain(ctx: VmContext, faults: FaultService) -> bool:
+    """Bring back every evicted page of the VM, then forget the stored copies.
+
+    True when nothing is left to serve: every page is back, or the VMM's
+    memory is gone.  False when pages stay in storage (a failing tier): the
+    session must then stay resumable.
+    """
     if ctx.store is None:
-        return
+        return True
     gone = False
     for i in range(len(ctx.tracker.regions)):
         try:
@@ -51,14 +56,15 @@ async def drain(ctx: VmContext, faults: FaultService) -> None:
                 pages_left=left,
                 error=str(e),
             )
-            return
+            return False
     if not gone and any(t.state.evicted_pages for t in ctx.tracker.regions):
-        return
+        return False
     for ns in ctx.namespaces:
         try:
             await ctx.store.discard(ns)
         except StorageError as e:
             log.warning("discarding a VM's pages failed", vm_id=ctx.vm_id, error=str(e))
+    return True
 
 
 async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:

@@ -440,6 +440,35 @@ class VmTracker:
                 return i, t, (address - r.host_virt_addr) // r.page_size
         return None
 
+    def release(self) -> None:
+        """Let go of the VMM's memory for good (every evicted page is back, or it is gone).
+
+        ``UFFDIO_UNREGISTER`` every region: no fault or event is raised there
+        any more, and threads waiting on a fault there are woken.  Then read
+        whatever is queued.  With life events negotiated, a VMM's ``madvise``
+        / ``munmap`` / ``mremap`` of a registered range waits until its event
+        is *read*, and the VMM holds its own copy of the uffd (RWP-FACTS fact
+        9), so an event nobody reads blocks it forever.  A ``munmap`` that
+        checked the registration just before the unregister queues its event
+        just after it, so the caller keeps reading for a moment
+        (:meth:`discard_pending`) before :meth:`close`.  Fails harmlessly if
+        the VMM is gone.
+        """
+        if self.mode is TrackingMode.RWP:
+            with contextlib.suppress(KernelError):
+                self.uffd.set_mode(enable=Feature.RWP_ASYNC)
+        for t in self.regions:
+            if t.vanished is None:
+                with contextlib.suppress(KernelError):
+                    self.uffd.unregister(t.region.host_virt_addr, t.region.size)
+        self.discard_pending()
+
+    def discard_pending(self) -> None:
+        """Read and drop every queued message (after :meth:`release`)."""
+        with contextlib.suppress(KernelError):
+            while self.uffd.read_messages():
+                pass
+
     def close(self) -> None:
         """Unprotect and drop our fds.  The VMM keeps its uffd copy and memory."""
         try:
