@@ -141,16 +141,21 @@ def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(tmp_path: Pa
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(5)
     env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
-    env.update(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="200000")
+    # A ping a second: a datagram socket queues only net.unix.max_dgram_qlen
+    # (10) messages, and wsd drops what does not fit (it never blocks), so
+    # faster pings could crowd out the STATUS line while the test is busy.
+    env.update(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="2000000")
     wsd = Wsd(tmp_path, env=env)
     heard: list[str] = []
 
     def hear(field: str) -> str:
-        while True:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             message = notify.recv(4096).decode()
             heard.append(message)
             if field in message.split("\n"):
                 return message
+        raise AssertionError(f"no {field} within 60 s; heard {heard}")
 
     try:
         assert "listening on" in hear("READY=1")
