@@ -21,6 +21,7 @@ from pathlib import Path
 
 import uvloop
 
+from wsd import logs
 from wsd.config import MetricsSection
 from wsd.daemon import Daemon, Session, Settings
 from wsd.evictor import EvictorConfig
@@ -67,6 +68,8 @@ class DemoOptions:
 
 
 def run(opts: DemoOptions) -> int:
+    # The live view is on stdout; wsd's own log goes to stderr, warnings only.
+    logs.configure(logs.LogFormat.AUTO, logs.LogLevel.WARNING)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_demo(opts))
 
