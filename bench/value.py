@@ -7,7 +7,8 @@
 For each access pattern, in one run and one after the other, ``wsd guest`` runs
 the same workload (same seed) twice for ``--seconds``:
 
-* **baseline**: ``--no-handoff``, no wsd at all;
+* **baseline**: ``--no-handoff``, no wsd at all, once before and once after
+  the wsd run (``drift``: how much the two differ, relative to their mean);
 * **wsd**: handed off to a wsd daemon running in this process (the kernel's
   best tracking mode, default evictor policy, the chosen tier).
 
@@ -80,6 +81,8 @@ class PatternResult:
     guest_bytes: int
     hot_bytes: int
     baseline_ops_per_s: float
+    baseline_spread: float
+    """(after - before) / mean of the two baseline runs: how much the machine drifted."""
     wsd_ops_per_s: float
     throughput_ratio: float
     reclaimed_bytes_mean: float
@@ -190,17 +193,24 @@ async def with_wsd(
     return d, samples, report, rate, stats
 
 
-async def measure(pattern: str, a: argparse.Namespace, tmp: Path) -> PatternResult:
-    seed = int.from_bytes(os.urandom(4), "little")
+async def measure(
+    pattern: str, a: argparse.Namespace, tmp: Path, seed: int | None = None
+) -> PatternResult:
+    # bench/kernel_reclaim.py passes its own seed, to run the same workload again.
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     storage: StorageConfig = (
         ZstdStoreConfig(budget_bytes=4 << 30)
         if a.tier == "zstd"
         else FileStoreConfig(root=tmp / f"{pattern}-pages")
     )
-    base = await baseline(pattern, a, seed, tmp / f"{pattern}-baseline")
+    # Baseline runs before and after the wsd run: on a shared machine the
+    # load drifts, and the mean of the two brackets the moment wsd ran.
+    before = await baseline(pattern, a, seed, tmp / f"{pattern}-baseline-before")
     d, samples, report, rate, stats = await with_wsd(
         pattern, a, seed, tmp / f"{pattern}-wsd", storage
     )
+    after = await baseline(pattern, a, seed, tmp / f"{pattern}-baseline-after")
+    base = (before + after) / 2
     guest = int(report["size"])
     hot = int(report["hot_pages"]) * int(report["page_size"])
     steady = [x for x in samples if x.t >= a.seconds / 2]
@@ -218,6 +228,7 @@ async def measure(pattern: str, a: argparse.Namespace, tmp: Path) -> PatternResu
         guest_bytes=guest,
         hot_bytes=hot,
         baseline_ops_per_s=base,
+        baseline_spread=(after - before) / base,
         wsd_ops_per_s=rate,
         throughput_ratio=rate / base,
         reclaimed_bytes_mean=reclaimed,
@@ -234,7 +245,7 @@ async def measure(pattern: str, a: argparse.Namespace, tmp: Path) -> PatternResu
 
 def show(results: list[PatternResult]) -> None:
     print(
-        f"{'pattern':8} {'mode':8} {'thruput':>8} {'reclaimed':>10} {'of cold':>8} "
+        f"{'pattern':8} {'mode':8} {'thruput':>8} {'drift':>6} {'reclaimed':>10} {'of cold':>8} "
         f"{'WSS est':>9} {'WSS err':>8} {'promo %/min':>11} {'evicted':>8} {'fetched':>8} "
         f"{'raced':>6} {'errors':>6}"
     )
@@ -247,7 +258,7 @@ def show(results: list[PatternResult]) -> None:
             else "n/a"
         )
         print(
-            f"{r.pattern:8} {r.mode:8} {r.throughput_ratio:8.3f} "
+            f"{r.pattern:8} {r.mode:8} {r.throughput_ratio:8.3f} {r.baseline_spread:+6.2f} "
             f"{r.reclaimed_bytes_mean / MIB:9.1f}M {100 * r.cold_reclaimed_fraction:7.1f}% "
             f"{wss:>9} {err:>8} {promo:>11} {r.evicted_pages:8d} {r.fetched_pages:8d} "
             f"{r.raced_writes:6d} {r.verify_errors:6d}"
