@@ -409,8 +409,11 @@ class Daemon:
                     kernel=self.kernel,
                     clock=self.clock,
                 )
-            except KernelError as e:
-                log.error("resuming a stored session failed", vm_id=stored.vm_id, error=str(e))
+            except Exception:
+                # Never a crash loop at start: log it, and the others resume.
+                # (The fds were closed by whoever failed; the store keeps its
+                # copies for the next start.)
+                log.exception("resuming a stored session failed", vm_id=stored.vm_id)
                 continue
             if resumed is not None:
                 self._start_session(stored.vm_id, resumed.tracker, resumed.memfds)
