@@ -279,6 +279,16 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         "Refaults per minute over the last minute, as the promotion-rate guard sees them.",
         labels=_VM,
     )
+    storage_failing = GaugeMetricFamily(
+        "wsd_evict_storage_failing",
+        "1 while eviction is paused because the store failed a batch (retried with backoff).",
+        labels=_VM,
+    )
+    storage_failing_seconds = GaugeMetricFamily(
+        "wsd_evict_storage_failing_seconds",
+        "Seconds eviction has been paused by a failing store; 0 while it works.",
+        labels=_VM,
+    )
     threshold = GaugeMetricFamily(
         "wsd_idle_threshold_intervals",
         "Idle intervals a page needs before eviction (adapted by the promotion-rate guard).",
@@ -348,6 +358,9 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         if rate is not None:
             refault_rate.add_metric([vm_id], rate)
         threshold.add_metric([vm_id], ctx.vm.threshold)
+        since = ctx.stats.storage_failing_since
+        storage_failing.add_metric([vm_id], 0 if since is None else 1)
+        storage_failing_seconds.add_metric([vm_id], 0.0 if since is None else max(0.0, now - since))
         for (backend, result), hist in session.faults.latency.items():
             _add_histogram(fault_latency, [vm_id, backend, str(result)], hist)
         timings = session.timings
@@ -377,6 +390,8 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         early,
         refault_rate,
         threshold,
+        storage_failing,
+        storage_failing_seconds,
         fault_latency,
         scan,
         window,

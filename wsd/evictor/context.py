@@ -33,6 +33,9 @@ class EvictorStats:
     # wp-async: pages written between their read and their punch, found by the
     # verified punch and put back with their final bytes (not evicted).
     raced_writes: int = 0
+    # When eviction was paused because the store failed a batch (clock of the
+    # VmContext); None while it works.  Not a counter: see outage.py.
+    storage_failing_since: float | None = None
 
 
 @dataclass

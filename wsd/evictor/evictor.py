@@ -45,6 +45,7 @@ from wsd.tracker.session import TrackedRegion, VmTracker
 from . import guards, pagemap
 from .context import VmContext
 from .guards import guard_reason
+from .outage import StoreBackoff
 from .policy import pages_for_bytes, select
 from .transaction import not_punched, punch_and_wake, punch_verified, read_pages
 
@@ -112,6 +113,7 @@ class Evictor:
         # it are serialised, so an older snapshot never replaces a newer one.
         self.map_dirty = False
         self._map_lock = asyncio.Lock()
+        self.backoff = StoreBackoff()  # the store failing: pause, retry now and then
         for i, reason in enumerate(self.reasons):
             if reason and ctx.config.enabled:
                 log.warning("region not evicted", vm_id=ctx.vm_id, region=i, reason=reason)
@@ -140,7 +142,11 @@ class Evictor:
             await guards.check(self, unevictable_reason)  # pins and other mappers, every few cycles
         if not cfg.enabled or ctx.store is None or all(self.reasons):
             return
-        await self._flush_discards()
+        if not self.backoff.may_try(ctx.tracker.cycles):
+            return  # the store failed lately: give it time (outage.py)
+        self.backoff.begin()
+        if not await self._flush_discards():
+            return
         now = ctx.clock()
         tracker = ctx.tracker
         wss = sum(t.state.working_set()[1].pages or 0 for t in tracker.regions)
@@ -155,6 +161,8 @@ class Evictor:
         for i, t in enumerate(tracker.regions):
             if self.reasons[i] is not None or pages_left <= 0:
                 continue
+            if self.backoff.failed_now:
+                break  # one failed batch is enough to know the store is failing
             ps = t.region.page_size
             limit = min(pages_left, pages_for_bytes(None if budget is None else budget - spent, ps))
             chosen = select(
@@ -172,6 +180,8 @@ class Evictor:
                 self._prepared.append(batch)
                 spent += len(batch.pages) * ps
                 over -= len(batch.pages) * ps
+        if self._prepared:
+            self.backoff.end(ctx)
         if budget is not None:
             ctx.vm.refund(now, budget - spent)
         if self._prepared and self.state_dir is not None:
@@ -198,7 +208,9 @@ class Evictor:
             await guards.check(self, unevictable_reason, force=True)
         if ctx.store is None or all(self.reasons):
             return 0
-        await self._flush_discards()
+        self.backoff.begin()
+        if not await self._flush_discards():
+            return 0
         room = self.host_room() if self.host_room is not None else None
         budget = min((b for b in (max_bytes, room) if b is not None), default=None)
         pages_left = ctx.config.max_pages_per_window
@@ -220,6 +232,8 @@ class Evictor:
                     break
                 self._prepared.append(batch)
                 spent += len(batch.pages) * ps
+        if self._prepared:
+            self.backoff.end(ctx)
         if self._prepared and self.state_dir is not None:
             try:
                 await self.save_map(force=True)
@@ -259,7 +273,11 @@ class Evictor:
             generation = dict(zip(data, gens.tolist(), strict=True))
             await ctx.store.put(ctx.namespaces[i], data, generation=generation)
             await ctx.store.sync()
-        except (StorageError, KernelError, OSError) as e:
+        except StorageError as e:
+            ctx.stats.failed_batches += 1
+            self.backoff.failed(ctx, e, region=i, pages=len(pages))  # logs a new outage
+            return None
+        except (KernelError, OSError) as e:
             ctx.stats.failed_batches += 1
             log.warning(
                 "eviction batch failed, nothing evicted",
@@ -312,6 +330,10 @@ class Evictor:
             keep = keep[~np.isin(keep, np.fromiter(t.touched, np.int64, len(t.touched)))]
         keep = keep[t.state.settled_mask(keep)]
         ctx.stats.skipped_touched += len(pages) - len(keep)
+        if len(keep) < len(pages):
+            # Stored for nothing: left in the store, such copies of pages the
+            # guest keeps touching would fill a small disk (tier outage tests).
+            ctx.discards[i].update(np.setdiff1d(pages, keep).tolist())
         if not len(keep):
             return 0
         if batch.stored is not None:
@@ -385,7 +407,8 @@ class Evictor:
         )
         return max(0, resident - int(target))
 
-    async def _flush_discards(self) -> None:
+    async def _flush_discards(self) -> bool:
+        """Forget the stored copies of pages fetched back; False if the store failed."""
         ctx = self.ctx
         assert ctx.store is not None
         for i, pages in enumerate(ctx.discards):
@@ -397,7 +420,12 @@ class Evictor:
             try:
                 await ctx.store.discard(ctx.namespaces[i], offsets)
             except StorageError as e:
-                log.warning("discarding fetched pages failed", vm_id=ctx.vm_id, error=str(e))
+                # Nothing evicts while this runs, so the pages are still
+                # resident and their stored copies still stale: next time.
+                pages.update(o // ps for o in offsets)
+                self.backoff.failed(ctx, e, region=i)
+                return False
+        return True
 
     def forget_prepared(self, i: int, pages: npt.NDArray[np.int64] | None) -> npt.NDArray[np.int64]:
         """Take ``pages`` of region ``i`` (None: all of them) out of the prepared

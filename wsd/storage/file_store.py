@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final
@@ -370,6 +370,7 @@ class FileStore(StoreBase):
                 self._write_records(region, batch, old)
             except OSError as err:
                 self._invalidate(region, batch.indexes)
+                self._free_blocks(region, batch.indexes)
                 self._account(region, -len(batch.indexes), -new_data)
                 first = batch.indexes[0] * size
                 raise storage_error(
@@ -424,6 +425,16 @@ class FileStore(StoreBase):
                 pwrite_all(region.index_fd, [EMPTY_ENTRY] * count, INDEX_BASE + first * ENTRY_BYTES)
         except OSError:
             pass
+
+    def _free_blocks(self, region: _Region, indexes: Sequence[int]) -> None:
+        """Best effort after a failed write: free the data blocks of the batch's pages.
+
+        Their entries are gone, so nothing reads those blocks again.  Left
+        allocated, the blocks every batch wrote before failing on a full disk
+        would stay, and the space freed by discards would never be enough again.
+        """
+        with suppress(OSError):
+            self._punch(region, indexes)
 
     def _read_kinds(self, region: _Region, indexes: Sequence[int]) -> np.ndarray:
         """The kind stored at each of ``indexes`` (sorted), 0 where no page is."""
