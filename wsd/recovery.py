@@ -42,6 +42,8 @@ class SessionRecord(BaseModel):
     """As handed off, except ``fd_index``: the region's memfd in the session's list."""
     minor: list[bool]
     """Whether MINOR is registered on each region too."""
+    vanished: list[str | None] = []
+    """Per region, why the VMM unmapped or moved it since (empty: none did)."""
 
 
 def session_path(state_dir: Path, vm_id: str) -> Path:
@@ -64,6 +66,9 @@ def load(state_dir: Path, vm_id: str) -> SessionRecord:
         raise RecoveryError(f"{path}: unusable session description: {e}") from e
     if record.vm_id != vm_id:
         raise RecoveryError(f"{path}: describes vm_id {record.vm_id!r}")
+    if record.vanished and len(record.vanished) != len(record.regions):
+        n, m = len(record.regions), len(record.vanished)
+        raise RecoveryError(f"{path}: {m} vanished flags for {n} regions")
     if len(record.minor) != len(record.regions):
         n, m = len(record.regions), len(record.minor)
         raise RecoveryError(f"{path}: {m} minor flags for {n} regions")
@@ -72,3 +77,27 @@ def load(state_dir: Path, vm_id: str) -> SessionRecord:
 
 def remove(state_dir: Path, vm_id: str) -> None:
     session_path(state_dir, vm_id).unlink(missing_ok=True)
+
+
+def note_region_change(
+    state_dir: Path,
+    vm_id: str,
+    index: int,
+    *,
+    host_virt_addr: int | None = None,
+    vanished: str | None = None,
+) -> None:
+    """Record that region ``index`` moved (``mremap``) or vanished, for a resume.
+
+    A resumed session must arm the region where it is now, and must not arm
+    one that is gone (the ioctl would fail and the whole resume with it).
+    Blocking (it fsyncs): run it in a thread.
+    """
+    record = load(state_dir, vm_id)
+    regions = list(record.regions)
+    if host_virt_addr is not None:
+        regions[index] = regions[index].model_copy(update={"host_virt_addr": host_virt_addr})
+    gone = list(record.vanished) or [None] * len(regions)
+    if vanished is not None:
+        gone[index] = vanished
+    save(state_dir, record.model_copy(update={"regions": regions, "vanished": gone}))

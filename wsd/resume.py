@@ -146,6 +146,7 @@ def adopt(
         decision=decision,
         kernel=kernel,
         clock=clock,
+        vanished=record.vanished,
     )
     try:
         evicted = 0

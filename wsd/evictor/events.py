@@ -36,6 +36,7 @@ registration are unregistered, which also wakes any thread blocked there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
+from wsd import recovery
 from wsd.kernel import (
     ForkEvent,
     KernelError,
@@ -152,6 +154,7 @@ def on_remap(faults: FaultService, evictor: Evictor, src: int, dst: int, length:
                 new=hex(new),
             )
             tracker.relocate(i, new)
+            _persist(faults, evictor, i, host_virt_addr=new)
             continue
         # Part of the region moved: its registration went along, to addresses
         # no region describes.  Keep it simple: stop tracking the region.
@@ -189,6 +192,36 @@ def detach(
         evicted_pages=t.state.evicted_pages,
     )
     faults.spawn(_release(faults, evictor, i, still_registered))
+    _persist(faults, evictor, i, vanished=why)
+
+
+def _persist(
+    faults: FaultService,
+    evictor: Evictor,
+    i: int,
+    *,
+    host_virt_addr: int | None = None,
+    vanished: str | None = None,
+) -> None:
+    """Update the session description (wsd.recovery), off the loop, so a resume sees the change."""
+    state_dir, vm_id = evictor.state_dir, evictor.ctx.vm_id
+    if state_dir is None:
+        return
+
+    async def write() -> None:
+        try:
+            await asyncio.to_thread(
+                recovery.note_region_change,
+                state_dir,
+                vm_id,
+                i,
+                host_virt_addr=host_virt_addr,
+                vanished=vanished,
+            )
+        except (OSError, recovery.RecoveryError) as e:
+            log.warning("recording a region change failed", vm_id=vm_id, region=i, error=str(e))
+
+    faults.spawn(write())
 
 
 async def _release(

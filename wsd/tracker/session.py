@@ -279,8 +279,12 @@ class VmTracker:
         decision: ModeDecision,
         kernel: KernelFeatures,
         clock: Callable[[], float] = time.monotonic,
+        vanished: Sequence[str | None] = (),
     ) -> VmTracker:
         """Resume tracking a uffd that a previous wsd negotiated and registered.
+
+        ``vanished``: regions the VMM unmapped or moved away meanwhile (why),
+        which stay detached.
 
         The uffd keeps its features and registrations across owners, so
         nothing is negotiated again.  The previous wsd may have died anywhere:
@@ -298,13 +302,16 @@ class VmTracker:
             uffd.close()
             raise
         tracked = _tracked_regions(regions, minor, kernel, clock())
+        for t, why in zip(tracked, vanished, strict=False):
+            t.vanished = why
         tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
         try:
             if tracker.mode is TrackingMode.RWP:
                 uffd.set_mode(enable=Feature.RWP_ASYNC)
             tracker.arm()
             for t in tracked:
-                uffd.wake(t.region.host_virt_addr, t.region.size)
+                if t.vanished is None:
+                    uffd.wake(t.region.host_virt_addr, t.region.size)
         except BaseException:
             tracker.close()
             raise
