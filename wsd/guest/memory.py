@@ -109,17 +109,13 @@ class GuestMemory:
         return hand_off(os.fspath(path), msg, [self.uffd, self.memfd])
 
     def close(self) -> None:
-        # The uffd first: wsd negotiates UFFD_EVENT_UNMAP, so while a copy of the
-        # uffd is open munmap waits until someone reads that event, and wsd stops
-        # reading once the session has ended (the hand-off connection is closed
-        # before this): the munmap would block for ever.
-        if self.uffd is not None:
-            os.close(self.uffd)
-            self.uffd = None
         for buf in self._buffers:
             self.native.ffi.release(buf)
         self.map.close()
         os.close(self.memfd)
+        if self.uffd is not None:
+            os.close(self.uffd)
+            self.uffd = None
 
 
 def handoff_message(vm_id: str, pid: int, base: int, size: int, page_size: int) -> dict[str, Any]:
