@@ -52,6 +52,8 @@ async def test_written_hot_set_matches_the_guest_exactly(daemon: Daemon) -> None
                 await asyncio.sleep(0.05)
             assert np.array_equal(np.flatnonzero(s.last_hot[0]), truth)
     finally:
-        assert guest.stop() == 0, guest.stderr()
+        # Off the loop: the guest's munmap at exit waits for wsd (this loop)
+        # to read its UNMAP event.
+        assert await asyncio.to_thread(guest.stop) == 0, guest.stderr()
         guest.close()
     assert guest.report()["verify_errors"] == 0

@@ -61,7 +61,9 @@ async def test_hot_set_matches_the_guest_exactly(daemon: Daemon) -> None:
         wss = s.tracker.regions[0].state.working_set()
         assert wss[1].pages == len(truth)
     finally:
-        assert guest.stop() == 0, guest.stderr()
+        # Off the loop: the guest's munmap at exit waits for wsd (this loop)
+        # to read its UNMAP event.
+        assert await asyncio.to_thread(guest.stop) == 0, guest.stderr()
         guest.close()
     assert guest.report()["verify_errors"] == 0
 
@@ -84,5 +86,5 @@ async def test_wss_follows_a_phase_change(daemon: Daemon) -> None:
         assert abs(wss1 - len(new.hot)) <= 0.01 * len(new.hot), (wss1, len(new.hot))
         assert np.array_equal(np.flatnonzero(s.last_hot[0]), np.sort(new.hot))
     finally:
-        guest.stop()
+        await asyncio.to_thread(guest.stop)
         guest.close()
