@@ -65,6 +65,14 @@ struct iovec { void *iov_base; size_t iov_len; };
 ssize_t vmsplice(int fd, const struct iovec *iov, size_t nr_segs, unsigned int flags);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
 int munmap(void *addr, size_t length);
+
+/* x86_64 only (arch/x86/include/asm/user_64.h): PTRACE_GETREGS/SETREGS. */
+struct user_regs_struct {
+    unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
+    unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags, rsp, ss;
+    unsigned long fs_base, gs_base, ds, es, fs, gs;
+};
+long ptrace(int request, ...);
 """
 
 ffi = FFI()

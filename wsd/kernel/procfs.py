@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import oserror
 
-__all__ = ["FileId", "file_id", "mappers_of", "pinned_bytes"]
+__all__ = ["FileId", "Mapping", "file_id", "mappers_of", "parse_maps", "pinned_bytes", "read_maps"]
 
 PROC = Path("/proc")
 
@@ -60,6 +60,67 @@ def pinned_bytes(pid: int, *, proc: Path = PROC) -> int:
                 raise ValueError(f"{path}: VmPin in unknown unit {unit!r}")
             return int(value) * 1024
     return 0  # a kernel thread, or a zombie: no mm
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of ``/proc/<pid>/maps``."""
+
+    start: int
+    end: int
+    perms: str  # "rw-s": read, write, execute, s(hared) or p(rivate)
+    offset: int  # in the file, where ``start`` maps
+    file: FileId
+    path: str  # "" for anonymous memory; "[vdso]", "/memfd:NAME (deleted)", ...
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3:4] == "s"
+
+    def covers(self, start: int, size: int) -> bool:
+        return self.start <= start and start + size <= self.end
+
+
+def parse_maps(data: bytes) -> list[Mapping]:
+    """Every mapping in the text of a ``/proc/<pid>/maps`` file, in address order."""
+    out = []
+    for line in data.decode(errors="surrogateescape").splitlines():
+        # start-end perms offset dev inode [path]; the path may hold spaces.
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5:
+            raise ValueError(f"not a line of /proc/<pid>/maps: {line[:80]!r}")
+        start, _, end = parts[0].partition("-")
+        out.append(
+            Mapping(
+                start=int(start, 16),
+                end=int(end, 16),
+                perms=parts[1],
+                offset=int(parts[2], 16),
+                file=FileId(_parse_dev(parts[3]), int(parts[4])),
+                path=parts[5].strip() if len(parts) > 5 else "",
+            )
+        )
+    return out
+
+
+def read_maps(pid: int, *, proc: Path = PROC) -> list[Mapping]:
+    """``/proc/<pid>/maps`` parsed; ``ProcessLookupError`` if ``pid`` is gone.
+
+    Reading another process's maps needs ptrace read access to it (root,
+    its own user, or ``CAP_SYS_PTRACE``).
+    """
+    path = proc / str(pid) / "maps"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise ProcessLookupError(e.errno, f"no process {pid} ({path} is missing)") from e
+    except OSError as e:
+        raise oserror("read(/proc/<pid>/maps)", e.errno or 0, pid=pid) from e
+    return parse_maps(data)
 
 
 def _parse_dev(field: str) -> int:
