@@ -93,6 +93,8 @@ class AccessPolicy:
     gids: frozenset[int] = frozenset()
     socket_group: int | None = None
     """The sockets' group (mode 0660); None: wsd's group, mode 0600."""
+    own_uid: int = field(default_factory=os.getuid)
+    """wsd's own user, allowed whatever the configuration says."""
 
     @classmethod
     def from_config(cls, config: AccessConfig, *, own_uid: int | None = None) -> AccessPolicy:
@@ -104,6 +106,7 @@ class AccessPolicy:
             uids=frozenset({0, me, *config.allowed_users}),
             gids=frozenset(gids),
             socket_group=config.socket_group,
+            own_uid=me,
         )
 
     @property
@@ -119,6 +122,14 @@ class AccessPolicy:
             f"allowed uids {_ids(self.uids)}, allowed gids {_ids(self.gids)} "
             "(access.allowed_users, access.allowed_groups)"
         )
+
+    def is_privileged(self, peer: PeerCred) -> bool:
+        """Root or wsd's own user: may act for other processes (``wsd attach``).
+
+        ``allowed_users`` and ``allowed_groups`` do not count: they may hand
+        off their own memory only.
+        """
+        return peer.uid in (0, self.own_uid)
 
     def listen(self, path: Path, *, backlog: int = 64) -> socket.socket:
         """A non-blocking UNIX stream socket listening at ``path`` with this policy's mode.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -101,8 +103,19 @@ def message(vmm_pid: int) -> dict[str, Any]:
     }
 
 
-def in_child(uid: int, gid: int, path: Path, fds: list[int], claim_pid: int | None = None) -> Any:
-    """Fork; the child becomes uid/gid, hands off ``fds`` and reports what happened."""
+def in_child(
+    uid: int,
+    gid: int,
+    path: Path,
+    fds: list[int],
+    claim_pid: int | None = None,
+    *,
+    msg: dict[str, Any] | None = None,
+) -> Any:
+    """Fork; the child becomes uid/gid, hands off ``fds`` and reports what happened.
+
+    It sends ``msg`` if given, else :func:`message` for its own pid or ``claim_pid``.
+    """
     r, w = os.pipe()
     with warnings.catch_warnings():
         # Python 3.12+ warns about fork() in a threaded process; the child only
@@ -117,7 +130,8 @@ def in_child(uid: int, gid: int, path: Path, fds: list[int], claim_pid: int | No
             os.setgid(gid)
             os.setuid(uid)
             result["pid"] = os.getpid()
-            msg = message(os.getpid() if claim_pid is None else claim_pid)
+            if msg is None:
+                msg = message(os.getpid() if claim_pid is None else claim_pid)
             try:
                 reply, conn = hand_off(path, msg, fds, timeout=10)
                 conn.close()
@@ -217,3 +231,79 @@ async def test_a_vmm_cannot_hand_off_another_process_memory(serve, fds) -> None:
             break
         await asyncio.sleep(0.01)
     assert open_fds() == before, "the fds of a refused hand-off were not closed"
+
+
+# -- hand-offs on behalf of another process (wsd attach) -------------------------
+
+
+@pytest.fixture
+def mapped(fds) -> Iterator[tuple[list[int], int]]:
+    """The fds, with the memfd mapped shared in this process (the "VMM"): (fds, address)."""
+    m = mmap.mmap(fds[1], 4 * MIB, flags=mmap.MAP_SHARED)
+    view = ctypes.c_char.from_buffer(m)
+    addr = ctypes.addressof(view)
+    del view  # the mmap closes only once no buffer is exported
+    yield fds, addr
+    m.close()
+
+
+def on_behalf(vmm_pid: int, addr: int, offset: int = 0, size: int = 4 * MIB) -> dict[str, Any]:
+    msg = message(vmm_pid)
+    msg["on_behalf"] = True
+    msg["regions"][0].update(host_virt_addr=addr, offset=offset, size=size)
+    return msg
+
+
+async def test_root_may_hand_off_memory_the_vmm_maps_on_its_behalf(serve, mapped) -> None:
+    srv, stub = await serve(AccessPolicy())
+    fds, addr = mapped
+    out = await asyncio.to_thread(in_child, 0, 0, srv.path, fds, msg=on_behalf(os.getpid(), addr))
+    assert out["reply"]["type"] == "accepted", out
+    assert [p.pid for p in stub.peers] == [out["pid"]]
+
+
+async def test_an_allowed_user_may_not_act_on_behalf_of_another_process(serve, mapped) -> None:
+    srv, stub = await serve(AccessPolicy.from_config(AccessConfig(allowed_users=[NOBODY])))
+    os.chmod(srv.path, 0o666)
+    fds, addr = mapped
+    out = await asyncio.to_thread(
+        in_child, NOBODY, NOBODY, srv.path, fds, msg=on_behalf(os.getpid(), addr)
+    )
+    err = out["reply"]["error"]
+    assert err["code"] == "forbidden" and err["field"] == "on_behalf", err
+    assert (
+        f"(uid {NOBODY}) may not hand off memory on behalf of pid {os.getpid()}" in (err["message"])
+    )
+    assert not stub.peers
+
+
+@pytest.mark.parametrize(
+    ("shift", "offset", "size"),
+    [(4096, 0, 4 * MIB - 4096), (0, 4096, 4 * MIB - 4096), (-4096, 0, 4 * MIB)],
+    ids=["wrong-address", "wrong-offset", "outside-the-mapping"],
+)
+async def test_a_region_the_vmm_does_not_map_is_refused(
+    serve, mapped, shift: int, offset: int, size: int
+) -> None:
+    srv, stub = await serve(AccessPolicy())
+    fds, addr = mapped
+    msg = on_behalf(os.getpid(), addr + shift, offset, size)
+    out = await asyncio.to_thread(in_child, 0, 0, srv.path, fds, msg=msg)
+    err = out["reply"]["error"]
+    assert err["code"] == "forbidden" and err["field"] == "regions[0]", err
+    assert f"pid {os.getpid()} does not map its memfd" in err["message"]
+    assert not stub.peers
+
+
+async def test_another_memfd_at_the_vmm_address_is_refused(serve, mapped) -> None:
+    srv, stub = await serve(AccessPolicy())
+    fds, addr = mapped
+    other = memfd_create("other", size=4 * MIB)
+    try:
+        out = await asyncio.to_thread(
+            in_child, 0, 0, srv.path, [fds[0], other], msg=on_behalf(os.getpid(), addr)
+        )
+    finally:
+        os.close(other)
+    assert out["reply"]["error"]["code"] == "forbidden", out
+    assert not stub.peers

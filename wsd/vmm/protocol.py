@@ -182,6 +182,8 @@ class HandoffRequest(BaseModel):
     vm_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")]
     # pid_t is an int32; the kernel's pids stay below PID_MAX_LIMIT (2^22).
     vmm_pid: Annotated[int, Field(gt=0, lt=1 << 31)]
+    on_behalf: bool = False
+    """The sender is not the VMM but acts for it (``wsd attach``); see docs/protocol.md."""
     uffd: UffdSpec = UffdSpec()
     regions: Annotated[list[Region], Field(min_length=1, max_length=MAX_REGIONS)]
 

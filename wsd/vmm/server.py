@@ -23,9 +23,11 @@ import structlog
 
 from wsd.access import AccessPolicy, PeerCred, peer_cred
 from wsd.kernel import KernelError, close_fds, recv_with_fds
+from wsd.kernel.procfs import PROC
 
 from .fdcheck import check_fds
 from .limits import HandoffLimits, check_request
+from .onbehalf import check_on_behalf
 from .protocol import (
     MAX_FDS,
     MAX_MESSAGE_BYTES,
@@ -156,8 +158,11 @@ class HandoffServer:
         *,
         access: AccessPolicy | None = None,
         limits: HandoffLimits | None = None,
+        proc: Path = PROC,
     ) -> None:
         self.path = path
+        self.proc = proc
+        """Where on_behalf hand-offs are checked against the VMM's mappings."""
         self.handler = handler
         self.access = access or AccessPolicy()
         self.limits = limits or HandoffLimits()
@@ -249,7 +254,7 @@ class HandoffServer:
     async def _accept(self, raw: bytes, fds: list[int], peer: PeerCred) -> Accepted:
         try:
             req = parse_request(raw)
-            if req.vmm_pid != peer.pid:
+            if not req.on_behalf and req.vmm_pid != peer.pid:
                 raise HandoffError(
                     ErrorCode.FORBIDDEN,
                     f"vmm_pid {req.vmm_pid} is not the connecting process (pid {peer.pid} in "
@@ -263,6 +268,8 @@ class HandoffServer:
                     f"wsd already runs {self.sessions} sessions (limits.max_sessions)",
                 )
             check_fds(req, fds)
+            if req.on_behalf:
+                check_on_behalf(req, fds, peer, self.access, proc=self.proc)
         except BaseException:
             close_fds(fds)
             raise
