@@ -7,9 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# qemu/busybox/kmod/udev: the Linux 7.3 test VM (see vmtest/).  redis-server:
-# the storage integration tests start a private one.  gcc: the ABI test
-# compiles the uapi headers to check wsd's cffi layouts.
+# qemu/busybox/kmod/udev: the Linux 7.3 test VM (see vmtest/); qemu and
+# busybox also boot the guest wsd attach adopts in its end-to-end test.
+# redis-server: the storage integration tests start a private one.  gcc: the
+# ABI test compiles the uapi headers to check wsd's cffi layouts; the attach
+# tests compile a stand-in VMM and the C hand-off example (contrib/).
 APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc)
 
 missing=()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from wsd import config, daemon, demo, kernel_info, logs
+from wsd.attach import cli as attach_cli
 from wsd.control import cli as control_cli
 from wsd.guest import cli as guest_cli
 from wsd.kernel import FeatureUnavailable, probe_kernel
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ru.set_defaults(func=_run)
     guest_cli.add_parser(sub)
+    attach_cli.add_parser(sub)
     control_cli.add_parsers(sub)
     return ap
 

@@ -1,0 +1,161 @@
+"""wsd attach on the host kernel (wp-async on 6.18), against stand-ins for QEMU.
+
+The stand-in (``standin.c``) keeps guest RAM in a shared memfd and waits in
+``poll()`` between rewrites of its hot pages, as QEMU's main loop waits in
+``ppoll()``: the injection interrupts a syscall the kernel must restart.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Attach, StandIn, Wsd, wait_for
+
+from wsd.attach.inject import syscall_instruction
+from wsd.kernel.procfs import read_maps
+from wsd.kernel.ptrace import Tracee
+from wsd.kernel.sysno import NR
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and pidfd_getfd of another process"),
+    pytest.mark.skipif(platform.machine() != "x86_64", reason="wsd attach is x86_64 only"),
+]
+NR_GETPID = 39
+
+
+def test_injected_syscalls_run_in_the_tracee_and_it_carries_on(standin) -> None:
+    s: StandIn = standin(8, 16)
+    addr = syscall_instruction(s.pid, read_maps(s.pid))
+    for _ in range(50):
+        with Tracee(s.pid) as tracee:
+            rip = tracee.register("rip")
+            assert tracee.syscall(addr, NR_GETPID) == s.pid
+            assert tracee.syscall(addr, NR_GETPID) == s.pid
+            assert tracee.register("rip") == rip  # what will be restored
+        time.sleep(0.002)
+    with Tracee(s.pid) as tracee:
+        fd = tracee.syscall(addr, NR.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK)
+    assert fd >= 0
+    assert os.readlink(f"/proc/{s.pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
+    assert s.check() == "ok 2048"
+    assert s.lines == [], "poll() returned EINTR: an interrupted syscall was not restarted"
+    assert s.running()
+
+
+def test_a_failing_injected_syscall_returns_its_errno(standin) -> None:
+    s: StandIn = standin(8, 16)
+    addr = syscall_instruction(s.pid, read_maps(s.pid))
+    with Tracee(s.pid) as tracee:
+        assert tracee.syscall(addr, NR.userfaultfd, 0xDEAD0000) == -22  # EINVAL: bad flags
+    assert s.check() == "ok 2048" and s.running()
+
+
+def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd) -> None:
+    s: StandIn = standin(64, 64)
+    attach = Attach(s.pid, wsd.socket, "--vm-id", "standin")
+    line = attach.first_line()
+    assert "standin: wsd tracks 64.0 MiB of pid" in line, line
+    assert "mode wp-async" in line or "mode rwp" in line
+    assert s.userfaultfds() == 1  # the stand-in keeps its copy of the uffd
+    wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60)
+    vm = wsd.vm("standin")
+    assert vm is not None and vm["evicted_bytes"] >= s.size // 2
+    evicted_at_least = vm["evicted_bytes"]
+    assert s.check() == "ok 16384"  # every evicted page comes back on touch
+    fetched = wsd.vm("standin")
+    assert fetched is not None and fetched["fetched_bytes_total"] > 0
+    code, err = attach.stop()
+    assert code == 130 and "detached; wsd puts the evicted pages back" in err
+    wait_for(lambda: wsd.vm("standin") is None, "the session to end")
+    assert s.check() == "ok 16384"
+    assert s.lines == [] and s.running()
+    print(
+        f"stand-in: {s.size >> 20} MiB, {evicted_at_least >> 20} MiB evicted, "
+        f"{fetched['fetched_bytes_total'] >> 20} MiB fetched back, data intact"
+    )
+    # A second attach after the first session: the old uffd is left unregistered in
+    # the stand-in, and a new one is injected.
+    again = Attach(s.pid, wsd.socket, "--vm-id", "standin")
+    assert "standin: wsd tracks" in again.first_line()
+    assert s.userfaultfds() == 2
+    assert again.stop()[0] == 130
+    assert s.check() == "ok 16384" and s.running()
+
+
+def test_attach_ends_when_the_vmm_exits(standin, wsd: Wsd) -> None:
+    s: StandIn = standin(8, 16)
+    attach = Attach(s.pid, wsd.socket, "--vm-id", "short")
+    assert "short: wsd tracks" in attach.first_line()
+    assert s.stop() == 0
+    out, _ = attach.proc.communicate(timeout=30)
+    assert attach.proc.returncode == 0
+    assert f"short: pid {s.pid} exited; session over" in out
+    wait_for(lambda: wsd.vm("short") is None, "the session to end")
+
+
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def run_attach(
+    pid: int, socket: Path, *args: str, wrap: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "wsd", "attach", "--pid", str(pid), "--socket", str(socket)]
+    return subprocess.run(
+        [*(wrap or []), *argv, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_refusals_are_clear_and_leave_the_process_running(
+    standin, wsd: Wsd, tmp_path: Path
+) -> None:
+    s: StandIn = standin(8, 16)
+    # No such process.
+    out = run_attach(4_000_000, wsd.socket)
+    assert out.returncode == 1 and "no process with pid 4000000" in out.stderr, out.stderr
+    # RAM that is not memfd-backed.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        out = run_attach(sleeper.pid, wsd.socket)
+        assert out.returncode == 1
+        assert "maps no memfd: its guest RAM is not memfd-backed" in out.stderr, out.stderr
+        assert "memory-backend-memfd,id=mem,size=SIZE,share=on" in out.stderr
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # A memfd name that is not there.
+    out = run_attach(s.pid, wsd.socket, "--memfd-name", "memory-backend-memfd")
+    assert "maps no memfd named 'memory-backend-memfd'" in out.stderr, out.stderr
+    # wsd not running: refused before anything is injected.
+    out = run_attach(s.pid, tmp_path / "nowhere.sock")
+    assert out.returncode == 2 and "wsd is not running: no hand-off socket" in out.stderr
+    assert s.userfaultfds() == 0
+    # Root without CAP_SYS_PTRACE (another uid could not even run the venv's python).
+    if shutil.which("setpriv"):
+        out = run_attach(s.pid, wsd.socket, wrap=["setpriv", "--bounding-set", "-sys_ptrace"])
+        assert out.returncode == 1 and "needs root (precisely CAP_SYS_PTRACE)" in out.stderr, out
+    # Already registered: a second attach while the first session runs.
+    first = Attach(s.pid, wsd.socket, "--vm-id", "first")
+    assert "first: wsd tracks" in first.first_line()
+    out = run_attach(s.pid, wsd.socket, "--vm-id", "second")
+    assert out.returncode == 1
+    assert "is already registered with a userfaultfd (VmFlags" in out.stderr, out.stderr
+    assert first.stop()[0] == 130
+    # A stopped process.
+    os.kill(s.pid, 19)  # SIGSTOP
+    try:
+        wait_for(lambda: state(s.pid) == "T", "the stop")
+        out = run_attach(s.pid, wsd.socket)
+        assert "is stopped (T (stopped)); continue it first" in out.stderr, out.stderr
+    finally:
+        os.kill(s.pid, 18)  # SIGCONT
+    assert s.check() == "ok 2048" and s.running() and s.lines == []

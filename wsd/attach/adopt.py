@@ -1,0 +1,208 @@
+"""``wsd attach``: adopt a running, unmodified QEMU's guest RAM.
+
+1. Check what can be checked before touching the VMM (architecture,
+   privileges, process state, its guest RAM in ``/proc``).
+2. Inject ``userfaultfd(2)`` into it (:mod:`wsd.attach.inject`).
+3. Take that uffd and the memfds with ``pidfd_getfd`` (the same open files
+   the VMM holds; a memfd the VMM closed is opened through ``map_files``).
+4. Hand them to wsd with ``"on_behalf": true`` (docs/protocol.md).
+
+Every refusal is a :class:`NotAttachable` naming what is wrong, raised before
+the VMM is changed wherever possible; the VMM keeps running in every case.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsd.kernel import FdKind, FileId, KernelError, close_fds, describe_fd, pidfd_getfd, pidfd_open
+from wsd.kernel.procfs import PROC, Mapping, read_maps
+from wsd.vmm.client import hand_off
+
+from .discover import GuestRam, NotAttachable, find_guest_ram, memfd_fds, parse_smaps
+from .inject import inject_userfaultfd
+
+__all__ = ["Attached", "Taken", "attach", "handoff_message", "preflight", "take"]
+
+CAP_SYS_PTRACE = 19
+ELF_CLASS64 = 2
+EM_X86_64 = 62
+
+
+def _status(pid: int, proc: Path) -> dict[str, str]:
+    path = proc / str(pid) / "status"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise NotAttachable(f"no process with pid {pid}") from None
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def preflight(pid: int, *, proc: Path = PROC, self_status: dict[str, str] | None = None) -> str:
+    """Refuse early, before ptrace touches ``pid``; return its command name."""
+    machine = platform.machine()
+    if machine != "x86_64":
+        raise NotAttachable(
+            f"wsd attach injects a syscall with ptrace, implemented for x86_64 only "
+            f"(this machine is {machine})"
+        )
+    status = _status(pid, proc)
+    me = self_status if self_status is not None else _status(os.getpid(), proc)
+    caps = int(me.get("CapEff", "0"), 16)
+    if not caps & (1 << CAP_SYS_PTRACE):
+        raise NotAttachable(
+            "wsd attach needs root (precisely CAP_SYS_PTRACE): it ptraces the VMM and takes "
+            "its fds with pidfd_getfd, and wsd accepts hand-offs on behalf of another "
+            "process only from root or its own user"
+        )
+    name = status.get("Name", "?")
+    state = status.get("State", "")
+    if state.startswith(("T", "t")):
+        raise NotAttachable(f"pid {pid} ({name}) is stopped ({state}); continue it first")
+    if state.startswith(("Z", "X")):
+        raise NotAttachable(f"pid {pid} ({name}) has exited ({state})")
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer:
+        raise NotAttachable(f"pid {pid} ({name}) is already traced by pid {tracer} (a debugger?)")
+    if status.get("Tgid") != str(pid):
+        raise NotAttachable(f"pid {pid} is a thread of process {status.get('Tgid')}; give that")
+    try:
+        with open(proc / str(pid) / "exe", "rb") as f:
+            head = f.read(20)
+    except OSError as e:
+        raise NotAttachable(f"cannot read the executable of pid {pid}: {e.strerror}") from e
+    if (
+        head[:4] != b"\x7fELF"
+        or head[4] != ELF_CLASS64
+        or int.from_bytes(head[18:20], "little") != EM_X86_64
+    ):
+        raise NotAttachable(f"pid {pid} ({name}) is not a 64-bit x86_64 program")
+    return name
+
+
+def discover(
+    pid: int, *, proc: Path = PROC, name: str | None = None
+) -> tuple[GuestRam, list[Mapping]]:
+    maps = read_maps(pid, proc=proc)
+    smaps = parse_smaps((proc / str(pid) / "smaps").read_bytes())
+    return find_guest_ram(pid, maps, smaps, name=name), maps
+
+
+@dataclass
+class Taken:
+    """Our copies of the VMM's new uffd and its memfds (index = the hand-off's fd order)."""
+
+    uffd: int
+    uffd_in_vmm: int
+    memfds: list[int] = field(default_factory=list)
+
+    @property
+    def fds(self) -> list[int]:
+        return [self.uffd, *self.memfds]
+
+    def close(self) -> None:
+        close_fds(self.fds)
+
+
+def _take_memfd(pid: int, pidfd: int, ram: GuestRam, fid: FileId, fd_in_vmm: int | None) -> int:
+    if fd_in_vmm is not None:
+        return pidfd_getfd(pidfd, fd_in_vmm, pid=pid)
+    # The VMM closed its fd after mapping: open the mapping's file instead.
+    m = next(r.mapping for r in ram.regions if r.file == fid)
+    path = PROC / str(pid) / "map_files" / f"{m.start:x}-{m.end:x}"
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise NotAttachable(f"cannot open {path}: {e.strerror}") from e
+
+
+def take(pid: int, ram: GuestRam, maps: list[Mapping], *, proc: Path = PROC) -> Taken:
+    """Inject the uffd and take it and the memfds; close all on failure."""
+    pidfd = pidfd_open(pid)
+    try:
+        vmm_fds = memfd_fds(pid, ram.files, proc=proc)
+        uffd_in_vmm = inject_userfaultfd(pid, maps)
+        taken = Taken(pidfd_getfd(pidfd, uffd_in_vmm, pid=pid), uffd_in_vmm)
+        try:
+            if describe_fd(taken.uffd).kind is not FdKind.USERFAULTFD:
+                raise NotAttachable(f"fd {uffd_in_vmm} of pid {pid} is not the injected uffd")
+            for fid in ram.files:
+                taken.memfds.append(_take_memfd(pid, pidfd, ram, fid, vmm_fds.get(fid)))
+        except BaseException:
+            taken.close()
+            raise
+        return taken
+    except KernelError as e:
+        raise NotAttachable(f"taking the fds of pid {pid}: {e}") from e
+    finally:
+        os.close(pidfd)
+
+
+def handoff_message(vm_id: str, ram: GuestRam) -> dict[str, Any]:
+    """The hand-off of ``ram`` on behalf of its VMM (docs/protocol.md).
+
+    ``guest_phys_addr`` is not the guest's physical layout (QEMU alone knows
+    that); regions are numbered in the order of QEMU's address space, which
+    is all wsd uses them for.
+    """
+    files = ram.files
+    regions = []
+    guest = 0
+    for r in sorted(ram.regions, key=lambda r: r.mapping.start):
+        regions.append(
+            {
+                "guest_phys_addr": guest,
+                "host_virt_addr": r.mapping.start,
+                "size": r.mapping.size,
+                "fd_index": 1 + files.index(r.file),
+                "offset": r.mapping.offset,
+                "page_size": r.page_size,
+            }
+        )
+        guest += r.mapping.size
+    return {
+        "type": "handoff",
+        "version": 1,
+        "vm_id": vm_id,
+        "vmm_pid": ram.pid,
+        "on_behalf": True,
+        "uffd": {"fd_index": 0, "state": "raw"},
+        "regions": regions,
+    }
+
+
+@dataclass
+class Attached:
+    reply: dict[str, Any]
+    conn: socket.socket
+    ram: GuestRam
+    uffd_in_vmm: int
+    name: str
+
+
+def attach(
+    pid: int,
+    socket_path: Path,
+    vm_id: str,
+    *,
+    memfd_name: str | None = None,
+    proc: Path = PROC,
+) -> Attached:
+    """Adopt ``pid``'s guest RAM into wsd; keep ``conn`` open for the session's life."""
+    name = preflight(pid, proc=proc)
+    ram, maps = discover(pid, proc=proc, name=memfd_name)
+    if not socket_path.exists():
+        # Before the injection: nothing in the VMM changes if wsd is not there.
+        raise FileNotFoundError(f"wsd is not running: no hand-off socket at {socket_path}")
+    taken = take(pid, ram, maps, proc=proc)
+    try:
+        reply, conn = hand_off(socket_path, handoff_message(vm_id, ram), taken.fds)
+    finally:
+        # wsd has its own copies now (or refused); QEMU keeps the uffd.
+        taken.close()
+    return Attached(reply, conn, ram, taken.uffd_in_vmm, name)
