@@ -1,4 +1,4 @@
-"""Fixtures for the wsd attach tests: a running ``wsd run``, and stand-ins for QEMU."""
+"""Fixtures for the tests with real VMMs: a running ``wsd run``, stand-ins for QEMU."""
 
 from __future__ import annotations
 
