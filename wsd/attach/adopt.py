@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsd.kernel import FdKind, FileId, KernelError, close_fds, describe_fd, pidfd_getfd, pidfd_open
+from wsd.kernel import FdKind, KernelError, close_fds, describe_fd, pidfd_getfd, pidfd_open
 from wsd.kernel.procfs import PROC, Mapping, read_maps
 from wsd.vmm.client import hand_off
 
 from .discover import GuestRam, NotAttachable, find_guest_ram, memfd_fds, parse_smaps
 from .inject import inject_userfaultfd
 
-__all__ = ["Attached", "Taken", "attach", "handoff_message", "preflight", "take"]
+__all__ = ["Attached", "Sources", "Taken", "attach", "handoff_message", "preflight", "take"]
 
 CAP_SYS_PTRACE = 19
 ELF_CLASS64 = 2
@@ -98,7 +98,6 @@ class Taken:
     """Our copies of the VMM's new uffd and its memfds (index = the hand-off's fd order)."""
 
     uffd: int
-    uffd_in_vmm: int
     memfds: list[int] = field(default_factory=list)
 
     @property
@@ -109,38 +108,63 @@ class Taken:
         close_fds(self.fds)
 
 
-def _take_memfd(pid: int, pidfd: int, ram: GuestRam, fid: FileId, fd_in_vmm: int | None) -> int:
-    if fd_in_vmm is not None:
-        return pidfd_getfd(pidfd, fd_in_vmm, pid=pid)
-    # The VMM closed its fd after mapping: open the mapping's file instead.
-    m = next(r.mapping for r in ram.regions if r.file == fid)
-    path = PROC / str(pid) / "map_files" / f"{m.start:x}-{m.end:x}"
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise NotAttachable(f"cannot open {path}: {e.strerror}") from e
+@dataclass(frozen=True)
+class Sources:
+    """Where the hand-off's fds are in the VMM: fd numbers, or a ``map_files`` path.
 
+    Kept so that ``wsd attach`` can take them again to reattach to a
+    restarted wsd: the VMM holds them for its whole life.
+    """
 
-def take(pid: int, ram: GuestRam, maps: list[Mapping], *, proc: Path = PROC) -> Taken:
-    """Inject the uffd and take it and the memfds; close all on failure."""
-    pidfd = pidfd_open(pid)
-    try:
-        vmm_fds = memfd_fds(pid, ram.files, proc=proc)
-        uffd_in_vmm = inject_userfaultfd(pid, maps)
-        taken = Taken(pidfd_getfd(pidfd, uffd_in_vmm, pid=pid), uffd_in_vmm)
+    pid: int
+    uffd: int
+    memfds: tuple[int | Path, ...]
+
+    def take(self) -> Taken:
+        """Fresh copies of the fds; closes what it took if one fails."""
+        pidfd = pidfd_open(self.pid)
+        taken = Taken(-1)
         try:
+            taken.uffd = pidfd_getfd(pidfd, self.uffd, pid=self.pid)
             if describe_fd(taken.uffd).kind is not FdKind.USERFAULTFD:
-                raise NotAttachable(f"fd {uffd_in_vmm} of pid {pid} is not the injected uffd")
-            for fid in ram.files:
-                taken.memfds.append(_take_memfd(pid, pidfd, ram, fid, vmm_fds.get(fid)))
+                raise NotAttachable(f"fd {self.uffd} of pid {self.pid} is not the injected uffd")
+            for src in self.memfds:
+                if isinstance(src, Path):
+                    # The VMM closed its fd after mapping: open the mapping's file.
+                    try:
+                        taken.memfds.append(os.open(src, os.O_RDWR | os.O_CLOEXEC))
+                    except OSError as e:
+                        raise NotAttachable(f"cannot open {src}: {e.strerror}") from e
+                else:
+                    taken.memfds.append(pidfd_getfd(pidfd, src, pid=self.pid))
+        except KernelError as e:
+            close_fds([fd for fd in taken.fds if fd >= 0])
+            raise NotAttachable(f"taking the fds of pid {self.pid}: {e}") from e
         except BaseException:
-            taken.close()
+            close_fds([fd for fd in taken.fds if fd >= 0])
             raise
+        finally:
+            os.close(pidfd)
         return taken
-    except KernelError as e:
-        raise NotAttachable(f"taking the fds of pid {pid}: {e}") from e
-    finally:
-        os.close(pidfd)
+
+
+def memfd_sources(pid: int, ram: GuestRam, *, proc: Path = PROC) -> tuple[int | Path, ...]:
+    """Each memfd's fd number in the VMM, or the ``map_files`` entry of its mapping."""
+    in_vmm = memfd_fds(pid, ram.files, proc=proc)
+    out: list[int | Path] = []
+    for fid in ram.files:
+        if fid in in_vmm:
+            out.append(in_vmm[fid])
+        else:
+            m = next(r.mapping for r in ram.regions if r.file == fid)
+            out.append(PROC / str(pid) / "map_files" / f"{m.start:x}-{m.end:x}")
+    return tuple(out)
+
+
+def take(pid: int, ram: GuestRam, maps: list[Mapping], *, proc: Path = PROC) -> Sources:
+    """Inject the uffd into the VMM; return where it and the memfds are there."""
+    memfds = memfd_sources(pid, ram, proc=proc)
+    return Sources(pid, inject_userfaultfd(pid, maps), memfds)
 
 
 def handoff_message(vm_id: str, ram: GuestRam) -> dict[str, Any]:
@@ -181,8 +205,26 @@ class Attached:
     reply: dict[str, Any]
     conn: socket.socket
     ram: GuestRam
-    uffd_in_vmm: int
+    sources: Sources
+    message: dict[str, Any]
     name: str
+
+    @property
+    def uffd_in_vmm(self) -> int:
+        return self.sources.uffd
+
+    def reattach(self, socket_path: Path) -> None:
+        """Give a restarted wsd the session again (``"type": "reattach"``, docs/protocol.md).
+
+        Raises HandoffRefused or OSError; on success :attr:`conn` is the new connection.
+        """
+        taken = self.sources.take()
+        try:
+            reply, conn = hand_off(socket_path, {**self.message, "type": "reattach"}, taken.fds)
+        finally:
+            taken.close()
+        self.conn.close()
+        self.reply, self.conn = reply, conn
 
 
 def attach(
@@ -199,10 +241,12 @@ def attach(
     if not socket_path.exists():
         # Before the injection: nothing in the VMM changes if wsd is not there.
         raise FileNotFoundError(f"wsd is not running: no hand-off socket at {socket_path}")
-    taken = take(pid, ram, maps, proc=proc)
+    sources = take(pid, ram, maps, proc=proc)
+    message = handoff_message(vm_id, ram)
+    taken = sources.take()
     try:
-        reply, conn = hand_off(socket_path, handoff_message(vm_id, ram), taken.fds)
+        reply, conn = hand_off(socket_path, message, taken.fds)
     finally:
         # wsd has its own copies now (or refused); QEMU keeps the uffd.
         taken.close()
-    return Attached(reply, conn, ram, taken.uffd_in_vmm, name)
+    return Attached(reply, conn, ram, sources, message, name)

@@ -13,10 +13,12 @@ from typing import Any
 from wsd import config
 from wsd.vmm.client import HandoffRefused
 
-from .adopt import attach
+from .adopt import Attached, attach
 from .discover import NotAttachable
 
 __all__ = ["add_parser"]
+
+RETRY_SECONDS = 1.0
 
 
 def add_parser(sub: Any) -> None:
@@ -43,6 +45,11 @@ def add_parser(sub: Any) -> None:
         "--memfd-name",
         help="adopt only memfds of this name (default: every shared memfd mapping; QEMU "
         "names them memory-backend-memfd)",
+    )
+    p.add_argument(
+        "--no-reattach",
+        action="store_true",
+        help="exit when wsd closes the session, instead of handing it to a restarted wsd",
     )
     p.set_defaults(func=_attach)
 
@@ -85,34 +92,80 @@ def _attach(args: argparse.Namespace) -> int:
         f"{len(ram.regions)} region(s), mode {done.reply.get('mode')}; userfaultfd is fd "
         f"{done.uffd_in_vmm} in the VMM"
     )
-    return _hold(args.pid, done.conn, vm_id, banner)
+    return _hold(done, path, banner, reattach=not args.no_reattach)
 
 
-def _hold(pid: int, conn: Any, vm_id: str, banner: str) -> int:
-    """Keep the session's connection open until the VMM exits, wsd hangs up, or we are stopped."""
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _hold(done: Attached, path: Path, banner: str, *, reattach: bool) -> int:
+    """Hold the session's connection until the VMM exits or we are stopped.
+
+    When wsd closes it without being asked, wsd died (or stopped): as a VMM
+    must, give the session to the next wsd (``reattach``), retrying every
+    second, until one takes it or says there is nothing to take.
+    """
+    pid, vm_id = done.sources.pid, done.message["vm_id"]
     try:
         signal.signal(signal.SIGTERM, _raise_exit)
         pidfd = os.pidfd_open(pid)
     except BaseException:
-        conn.close()
+        done.conn.close()
         raise
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    poller.register(conn.fileno(), select.POLLIN)
     try:
         # Printed once ^C and SIGTERM end the session cleanly.
         print(banner, flush=True)
         while True:
-            for fd, _ in poller.poll():
-                if fd == pidfd:
-                    print(f"{vm_id}: pid {pid} exited; session over", flush=True)
-                    return 0
-                if not conn.recv(4096):
-                    print(f"wsd attach: wsd closed the session of {vm_id}", file=sys.stderr)
-                    return 1
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.register(done.conn.fileno(), select.POLLIN)
+            ready = {fd for fd, _ in poller.poll()}
+            if pidfd in ready:
+                print(f"{vm_id}: pid {pid} exited; session over", flush=True)
+                return 0
+            try:
+                if done.conn.recv(4096):
+                    continue  # wsd sends nothing after its reply in protocol 1
+            except OSError:
+                pass  # reset: wsd died
+            if not reattach:
+                _say(f"wsd attach: wsd closed the session of {vm_id}")
+                return 1
+            _say(f"wsd attach: wsd closed the session of {vm_id}: reattaching to the next wsd")
+            code = _reattach(done, path, pidfd)
+            if code is not None:
+                return code
+            _say(f"{vm_id}: reattached")
     except (KeyboardInterrupt, SystemExit) as e:
-        print(f"{vm_id}: detached; wsd puts the evicted pages back", file=sys.stderr)
+        _say(f"{vm_id}: detached; wsd puts the evicted pages back")
         return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
     finally:
         os.close(pidfd)
-        conn.close()
+        done.conn.close()
+
+
+def _reattach(done: Attached, path: Path, pidfd: int) -> int | None:
+    """Retry until a wsd takes the session back (None) or it is over (an exit code)."""
+    vm_id = done.message["vm_id"]
+    while True:
+        if select.select([pidfd], [], [], RETRY_SECONDS)[0]:
+            print(f"{vm_id}: pid {done.sources.pid} exited; session over", flush=True)
+            return 0
+        try:
+            done.reattach(path)
+            return None
+        except HandoffRefused as e:
+            if e.code == "duplicate_vm":
+                # A wsd under systemd resumed it from its fd store already.
+                _say(f"{vm_id}: wsd resumed the session by itself (systemd fd store)")
+                return 0
+            if e.code in ("no_session", "unsupported"):
+                _say(f"wsd attach: {e}")
+                return 1
+            _say(f"wsd attach: reattach refused, retrying: {e}")
+        except (OSError, NotAttachable) as e:
+            if not os.path.exists(f"/proc/{done.sources.pid}"):
+                continue  # the pidfd says so at the next turn
+            if not isinstance(e, FileNotFoundError | ConnectionRefusedError):
+                _say(f"wsd attach: reattach failed, retrying: {e}")

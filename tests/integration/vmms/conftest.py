@@ -29,6 +29,7 @@ CONFIG = """
 socket = "{tmp}/wsd.sock"
 control_socket = "{tmp}/control.sock"
 interval_seconds = {interval}
+state_dir = "{tmp}/state"
 
 [storage]
 kind = "file"
@@ -62,13 +63,22 @@ class Wsd:
         self.config = tmp / "wsd.toml"
         self.config.write_text(CONFIG.format(tmp=tmp, interval=INTERVAL, idle=idle))
         self.log = tmp / "wsd.log"
-        with self.log.open("w") as out:
+        self.start()
+
+    def start(self) -> None:
+        with self.log.open("a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         wait_for(self.control.exists, "control socket")
+
+    def crash(self) -> None:
+        """SIGKILL: what a wsd crash leaves behind (its sockets stay as files)."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self.control.unlink()
 
     def vm(self, vm_id: str) -> dict[str, Any] | None:
         vms = request(self.control, Request(Command.STATUS), timeout=10)["vms"]

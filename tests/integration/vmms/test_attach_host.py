@@ -90,6 +90,25 @@ def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd
     assert s.check() == "ok 16384" and s.running()
 
 
+def test_attach_gives_the_session_to_a_restarted_wsd(standin, wsd: Wsd) -> None:
+    s: StandIn = standin(32, 32)
+    attach = Attach(s.pid, wsd.socket, "--vm-id", "phoenix")
+    assert "phoenix: wsd tracks" in attach.first_line()
+    wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60)
+    wsd.crash()
+    # Without wsd, the stand-in still runs; its next touch of an evicted page
+    # waits (its copy of the uffd keeps the pages registered: no zeros).
+    assert s.running()
+    wsd.start()
+    wait_for(lambda: wsd.vm("phoenix") is not None, "the session reattached", timeout=60)
+    assert s.check() == "ok 8192"
+    code, err = attach.stop()
+    assert code == 130, err
+    assert "wsd closed the session of phoenix: reattaching to the next wsd" in err
+    assert "phoenix: reattached" in err
+    assert s.check() == "ok 8192" and s.running() and s.lines == []
+
+
 def test_attach_ends_when_the_vmm_exits(standin, wsd: Wsd) -> None:
     s: StandIn = standin(8, 16)
     attach = Attach(s.pid, wsd.socket, "--vm-id", "short")
