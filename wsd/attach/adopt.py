@@ -13,6 +13,7 @@ the VMM is changed wherever possible; the VMM keeps running in every case.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -22,10 +23,10 @@ from typing import Any
 
 from wsd.kernel import FdKind, KernelError, close_fds, describe_fd, pidfd_getfd, pidfd_open
 from wsd.kernel.procfs import PROC, Mapping, read_maps
-from wsd.vmm.client import hand_off
+from wsd.vmm.client import HandoffRefused, hand_off
 
 from .discover import GuestRam, NotAttachable, find_guest_ram, memfd_fds, parse_smaps
-from .inject import inject_userfaultfd
+from .inject import close_in_vmm, inject_userfaultfd
 
 __all__ = ["Attached", "Sources", "Taken", "attach", "handoff_message", "preflight", "take"]
 
@@ -243,10 +244,18 @@ def attach(
         raise FileNotFoundError(f"wsd is not running: no hand-off socket at {socket_path}")
     sources = take(pid, ram, maps, proc=proc)
     message = handoff_message(vm_id, ram)
-    taken = sources.take()
     try:
-        reply, conn = hand_off(socket_path, message, taken.fds)
-    finally:
-        # wsd has its own copies now (or refused); QEMU keeps the uffd.
-        taken.close()
+        taken = sources.take()
+        try:
+            reply, conn = hand_off(socket_path, message, taken.fds)
+        finally:
+            # wsd has its own copies now (or refused); QEMU keeps the uffd.
+            taken.close()
+    except (HandoffRefused, FileNotFoundError, ConnectionRefusedError, NotAttachable):
+        # wsd refused it or was never reached: nothing registered the uffd and
+        # no wsd holds it, so the VMM is left as it was found.  (Not after a
+        # timeout: wsd may be using it.)
+        with contextlib.suppress(Exception):
+            close_in_vmm(pid, sources.uffd)
+        raise
     return Attached(reply, conn, ram, sources, message, name)

@@ -17,18 +17,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from wsd.kernel import KernelError
-from wsd.kernel.procfs import Mapping
+from wsd.kernel.procfs import Mapping, read_maps
 from wsd.kernel.ptrace import Tracee, find_instruction, read_memory
 from wsd.kernel.sysno import NR
 
 from .discover import NotAttachable
 
-__all__ = ["USERFAULTFD_FLAGS", "inject_userfaultfd", "syscall_instruction"]
+__all__ = ["USERFAULTFD_FLAGS", "close_in_vmm", "inject_userfaultfd", "syscall_instruction"]
 
 # Raw (no UFFDIO_API: wsd negotiates), and without UFFD_USER_MODE_ONLY: QEMU
 # touches guest RAM from the kernel too (KVM, read/write of I/O buffers),
 # and such faults on a user-mode-only uffd get SIGBUS.
 USERFAULTFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
+NR_CLOSE = 3  # x86_64
 # Executable text searched for a syscall instruction when the vDSO has none.
 MAX_TEXT_SCAN = 4 << 20
 
@@ -68,6 +69,18 @@ def inject_userfaultfd(pid: int, mappings: list[Mapping]) -> int:
     if rc < 0:
         raise NotAttachable(_why_userfaultfd_failed(pid, -rc))
     return rc
+
+
+def close_in_vmm(pid: int, fd: int) -> None:
+    """Close ``fd`` in ``pid`` (the uffd of a hand-off wsd refused): leave it as found.
+
+    Only for a uffd no wsd holds or registered: closing the VMM's copy of a
+    uffd in use would let a wsd crash turn evicted pages into zeros.
+    """
+    with _signals_blocked(), Tracee(pid) as tracee:
+        rc = tracee.syscall(syscall_instruction(pid, read_maps(pid)), NR_CLOSE, fd)
+    if rc < 0:
+        raise NotAttachable(f"close({fd}) failed inside pid {pid}: {os.strerror(-rc)}")
 
 
 def ptrace_scope() -> int | None:

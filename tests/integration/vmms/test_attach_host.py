@@ -168,6 +168,12 @@ def test_refusals_are_clear_and_leave_the_process_running(
     out = run_attach(s.pid, wsd.socket, "--vm-id", "second")
     assert out.returncode == 1
     assert "is already registered with a userfaultfd (VmFlags" in out.stderr, out.stderr
+    # wsd refuses the hand-off (the vm_id is taken): the injected uffd is closed again.
+    other = standin(8, 16)
+    out = run_attach(other.pid, wsd.socket, "--vm-id", "first")
+    assert out.returncode == 1 and "duplicate_vm: vm_id 'first' has a session" in out.stderr, out
+    assert other.userfaultfds() == 0
+    assert other.check() == "ok 2048" and other.running()
     assert first.stop()[0] == 130
     # A stopped process.
     os.kill(s.pid, 19)  # SIGSTOP
