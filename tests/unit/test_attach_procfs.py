@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -17,7 +18,8 @@ from wsd.attach.discover import (
     memfd_name,
     parse_smaps,
 )
-from wsd.kernel import FileId
+from wsd.attach.inject import why_ptrace_failed, why_userfaultfd_failed
+from wsd.kernel import FileId, oserror
 from wsd.kernel.procfs import parse_maps
 from wsd.vmm.protocol import parse_request
 
@@ -205,3 +207,28 @@ def test_preflight_refusals_name_the_problem(
 def test_preflight_of_a_missing_pid(tmp_path: Path) -> None:
     with pytest.raises(NotAttachable, match="no process with pid 100"):
         preflight(100, proc=tmp_path, self_status=ROOT)
+
+
+@pytest.mark.parametrize(
+    ("scope", "hint"),
+    [
+        (None, "wsd attach needs root (CAP_SYS_PTRACE)"),
+        (0, "wsd attach needs root (CAP_SYS_PTRACE)"),
+        (1, "kernel.yama.ptrace_scope=1 lets only ancestors and CAP_SYS_PTRACE holders"),
+        (2, "kernel.yama.ptrace_scope=2 lets only CAP_SYS_PTRACE holders attach"),
+        (3, "kernel.yama.ptrace_scope=3 forbids ptrace attach for everyone until reboot"),
+    ],
+)
+def test_a_refused_seize_names_the_yama_scope(scope: int | None, hint: str) -> None:
+    err = oserror("ptrace(PTRACE_SEIZE)", errno.EPERM, pid=100)
+    text = why_ptrace_failed(100, err, scope)
+    assert text.startswith("cannot ptrace pid 100: ") and hint in text
+
+
+def test_a_vanished_tracee_and_userfaultfd_errors_are_explained() -> None:
+    gone = oserror("ptrace(PTRACE_INTERRUPT)", errno.ESRCH, pid=100)
+    assert why_ptrace_failed(100, gone, None) == "pid 100 exited while wsd attached to it"
+    eperm = why_userfaultfd_failed(100, errno.EPERM)
+    assert eperm.startswith("userfaultfd(2) failed inside pid 100: Operation not permitted")
+    assert "vm.unprivileged_userfaultfd=1" in eperm
+    assert "no userfaultfd (CONFIG_USERFAULTFD)" in why_userfaultfd_failed(100, errno.ENOSYS)

@@ -65,9 +65,9 @@ def inject_userfaultfd(pid: int, mappings: list[Mapping]) -> int:
                 addr = syscall_instruction(pid, mappings)
                 rc = tracee.syscall(addr, NR.userfaultfd, USERFAULTFD_FLAGS)
         except KernelError as e:
-            raise NotAttachable(_why_ptrace_failed(pid, e)) from e
+            raise NotAttachable(why_ptrace_failed(pid, e, ptrace_scope())) from e
     if rc < 0:
-        raise NotAttachable(_why_userfaultfd_failed(pid, -rc))
+        raise NotAttachable(why_userfaultfd_failed(pid, -rc))
     return rc
 
 
@@ -92,9 +92,9 @@ def ptrace_scope() -> int | None:
         return None
 
 
-def _why_ptrace_failed(pid: int, e: KernelError) -> str:
+def why_ptrace_failed(pid: int, e: KernelError, scope: int | None) -> str:
+    """Explain a failed ptrace of ``pid``; ``scope``: ``kernel.yama.ptrace_scope``."""
     if e.errno == errno.EPERM and e.op == "ptrace(PTRACE_SEIZE)":
-        scope = ptrace_scope()
         hint = {
             1: "kernel.yama.ptrace_scope=1 lets only ancestors and CAP_SYS_PTRACE holders attach",
             2: "kernel.yama.ptrace_scope=2 lets only CAP_SYS_PTRACE holders attach",
@@ -110,7 +110,8 @@ def _why_ptrace_failed(pid: int, e: KernelError) -> str:
     return f"injecting userfaultfd(2) into pid {pid} failed: {e}"
 
 
-def _why_userfaultfd_failed(pid: int, err: int) -> str:
+def why_userfaultfd_failed(pid: int, err: int) -> str:
+    """Explain ``userfaultfd(2)`` failing with ``err`` inside ``pid``."""
     head = f"userfaultfd(2) failed inside pid {pid}: {os.strerror(err)} (errno {err})"
     if err == errno.EPERM:
         return (
