@@ -11,17 +11,16 @@ one interval.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from wsd.daemon import Daemon, Settings
+from wsd.daemon import Daemon
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
-from wsd.kernel import data_ranges
 from wsd.storage import (
     FileStoreConfig,
     PageNamespace,
@@ -31,9 +30,9 @@ from wsd.storage import (
     open_backend,
 )
 from wsd.testing.arming import track_puppet
-from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, hammer
+from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, hammer, hammer_daemon
 from wsd.testing.puppet_vmm import PuppetVMM
-from wsd.testing.running import running_daemon, serving_faults
+from wsd.testing.running import serving_faults
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.state import Granularity
 
@@ -100,26 +99,10 @@ async def test_a_write_between_the_read_and_the_punch_is_put_back(tmp_path: Path
             tracker.close()
 
 
-@asynccontextmanager
-async def wp_daemon(
+def wp_daemon(
     tmp_path: Path, storage: StorageConfig, evictor: EvictorConfig = AGGRESSIVE
-) -> AsyncIterator[Daemon]:
-    settings = Settings(
-        socket=tmp_path / "wsd.sock",
-        interval=INTERVAL,
-        storage=storage,
-        evictor=evictor,
-        state_dir=tmp_path / "state",
-    )
-    async with running_daemon(settings) as d:
-        assert d.decision.mode is TrackingMode.WP_ASYNC
-        yield d
-
-
-def memfd_resident_bytes(d: Daemon, vm_id: str) -> int:
-    t = d.sessions[vm_id].tracker.regions[0]
-    r = t.region
-    return sum(e - b for b, e in data_ranges(t.memfd, r.offset, r.offset + r.size))
+) -> AbstractAsyncContextManager[Daemon]:
+    return hammer_daemon(tmp_path, storage, evictor, interval=INTERVAL, mode=TrackingMode.WP_ASYNC)
 
 
 async def test_nothing_lost_4k_shmem_wp_async(tmp_path: Path) -> None:

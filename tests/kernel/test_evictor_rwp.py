@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import select
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,22 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from wsd.daemon import Daemon, Session, Settings
+from wsd.daemon import Daemon, Session
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.transaction import not_punched
 from wsd.kernel import Feature, data_ranges
 from wsd.storage import FileStoreConfig, StorageConfig, ZstdStoreConfig, open_backend
 from wsd.testing.arming import track_puppet
-from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, start_guest
+from wsd.testing.hammer import (
+    AGGRESSIVE,
+    ZIPF_WRITERS,
+    free_huge_pages,
+    hammer_daemon,
+    start_guest,
+)
 from wsd.testing.hammer import hammer as run_hammer
 from wsd.testing.puppet_vmm import PuppetVMM
-from wsd.testing.running import running_daemon, serving_faults
+from wsd.testing.running import serving_faults
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import VmTracker
 from wsd.tracker.state import Granularity
@@ -54,20 +60,10 @@ def huge_128m() -> Iterator[None]:
         yield
 
 
-@asynccontextmanager
-async def daemon(
+def daemon(
     tmp_path: Path, storage: StorageConfig, evictor: EvictorConfig = AGGRESSIVE
-) -> AsyncIterator[Daemon]:
-    settings = Settings(
-        socket=tmp_path / "wsd.sock",
-        interval=INTERVAL,
-        storage=storage,
-        evictor=evictor,
-        state_dir=tmp_path / "state",
-    )
-    async with running_daemon(settings) as d:
-        assert d.decision.mode is TrackingMode.RWP
-        yield d
+) -> AbstractAsyncContextManager[Daemon]:
+    return hammer_daemon(tmp_path, storage, evictor, interval=INTERVAL, mode=TrackingMode.RWP)
 
 
 def memfd_resident(s: Session) -> int:
@@ -115,14 +111,9 @@ async def test_shmem_thp_regions_are_tracked_but_not_evicted(
             "thp-tracked",
             "--size",
             "32M",
-            "--threads",
-            "3",
-            "--pattern",
-            "zipf",
+            *ZIPF_WRITERS,
             "--zipf-s",
             "1.3",
-            "--write-ratio",
-            "0.5",
             "--thp",
             "always",
         )

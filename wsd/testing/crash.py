@@ -21,6 +21,7 @@ from pathlib import Path
 
 from wsd.evictor import pagemap
 from wsd.guest.process import GuestProcess
+from wsd.testing.hammer import STEEP_4K
 from wsd.testing.supervisor import Supervisor
 
 VM_ID = "crashy"
@@ -127,16 +128,7 @@ def crash_soak(
                 VM_ID,
                 "--size",
                 size,
-                "--threads",
-                "3",
-                "--pattern",
-                "zipf",
-                "--zipf-s",
-                "1.3",
-                "--write-ratio",
-                "0.5",
-                "--thp",
-                "never",
+                *STEEP_4K,
                 *(["--reattach"] if reattach else []),
             ],
             ready_timeout=300,

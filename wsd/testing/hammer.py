@@ -14,13 +14,16 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from wsd.daemon import Daemon
+from wsd.daemon import Daemon, Settings
 from wsd.evictor import EvictorConfig
 from wsd.guest.process import GuestProcess
+from wsd.storage import StorageConfig
+from wsd.testing.running import running_daemon
+from wsd.tracker.mode import TrackingMode
 
 # Evict anything idle for one interval.  Windows stay small so that, under
 # TCG, eviction does not starve the guest of the CPU; prefetch keeps the final
@@ -35,6 +38,36 @@ AGGRESSIVE = EvictorConfig(
     prefetch_pages=8,
     allow_volatile_store=True,
 )
+
+
+# Writers that keep pages in the middle of eviction busy: 3 threads, half of
+# the accesses writes, Zipf-skewed so that cold pages are many and still
+# touched now and then.
+ZIPF_WRITERS = ("--threads", "3", "--pattern", "zipf", "--write-ratio", "0.5")
+# The same with a steep skew and 4 KiB pages only (no shmem THP).
+STEEP_4K = (*ZIPF_WRITERS, "--zipf-s", "1.3", "--thp", "never")
+
+
+@contextlib.asynccontextmanager
+async def hammer_daemon(
+    tmp_path: Path,
+    storage: StorageConfig,
+    evictor: EvictorConfig = AGGRESSIVE,
+    *,
+    interval: float,
+    mode: TrackingMode,
+) -> AsyncIterator[Daemon]:
+    """A daemon evicting into ``storage`` with a state directory; it must run in ``mode``."""
+    settings = Settings(
+        socket=tmp_path / "wsd.sock",
+        interval=interval,
+        storage=storage,
+        evictor=evictor,
+        state_dir=tmp_path / "state",
+    )
+    async with running_daemon(settings) as d:
+        assert d.decision.mode is mode, d.decision
+        yield d
 
 
 async def start_guest(d: Daemon, *args: str) -> GuestProcess:
@@ -53,12 +86,7 @@ async def hammer(d: Daemon, vm_id: str, size: str, seconds: float, *args: str) -
         vm_id,
         "--size",
         size,
-        "--threads",
-        "3",
-        "--pattern",
-        "zipf",
-        "--write-ratio",
-        "0.5",
+        *ZIPF_WRITERS,
         *args,
     )
     try:

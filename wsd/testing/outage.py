@@ -18,39 +18,19 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsd.daemon import Daemon, Session
-from wsd.evictor import EvictorConfig
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import data_ranges
+from wsd.testing.hammer import AGGRESSIVE, STEEP_4K
 
 # The hammer's settings (evict whatever was idle for one interval), durable
 # tiers only; fetches wait out an outage of up to two minutes before alerting.
-OUTAGE_EVICTOR = EvictorConfig(
-    min_idle_cycles=1,
-    max_idle_cycles=1,
-    max_pages_per_window=1024,
-    batch_pages=128,
-    rate_mb_per_second=None,
-    promotion_target_percent_per_minute=None,
-    prefetch_pages=8,
-    fetch_deadline_seconds=120,
+OUTAGE_EVICTOR = AGGRESSIVE.model_copy(
+    update={"allow_volatile_store": False, "fetch_deadline_seconds": 120}
 )
 
-# A 32 MiB guest on 3 threads, skewed so that cold pages are many and still
-# touched now and then: eviction never runs dry and faults keep hitting the tier.
-GUEST_ARGS = (
-    "--size",
-    "32M",
-    "--threads",
-    "3",
-    "--pattern",
-    "zipf",
-    "--zipf-s",
-    "1.3",
-    "--write-ratio",
-    "0.5",
-    "--thp",
-    "never",
-)
+# A 32 MiB guest of the hammer's writers: eviction never runs dry and faults
+# keep hitting the tier.
+GUEST_ARGS = ("--size", "32M", *STEEP_4K)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
