@@ -148,49 +148,17 @@ class Evictor:
         if not await self._flush_discards():
             return
         now = ctx.clock()
-        tracker = ctx.tracker
-        wss = sum(t.state.working_set()[1].pages or 0 for t in tracker.regions)
+        wss = sum(t.state.working_set()[1].pages or 0 for t in ctx.tracker.regions)
         threshold = ctx.vm.adapt(now, wss)
         budget = ctx.vm.byte_budget(now)
         room = self.host_room() if self.host_room is not None else None
         if room is not None:
             budget = room if budget is None else min(budget, room)
-        over = self._over_target_bytes()
-        pages_left = cfg.max_pages_per_window
-        spent = 0
-        for i, t in enumerate(tracker.regions):
-            if self.reasons[i] is not None or pages_left <= 0:
-                continue
-            if self.backoff.failed_now:
-                break  # one failed batch is enough to know the store is failing
-            ps = t.region.page_size
-            limit = min(pages_left, pages_for_bytes(None if budget is None else budget - spent, ps))
-            chosen = select(
-                t.state,
-                ctx.policies[i],
-                threshold=threshold,
-                limit=limit,
-                over_target_pages=-(-over // ps) if over > 0 else 0,
-            )
-            pages_left -= len(chosen)
-            for k in range(0, len(chosen), cfg.batch_pages):
-                batch = await self._prepare(i, np.sort(chosen[k : k + cfg.batch_pages]))
-                if batch is None:
-                    break  # the store is failing: try again next time
-                self._prepared.append(batch)
-                spent += len(batch.pages) * ps
-                over -= len(batch.pages) * ps
-        if self._prepared:
-            self.backoff.end(ctx)
+        spent = await self._store_cold(budget, threshold, self._over_target_bytes())
         if budget is not None:
             ctx.vm.refund(now, budget - spent)
-        if self._prepared and self.state_dir is not None:
-            try:
-                await self.save_map(force=True)
-            except OSError as e:
-                # Without the map on disk a crash would strand these pages: don't punch.
-                log.warning("writing the page map failed, nothing evicted", error=str(e))
-                self._prepared.clear()
+        if self._prepared:
+            await self._persist_prepared()
         elif self.map_dirty:
             await self.save_map()  # a removal's rewrite failed earlier: again
 
@@ -213,35 +181,66 @@ class Evictor:
             return 0
         room = self.host_room() if self.host_room is not None else None
         budget = min((b for b in (max_bytes, room) if b is not None), default=None)
+        # Threshold 1 with every page "over target": any page not accessed in
+        # the last interval qualifies, penalised or not.
+        spent = await self._store_cold(budget, 1, None)
+        return spent if await self._persist_prepared() else 0
+
+    async def _store_cold(self, budget: int | None, threshold: int, over: int | None) -> int:
+        """Select cold pages region by region and store them for the next commit.
+
+        At most ``budget`` bytes (None: no bound) and ``max_pages_per_window``
+        pages.  ``over``: bytes above the resident target, which lets pages
+        with a refault penalty go too; None lets every selected page go.
+        Returns the bytes stored.
+        """
+        ctx = self.ctx
+        batch_pages = ctx.config.batch_pages
         pages_left = ctx.config.max_pages_per_window
         spent = 0
         for i, t in enumerate(ctx.tracker.regions):
             if self.reasons[i] is not None or pages_left <= 0:
                 continue
+            if self.backoff.failed_now:
+                break  # one failed batch is enough to know the store is failing
             ps = t.region.page_size
             limit = min(pages_left, pages_for_bytes(None if budget is None else budget - spent, ps))
-            # Threshold 1 with every page "over target": any page not accessed
-            # in the last interval qualifies, penalised or not.
+            over_pages = limit if over is None else max(0, -(-over // ps))
             chosen = select(
-                t.state, ctx.policies[i], threshold=1, limit=limit, over_target_pages=limit
+                t.state,
+                ctx.policies[i],
+                threshold=threshold,
+                limit=limit,
+                over_target_pages=over_pages,
             )
             pages_left -= len(chosen)
-            for k in range(0, len(chosen), ctx.config.batch_pages):
-                batch = await self._prepare(i, np.sort(chosen[k : k + ctx.config.batch_pages]))
+            for k in range(0, len(chosen), batch_pages):
+                batch = await self._prepare(i, np.sort(chosen[k : k + batch_pages]))
                 if batch is None:
-                    break
+                    break  # the store is failing: try again next time
                 self._prepared.append(batch)
                 spent += len(batch.pages) * ps
+                if over is not None:
+                    over -= len(batch.pages) * ps
         if self._prepared:
             self.backoff.end(ctx)
-        if self._prepared and self.state_dir is not None:
-            try:
-                await self.save_map(force=True)
-            except OSError as e:
-                log.warning("writing the page map failed, nothing evicted", error=str(e))
-                self._prepared.clear()
-                return 0
         return spent
+
+    async def _persist_prepared(self) -> bool:
+        """Write the page map listing the prepared pages; False if that failed.
+
+        Without the map on disk a crash would strand the prepared pages, so
+        then none is punched.
+        """
+        if not self._prepared or self.state_dir is None:
+            return True
+        try:
+            await self.save_map(force=True)
+        except OSError as e:
+            log.warning("writing the page map failed, nothing evicted", error=str(e))
+            self._prepared.clear()
+            return False
+        return True
 
     async def evict_batch(self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64]) -> int:
         """Prepare and commit ``pages`` (ascending) of region ``i`` at once.
