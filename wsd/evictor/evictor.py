@@ -47,7 +47,7 @@ from .context import VmContext
 from .guards import guard_reason
 from .outage import StoreBackoff
 from .policy import pages_for_bytes, select
-from .transaction import not_punched, punch_and_wake, punch_verified, read_pages
+from .transaction import digests, not_punched, punch_and_wake, punch_verified, read_pages
 
 log = structlog.get_logger("wsd.evictor")
 
@@ -87,8 +87,8 @@ class Prepared:
 
     region: int
     pages: npt.NDArray[np.int64]
-    # The bytes stored, by byte offset in the region: kept in wp-async mode,
-    # where the commit compares them with the pages' final bytes.
+    # Digests of the bytes stored, by byte offset in the region: kept in
+    # wp-async mode, where the commit compares them with the pages' final bytes.
     stored: Mapping[int, bytes] | None = None
     # Each page's generation when it was read: a page whose generation moved
     # since (removed by the VMM) is not punched, its stored bytes are stale.
@@ -267,8 +267,12 @@ class Evictor:
         assert ctx.store is not None
         t = ctx.tracker.regions[i]
         gens = (t.state.generations[pages].astype(np.int64) + 1) & 0xFFFFFFFF
+        verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
+        sums: dict[int, bytes] | None = None
         try:
             data = await asyncio.to_thread(read_pages, t.memfd, t.region, pages)
+            if verify:
+                sums = await asyncio.to_thread(digests, data)
             generation = dict(zip(data, gens.tolist(), strict=True))
             await ctx.store.put(ctx.namespaces[i], data, generation=generation)
             await ctx.store.sync()
@@ -286,8 +290,7 @@ class Evictor:
                 error=str(e),
             )
             return None
-        verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
-        return Prepared(i, pages, data if verify else None, (gens - 1).astype(np.uint32))
+        return Prepared(i, pages, sums, (gens - 1).astype(np.uint32))
 
     async def _commit_in_chunks(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
         """Commit ``COMMIT_CHUNK`` pages at a time, serving faults in between.
@@ -363,7 +366,10 @@ class Evictor:
     def _commit_verified(
         self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], stored: Mapping[int, bytes]
     ) -> int:
-        """wp-async: punch ``pages``; put back any whose final bytes are not the stored ones."""
+        """wp-async: punch ``pages``; put back any whose final bytes are not the stored ones.
+
+        ``stored``: the digests of the bytes stored (:func:`~.transaction.digest`).
+        """
         ctx = self.ctx
         try:
             outcome = punch_verified(
