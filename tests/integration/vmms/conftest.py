@@ -84,6 +84,17 @@ class Wsd:
         vms = request(self.control, Request(Command.STATUS), timeout=10)["vms"]
         return next((v for v in vms if v["vm_id"] == vm_id), None)
 
+    def wait_session_closed(self, vm_id: str, n: int = 1) -> None:
+        """Until wsd has logged the end of ``vm_id``'s ``n``-th session: evicted pages drained.
+
+        (A session leaves ``wsd status`` before its drain is done.)
+        """
+        wait_for(
+            lambda: self.log.read_text().count(f'"session closed", "vm_id": "{vm_id}"') >= n,
+            f"session {vm_id} closed",
+            timeout=300,
+        )
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -74,7 +74,8 @@ def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd
     assert fetched is not None and fetched["fetched_bytes_total"] > 0
     code, err = attach.stop()
     assert code == 130 and "detached; wsd puts the evicted pages back" in err
-    wait_for(lambda: wsd.vm("standin") is None, "the session to end")
+    wsd.wait_session_closed("standin")
+    assert s.resident() == s.size  # every page is back in the memfd
     assert s.check() == "ok 16384"
     assert s.lines == [] and s.running()
     print(
