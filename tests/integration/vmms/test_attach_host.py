@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Attach, StandIn, Wsd, wait_for
+from vmms_harness import Attach, StandIn, Wsd, wait_for
 
 from wsd.attach.inject import syscall_instruction
 from wsd.kernel.procfs import read_maps

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Attach, Wsd, wait_for
 from qemu_guest import QemuGuest, build_initramfs, compile_memtest
+from vmms_harness import Attach, Wsd, wait_for
 
 from vmtest.kernel import Layout, cached_kernel, kernel_image
 from wsd.kernel import data_ranges, pidfd_getfd, pidfd_open

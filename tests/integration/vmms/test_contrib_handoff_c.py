@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Wsd, wait_for
+from vmms_harness import Wsd, wait_for
 
 pytestmark = [
     pytest.mark.integration,
