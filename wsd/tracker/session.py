@@ -20,6 +20,7 @@ scan and re-arm.  Read-only accesses are invisible in that mode.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -68,6 +69,11 @@ OPTIONAL = (
 )
 
 log = structlog.get_logger("wsd.tracker")
+
+# How long a window's re-arm retries EAGAIN (a life event pending) before the
+# session gives up: the event's read is ours, so only a starved VMM thread
+# (under TCG) makes this more than milliseconds.
+REARM_EAGAIN_SECONDS = 10.0
 
 Hook = Callable[["VmTracker", list[npt.NDArray[np.bool_]]], Awaitable[None]]
 
@@ -328,6 +334,28 @@ class VmTracker:
             else:
                 self.uffd.writeprotect(r.host_virt_addr, r.size, protect=True)
 
+    async def _rearm(self) -> None:
+        """:meth:`arm`, retried while the VMM's address space is changing.
+
+        uffd ioctls fail with EAGAIN while a non-cooperative event is pending
+        (``mmap_changing``): from before the kernel queues a REMOVE (a
+        balloon's ``madvise``), UNMAP or REMAP until the VMM's thread resumes
+        after wsd has read it.  wsd reads it on this loop, so yield between
+        tries.  Seen in the 7.3 VM: a balloon's madvise during a window ended
+        the session (tests/kernel/test_life_events_rwp.py).
+        """
+        deadline = time.monotonic() + REARM_EAGAIN_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                self.arm()
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
     def _scan(self, t: TrackedRegion) -> npt.NDArray[np.bool_]:
         r = t.region
         if t.vanished:
@@ -384,10 +412,13 @@ class VmTracker:
                 # Re-arm while still sync, then go async: an access after the
                 # RWPROTECT lands in the next interval, and none falls in a gap
                 # between going async and re-arming.  Going async also
-                # releases any thread still blocked on an RWP fault.
-                self.arm()
-                self._in_window = False
-                self.uffd.set_mode(enable=Feature.RWP_ASYNC)
+                # releases any thread still blocked on an RWP fault, so it
+                # happens even if arming fails.
+                try:
+                    await self._rearm()
+                finally:
+                    self._in_window = False
+                    self.uffd.set_mode(enable=Feature.RWP_ASYNC)
         self.cycles += 1
         return hot
 
