@@ -440,13 +440,13 @@ async def wait_for(cond: Any, timeout: float = 10.0) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("user_mode_only", [False, True])
+@pytest.mark.parametrize("flag", [None, "--user-mode-only", "--dma-pinned"])
 async def test_handoff_sends_uffd_memfd_and_region_and_keeps_running(
-    tmp_path: Path, serve: Any, user_mode_only: bool
+    tmp_path: Path, serve: Any, flag: str | None
 ) -> None:
     stub = StubWsd()
     path = serve(stub)
-    extra = ["--user-mode-only"] if user_mode_only else []
+    extra = [flag] if flag else []
     g = await start_guest(
         tmp_path, "--socket", str(path), "--vm-id", "vm-7", "--size", "8M", *extra
     )
@@ -468,6 +468,7 @@ async def test_handoff_sends_uffd_memfd_and_region_and_keeps_running(
             PAGE,
         )
         assert (region.guest_phys_addr, region.offset, region.fd_index) == (0, 0, 1)
+        assert region.dma_pinned == (flag == "--dma-pinned")
         uffd, memfd = stub.fds[0]
         assert describe_fd(uffd).kind is FdKind.USERFAULTFD
         info = describe_fd(memfd)

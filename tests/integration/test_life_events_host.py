@@ -12,8 +12,6 @@ guarantee to its test.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from wsd.daemon import Settings
-from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext, pagemap
+from wsd.evictor import pagemap
 from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
 from wsd.kernel import Feature, pread
@@ -36,6 +33,14 @@ from wsd.storage import (
     open_backend,
 )
 from wsd.testing.arming import track_puppet
+from wsd.testing.life_events import (
+    call,
+    evict,
+    evicting_settings,
+    evictor_session,
+    wait_until,
+)
+from wsd.testing.mapper import MemfdMapper
 from wsd.testing.puppet_vmm import DISCARDED, PuppetVMM, page_pattern
 from wsd.testing.running import running_daemon, serving_faults
 from wsd.tracker.session import VmTracker
@@ -82,38 +87,6 @@ async def tracker(puppet: PuppetVMM) -> AsyncIterator[VmTracker]:
     t.close()
 
 
-def session(
-    tracker: VmTracker, store: Any, state_dir: Path | None = None, **config: Any
-) -> tuple[VmContext, FaultService, Evictor]:
-    ctx = VmContext(tracker.vm_id, tracker, store, EvictorConfig(**config))
-    tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(coro: Any) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
-
-    return ctx, FaultService(ctx, spawn), Evictor(ctx, state_dir=state_dir)
-
-
-async def call(p: PuppetVMM, op: str, **args: Any) -> Any:
-    return await asyncio.to_thread(p.call, op, **args)
-
-
-async def evict(ev: Evictor, pages: range | list[int]) -> None:
-    arr = np.array(sorted(pages), dtype=np.int64)
-    assert await ev.evict_batch(0, ev.ctx.tracker.regions[0], arr) == len(arr)
-
-
-async def wait_until(cond: Any, what: str, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_the_life_events_are_negotiated(tracker: VmTracker) -> None:
     enabled = tracker.uffd.features or Feature(0)
     assert Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REMAP in enabled
@@ -123,7 +96,7 @@ async def test_the_life_events_are_negotiated(tracker: VmTracker) -> None:
 async def test_a_removed_evicted_page_reads_zeros_while_others_are_served(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore, tmp_path: Path, how: str
 ) -> None:
-    ctx, faults, ev = session(tracker, file_store, tmp_path / "state")
+    ctx, faults, ev = evictor_session(tracker, file_store, tmp_path / "state")
     state = tracker.regions[0].state
     await tracker.cycle()
     await evict(ev, range(0, 64))
@@ -147,7 +120,7 @@ async def test_a_fetch_in_flight_for_a_removed_page_installs_zeros(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:
     flaky = FlakyStore(file_store)
-    _, faults, ev = session(
+    _, faults, ev = evictor_session(
         tracker, flaky, fetch_retry_initial_seconds=0.02, fetch_retry_max_seconds=0.05
     )
     await tracker.cycle()
@@ -167,7 +140,7 @@ async def test_a_fetch_in_flight_for_a_removed_page_installs_zeros(
 async def test_a_prepared_page_removed_before_its_commit_is_not_punched(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:
-    ctx, faults, ev = session(tracker, file_store)
+    ctx, faults, ev = evictor_session(tracker, file_store)
     state = tracker.regions[0].state
     await tracker.cycle()
     batch = await ev._prepare(0, np.arange(100, 110, dtype=np.int64))
@@ -186,24 +159,11 @@ async def test_a_prepared_page_removed_before_its_commit_is_not_punched(
 async def test_another_mapper_of_the_memfd_stops_eviction_and_gets_pages_back(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:
-    ctx, faults, ev = session(tracker, file_store, min_idle_cycles=1)
+    ctx, faults, ev = evictor_session(tracker, file_store, min_idle_cycles=1)
     await tracker.cycle()
     await evict(ev, range(0, 32))
     # A vhost-user backend stand-in: maps the guest memfd, and waits.
-    mapper = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import mmap, sys; m = mmap.mmap({puppet.memfd}, {SIZE}, mmap.MAP_SHARED); "
-            "print('mapped', flush=True); sys.stdin.read()",
-        ],
-        pass_fds=[puppet.memfd],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert mapper.stdout is not None
-        assert await asyncio.to_thread(mapper.stdout.readline) == b"mapped\n"
+    with MemfdMapper(puppet.memfd, SIZE) as mapper:
         with serving_faults(tracker, faults, ev):
             await check(ev, unevictable_reason, force=True)
         reason = ev.reasons[0]
@@ -213,14 +173,12 @@ async def test_another_mapper_of_the_memfd_stops_eviction_and_gets_pages_back(
         assert tracker.regions[0].state.evicted_pages == 0
         for p in (0, 17, 31):
             assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
+        assert await asyncio.to_thread(mapper.read, 0, 64) == [0] * 64
         # And nothing is evicted while it maps the memfd.
         for _ in range(3):
             await tracker.cycle()
         await ev.prepare()
         assert not ev._prepared and ctx.stats.evicted_pages == 32
-    finally:
-        mapper.kill()
-        mapper.communicate()  # reaps it and closes the pipes
     await check(ev, unevictable_reason, force=True)
     assert ev.reasons[0] is None and tracker.regions[0].other_mappers == ()
 
@@ -228,7 +186,7 @@ async def test_another_mapper_of_the_memfd_stops_eviction_and_gets_pages_back(
 async def test_vmpin_stops_eviction_of_the_whole_vm(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:
-    _, _, ev = session(tracker, file_store, min_idle_cycles=1)
+    _, _, ev = evictor_session(tracker, file_store, min_idle_cycles=1)
     await call(puppet, "pin", bytes=1 << 20)
     for _ in range(3):
         await tracker.cycle()
@@ -244,7 +202,7 @@ async def test_vmpin_stops_eviction_of_the_whole_vm(
 async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:
-    _, faults, ev = session(tracker, file_store)
+    _, faults, ev = evictor_session(tracker, file_store)
     t = tracker.regions[0]
     await tracker.cycle()
     await evict(ev, range(0, 1024, 4))
@@ -262,13 +220,7 @@ async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
 async def test_the_daemon_serves_zeros_after_a_balloon_removes_evicted_pages(
     tmp_path: Path,
 ) -> None:
-    settings = Settings(
-        socket=tmp_path / "wsd.sock",
-        interval=0.1,
-        storage=FileStoreConfig(root=tmp_path / "pages"),
-        evictor=EvictorConfig(min_idle_cycles=1, max_idle_cycles=1, rate_mb_per_second=None),
-        state_dir=tmp_path / "state",
-    )
+    settings = evicting_settings(tmp_path, 0.1)
     async with running_daemon(settings) as d:
         p = await asyncio.to_thread(PuppetVMM.spawn, SIZE, handoff=settings.socket, vm_id="bal")
         try:

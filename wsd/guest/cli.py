@@ -96,6 +96,12 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
         help="create the uffd with UFFD_USER_MODE_ONLY (kernel-originated faults then SIGBUS)",
     )
     ap.add_argument(
+        "--dma-pinned",
+        action="store_true",
+        help="mark guest RAM dma_pinned in the hand-off, as a VMM with a passthrough device"
+        " would: wsd tracks it but never evicts from it",
+    )
+    ap.add_argument(
         "--thp",
         type=Thp,
         choices=list(Thp),
@@ -129,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> GuestConfig:
         socket=args.socket,
         handoff=args.handoff,
         user_mode_only=args.user_mode_only,
+        dma_pinned=args.dma_pinned,
         reattach=args.reattach,
         thp=args.thp,
         seed=args.seed,

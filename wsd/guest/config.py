@@ -107,6 +107,8 @@ class GuestConfig:
     socket: Path = DEFAULT_SOCKET
     handoff: bool = True
     user_mode_only: bool = False
+    dma_pinned: bool = False
+    """Mark the region DMA-pinned in the hand-off (a VFIO VMM): wsd never evicts it."""
     reattach: bool = False
     """When wsd closes the hand-off connection, reattach to the next wsd on the socket."""
     thp: Thp = Thp.DEFAULT

@@ -95,15 +95,24 @@ class GuestMemory:
         return self.uffd
 
     def hand_off(
-        self, path: os.PathLike[str] | str, vm_id: str, *, reattach: bool = False
+        self,
+        path: os.PathLike[str] | str,
+        vm_id: str,
+        *,
+        reattach: bool = False,
+        dma_pinned: bool = False,
     ) -> tuple[dict[str, Any], socket.socket]:
         """Send uffd (fd 0) and memfd (fd 1) to wsd; raises HandoffRefused on an error reply.
 
         ``reattach``: give a restarted wsd the session its predecessor had.
+        ``dma_pinned``: mark the region DMA-pinned, as a VMM with VFIO
+        passthrough would; wsd then never evicts from it.
         """
         if self.uffd is None:
             raise RuntimeError("open_uffd() before hand_off()")
-        msg = handoff_message(vm_id, os.getpid(), self.base, self.size, self.page_size)
+        msg = handoff_message(
+            vm_id, os.getpid(), self.base, self.size, self.page_size, dma_pinned=dma_pinned
+        )
         if reattach:
             msg["type"] = "reattach"
         return hand_off(os.fspath(path), msg, [self.uffd, self.memfd])
@@ -118,22 +127,25 @@ class GuestMemory:
             self.uffd = None
 
 
-def handoff_message(vm_id: str, pid: int, base: int, size: int, page_size: int) -> dict[str, Any]:
+def handoff_message(
+    vm_id: str, pid: int, base: int, size: int, page_size: int, *, dma_pinned: bool = False
+) -> dict[str, Any]:
     """A protocol-1 hand-off of one region (docs/protocol.md)."""
+    region: dict[str, Any] = {
+        "guest_phys_addr": 0,
+        "host_virt_addr": base,
+        "size": size,
+        "fd_index": 1,
+        "offset": 0,
+        "page_size": page_size,
+    }
+    if dma_pinned:
+        region["dma_pinned"] = True
     return {
         "type": "handoff",
         "version": 1,
         "vm_id": vm_id,
         "vmm_pid": pid,
         "uffd": {"fd_index": 0, "state": "raw"},
-        "regions": [
-            {
-                "guest_phys_addr": 0,
-                "host_virt_addr": base,
-                "size": size,
-                "fd_index": 1,
-                "offset": 0,
-                "page_size": page_size,
-            }
-        ],
+        "regions": [region],
     }

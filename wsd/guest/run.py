@@ -225,7 +225,9 @@ def _run(config: GuestConfig, memory: GuestMemory) -> int:
             _say(f"cannot create the userfaultfd: {e}{hint}")
             return EXIT_SETUP
         try:
-            session.reply, sock = memory.hand_off(config.socket, config.vm_id)
+            session.reply, sock = memory.hand_off(
+                config.socket, config.vm_id, dma_pinned=config.dma_pinned
+            )
         except HandoffRefused as e:
             _say(str(e))
             return EXIT_HANDOFF
@@ -237,7 +239,9 @@ def _run(config: GuestConfig, memory: GuestMemory) -> int:
         if config.reattach:
 
             def reattach() -> socket.socket:
-                return memory.hand_off(config.socket, config.vm_id, reattach=True)[1]
+                return memory.hand_off(
+                    config.socket, config.vm_id, reattach=True, dma_pinned=config.dma_pinned
+                )[1]
 
         session.watch = _SessionWatch(sock, reattach)
     try:

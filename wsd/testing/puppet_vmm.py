@@ -62,6 +62,19 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _NR_IO_URING_SETUP = 425  # the same on x86_64 and aarch64
 _NR_IO_URING_REGISTER = 427
+CAP_IPC_LOCK = 14
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_effective_cap(cap: int) -> None:
+    """Take ``cap`` out of this process's effective set (capget/capset, v3)."""
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # 2 x {effective, permitted, inheritable}
+    if _libc.capget(header, data) < 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[3 * (cap // 32)] &= ~(1 << (cap % 32))
+    if _libc.capset(header, data) < 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 def page_pattern(index: int, version: int, page_size: int) -> bytes:
@@ -173,9 +186,16 @@ class _Guest:
             if how != "dontneed":
                 self.versions[p] = DISCARDED
 
-    def pin(self, nbytes: int) -> None:
+    def pin(self, nbytes: int, without_ipc_lock: bool = False) -> None:
         """Pin ``nbytes`` of private memory long-term, as a DMA-capable VMM would:
-        io_uring registered buffers raise ``VmPin`` (``mm->pinned_vm``)."""
+        io_uring registered buffers raise ``VmPin`` (``mm->pinned_vm``).
+
+        On Linux 7.3 they do only for a ring created without ``CAP_IPC_LOCK``
+        (seen in the test VM: root's pins leave ``VmPin`` at 0), so
+        ``without_ipc_lock`` drops it first, as an unprivileged VMM runs.
+        """
+        if without_ipc_lock:
+            _drop_effective_cap(CAP_IPC_LOCK)
         params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
         ring = _libc.syscall(_NR_IO_URING_SETUP, ctypes.c_uint(4), params)
         if ring < 0:
@@ -282,14 +302,17 @@ def _child(a: argparse.Namespace) -> None:
             elif op == "discard":
                 guest.discard(req["pages"], req.get("how", "remove"))
             elif op == "pin":
-                guest.pin(req["bytes"])
+                guest.pin(req["bytes"], req.get("without_ipc_lock", False))
             elif op == "unpin":
                 guest.unpin()
             elif op == "unmap":
-                # Guest memory unplugged: the UNMAP event waits for wsd's read.
-                # (The memfd stays open: it outlives the mapping.)
-                if _libc.munmap(ctypes.c_void_p(guest.base), ctypes.c_size_t(guest.size)) < 0:
-                    raise OSError(ctypes.get_errno(), "munmap of the guest memory")
+                # Guest memory unplugged (all of it, or ``pages`` [first, count]
+                # of it: a DIMM or virtio-mem block): the UNMAP event waits for
+                # wsd's read.  (The memfd stays open: it outlives the mapping.)
+                first, count = req.get("pages") or (0, len(guest.versions))
+                addr, length = guest._addr(first), count * guest.page_size
+                if _libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(length)) < 0:
+                    raise OSError(ctypes.get_errno(), "munmap of guest memory")
             else:
                 raise PuppetError(f"unknown op {op!r}")
             reply({"id": req["id"], "ok": True, "result": result})
