@@ -479,17 +479,19 @@ class Daemon:
             # An RWP fault read after its window closed stalls nobody: going
             # async released its vCPU.
             stalled = tracker.in_window or not msg.is_rwp
-            if tracker.on_fault(msg):
-                if stalled:
-                    kind = "rwp" if msg.is_rwp else "minor"
-                    session.timings.stall.observe(kind, self.clock() - read_at)
-                continue
             try:
+                if tracker.on_fault(msg):
+                    if stalled:
+                        kind = "rwp" if msg.is_rwp else "minor"
+                        session.timings.stall.observe(kind, self.clock() - read_at)
+                    continue
                 if msg.is_missing:
                     session.faults.on_missing(msg, read_at)
                 elif not (msg.is_minor and session.faults.on_minor(msg, read_at)):
                     log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
             except KernelError as e:  # e.g. the VMM exited under us
+                # Logged, and the rest of the batch (a life event, maybe) still
+                # handled.
                 log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
 
     def _host_room(self) -> int | None:

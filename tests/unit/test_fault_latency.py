@@ -168,3 +168,19 @@ async def test_a_poisoned_page_is_timed_as_poisoned() -> None:
 
 def test_every_result_is_a_distinct_label_value() -> None:
     assert len({str(r) for r in FaultResult}) == len(FaultResult)
+
+
+@pytest.mark.asyncio
+async def test_a_zero_fill_refused_while_a_life_event_is_pending_wakes_its_thread() -> None:
+    """EAGAIN (a REMOVE/UNMAP/REMAP queued, not read): the thread must fault again, not wait."""
+    clock = Clock()
+    faults = service(FakeStore(clock, get_seconds=0.0), clock)
+    uffd = faults.ctx.tracker.uffd
+
+    def busy(addr: int, size: int) -> None:
+        raise BlockingIOError(11, "EAGAIN")
+
+    uffd.zeropage = busy  # type: ignore[method-assign]
+    faults.on_missing(fault(0), read_at=clock.now)
+    assert uffd.calls == [("wake", BASE)]
+    assert faults.ctx.stats.zero_fills == 0 and observed(faults) == {}

@@ -100,8 +100,8 @@ class FaultService:
             return
         i, t, page = where
         if not t.state.is_evicted(page):
-            self._zero_fill(t, page)
-            self._timed(FaultResult.ZERO, started)
+            if self._zero_fill(t, page):
+                self._timed(FaultResult.ZERO, started)
             return
         if (i, page) in self.fetching:
             self.waiters.add((i, page))  # the fetch in flight wakes this thread too
@@ -182,8 +182,11 @@ class FaultService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _zero_fill(self, t: TrackedRegion, page: int) -> None:
-        """A page wsd never evicted: its first touch, and zeros are its true content."""
+    def _zero_fill(self, t: TrackedRegion, page: int) -> bool:
+        """A page wsd never evicted: its first touch, and zeros are its true content.
+
+        False if it could not be done now (its thread was woken to fault again).
+        """
         r = t.region
         addr = r.host_virt_addr + page * r.page_size
         uffd = self.ctx.tracker.uffd
@@ -197,9 +200,16 @@ class FaultService:
             # ZEROPAGE woke us too), or wsd wrote the page into the memfd (a
             # detached region's restore), which wakes nobody: wake it here.
             uffd.wake(addr, r.page_size)
+        except BlockingIOError:
+            # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued and not read
+            # yet.  Wake the thread: it faults again, and that fault is served
+            # once the event is read.  Dropping it would block it forever.
+            uffd.wake(addr, r.page_size)
+            return False
         t.state.note_populated([page])
         t.state.note_access([page])
         self.ctx.stats.zero_fills += 1
+        return True
 
     async def _fetch(self, i: int, t: TrackedRegion, page: int, started: float | None) -> None:
         ctx = self.ctx
@@ -218,8 +228,7 @@ class FaultService:
                 if t.state.is_evicted(page):
                     # Removed, touched and evicted again meanwhile: that copy.
                     self._start_fetch(i, t, page, started)
-                else:
-                    self._zero_fill(t, page)
+                elif self._zero_fill(t, page):
                     self._timed(FaultResult.ZERO, started)
                 return
             if data is None:

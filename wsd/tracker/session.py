@@ -442,8 +442,15 @@ class VmTracker:
                 return False  # zeros in the page cache: the evictor restores it
             # The page is in the page cache but unmapped (e.g. a zapped shmem
             # THP): map it with a 4 KiB PTE.  EEXIST: a racing fault mapped it.
-            with contextlib.suppress(FileExistsError):
+            try:
                 self.uffd.continue_(addr, r.page_size)
+            except FileExistsError:
+                pass
+            except BlockingIOError:
+                # EAGAIN: a life event is queued and not read yet.  A MINOR
+                # fault blocks even in async mode: wake the thread, it faults
+                # again once the event is read.
+                self.uffd.wake(addr, r.page_size)
             t.state.note_access([page])
             t.touched.add(page)
             self.minor_faults += 1
@@ -454,7 +461,11 @@ class VmTracker:
             # the uffd is not in the mode we think.  Either way: resolve it.
             self.late_rwp_faults += 1
             log.debug("RWP fault after the sync window", vm_id=self.vm_id, address=hex(addr))
-        self.uffd.rwprotect(addr, r.page_size, protect=False)
+        # EAGAIN (a life event queued, not read yet) leaves the page
+        # protected: its thread waits until the window closes, since going
+        # async releases it, and touched keeps the page out of the commit.
+        with contextlib.suppress(BlockingIOError):
+            self.uffd.rwprotect(addr, r.page_size, protect=False)
         t.state.note_fault([page])
         t.touched.add(page)
         self.sync_faults += 1
