@@ -551,7 +551,10 @@ class Daemon:
                     close_fds(session.memfds)
         if self.settings.state_dir is not None:
             if done:
-                resume.unpark(self.settings.state_dir, session.vm_id, len(session.memfds))
+                state_dir = self.settings.state_dir
+                session.evictor.drop_state(
+                    lambda: resume.unpark(state_dir, session.vm_id, len(session.memfds))
+                )
             else:
                 log.error(
                     "session ended with pages still in storage; it stays parked for the next wsd",

@@ -211,6 +211,7 @@ def _persist(
     async def write() -> None:
         try:
             await asyncio.to_thread(
+                evictor.write_state,
                 recovery.note_region_change,
                 state_dir,
                 vm_id,

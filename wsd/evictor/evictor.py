@@ -29,9 +29,11 @@ and puts back every page whose final bytes differ from what was stored.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -113,6 +115,9 @@ class Evictor:
         # it are serialised, so an older snapshot never replaces a newer one.
         self.map_dirty = False
         self._map_lock = asyncio.Lock()
+        # Taken by worker threads writing state files, and by drop_state.
+        self.state_lock = threading.Lock()
+        self.state_dropped = False
         self.backoff = StoreBackoff()  # the store failing: pause, retry now and then
         for i, reason in enumerate(self.reasons):
             if reason and ctx.config.enabled:
@@ -465,12 +470,32 @@ class Evictor:
                 return
             self.map_dirty = False
             try:
-                await asyncio.to_thread(pagemap.save, self.state_dir, self._map_with_prepared())
+                await asyncio.to_thread(
+                    self.write_state, pagemap.save, self.state_dir, self._map_with_prepared()
+                )
             except OSError as e:
                 self.map_dirty = True
                 if force:
                     raise
                 log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
+
+    def write_state(self, write: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Run ``write(*args, **kwargs)`` (a state file write, in a worker thread) unless the
+        session's state was dropped.
+
+        A write whose task was cancelled at the end of the session still runs
+        in its thread; without this it could bring back a page map or session
+        description the end of the session had just deleted.
+        """
+        with self.state_lock:
+            if not self.state_dropped:
+                write(*args, **kwargs)
+
+    def drop_state(self, drop: Callable[[], None]) -> None:
+        """Delete the session's state files with ``drop``; no state write happens after."""
+        with self.state_lock:
+            self.state_dropped = True
+            drop()
 
     def _map_with_prepared(self) -> pagemap.VmMap:
         """The page map as it will be once every prepared batch is committed."""
