@@ -129,6 +129,7 @@ def boot(layout: Layout, prep: Prepared, argv: Sequence[str], opts: VmOptions) -
     script = guest_script(argv, venv_bin=layout.venv_bin, env=GUEST_ENV, run_dir=rundir)
     verdict = prep.kvm
     fell_back = False
+    boot_retries = 1
     budget = opts.timeout
     try:
         while True:
@@ -154,6 +155,21 @@ def boot(layout: Layout, prep: Prepared, argv: Sequence[str], opts: VmOptions) -
                 watch_kvm=verdict.use_kvm,
             )
             started = (rundir / STARTED_FILE).exists()
+            if (
+                not started
+                and not verdict.use_kvm
+                and boot_retries
+                and not (result.timed_out or result.interrupted)
+            ):
+                # Seen once (2026-11-26): vng exited 255 after 8 s right after
+                # another VM had shut down, and the same boot worked again.
+                boot_retries -= 1
+                log(
+                    f"the VM did not boot (vng exited {result.returncode} after "
+                    f"{result.elapsed:.0f} s); retrying once"
+                )
+                budget -= result.elapsed
+                continue
             if started or not verdict.use_kvm or result.timed_out or result.interrupted:
                 break
             why = kvm_failure_reason(result.tail)
