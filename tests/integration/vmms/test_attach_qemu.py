@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 from qemu_guest import QemuGuest, build_initramfs, compile_memtest
 from vmms_harness import Attach, Wsd, wait_for
+from vmms_harness import memfd_resident as harness_memfd_resident
 
 from vmtest.kernel import Layout, cached_kernel, kernel_image
-from wsd.kernel import data_ranges, pidfd_getfd, pidfd_open
-from wsd.kernel.procfs import read_maps
 
 pytestmark = [
     pytest.mark.integration,
@@ -55,21 +54,7 @@ def guest_kernel() -> Path:
 
 def memfd_resident(pid: int) -> int:
     """Bytes of QEMU's guest-RAM memfd that hold data (wsd punches evicted pages out)."""
-    ram = next(m for m in read_maps(pid) if m.path.startswith("/memfd:memory-backend-memfd"))
-    fd_no = next(
-        int(n)
-        for n in os.listdir(f"/proc/{pid}/fd")
-        if os.readlink(f"/proc/{pid}/fd/{n}").startswith("/memfd:memory-backend-memfd")
-    )
-    pidfd = pidfd_open(pid)
-    try:
-        fd = pidfd_getfd(pidfd, fd_no)
-    finally:
-        os.close(pidfd)
-    try:
-        return sum(end - start for start, end in data_ranges(fd, 0, ram.size))
-    finally:
-        os.close(fd)
+    return harness_memfd_resident(pid, "/memfd:memory-backend-memfd")
 
 
 def rss(pid: int) -> int:

@@ -164,21 +164,7 @@ class StandIn:
 
     def resident(self) -> int:
         """Bytes of its memfd that hold data: what wsd has not punched out."""
-        ram = next(m for m in read_maps(self.pid) if m.path.startswith("/memfd:wsd-standin"))
-        fd_no = next(
-            int(n)
-            for n in os.listdir(f"/proc/{self.pid}/fd")
-            if os.readlink(f"/proc/{self.pid}/fd/{n}").startswith("/memfd:wsd-standin")
-        )
-        pidfd = pidfd_open(self.pid)
-        try:
-            fd = pidfd_getfd(pidfd, fd_no)
-        finally:
-            os.close(pidfd)
-        try:
-            return sum(end - start for start, end in data_ranges(fd, 0, ram.size))
-        finally:
-            os.close(fd)
+        return memfd_resident(self.pid, "/memfd:wsd-standin")
 
     def userfaultfds(self) -> int:
         d = f"/proc/{self.pid}/fd"
@@ -198,3 +184,22 @@ class StandIn:
             with contextlib.suppress(BrokenPipeError):
                 pipe.close()
         return code
+
+
+def memfd_resident(pid: int, name: str) -> int:
+    """Bytes of ``pid``'s memfd called ``name`` (``/memfd:...``) that hold data."""
+    ram = next(m for m in read_maps(pid) if m.path.startswith(name))
+    fd_no = next(
+        int(n)
+        for n in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{n}").startswith(name)
+    )
+    pidfd = pidfd_open(pid)
+    try:
+        fd = pidfd_getfd(pidfd, fd_no)
+    finally:
+        os.close(pidfd)
+    try:
+        return sum(end - start for start, end in data_ranges(fd, 0, ram.size))
+    finally:
+        os.close(fd)
