@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import socket
 from collections import Counter
@@ -22,7 +21,15 @@ from typing import Any
 import structlog
 
 from wsd.access import AccessPolicy, PeerCred, peer_cred
-from wsd.kernel import KernelError, close_fds, recv_with_fds
+from wsd.connections import (
+    ClosedEarly,
+    FdsRefused,
+    LineTimeout,
+    LineTooLong,
+    read_line,
+    serve_connections,
+)
+from wsd.kernel import close_fds
 from wsd.kernel.procfs import PROC
 
 from .fdcheck import check_fds
@@ -52,9 +59,6 @@ __all__ = [
 log = structlog.get_logger("wsd.vmm")
 
 MESSAGE_TIMEOUT = HandoffLimits().message_timeout_seconds
-# accept() failing for lack of fds or memory must not end the server; it
-# retries after this pause, by which time some connection has usually ended.
-ACCEPT_RETRY_SECONDS = 0.1
 
 
 @dataclass
@@ -69,21 +73,6 @@ class Accepted:
 Handler = Callable[[HandoffRequest, list[int], PeerCred], Awaitable[Accepted]]
 
 
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(sock.fileno(), ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
 async def receive_message(
     sock: socket.socket, *, timeout: float = MESSAGE_TIMEOUT
 ) -> tuple[bytes, list[int]]:
@@ -92,57 +81,35 @@ async def receive_message(
     Raises HandoffError (after closing what was received) when the message is
     too large, too slow, cut short, or carries more fds than allowed.
     """
-    data = bytearray()
-    fds: list[int] = []
+    buffer = bytearray()
     try:
-        async with asyncio.timeout(timeout):
-            end = -1
-            while end < 0:
-                await _readable(sock)
-                try:
-                    chunk, got = recv_with_fds(sock, 65536, MAX_FDS - len(fds))
-                except BlockingIOError:
-                    continue
-                except KernelError as e:
-                    # EMSGSIZE: the kernel truncated the fds (and closed the
-                    # ones that did not fit); recv_with_fds closed the rest.
-                    why = (
-                        f"more than {MAX_FDS} file descriptors attached"
-                        if e.errno == errno.EMSGSIZE
-                        else f"receiving the message: {e}"
-                    )
-                    raise HandoffError(ErrorCode.BAD_FDS, why, "fds") from e
-                fds += got
-                if not chunk:
-                    raise HandoffError(
-                        ErrorCode.INVALID,
-                        "connection closed before the end "
-                        "of the message (a message ends with a newline)",
-                    )
-                # Search only the new bytes: a client dribbling a byte at a
-                # time must not cost a scan of the whole buffer each time.
-                end = chunk.find(b"\n")
-                if end >= 0:
-                    end += len(data)
-                data += chunk
-                if len(data) > MAX_MESSAGE_BYTES + 1:
-                    raise HandoffError(
-                        ErrorCode.TOO_LARGE, f"message exceeds {MAX_MESSAGE_BYTES} bytes"
-                    )
-    except TimeoutError:
-        close_fds(fds)
+        line, fds = await read_line(
+            sock, buffer, timeout=timeout, max_bytes=MAX_MESSAGE_BYTES, max_fds=MAX_FDS
+        )
+    except LineTooLong:
+        raise HandoffError(
+            ErrorCode.TOO_LARGE, f"message exceeds {MAX_MESSAGE_BYTES} bytes"
+        ) from None
+    except LineTimeout as e:
         raise HandoffError(
             ErrorCode.TIMEOUT,
             f"no complete message within {timeout:g} s of connecting "
-            f"(limits.message_timeout_seconds); got {len(data)} bytes without a newline",
+            f"(limits.message_timeout_seconds); got {e.received} bytes without a newline",
         ) from None
-    except BaseException:
+    except ClosedEarly:
+        raise HandoffError(
+            ErrorCode.INVALID,
+            "connection closed before the end of the message (a message ends with a newline)",
+        ) from None
+    except FdsRefused as e:
+        raise HandoffError(ErrorCode.BAD_FDS, e.why, "fds") from e
+    if len(line) + 1 + len(buffer) > MAX_MESSAGE_BYTES + 1:
         close_fds(fds)
-        raise
-    if data[end + 1 :].strip():
+        raise HandoffError(ErrorCode.TOO_LARGE, f"message exceeds {MAX_MESSAGE_BYTES} bytes")
+    if buffer.strip():
         close_fds(fds)
         raise HandoffError(ErrorCode.INVALID, "data after the end of the message")
-    return bytes(data[:end]), fds
+    return line, fds
 
 
 class HandoffServer:
@@ -185,53 +152,31 @@ class HandoffServer:
         if self.sock is None:
             self.listen()
         assert self.sock is not None
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                while True:
-                    try:
-                        conn, _ = await loop.sock_accept(self.sock)
-                    except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...
-                        log.warning("accepting a hand-off connection failed", error=str(e))
-                        await asyncio.sleep(ACCEPT_RETRY_SECONDS)
-                        continue
-                    conn.setblocking(False)
-                    tg.create_task(self._connection(conn))
-        finally:
-            self.sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-    async def _connection(self, conn: socket.socket) -> None:
-        # One misbehaving connection or session must never take the server
-        # (and with it every other session) down.
-        try:
-            await self._serve_connection(conn)
-        except Exception:
-            log.exception("hand-off connection failed")
+        await serve_connections(
+            self.sock, self.path, self._serve_connection, what="hand-off", log=log
+        )
 
     async def _serve_connection(self, conn: socket.socket) -> None:
-        with conn:
-            peer = peer_cred(conn)
-            bound = log.bind(peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid)
-            try:
-                accepted = await self._handoff(conn, peer)
-            except HandoffError as e:
-                self.refused[e.code] += 1
-                bound.warning("handoff refused", code=e.code.value, error=e.message)
-                await self._send(conn, e.reply())
-                return
-            try:
-                await self._send(conn, accepted.reply)
-                bound.info(
-                    "session started",
-                    **{k: v for k, v in accepted.reply.items() if k in ("vm_id", "mode")},
-                )
-                await self._wait_closed(conn)
-            finally:
-                self.sessions -= 1
-                await accepted.close()
-                bound.info("session ended", vm_id=accepted.reply.get("vm_id"))
+        peer = peer_cred(conn)
+        bound = log.bind(peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid)
+        try:
+            accepted = await self._handoff(conn, peer)
+        except HandoffError as e:
+            self.refused[e.code] += 1
+            bound.warning("handoff refused", code=e.code.value, error=e.message)
+            await self._send(conn, e.reply())
+            return
+        try:
+            await self._send(conn, accepted.reply)
+            bound.info(
+                "session started",
+                **{k: v for k, v in accepted.reply.items() if k in ("vm_id", "mode")},
+            )
+            await self._wait_closed(conn)
+        finally:
+            self.sessions -= 1
+            await accepted.close()
+            bound.info("session ended", vm_id=accepted.reply.get("vm_id"))
 
     async def _handoff(self, conn: socket.socket, peer: PeerCred) -> Accepted:
         """Check the peer, take its message and start its session; refusals raise."""
