@@ -28,6 +28,7 @@ from wsd.storage.errors import (
     StorageError,
     StorageFull,
     StoreClosed,
+    TierTimeout,
     TierUnavailable,
 )
 from wsd.storage.file_store import FileStore
@@ -71,6 +72,7 @@ __all__ = [
     "StoreClosed",
     "StoreStats",
     "StoredPage",
+    "TierTimeout",
     "TierUnavailable",
     "TieredStore",
     "TieredStoreConfig",

@@ -157,6 +157,14 @@ class TierUnavailable(StorageError):
     retryable: ClassVar[bool] = True
 
 
+class TierTimeout(TierUnavailable):
+    """A call to the tier did not return within its deadline (a hung server or mount).
+
+    The call itself may still be running and may still take effect: a put that
+    timed out was not acknowledged, but its pages may yet appear in the tier.
+    """
+
+
 class StorageFull(StorageError):
     """The tier ran out of space (ENOSPC, EDQUOT, Redis OOM); nothing was acknowledged."""
 
