@@ -197,6 +197,7 @@ async def test_past_the_deadline_wait_keeps_the_vcpu_blocked_then_serves_it(
         fetch_retry_initial_seconds=0.01,
         fetch_retry_max_seconds=0.05,
         fetch_deadline_seconds=0.2,
+        tier_call_deadline_seconds=0.2,
     )
     await tracker.cycle()
     await evict(ctx, np.array([5]))
@@ -218,6 +219,7 @@ async def test_past_the_deadline_poison_gives_the_guest_a_memory_error(
         flaky,
         fetch_retry_initial_seconds=0.01,
         fetch_deadline_seconds=0.1,
+        tier_call_deadline_seconds=0.1,
         on_fetch_deadline=OnDeadline.POISON,
     )
     await tracker.cycle()

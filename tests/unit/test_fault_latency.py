@@ -159,7 +159,13 @@ async def test_a_fetch_that_failed_first_counts_as_retried() -> None:
 async def test_a_poisoned_page_is_timed_as_poisoned() -> None:
     clock = Clock()
     store = FakeStore(clock, get_seconds=1.0, failures=10)
-    faults = service(store, clock, fetch_deadline_seconds=1.5, on_fetch_deadline=OnDeadline.POISON)
+    faults = service(
+        store,
+        clock,
+        fetch_deadline_seconds=1.5,
+        tier_call_deadline_seconds=1.5,
+        on_fetch_deadline=OnDeadline.POISON,
+    )
     faults.on_missing(fault(EVICTED), read_at=clock.now)
     await settle()
     assert observed(faults) == {("file", "poisoned"): (1, pytest.approx(2.0))}

@@ -53,6 +53,10 @@ class EvictorConfig(BaseModel):
     fetch_deadline_seconds: float = Field(default=30.0, gt=0)
     """How long a fetch may keep failing before ``on_fetch_deadline`` applies."""
     on_fetch_deadline: OnDeadline = OnDeadline.WAIT
+    tier_call_deadline_seconds: float = Field(default=10.0, gt=0)
+    """How long one call to the storage tier (a put, sync, get or discard) may take
+    before it counts as failed: a tier that hangs pauses eviction and makes fetches
+    retry, as one that fails does (deadline.py)."""
     prefetch_pages: int = Field(default=0, ge=0, le=256)
     """On a fetch, also bring back up to this many evicted neighbours that follow the page."""
     allow_volatile_store: bool = False
@@ -68,4 +72,10 @@ class EvictorConfig(BaseModel):
             )
         if self.fetch_retry_max_seconds < self.fetch_retry_initial_seconds:
             raise ValueError("fetch_retry_max_seconds is below fetch_retry_initial_seconds")
+        if self.tier_call_deadline_seconds > self.fetch_deadline_seconds:
+            raise ValueError(
+                f"tier_call_deadline_seconds ({self.tier_call_deadline_seconds:g}) is above "
+                f"fetch_deadline_seconds ({self.fetch_deadline_seconds:g}): a tier call that "
+                "hangs would hold a fault past its deadline"
+            )
         return self

@@ -10,6 +10,7 @@ from wsd.storage import PageNamespace, PageStore
 from wsd.tracker.session import VmTracker
 
 from .config import EvictorConfig
+from .deadline import TierCalls
 from .policy import RegionPolicy, VmPolicy
 
 
@@ -45,6 +46,8 @@ class VmContext:
     store: PageStore | None
     config: EvictorConfig
     clock: Callable[[], float] = time.monotonic
+    # The store's calls the evictor makes, each with a deadline (None: no store).
+    tier: TierCalls | None = field(init=False)
     namespaces: list[PageNamespace] = field(init=False)
     policies: list[RegionPolicy] = field(init=False)
     vm: VmPolicy = field(init=False)
@@ -55,6 +58,11 @@ class VmContext:
 
     def __post_init__(self) -> None:
         regions = self.tracker.regions
+        self.tier = None
+        if self.store is not None:
+            self.tier = TierCalls(
+                self.store, lambda: self.config.tier_call_deadline_seconds, self.vm_id
+            )
         self.namespaces = [
             PageNamespace(self.vm_id, i, t.region.page_size) for i, t in enumerate(regions)
         ]

@@ -34,7 +34,7 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
     memory is gone.  False when pages stay in storage (a failing tier): the
     session must then stay resumable.
     """
-    if ctx.store is None:
+    if ctx.tier is None:
         return True
     gone = False
     for i in range(len(ctx.tracker.regions)):
@@ -61,14 +61,14 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
         return False
     for ns in ctx.namespaces:
         try:
-            await ctx.store.discard(ns)
+            await ctx.tier.discard(ns)
         except StorageError as e:
             log.warning("discarding a VM's pages failed", vm_id=ctx.vm_id, error=str(e))
     return True
 
 
 async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
-    assert ctx.store is not None
+    assert ctx.tier is not None
     t = ctx.tracker.regions[i]
     ps = t.region.page_size
     delay = ctx.config.fetch_retry_initial_seconds
@@ -82,7 +82,7 @@ async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
             if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
                 raise StorageError(
                     f"{t.state.evicted_pages} fetches still failing after the deadline",
-                    backend=ctx.store.name,
+                    backend=ctx.tier.store.name,
                     vm_id=ctx.vm_id,
                     region=i,
                 )
@@ -92,7 +92,7 @@ async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
             chunk = pages[k : k + BATCH]
             gens = {p * ps: int(t.state.generations[p]) for p in chunk}
             try:
-                got = await ctx.store.get_many(ctx.namespaces[i], list(gens), generations=gens)
+                got = await ctx.tier.get_many(ctx.namespaces[i], list(gens), generations=gens)
             except StorageError as e:
                 if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
                     raise
@@ -126,14 +126,14 @@ async def restore_to_memfd(
     are left to their fetch.  Returns the pages written; raises
     :class:`StorageError` if the tier fails past the fetch deadline.
     """
-    assert ctx.store is not None or not ctx.tracker.regions[i].state.evicted_pages
+    assert ctx.tier is not None or not ctx.tracker.regions[i].state.evicted_pages
     t = ctx.tracker.regions[i]
     r = t.region
     ps = r.page_size
     written = 0
     delay = ctx.config.fetch_retry_initial_seconds
     started = ctx.clock()
-    while t.state.evicted_pages and ctx.store is not None:
+    while t.state.evicted_pages and ctx.tier is not None:
         pages = [int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in fetching]
         if not pages:
             await asyncio.sleep(0.005)  # fetches in flight: let them land
@@ -142,7 +142,7 @@ async def restore_to_memfd(
             chunk = pages[k : k + BATCH]
             gens = {p * ps: t.state.generation(p) for p in chunk}
             try:
-                got = await ctx.store.get_many(ctx.namespaces[i], list(gens), generations=gens)
+                got = await ctx.tier.get_many(ctx.namespaces[i], list(gens), generations=gens)
             except StorageError as e:
                 if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
                     raise

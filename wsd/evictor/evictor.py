@@ -40,7 +40,7 @@ import numpy.typing as npt
 import structlog
 
 from wsd.kernel import KernelError, RegisterMode
-from wsd.storage import StorageError
+from wsd.storage import StorageError, TierTimeout
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
 
@@ -269,7 +269,7 @@ class Evictor:
     async def _prepare(self, i: int, pages: npt.NDArray[np.int64]) -> Prepared | None:
         """Read ``pages`` and make them durable in the store; None if that failed."""
         ctx = self.ctx
-        assert ctx.store is not None
+        assert ctx.tier is not None
         t = ctx.tracker.regions[i]
         gens = (t.state.generations[pages].astype(np.int64) + 1) & 0xFFFFFFFF
         verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
@@ -279,10 +279,14 @@ class Evictor:
             if verify:
                 sums = await asyncio.to_thread(digests, data)
             generation = dict(zip(data, gens.tolist(), strict=True))
-            await ctx.store.put(ctx.namespaces[i], data, generation=generation)
-            await ctx.store.sync()
+            await ctx.tier.put(ctx.namespaces[i], data, generation=generation)
+            await ctx.tier.sync()
         except StorageError as e:
             ctx.stats.failed_batches += 1
+            if isinstance(e, TierTimeout):
+                # Not acknowledged, so not punched; but the call may still
+                # land, leaving copies of resident pages: discarded later.
+                ctx.discards[i].update(pages.tolist())
             self.backoff.failed(ctx, e, region=i, pages=len(pages))  # logs a new outage
             return None
         except (KernelError, OSError) as e:
@@ -420,7 +424,7 @@ class Evictor:
     async def _flush_discards(self) -> bool:
         """Forget the stored copies of pages fetched back; False if the store failed."""
         ctx = self.ctx
-        assert ctx.store is not None
+        assert ctx.tier is not None
         for i, pages in enumerate(ctx.discards):
             if not pages:
                 continue
@@ -428,7 +432,7 @@ class Evictor:
             offsets = [p * ps for p in sorted(pages)]
             pages.clear()
             try:
-                await ctx.store.discard(ctx.namespaces[i], offsets)
+                await ctx.tier.discard(ctx.namespaces[i], offsets)
             except StorageError as e:
                 # Nothing evicts while this runs, so the pages are still
                 # resident and their stored copies still stale: next time.

@@ -272,11 +272,11 @@ class FaultService:
         started = ctx.clock()
         alerted = failed = False
         while True:
-            if ctx.store is None:
+            if ctx.tier is None:
                 error: Exception = RuntimeError("no storage tier is configured")
             else:
                 try:
-                    stored = await ctx.store.get(
+                    stored = await ctx.tier.get(
                         ctx.namespaces[i], page * r.page_size, generation=generation
                     )
                     return stored.data, failed
@@ -431,14 +431,14 @@ class FaultService:
         wanted = [
             int(p) for p in span[t.state.evicted_mask(span)] if (i, int(p)) not in self.fetching
         ]
-        if not wanted or ctx.store is None:
+        if not wanted or ctx.tier is None:
             return
         self.fetching.update((i, p) for p in wanted)
         installed: set[int] = set()
         try:
             gens = {p * r.page_size: int(t.state.generations[p]) for p in wanted}
             try:
-                got = await ctx.store.get_many(
+                got = await ctx.tier.get_many(
                     ctx.namespaces[i], list(gens), generations=gens, missing_ok=True
                 )
             except StorageError as e:

@@ -6,21 +6,37 @@ phases the tests call :func:`check_punched_pages_are_stored`: every page
 missing from the guest's memfd is one wsd counts as evicted, and the store
 holds each of them at the generation wsd expects.  A page punched after its
 write failed would break the first half, or be absent from the store.
+
+:class:`HangingTier` makes a tier hang instead of fail, as a wedged NFS mount
+does: while it hangs, each call blocks a thread of its own until released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from wsd.daemon import Daemon, Session
+from wsd.config import MetricsSection
+from wsd.daemon import Daemon, Session, Settings
+from wsd.evictor import EvictorConfig, EvictorStats
 from wsd.evictor.faults import FaultResult
+from wsd.guest.process import GuestProcess
 from wsd.kernel import data_ranges
-from wsd.testing.hammer import AGGRESSIVE, STEEP_4K
+from wsd.storage import PageNamespace, PageStore, StorageConfig, StoredPage, StoreStats
+from wsd.storage.page import BackendKind, Generations
+from wsd.testing.hammer import AGGRESSIVE, STEEP_4K, start_guest
+from wsd.testing.running import running_daemon
+
+T = TypeVar("T")
 
 # The hammer's settings (evict whatever was idle for one interval), durable
 # tiers only; fetches wait out an outage of up to two minutes before alerting.
@@ -31,6 +47,161 @@ OUTAGE_EVICTOR = AGGRESSIVE.model_copy(
 # A 32 MiB guest of the hammer's writers: eviction never runs dry and faults
 # keep hitting the tier.
 GUEST_ARGS = ("--size", "32M", *STEEP_4K)
+
+# Tracking interval of the outage tests: outages of a few seconds span tens of
+# intervals, enough to see the backoff.
+INTERVAL = 0.2
+
+
+@contextlib.asynccontextmanager
+async def outage_daemon(
+    tmp_path: Path,
+    storage: StorageConfig,
+    evictor: EvictorConfig = OUTAGE_EVICTOR,
+    *,
+    state_dir: Path | None = None,
+) -> AsyncIterator[Daemon]:
+    """The daemon of the tier-outage tests: evicting into ``storage``, metrics on a free port."""
+    settings = Settings(
+        socket=tmp_path / "wsd.sock",
+        interval=INTERVAL,
+        storage=storage,
+        evictor=evictor,
+        metrics=MetricsSection(address="127.0.0.1:0"),
+        state_dir=state_dir,
+    )
+    async with running_daemon(settings) as d:
+        yield d
+
+
+async def start_outage_guest(d: Daemon, vm_id: str) -> GuestProcess:
+    """A 32 MiB guest of the hammer's writers (:data:`GUEST_ARGS`) handed off to ``d``."""
+    return await start_guest(d, "--vm-id", vm_id, *GUEST_ARGS)
+
+
+async def stop_guest(session: Session, guest: GuestProcess) -> dict[str, Any]:
+    """Stop evicting, then stop the guest, which re-reads every page; its report.
+
+    Eviction stops first so the guest's final check of every page does not race it.
+    """
+    session.ctx.config = session.ctx.config.model_copy(update={"enabled": False})
+    assert await asyncio.to_thread(guest.stop, 300) == 0, guest.stderr()
+    return guest.report()
+
+
+def assert_nothing_lost(report: Mapping[str, Any], stats: EvictorStats) -> None:
+    """The guest read no wrong page and checked every page at exit; each fault was answered
+    by one install (no fetch raced another) and none was given up on."""
+    assert report["verify_errors"] == 0 and report["unverified"] == 0
+    assert report["final_check_pages"] == report["pages"]
+    assert stats.copy_races == 0
+    assert stats.fetches_stuck == 0 and stats.poisoned_pages == 0
+
+
+class HangingTier:
+    """A page store whose calls hang while :meth:`hang` is in force, like a wedged NFS mount.
+
+    A hanging call blocks a thread of its own (not the store's pool, nor the
+    loop's default executor the evictor reads pages with) until :meth:`release`,
+    then runs against the real store.  :attr:`blocked` counts the threads
+    blocked now, :attr:`max_blocked` the most at once, :attr:`started` the
+    calls that hung, by operation.
+    """
+
+    OPERATIONS = frozenset({"put", "sync", "get", "get_many", "discard"})
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self._released = threading.Event()
+        self._released.set()
+        self._hanging: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+        self.blocked = 0
+        self.max_blocked = 0
+        self.started: dict[str, int] = dict.fromkeys(self.OPERATIONS, 0)
+        self._threads = ThreadPoolExecutor(64, thread_name_prefix="hung-tier")
+
+    @property
+    def kind(self) -> BackendKind:
+        return self.store.kind
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    @property
+    def durable(self) -> bool:
+        return self.store.durable
+
+    def hang(self, operations: Iterable[str] = OPERATIONS) -> None:
+        """From now on, calls of ``operations`` block until :meth:`release`."""
+        self._hanging = frozenset(operations)
+        assert self._hanging <= self.OPERATIONS, self._hanging
+        self._released.clear()
+
+    def release(self) -> None:
+        """Let every blocked call go on, and new calls run at once."""
+        self._hanging = frozenset()
+        self._released.set()
+
+    def _block(self) -> None:
+        with self._lock:
+            self.blocked += 1
+            self.max_blocked = max(self.max_blocked, self.blocked)
+        try:
+            self._released.wait()
+        finally:
+            with self._lock:
+                self.blocked -= 1
+
+    async def _maybe_hang(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        if operation in self._hanging:
+            self.started[operation] += 1
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._block)
+        return await call()
+
+    async def put(
+        self, ns: PageNamespace, pages: Mapping[int, bytes], *, generation: Generations
+    ) -> None:
+        await self._maybe_hang("put", lambda: self.store.put(ns, pages, generation=generation))
+
+    async def get(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage:
+        return await self._maybe_hang(
+            "get", lambda: self.store.get(ns, offset, generation=generation)
+        )
+
+    async def get_many(
+        self,
+        ns: PageNamespace,
+        offsets: Sequence[int],
+        *,
+        generations: Mapping[int, int] | None = None,
+        missing_ok: bool = False,
+    ) -> dict[int, StoredPage]:
+        return await self._maybe_hang(
+            "get_many",
+            lambda: self.store.get_many(
+                ns, offsets, generations=generations, missing_ok=missing_ok
+            ),
+        )
+
+    async def discard(self, ns: PageNamespace, offsets: Iterable[int] | None = None) -> None:
+        await self._maybe_hang("discard", lambda: self.store.discard(ns, offsets))
+
+    async def sync(self) -> None:
+        await self._maybe_hang("sync", self.store.sync)
+
+    async def stats(self) -> StoreStats:
+        return await self.store.stats()
+
+    async def close(self) -> None:
+        self.release()
+        try:
+            await self.store.close()
+        finally:
+            self._threads.shutdown(wait=False)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
