@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 
 import numpy as np
 import structlog
 
 from wsd.kernel import KernelError, data_ranges, map_shared, pwrite
 from wsd.storage import StorageError
+from wsd.tracker.session import TrackedRegion
 
 from .context import VmContext
 from .faults import FaultService
@@ -31,15 +32,23 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
     """Bring back every evicted page of the VM, then forget the stored copies.
 
     True when nothing is left to serve: every page is back, or the VMM's
-    memory is gone.  False when pages stay in storage (a failing tier): the
-    session must then stay resumable.
+    memory is gone.  False when pages stay in storage (a tier that kept
+    failing or hanging for ``fetch_deadline_seconds``): nothing is discarded
+    and the session must then stay resumable.
     """
     if ctx.tier is None:
         return True
     gone = False
-    for i in range(len(ctx.tracker.regions)):
+    for i, t in enumerate(ctx.tracker.regions):
+
+        async def install(p: int, data: bytes, t: TrackedRegion = t) -> None:
+            if await faults.install(t, p, data, wake=True):
+                t.state.note_fetched([p])
+                ctx.stats.fetched_pages += 1
+                ctx.stats.fetched_bytes += len(data)
+
         try:
-            await _drain_region(ctx, faults, i)
+            await _bring_back(ctx, i, faults.fetching, install, "drain")
         except KernelError as e:
             if e.errno not in (errno.ESRCH, errno.EFAULT, errno.ENOENT):
                 raise
@@ -67,51 +76,6 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
     return True
 
 
-async def _drain_region(ctx: VmContext, faults: FaultService, i: int) -> None:
-    assert ctx.tier is not None
-    t = ctx.tracker.regions[i]
-    ps = t.region.page_size
-    delay = ctx.config.fetch_retry_initial_seconds
-    started = ctx.clock()
-    while t.state.evicted_pages:
-        pages = [
-            int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in faults.fetching
-        ]
-        if not pages:
-            # Only demand fetches in flight: let them land, within the deadline.
-            if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
-                raise StorageError(
-                    f"{t.state.evicted_pages} fetches still failing after the deadline",
-                    backend=ctx.tier.store.name,
-                    vm_id=ctx.vm_id,
-                    region=i,
-                )
-            await asyncio.sleep(0.005)
-            continue
-        for k in range(0, len(pages), BATCH):
-            chunk = pages[k : k + BATCH]
-            gens = {p * ps: int(t.state.generations[p]) for p in chunk}
-            try:
-                got = await ctx.tier.get_many(ctx.namespaces[i], list(gens), generations=gens)
-            except StorageError as e:
-                if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
-                    raise
-                log.warning("drain: fetch failed, retrying", vm_id=ctx.vm_id, error=str(e))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, ctx.config.fetch_retry_max_seconds)
-                break
-            for offset, stored in got.items():
-                p = offset // ps
-                if not t.state.is_evicted(p) or (i, p) in faults.fetching:
-                    continue
-                if t.state.generation(p) != gens[offset]:
-                    continue  # removed (and maybe evicted again) during the get
-                if await faults.install(t, p, stored.data, wake=True):
-                    t.state.note_fetched([p])
-                    ctx.stats.fetched_pages += 1
-                    ctx.stats.fetched_bytes += ps
-
-
 async def restore_to_memfd(
     ctx: VmContext, i: int, fetching: Collection[tuple[int, int]] = ()
 ) -> int:
@@ -126,52 +90,88 @@ async def restore_to_memfd(
     are left to their fetch.  Returns the pages written; raises
     :class:`StorageError` if the tier fails past the fetch deadline.
     """
-    assert ctx.tier is not None or not ctx.tracker.regions[i].state.evicted_pages
     t = ctx.tracker.regions[i]
+    if ctx.tier is None:
+        assert not t.state.evicted_pages
+        return 0
     r = t.region
-    ps = r.page_size
     written = 0
-    delay = ctx.config.fetch_retry_initial_seconds
-    started = ctx.clock()
-    while t.state.evicted_pages and ctx.tier is not None:
+
+    async def write(p: int, data: bytes) -> None:
+        nonlocal written
+        at = r.offset + p * r.page_size
+        if data_ranges(t.memfd, at, at + r.page_size):
+            # Filled behind the uffd (another mapper touched the hole):
+            # whatever it holds is what the guest sees now.
+            log.error(
+                "an evicted page was repopulated behind the uffd; its stored bytes lost",
+                vm_id=ctx.vm_id,
+                region=i,
+                page=p,
+            )
+        else:
+            _write_page(t.memfd, at, data, r.page_size)
+            written += 1
+        t.state.note_fetched([p])
+        ctx.discards[i].add(p)
+
+    await _bring_back(ctx, i, fetching, write, "restore")
+    return written
+
+
+async def _bring_back(
+    ctx: VmContext,
+    i: int,
+    fetching: Collection[tuple[int, int]],
+    place: Callable[[int, bytes], Awaitable[None]],
+    what: str,
+) -> None:
+    """Fetch every evicted page of region ``i``, ``BATCH`` at a time, and ``place`` each.
+
+    A page is placed only if it is still evicted at the generation fetched
+    (not fetched back or removed by the VMM during the get) and not in
+    ``fetching`` (a fault's fetch installs it).  A failing or hanging tier is
+    retried with the fetch backoff; once it has served nothing for
+    ``fetch_deadline_seconds`` this raises :class:`StorageError`, leaving the
+    rest in storage.
+    """
+    assert ctx.tier is not None
+    cfg = ctx.config
+    t = ctx.tracker.regions[i]
+    ps = t.region.page_size
+    delay = cfg.fetch_retry_initial_seconds
+    progress_at = ctx.clock()
+    while t.state.evicted_pages:
         pages = [int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in fetching]
         if not pages:
-            await asyncio.sleep(0.005)  # fetches in flight: let them land
+            # Only fetches in flight: let them land, within the deadline.
+            if ctx.clock() - progress_at > cfg.fetch_deadline_seconds:
+                raise StorageError(
+                    f"{t.state.evicted_pages} fetches still failing after the deadline",
+                    backend=ctx.tier.store.name,
+                    vm_id=ctx.vm_id,
+                    region=i,
+                )
+            await asyncio.sleep(0.005)
             continue
         for k in range(0, len(pages), BATCH):
-            chunk = pages[k : k + BATCH]
-            gens = {p * ps: t.state.generation(p) for p in chunk}
+            gens = {p * ps: t.state.generation(p) for p in pages[k : k + BATCH]}
             try:
                 got = await ctx.tier.get_many(ctx.namespaces[i], list(gens), generations=gens)
             except StorageError as e:
-                if ctx.clock() - started > ctx.config.fetch_deadline_seconds:
+                if ctx.clock() - progress_at > cfg.fetch_deadline_seconds:
                     raise
-                log.warning("restore: fetch failed, retrying", vm_id=ctx.vm_id, error=str(e))
+                log.warning(f"{what}: fetch failed, retrying", vm_id=ctx.vm_id, error=str(e))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, ctx.config.fetch_retry_max_seconds)
+                delay = min(delay * 2, cfg.fetch_retry_max_seconds)
                 break
+            progress_at, delay = ctx.clock(), cfg.fetch_retry_initial_seconds
             for offset, stored in got.items():
                 p = offset // ps
                 if not t.state.is_evicted(p) or t.state.generation(p) != gens[offset]:
-                    continue
-                if (i, p) in fetching:
-                    continue
-                at = r.offset + offset
-                if data_ranges(t.memfd, at, at + ps):
-                    # Filled behind the uffd (another mapper touched the hole):
-                    # whatever it holds is what the guest sees now.
-                    log.error(
-                        "an evicted page was repopulated behind the uffd; its stored bytes lost",
-                        vm_id=ctx.vm_id,
-                        region=i,
-                        page=p,
-                    )
-                else:
-                    _write_page(t.memfd, at, stored.data, ps)
-                    written += 1
-                t.state.note_fetched([p])
-                ctx.discards[i].add(p)
-    return written
+                    continue  # fetched back, or removed (and maybe evicted again), meanwhile
+                if (i, p) not in fetching:
+                    await place(p, stored.data)
 
 
 def _write_page(memfd: int, at: int, data: bytes, page_size: int) -> None:
