@@ -81,7 +81,7 @@ def test_requests_parse(line: bytes, expected: Request) -> None:
         (
             b'{"version":1,"command":"evict","vm_id":"a","max_bytes":0}',
             ErrorCode.INVALID,
-            "'max_bytes' is 0; it must be a positive integer or absent",
+            "'max_bytes' is 0; it must be a positive integer up to 2**63 - 1, or absent",
         ),
         (
             b'{"version":1,"command":"evict","vm_id":"a","max_bytes":"1M"}',

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -44,9 +45,10 @@ class ControlCommands:
     def _session(self, vm_id: str | None) -> Session:
         session = self.daemon.sessions.get(vm_id or "")
         if session is None:
-            known = ", ".join(sorted(self.daemon.sessions)) or "none"
             raise ControlError(
-                ErrorCode.UNKNOWN_VM, f"no VM {vm_id!r} is tracked (tracked VMs: {known})"
+                ErrorCode.UNKNOWN_VM,
+                f"no VM {vm_id!r} is tracked (tracked VMs: {_listed(self.daemon.sessions)})",
+                "vm_id",
             )
         return session
 
@@ -84,3 +86,16 @@ class ControlCommands:
         # A client that goes away must not cancel the request: the cycle task
         # carries it out regardless.
         return await asyncio.shield(request.done)
+
+
+# Enough names to spot a typo; a daemon with hundreds of VMs must not make
+# every such reply kilobytes long.
+_LISTED_VMS = 8
+
+
+def _listed(vm_ids: Iterable[str]) -> str:
+    names = sorted(vm_ids)
+    if not names:
+        return "none"
+    more = f" and {len(names) - _LISTED_VMS} more" if len(names) > _LISTED_VMS else ""
+    return ", ".join(names[:_LISTED_VMS]) + more

@@ -16,6 +16,9 @@ from typing import Any, Final
 
 CONTROL_VERSION: Final = 1
 MAX_LINE_BYTES: Final = 64 << 10
+# More than any host's memory; a bound keeps a 4000-digit number out of the
+# log lines and replies that echo it.
+MAX_EVICT_BYTES: Final = (1 << 63) - 1
 # The hand-off protocol's vm_id pattern (wsd.vmm.protocol.HandoffRequest).
 _VM_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 
@@ -47,10 +50,12 @@ class ErrorCode(enum.StrEnum):
 class ControlError(Exception):
     """A request wsd refused or could not carry out; the message says exactly why."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
+        """The request's field at fault, which the message names; None: none in particular."""
 
     def reply(self) -> dict[str, Any]:
         return error_reply(self.code, self.message)
@@ -92,25 +97,37 @@ def error_reply(code: ErrorCode | str, message: str) -> dict[str, Any]:
 def parse_request(line: bytes) -> Request:
     """A request line as a :class:`Request`; ControlError names the field at fault."""
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ControlError(ErrorCode.BAD_JSON, f"the request is not valid JSON: {e}") from None
+        # Strict UTF-8: json.loads would also take UTF-16, UTF-32 and a BOM.
+        data = json.loads(line.decode(), parse_constant=_reject_constant)
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and integers of
+    # more than 4300 digits; RecursionError, arrays nested thousands deep.
+    except (ValueError, RecursionError) as e:
+        # Python's advice on its own integer limit means nothing to a client.
+        why = str(e).partition("; use sys.set_int_max_str_digits()")[0]
+        raise ControlError(
+            ErrorCode.BAD_JSON, f"the request is not valid JSON: {_cut(why)}"
+        ) from None
     if not isinstance(data, dict):
-        raise ControlError(ErrorCode.INVALID, "the request must be a JSON object")
+        raise ControlError(
+            ErrorCode.INVALID, f"the request must be a JSON object, not {_json_type(data)}"
+        )
     version = data.get("version")
-    if version != CONTROL_VERSION or isinstance(version, bool):
+    # Exactly the integer: neither true nor 1.0.
+    if type(version) is not int or version != CONTROL_VERSION:
         raise ControlError(
             ErrorCode.BAD_VERSION,
-            f"'version' is {version!r}; this wsd speaks control protocol {CONTROL_VERSION}",
+            f"'version' is {_brief(version)}; this wsd speaks control protocol {CONTROL_VERSION}",
+            "version",
         )
     raw_command = data.get("command")
     known = [c.value for c in Command]
-    if raw_command not in known:
+    if not isinstance(raw_command, str) or raw_command not in known:
         raise ControlError(
             ErrorCode.UNKNOWN_COMMAND,
-            f"'command' is {raw_command!r}; known commands: {', '.join(known)}",
+            f"'command' is {_brief(raw_command)}; known commands: {', '.join(known)}",
+            "command",
         )
-    command = Command(str(raw_command))
+    command = Command(raw_command)
     allowed = {"version", "command"}
     vm_id = max_bytes = None
     if command in _NEEDS_VM:
@@ -119,24 +136,46 @@ def parse_request(line: bytes) -> Request:
         if not isinstance(vm_id, str) or not _VM_ID.match(vm_id):
             raise ControlError(
                 ErrorCode.INVALID,
-                f"{command} needs 'vm_id', a VM's id as its VMM handed it off; got {vm_id!r}",
+                f"{command} needs 'vm_id', a VM's id as its VMM handed it off; got {_brief(vm_id)}",
+                "vm_id",
             )
     if command is Command.EVICT:
         allowed.add("max_bytes")
         max_bytes = data.get("max_bytes")
         if max_bytes is not None and (
-            not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0
+            type(max_bytes) is not int or not 0 < max_bytes <= MAX_EVICT_BYTES
         ):
             raise ControlError(
                 ErrorCode.INVALID,
-                f"'max_bytes' is {max_bytes!r}; it must be a positive integer or absent",
+                f"'max_bytes' is {_brief(max_bytes)}; it must be a positive integer "
+                f"up to 2**63 - 1, or absent",
+                "max_bytes",
             )
     extra = sorted(set(data) - allowed)
     if extra:
-        raise ControlError(
-            ErrorCode.INVALID, f"{command} takes no {', '.join(repr(k) for k in extra)}"
-        )
+        names = ", ".join(_brief(k) for k in extra[:3])
+        more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+        raise ControlError(ErrorCode.INVALID, f"{command} takes no {names}{more}", extra[0])
     return Request(command, vm_id, max_bytes)
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut short: a hostile value must not make a huge reply or log line."""
+    return _cut(repr(value), limit)
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _json_type(value: object) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
 
 
 def parse_reply(line: bytes) -> dict[str, Any]:
