@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wsd import config
+from wsd.cmdline import Exit, Failures, attempt, socket_path
 from wsd.vmm.client import HandoffRefused
 
 from .adopt import Attached, attach
@@ -54,38 +55,32 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_attach)
 
 
-def _socket(args: argparse.Namespace) -> Path:
-    if args.socket is not None:
-        return Path(args.socket)
-    if args.config is not None:
-        return config.load(args.config).daemon.socket
-    return config.DaemonSection().socket
-
-
 def _raise_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+_FAILURES: Failures = (
+    (NotAttachable, 1),
+    (HandoffRefused, 1),
+    ((FileNotFoundError, ConnectionRefusedError), 2),
+)
+
+
 def _attach(args: argparse.Namespace) -> int:
     vm_id = args.vm_id or f"qemu-{args.pid}"
+
+    def adopt() -> tuple[Path, Attached]:
+        path = socket_path(args, "socket")
+        return path, attach(args.pid, path, vm_id, memfd_name=args.memfd_name)
+
     try:
-        path = _socket(args)
-        done = attach(args.pid, path, vm_id, memfd_name=args.memfd_name)
-    except config.ConfigError as e:
-        print(f"wsd attach: {e}", file=sys.stderr)
-        return 2
-    except NotAttachable as e:
-        print(f"wsd attach: {e}", file=sys.stderr)
-        return 1
-    except HandoffRefused as e:
-        print(f"wsd attach: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        print(f"wsd attach: {e}", file=sys.stderr)
-        return 2
+        adopted = attempt("wsd attach", adopt, _FAILURES)
     except KeyboardInterrupt:
         print("wsd attach: interrupted", file=sys.stderr)
         return 130
+    if isinstance(adopted, Exit):
+        return adopted.code
+    path, done = adopted
     ram = done.ram
     banner = (
         f"{vm_id}: wsd tracks {ram.size / (1 << 20):.1f} MiB of pid {args.pid} ({done.name}) in "

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from wsd import config
+from wsd.cmdline import Exit, Failures, attempt, socket_path
 
 from .client import ControlUnreachable, request
 from .protocol import Command, ControlError, Request
@@ -40,27 +39,17 @@ def _size(text: str) -> int:
     return n
 
 
-def _socket(args: argparse.Namespace) -> Path:
-    if args.socket is not None:
-        return Path(args.socket)
-    if args.config is not None:
-        return config.load(args.config).daemon.control_socket
-    return config.DaemonSection().control_socket
+_FAILURES: Failures = ((ControlUnreachable, 2), (ControlError, 1))
 
 
 def _call(args: argparse.Namespace, req: Request, timeout: float) -> dict[str, Any] | int:
     """The result, or the exit status after printing why there is none."""
-    try:
-        return request(_socket(args), req, timeout=args.timeout or timeout)
-    except config.ConfigError as e:
-        print(f"wsd: {e}", file=sys.stderr)
-        return 2
-    except ControlUnreachable as e:
-        print(f"wsd: {e}", file=sys.stderr)
-        return 2
-    except ControlError as e:
-        print(f"wsd: {e.message}", file=sys.stderr)
-        return 1
+    result = attempt(
+        "wsd",
+        lambda: request(socket_path(args, "control_socket"), req, timeout=args.timeout or timeout),
+        _FAILURES,
+    )
+    return result.code if isinstance(result, Exit) else result
 
 
 def _status(args: argparse.Namespace) -> int:

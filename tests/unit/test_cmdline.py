@@ -1,0 +1,64 @@
+"""What ``wsd attach`` and ``wsd status`` / ``wsd vm`` share: the socket, the failures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from wsd.cli import main
+from wsd.cmdline import Exit, attempt, socket_path
+from wsd.config import ConfigError
+
+
+def args(socket: Path | None = None, config: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(socket=socket, config=config)
+
+
+def test_the_socket_comes_from_the_flag_then_the_config_then_the_default(tmp_path: Path) -> None:
+    conf = tmp_path / "wsd.toml"
+    conf.write_text(
+        f'[daemon]\nsocket = "{tmp_path}/h.sock"\ncontrol_socket = "{tmp_path}/c.sock"\n'
+    )
+    assert socket_path(args(tmp_path / "x.sock", conf), "socket") == tmp_path / "x.sock"
+    assert socket_path(args(config=conf), "socket") == tmp_path / "h.sock"
+    assert socket_path(args(config=conf), "control_socket") == tmp_path / "c.sock"
+    assert socket_path(args(), "control_socket") == Path("/run/wsd/control.sock")
+
+
+def test_failures_print_one_line_and_give_their_exit_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def fail(e: BaseException) -> object:
+        raise e
+
+    failures = [((FileNotFoundError, ConnectionRefusedError), 2), (OSError, 1)]
+    assert attempt("wsd x", lambda: 7, failures) == 7
+    assert attempt("wsd x", lambda: fail(ConnectionRefusedError("refused")), failures) == Exit(2)
+    # The first match wins: a PermissionError is an OSError.
+    assert attempt("wsd x", lambda: fail(PermissionError("no")), failures) == Exit(1)
+    assert attempt("wsd x", lambda: fail(ConfigError("bad key")), ()) == Exit(2)
+    assert capsys.readouterr().err.splitlines() == ["wsd x: refused", "wsd x: no", "wsd x: bad key"]
+    with pytest.raises(ValueError):
+        attempt("wsd x", lambda: fail(ValueError("not listed")), failures)
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["status"], "wsd: "),
+        (["vm", "pause", "a"], "wsd: "),
+        (["attach", "--pid", "1"], "wsd attach: "),
+    ],
+)
+def test_a_bad_config_file_is_exit_status_2_for_every_client(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], prefix: str
+) -> None:
+    conf = tmp_path / "wsd.toml"
+    conf.write_text("[daemon]\nno_such_key = 1\n")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--config", str(conf)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and "no_such_key" in err, err
