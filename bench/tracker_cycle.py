@@ -299,9 +299,10 @@ def instrumented(tracker: VmTracker, sink: dict[str, float]) -> Iterator[None]:
     saved_libc = [getattr(m, "libc") for m in modules]  # noqa: B009
     for m, real in zip(modules, saved_libc, strict=True):
         setattr(m, "libc", _TimedLibc(real, sink, names))  # noqa: B010
-    patched: list[tuple[object, str]] = [(tracker.pagemap, "scan"), (tracker, "_scan")]
-    tracker.pagemap.scan = _timed(tracker.pagemap.scan, sink, "pagemap.scan")  # type: ignore[method-assign]
+    patched: list[tuple[object, str]] = [(tracker, "_scan")]
     tracker._scan = _timed(tracker._scan, sink, "_scan")  # type: ignore[method-assign]
+    real_mark = pagemap_mod.ScanResult.mark
+    pagemap_mod.ScanResult.mark = _timed(real_mark, sink, "mark")  # type: ignore[method-assign]
     for t in tracker.regions:
         t.resident = _timed(t.resident, sink, "resident")  # type: ignore[method-assign]
         t.state.observe = _timed(t.state.observe, sink, "observe")  # type: ignore[method-assign]
@@ -309,6 +310,7 @@ def instrumented(tracker: VmTracker, sink: dict[str, float]) -> Iterator[None]:
     try:
         yield
     finally:
+        pagemap_mod.ScanResult.mark = real_mark  # type: ignore[method-assign]
         for m, real in zip(modules, saved_libc, strict=True):
             setattr(m, "libc", real)  # noqa: B010
         for obj, attr in patched:
@@ -321,8 +323,8 @@ def breakdown_row(s: dict[str, float]) -> dict[str, float]:
     out = {
         "SET_MODE ioctls": s["ioctl SET_MODE"],
         f"PAGEMAP_SCAN ioctls (x{s['calls PAGEMAP_SCAN']:.0f})": k_scan,
-        "scan wrapper (resume loop, merge)": s["pagemap.scan"] - k_scan,
-        "hot bitmap (regions -> bool array)": s["_scan"] - s["pagemap.scan"],
+        "scan wrapper (resume loop)": s["_scan"] - k_scan - s["mark"],
+        "hot bitmap (runs -> bool array)": s["mark"],
         "resident (SEEK_DATA/SEEK_HOLE)": s["resident"],
         "observe (numpy state update)": s["observe"],
         "RWPROTECT ioctl (re-arm)": s["ioctl RWPROTECT"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -56,3 +57,38 @@ def test_split_then_merge_gives_the_same_pages(pages: set[int], cut: int) -> Non
 def test_bitmap_of_touching_runs() -> None:
     r = ScanResult(regions([(0, 2, 8), (2, 3, 10), (5, 7, 8)]), walk_end=0)
     assert np.flatnonzero(r.bitmap(BASE, 8, PS)).tolist() == [0, 1, 2, 5, 6]
+
+
+@given(
+    st.sets(st.integers(0, 299), max_size=300),
+    st.sampled_from([PS, 2 << 20]),
+    st.booleans(),
+)
+def test_bitmap_sparse_and_dense_paths_give_the_page_set(
+    pages: set[int], page_size: int, reuse: bool
+) -> None:
+    """Few pages are set by index, many by a running sum: both give exactly the pages."""
+    runs: list[tuple[int, int, int]] = []
+    for p in sorted(pages):
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1, 8)
+        else:
+            runs.append((p, p + 1, 8))
+    r = ScanResult(
+        np.array(
+            [(BASE + s * page_size, BASE + e * page_size, c) for s, e, c in runs],
+            dtype=REGION_DTYPE,
+        ),
+        walk_end=0,
+    )
+    out = np.ones(300, dtype=np.bool_) if reuse else None
+    got = r.bitmap(BASE, 300, page_size, out=out)
+    assert np.flatnonzero(got).tolist() == sorted(pages)
+    if out is not None:
+        assert got is out
+
+
+def test_bitmap_refuses_a_wrong_out() -> None:
+    r = ScanResult(regions([(0, 2, 8)]), walk_end=0)
+    with pytest.raises(ValueError, match="expected \\(16,\\) bool"):
+        r.bitmap(BASE, 16, PS, out=np.zeros(15, dtype=np.bool_))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -55,6 +56,9 @@ REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")
 assert REGION_DTYPE.itemsize == ffi.sizeof("struct page_region")
 
 Regions = npt.NDArray[np.void]
+# Below one matching page in this many, setting pages by index beats a running
+# sum over every page (measured: 0.25 against 0.9 ms for 10% of 1 GiB, scattered).
+_SPARSE_RATIO = 8
 # max_pages counts base pages, whatever the mapping granularity.
 _BASE_PAGE = np.uint64(os.sysconf("SC_PAGE_SIZE"))
 
@@ -94,18 +98,64 @@ class ScanResult:
         offsets = np.repeat(first - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
         return np.arange(int(counts.sum()), dtype=np.int64) + offsets
 
-    def bitmap(self, base: int, npages: int, page_size: int) -> npt.NDArray[np.bool_]:
-        """A boolean array of ``npages`` pages from ``base``, true where a page matched."""
-        # Mark run starts +1 and run ends -1, then a running sum: O(runs) work
-        # plus one pass over a byte per page, never an index per matching page.
-        edges = np.zeros(npages + 1, dtype=np.int8)
-        first = ((self.starts - np.uint64(base)) // np.uint64(page_size)).astype(np.intp)
-        last = ((self.ends - np.uint64(base)) // np.uint64(page_size)).astype(np.intp)
-        # Runs never overlap, so starts are unique and so are ends; a run that
-        # ends where the next starts nets out to 0 there.
-        edges[first] = 1
-        edges[last] -= 1
-        return np.cumsum(edges[:-1], dtype=np.int8).view(np.bool_)  # values are 0 or 1
+    def bitmap(
+        self,
+        base: int,
+        npages: int,
+        page_size: int,
+        *,
+        out: npt.NDArray[np.bool_] | None = None,
+    ) -> npt.NDArray[np.bool_]:
+        """A boolean array of ``npages`` pages from ``base``, true where a page matched.
+
+        ``out``, if given, must hold ``npages`` and is overwritten and returned.
+        """
+        if out is None:
+            out = np.zeros(npages, dtype=np.bool_)
+        elif out.shape != (npages,) or out.dtype != np.bool_:
+            raise ValueError(f"out is {out.dtype} of shape {out.shape}, expected ({npages},) bool")
+        else:
+            out.fill(False)
+        self.mark(base, page_size, out)
+        return out
+
+    def mark(self, base: int, page_size: int, out: npt.NDArray[np.bool_]) -> None:
+        """Set ``out[i]`` for every matching page ``i`` (counted from ``base``); others stay.
+
+        Only ``out`` between this result's first and last matching page is
+        written, so the results of successive calls of :meth:`Pagemap.scan_calls`
+        can be marked into one bitmap.
+        """
+        if not len(self.regions):
+            return
+        if page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two")
+        shift = np.uint64(page_size.bit_length() - 1)
+        # Runs lie within [base, base + len(out) pages), so these fit in intp.
+        first = ((self.starts - np.uint64(base)) >> shift).view(np.intp)
+        last = ((self.ends - np.uint64(base)) >> shift).view(np.intp)
+        lo, hi = int(first[0]), int(last[-1])
+        if lo < 0 or hi > len(out):
+            raise ValueError(f"runs span pages [{lo}, {hi}), outside the {len(out)} pages of out")
+        lengths = last - first
+        ends = np.cumsum(lengths)
+        matched = int(ends[-1])
+        if matched * _SPARSE_RATIO < hi - lo:
+            # Few matching pages: set them by index, O(matching pages).  The
+            # indices are an arange shifted per run, without a Python loop.
+            out[np.arange(matched, dtype=np.intp) + np.repeat(first - ends + lengths, lengths)] = (
+                True
+            )
+            return
+        # Many: mark run starts +1 and run ends -1 over [lo, hi), then a
+        # running sum, one pass over a byte per page.  Runs never overlap, so
+        # starts are unique and so are ends; a run that ends where the next
+        # starts nets out to 0.
+        edges = np.zeros(hi - lo + 1, dtype=np.int8)
+        edges[first - lo] = 1
+        edges[last - lo] -= 1
+        span = out[lo:hi]
+        np.bitwise_or(span, np.cumsum(edges[:-1], dtype=np.int8).view(np.bool_), out=span)
 
 
 def _merge_adjacent(regions: Regions) -> Regions:
@@ -164,24 +214,65 @@ class Pagemap(OwnedFd):
 
         ``return_mask`` defaults to ``category_mask | anyof``.  With
         ``max_pages`` the scan stops after that many pages and ``walk_end``
-        tells where; otherwise a full vector is resumed until the range ends.
+        tells where; otherwise the walk is resumed until the range ends.
         """
+        chunks: list[Regions] = []
+        walk_end = start
+        for res in self.scan_calls(
+            start,
+            length,
+            category_mask=category_mask,
+            inverted=inverted,
+            anyof=anyof,
+            return_mask=return_mask,
+            flags=flags,
+            max_pages=max_pages,
+            vec=np.empty(vec_len, dtype=REGION_DTYPE),
+        ):
+            chunks.append(res.regions.copy())
+            walk_end = res.walk_end
+        if len(chunks) == 1:
+            # One call: the kernel already joined runs with equal categories.
+            return ScanResult(regions=chunks[0], walk_end=walk_end)
+        return ScanResult(regions=_merge_adjacent(np.concatenate(chunks)), walk_end=walk_end)
+
+    def scan_calls(
+        self,
+        start: int,
+        length: int,
+        *,
+        vec: Regions,
+        category_mask: PageCategory = PageCategory(0),
+        inverted: PageCategory = PageCategory(0),
+        anyof: PageCategory = PageCategory(0),
+        return_mask: PageCategory | None = None,
+        flags: ScanFlag = ScanFlag(0),
+        max_pages: int = 0,
+    ) -> Iterator[ScanResult]:
+        """The results of each ``PAGEMAP_SCAN`` call of :meth:`scan`, into ``vec``.
+
+        Each result is a view of ``vec`` (a ``REGION_DTYPE`` array), valid
+        until the next one is asked for: memory stays bounded by ``vec``
+        however fragmented the matching pages are.  A run may be split
+        between two results.
+        """
+        if vec.dtype != REGION_DTYPE or vec.ndim != 1 or not len(vec):
+            raise ValueError(f"vec must be a non-empty 1-d array of {REGION_DTYPE}")
         if return_mask is None:
             return_mask = category_mask | anyof
         end = start + length
         arg = self._arg
-        chunks: list[Regions] = []
         pos = start
         pages_left = max_pages
+        vec_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(vec)))
         while True:
-            vec = np.empty(vec_len, dtype=REGION_DTYPE)
             arg.size = ffi.sizeof("struct pm_scan_arg")
             arg.flags = int(flags)
             arg.start = pos
             arg.end = end
             arg.walk_end = 0
-            arg.vec = int(ffi.cast("uintptr_t", ffi.from_buffer(vec)))
-            arg.vec_len = vec_len
+            arg.vec = vec_addr
+            arg.vec_len = len(vec)
             arg.max_pages = pages_left
             arg.category_inverted = int(inverted)
             arg.category_mask = int(category_mask)
@@ -199,24 +290,26 @@ class Pagemap(OwnedFd):
                     pid=self.pid,
                     detail=f"categories {category_mask!r}",
                 )
-            walk_end = int(arg.walk_end)
-            chunks.append(vec[:n])
-            covered = max(walk_end, int(vec["end"][n - 1]) if n else 0)
+            found = vec[:n]
+            covered = max(int(arg.walk_end), int(found["end"][-1]) if n else 0)
+            done = False
             if max_pages:
-                got = int(((vec["end"][:n] - vec["start"][:n]) // _BASE_PAGE).sum())
-                pages_left -= got
-                if pages_left <= 0:
-                    break
+                pages_left -= int(((found["end"] - found["start"]) // _BASE_PAGE).sum())
+                done = pages_left <= 0
+            if not done and n < len(vec):
+                # The kernel stops a walk early only when the vector is full
+                # (or max_pages is reached), so a vector with room left means
+                # the walk reached the end.  walk_end alone cannot say so: see
+                # below.  Without this, a complete walk was scanned again from
+                # a stale walk_end (two PAGEMAP_SCAN calls a cycle).
+                covered = end
             # Resume after whatever was covered.  The kernel walks in chunks and
             # flushes its bounce buffer (512 regions) between them; when a later
             # chunk completes the walk, walk_end keeps the stale stop address of
             # the earlier chunk (seen on 6.18), although regions past it were
             # reported.  Rescanning from there would report those twice.
-            if covered >= end or covered <= pos:
-                break
+            done = done or covered >= end or covered <= pos
+            yield ScanResult(regions=found, walk_end=min(covered, end))
+            if done:
+                return
             pos = covered
-        if len(chunks) == 1:
-            # One call: the kernel already joined runs with equal categories.
-            return ScanResult(regions=chunks[0], walk_end=min(covered, end))
-        regions = _merge_adjacent(np.concatenate(chunks))
-        return ScanResult(regions=regions, walk_end=min(covered, end))

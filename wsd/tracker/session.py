@@ -31,6 +31,7 @@ import numpy.typing as npt
 import structlog
 
 from wsd.kernel import (
+    REGION_DTYPE,
     Feature,
     KernelError,
     KernelFeatures,
@@ -75,6 +76,10 @@ log = structlog.get_logger("wsd.tracker")
 # (under TCG) makes this more than milliseconds.
 REARM_EAGAIN_SECONDS = 10.0
 
+# PAGEMAP_SCAN's output vector, in runs of 24 bytes: 192 KiB per region.  A
+# hot set more fragmented than this takes more than one ioctl per cycle.
+SCAN_VEC_RUNS = 8192
+
 Hook = Callable[["VmTracker", list[npt.NDArray[np.bool_]]], Awaitable[None]]
 
 
@@ -84,7 +89,13 @@ class TrackedRegion:
     memfd: int
     state: RegionState
     minor: bool = False  # MINOR co-registered (RWP-FACTS fact 8)
-    last_runs: int = 0  # runs the last scan returned, to size the next one
+    # Reused by every scan.  A fixed vector, marked into the bitmap call by
+    # call, bounds the scan's memory however fragmented the hot set is; new
+    # arrays each cycle cost page faults and RSS (glibc keeps freed memory).
+    scan_vec: npt.NDArray[np.void] = field(
+        default_factory=lambda: np.empty(SCAN_VEC_RUNS, dtype=REGION_DTYPE)
+    )
+    hot: npt.NDArray[np.bool_] | None = None
     # Pages whose access was trapped (RWP or MINOR fault) since the window
     # opened: the evictor must not punch them, their bytes may have changed.
     touched: set[int] = field(default_factory=set)
@@ -362,22 +373,24 @@ class VmTracker:
             # Scanning an address range the VMM unmapped (or mapped something
             # unregistered over) fails or reports another mapping: nothing hot.
             return np.zeros(t.npages, dtype=np.bool_)
-        # Size the output vector from the last cycle so one ioctl usually does.
-        vec_len = max(4096, t.last_runs + t.last_runs // 4)
+        if t.hot is None:
+            t.hot = np.empty(t.npages, dtype=np.bool_)
+        t.hot.fill(False)
         if self.mode is TrackingMode.RWP:
-            res = self.pagemap.scan(
-                r.host_virt_addr, r.size, category_mask=PageCategory.ACCESSED, vec_len=vec_len
+            calls = self.pagemap.scan_calls(
+                r.host_virt_addr, r.size, category_mask=PageCategory.ACCESSED, vec=t.scan_vec
             )
         else:
-            res = self.pagemap.scan(
+            calls = self.pagemap.scan_calls(
                 r.host_virt_addr,
                 r.size,
                 category_mask=PageCategory.WRITTEN,
                 flags=ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC,
-                vec_len=vec_len,
+                vec=t.scan_vec,
             )
-        t.last_runs = len(res)
-        return res.bitmap(r.host_virt_addr, t.npages, r.page_size)
+        for res in calls:
+            res.mark(r.host_virt_addr, r.page_size, t.hot)
+        return t.hot
 
     def _resident(self, t: TrackedRegion) -> npt.NDArray[np.bool_]:
         """Which pages are in the memfd.
@@ -393,7 +406,11 @@ class VmTracker:
         return t.state.resident
 
     async def cycle(self, hook: Hook | None = None) -> list[npt.NDArray[np.bool_]]:
-        """End the current interval: scan the hot set, run ``hook``, start the next one."""
+        """End the current interval: scan the hot set, run ``hook``, start the next one.
+
+        Returns each region's hot bitmap.  The arrays are reused: the next
+        cycle overwrites them.
+        """
         if self.mode is TrackingMode.RWP:
             for t in self.regions:
                 t.touched.clear()
