@@ -102,19 +102,19 @@ class HangingTier:
     """A page store whose calls hang while :meth:`hang` is in force, like a wedged NFS mount.
 
     A hanging call blocks a thread of its own (not the store's pool, nor the
-    loop's default executor the evictor reads pages with) until :meth:`release`,
-    then runs against the real store.  :attr:`blocked` counts the threads
-    blocked now, :attr:`max_blocked` the most at once, :attr:`started` the
-    calls that hung, by operation.
+    loop's default executor the evictor reads pages with) until its operation
+    is released, then runs against the real store.  :attr:`blocked` counts
+    the threads blocked now, :attr:`max_blocked` the most at once,
+    :attr:`started` the calls that hung, by operation.
     """
 
     OPERATIONS = frozenset({"put", "sync", "get", "get_many", "discard"})
 
     def __init__(self, store: PageStore) -> None:
         self.store = store
-        self._released = threading.Event()
-        self._released.set()
-        self._hanging: frozenset[str] = frozenset()
+        self._gates = {op: threading.Event() for op in self.OPERATIONS}
+        for gate in self._gates.values():
+            gate.set()
         self._lock = threading.Lock()
         self.blocked = 0
         self.max_blocked = 0
@@ -134,30 +134,30 @@ class HangingTier:
         return self.store.durable
 
     def hang(self, operations: Iterable[str] = OPERATIONS) -> None:
-        """From now on, calls of ``operations`` block until :meth:`release`."""
-        self._hanging = frozenset(operations)
-        assert self._hanging <= self.OPERATIONS, self._hanging
-        self._released.clear()
+        """From now on, calls of ``operations`` block until released."""
+        for op in operations:
+            self._gates[op].clear()
 
-    def release(self) -> None:
-        """Let every blocked call go on, and new calls run at once."""
-        self._hanging = frozenset()
-        self._released.set()
+    def release(self, operations: Iterable[str] = OPERATIONS) -> None:
+        """Let the blocked calls of ``operations`` go on, and new ones run at once."""
+        for op in operations:
+            self._gates[op].set()
 
-    def _block(self) -> None:
+    def _block(self, gate: threading.Event) -> None:
         with self._lock:
             self.blocked += 1
             self.max_blocked = max(self.max_blocked, self.blocked)
         try:
-            self._released.wait()
+            gate.wait()
         finally:
             with self._lock:
                 self.blocked -= 1
 
     async def _maybe_hang(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        if operation in self._hanging:
+        gate = self._gates[operation]
+        if not gate.is_set():
             self.started[operation] += 1
-            await asyncio.get_running_loop().run_in_executor(self._threads, self._block)
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._block, gate)
         return await call()
 
     async def put(
