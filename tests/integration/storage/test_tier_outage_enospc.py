@@ -22,24 +22,23 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from wsd.config import MetricsSection
-from wsd.daemon import Settings
 from wsd.evictor.outage import MAX_BACKOFF_INTERVALS
 from wsd.storage import FileStore, FileStoreConfig, PageNamespace, StorageFull
-from wsd.testing.hammer import start_guest
 from wsd.testing.outage import (
-    GUEST_ARGS,
+    INTERVAL,
     OUTAGE_EVICTOR,
+    assert_nothing_lost,
     check_punched_pages_are_stored,
+    outage_daemon,
+    start_outage_guest,
+    stop_guest,
     vm_metrics,
     wait_until,
 )
-from wsd.testing.running import running_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 VM = "disk-full"
-INTERVAL = 0.2
 SMALL = "4m"
 GROWN = "64m"
 FULL_SECONDS = 4.0
@@ -84,17 +83,11 @@ async def keep_full(path: Path, stop: asyncio.Event) -> None:
 async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
     small_disk: Path, tmp_path: Path
 ) -> None:
-    settings = Settings(
-        socket=tmp_path / "wsd.sock",
-        interval=INTERVAL,
-        storage=FileStoreConfig(root=small_disk / "pages"),
-        evictor=OUTAGE_EVICTOR,
-        metrics=MetricsSection(address="127.0.0.1:0"),
-    )
+    storage = FileStoreConfig(root=small_disk / "pages")
     capacity = int(SMALL[:-1]) << 20
     with capture_logs() as logs:
-        async with running_daemon(settings) as d:
-            guest = await start_guest(d, "--vm-id", VM, *GUEST_ARGS)
+        async with outage_daemon(tmp_path, storage) as d:
+            guest = await start_outage_guest(d, VM)
             try:
                 s = d.sessions[VM]
                 stats = s.ctx.stats
@@ -160,11 +153,9 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                 m = await vm_metrics(d, VM)
                 assert m["wsd_evict_storage_failing"] == 0
 
-                s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
-                assert await asyncio.to_thread(guest.stop, 300) == 0, guest.stderr()
+                report = await stop_guest(s, guest)
             finally:
                 guest.close()
-            report = guest.report()
             await wait_until(lambda: VM not in d.sessions, 60, "the session drained")
             left = await d.store.stats() if d.store is not None else None
     print(
@@ -172,10 +163,7 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
         f"evicted {stats.evicted_pages}, fetched {stats.fetched_pages}, failed batches "
         f"{stats.failed_batches}, guest ops {report['ops']}"
     )
-    assert report["verify_errors"] == 0 and report["unverified"] == 0
-    assert report["final_check_pages"] == report["pages"]
-    assert stats.copy_races == 0
-    assert stats.fetches_stuck == 0 and stats.poisoned_pages == 0
+    assert_nothing_lost(report, stats)
     assert left is not None and left.pages == 0
 
 

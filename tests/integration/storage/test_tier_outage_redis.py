@@ -16,26 +16,24 @@ import pytest
 from redis_server import RedisServer
 from structlog.testing import capture_logs
 
-from wsd.config import MetricsSection
-from wsd.daemon import Settings
 from wsd.evictor.outage import MAX_BACKOFF_INTERVALS
 from wsd.storage import parse_storage_config
-from wsd.testing.hammer import start_guest
 from wsd.testing.outage import (
-    GUEST_ARGS,
-    OUTAGE_EVICTOR,
+    INTERVAL,
+    assert_nothing_lost,
     check_punched_pages_are_stored,
     cycles,
+    outage_daemon,
     retried_faults,
+    start_outage_guest,
+    stop_guest,
     vm_metrics,
     wait_until,
 )
-from wsd.testing.running import running_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 VM = "redis-outage"
-INTERVAL = 0.2
 DOWN_SECONDS = 4.0  # 20 intervals: a few attempts with backoff, not 20
 
 
@@ -51,16 +49,9 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
             "socket_timeout_seconds": 2,
         }
     )
-    settings = Settings(
-        socket=tmp_path / "wsd.sock",
-        interval=INTERVAL,
-        storage=storage,
-        evictor=OUTAGE_EVICTOR,
-        metrics=MetricsSection(address="127.0.0.1:0"),
-    )
     with capture_logs() as logs:
-        async with running_daemon(settings) as d:
-            guest = await start_guest(d, "--vm-id", VM, *GUEST_ARGS)
+        async with outage_daemon(tmp_path, storage) as d:
+            guest = await start_outage_guest(d, VM)
             try:
                 s = d.sessions[VM]
                 stats = s.ctx.stats
@@ -121,12 +112,9 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                 assert len(resumed) == 1 and resumed[0]["vm_id"] == VM, resumed
                 stored_after = await check_punched_pages_are_stored(d, VM)
 
-                # Stop evicting so the guest's final check of every page does not race it.
-                s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
-                assert await asyncio.to_thread(guest.stop, 300) == 0, guest.stderr()
+                report = await stop_guest(s, guest)
             finally:
                 guest.close()
-            report = guest.report()
             await wait_until(lambda: VM not in d.sessions, 60, "the session drained")
     print(
         f"\n{VM}: stored before the kill {stored_before}, after the restart {stored_after}, "
@@ -134,11 +122,7 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
         f"{stats.fetch_errors}, failed batches {stats.failed_batches}, "
         f"retried faults {retried_faults(s)}, guest ops {report['ops']}"
     )
-    assert report["verify_errors"] == 0 and report["unverified"] == 0
-    assert report["final_check_pages"] == report["pages"]
-    # Every fault answered by one install (no fetch raced another), none given up on.
-    assert stats.copy_races == 0
-    assert stats.fetches_stuck == 0 and stats.poisoned_pages == 0
+    assert_nothing_lost(report, stats)
     # Drained: every page came back, and then every stored copy was discarded.
     assert all(t.state.evicted_pages == 0 for t in s.tracker.regions)
     with redis_server.client() as client:
