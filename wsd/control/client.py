@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -49,7 +50,10 @@ def request(path: Path, req: Request, *, timeout: float) -> dict[str, Any]:
         if len(line) > MAX_LINE_BYTES:
             raise ValueError(f"the request exceeds {MAX_LINE_BYTES} bytes")
         try:
-            sock.sendall(line)
+            # wsd refuses a peer it does not allow before reading anything and
+            # closes: its reply, not the broken pipe, says why.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(line)
             return parse_reply(_read_line(sock, path, deadline, timeout))
         except TimeoutError:
             raise ControlUnreachable(f"wsd at {path} did not answer within {timeout:g} s") from None

@@ -76,7 +76,9 @@ class ControlServer:
     def listen(self) -> None:
         """Create the socket (replacing a stale one); OSError names the path."""
         try:
-            sock = self.access.listen(self.path, backlog=16)
+            # A burst of clients waits in the backlog rather than failing
+            # to connect (EAGAIN) while the server is busy accepting.
+            sock = self.access.listen(self.path, backlog=self.limits.max_pending_connections)
         except OSError as e:
             raise OSError(
                 e.errno, f"cannot create the control socket {self.path}: {e.strerror or e}"
