@@ -11,7 +11,7 @@ Two peers send: wsd's own user (privileged) and an allowed VMM user, who may
 read ``status`` but not address a VM.
 
 The case counts add up to 6,200 (about 15 s of one CPU);
-tests/integration/test_control_socket_fuzz.py sends 800 more through a real
+tests/integration/test_control_socket_fuzz.py sends 1,200 more through a real
 daemon's socket.
 """
 
