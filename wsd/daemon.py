@@ -36,7 +36,14 @@ from wsd.durations import CycleTimings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.evictor.drain import drain
 from wsd.evictor.events import on_event
-from wsd.kernel import KernelError, KernelFeatures, PageFault, close_fds, probe_kernel
+from wsd.kernel import (
+    KernelError,
+    KernelFeatures,
+    PageFault,
+    close_fds,
+    effective_uid,
+    probe_kernel,
+)
 from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
 from wsd.recovery import RecoveryError
 from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
@@ -115,6 +122,9 @@ class Session:
     eviction: EvictionRequest | None = None
     """An operator's one-shot eviction (``wsd vm evict``) under way."""
     timings: CycleTimings = field(default_factory=CycleTimings)
+    owner_uid: int | None = None
+    """The effective uid of the VMM process: that user may address the VM on the
+    control socket.  None if the VMM was already gone at the start."""
 
 
 class Daemon:
@@ -139,8 +149,13 @@ class Daemon:
         )
         self.control: ControlServer | None = None
         if settings.control_socket is not None:
+            commands = ControlCommands(self)
             self.control = ControlServer(
-                settings.control_socket, ControlCommands(self), access=settings.access
+                settings.control_socket,
+                commands,
+                access=settings.access,
+                limits=settings.limits,
+                owner_of=commands.owner_uid,
             )
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -391,6 +406,9 @@ class Daemon:
             close_fds(memfds)
             raise
         session = Session(vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor)
+        if tracker.pagemap.pid is not None:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                session.owner_uid = effective_uid(tracker.pagemap.pid)
         self.sessions[vm_id] = session
         loop = asyncio.get_running_loop()
         loop.add_reader(tracker.uffd.fd, self._on_uffd, session)

@@ -335,15 +335,16 @@ def test_a_peer_not_allowed_is_refused(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize("command", [Command.PAUSE, Command.RESUME, Command.EVICT])
-def test_an_allowed_vmm_user_reads_the_status_but_may_not_address_a_vm(
+def test_an_allowed_vmm_user_reads_the_status_but_may_not_address_another_users_vm(
     daemon: Daemon, command: Command
 ) -> None:
+    """The puppet VMM runs as root: another VMM user must not pause or evict its guest."""
     daemon.ask(Command.RESUME, VM)
     status = as_user(NOBODY, daemon.control, Request(Command.STATUS))
     assert any(v["vm_id"] == VM for v in status["result"]["vms"])
     out = as_user(NOBODY, daemon.control, Request(command, VM))
     assert out["error"]["code"] == "forbidden", out
-    assert "may not address a VM; only root and wsd's own user" in out["error"]["message"]
+    assert "may not address it; only root, wsd's own user" in out["error"]["message"]
     assert next(v for v in daemon.ask(Command.STATUS)["vms"] if v["vm_id"] == VM)["paused"] is False
     # Root may.
     assert daemon.ask(Command.PAUSE, VM)["paused"] is True

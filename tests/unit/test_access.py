@@ -11,6 +11,7 @@ import pytest
 
 from wsd import config
 from wsd.access import AccessConfig, AccessPolicy, PeerCred
+from wsd.kernel import effective_uid
 from wsd.vmm.limits import HandoffLimits, check_request
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
 
@@ -125,3 +126,13 @@ def test_limits_cannot_exceed_the_protocol() -> None:
     with pytest.raises(config.ConfigError, match=r"limits\.max_regions_per_session"):
         config.parse("[limits]\nmax_regions_per_session = 513")
     assert HandoffLimits().message_timeout_seconds == 5.0
+
+
+def test_effective_uid_is_the_second_uid_of_the_status(tmp_path: Path) -> None:
+    """The control socket lets a VMM's user address its VM: the uid SO_PEERCRED gives."""
+    assert effective_uid(os.getpid()) == os.geteuid()
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "status").write_text("Name:\tqemu\nUid:\t0\t107\t107\t107\n")
+    assert effective_uid(7, proc=tmp_path) == 107
+    with pytest.raises(ProcessLookupError, match="no process 8"):
+        effective_uid(8, proc=tmp_path)

@@ -149,7 +149,9 @@ class FakeEvictor:
         return self.idle_bytes
 
 
-def fake_session(vm_id: str, *, store: object = object(), reasons: Any = None) -> SimpleNamespace:
+def fake_session(
+    vm_id: str, *, store: object = object(), reasons: Any = None, owner_uid: int | None = None
+) -> SimpleNamespace:
     regions = [tracked()]
     vm = VmPolicy(EvictorConfig(), started_at=0.0)
     vm.note_refaults(25.0, 3)
@@ -168,6 +170,7 @@ def fake_session(vm_id: str, *, store: object = object(), reasons: Any = None) -
         last_hot=[t.state.ages == 0 for t in regions],
         paused=False,
         eviction=None,
+        owner_uid=owner_uid,
     )
 
 

@@ -345,14 +345,34 @@ def test_an_allowed_vmm_user_may_not_address_any_vm(harness: Harness, command: s
     reply = harness.check(_request(command=command), VMM_USER)
     assert reply["error"]["code"] == "forbidden"
     assert reply["error"]["message"] == (
-        f"{command} of 'vm_id' 'a': peer pid 2000 (uid {VMM_UID}) may not address a VM; "
-        f"only root and wsd's own user (uid {OWN_UID}) may pause, resume or evict"
+        f"{command} of 'vm_id' 'a': peer pid 2000 (uid {VMM_UID}) may not address it; "
+        f"only root, wsd's own user (uid {OWN_UID}) and the user its VMM runs as may "
+        "pause, resume or evict a VM"
     )
     assert harness.evictable.paused == before and harness.evictable.eviction is None
     # Unknown VMs too: the refusal does not tell which VMs exist.
     reply = harness.check(_request(command=command, vm_id="zz"), VMM_USER)
     assert reply["error"]["code"] == "forbidden"
     assert harness.server.refused["forbidden"] == 2
+
+
+def test_a_vmm_user_may_address_the_vms_its_vmm_runs_and_no_other() -> None:
+    mine = fake_session("mine", owner_uid=VMM_UID)
+    theirs = fake_session("theirs", owner_uid=VMM_UID + 1)
+    commands = ControlCommands(fake_daemon(mine, theirs))
+    server = ControlServer(
+        Path("/nonexistent/control.sock"), commands, access=POLICY, owner_of=commands.owner_uid
+    )
+    reply = asyncio.run(server.reply(_request(command="pause", vm_id="mine"), VMM_USER))
+    assert reply["ok"] is True and mine.paused
+    for vm_id in ("theirs", "unknown"):
+        reply = asyncio.run(server.reply(_request(command="pause", vm_id=vm_id), VMM_USER))
+        assert reply["error"]["code"] == "forbidden", reply
+        assert "may not address it" in reply["error"]["message"]
+    assert not theirs.paused
+    # wsd's own user may address every VM.
+    reply = asyncio.run(server.reply(_request(command="pause", vm_id="theirs"), OPERATOR))
+    assert reply["ok"] is True and theirs.paused
 
 
 def test_an_allowed_vmm_user_may_read_the_status(harness: Harness) -> None:

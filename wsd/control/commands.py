@@ -42,6 +42,11 @@ class ControlCommands:
             return self._set_paused(session, False)
         return await self._evict(session, request.max_bytes)
 
+    def owner_uid(self, vm_id: str) -> int | None:
+        """The uid VM ``vm_id``'s VMM runs as, for the control server's check; None if unknown."""
+        session = self.daemon.sessions.get(vm_id)
+        return None if session is None else session.owner_uid
+
     def _session(self, vm_id: str | None) -> Session:
         session = self.daemon.sessions.get(vm_id or "")
         if session is None:

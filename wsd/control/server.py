@@ -4,9 +4,10 @@ It is a UNIX socket of its own, apart from the VMMs' hand-off socket, under
 the same :class:`~wsd.access.AccessPolicy`: mode 0600 by default, and only
 peers the policy allows (root and wsd's own uid by default) get an answer;
 others get a ``forbidden`` reply before anything is read from them.  Of the
-allowed peers, only root and wsd's own user may address a VM (``pause``,
-``resume``, ``evict``): users and groups ``[access]`` allows are VMMs' users,
-and a VMM must not pause or force eviction of another VMM's guest.
+allowed peers, root and wsd's own user may address any VM (``pause``,
+``resume``, ``evict``); the other users and groups ``[access]`` allows are
+VMMs' users, and one may address only the VMs whose VMM runs as its uid: a
+VMM must not pause or force eviction of another VMM's guest.
 ``limits.max_pending_connections`` bounds the connections served at once.
 One task per connection, in the server's own TaskGroup; nothing here blocks
 the loop, so fault service never waits for an operator.
@@ -38,7 +39,7 @@ from .protocol import (
     parse_request,
 )
 
-__all__ = ["IDLE_TIMEOUT", "ControlServer", "Handler"]
+__all__ = ["IDLE_TIMEOUT", "ControlServer", "Handler", "OwnerOf"]
 
 log = structlog.get_logger("wsd.control")
 
@@ -48,6 +49,9 @@ IDLE_TIMEOUT: Final = 30.0
 
 Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 """Carries out one request; its result is the reply's ``result``; raises ControlError."""
+
+OwnerOf = Callable[[str], int | None]
+"""The effective uid the VMM of a tracked VM runs as; None for no such VM."""
 
 
 class ControlServer:
@@ -61,9 +65,11 @@ class ControlServer:
         access: AccessPolicy | None = None,
         limits: HandoffLimits | None = None,
         timeout: float = IDLE_TIMEOUT,
+        owner_of: OwnerOf | None = None,
     ) -> None:
         self.path = path
         self.handler = handler
+        self.owner_of = owner_of
         self.access = access if access is not None else AccessPolicy()
         self.limits = limits if limits is not None else HandoffLimits()
         self.timeout = timeout
@@ -152,6 +158,8 @@ class ControlServer:
     def _check_may_address(self, request: Request, peer: PeerCred) -> None:
         if request.vm_id is None or self.access.is_privileged(peer):
             return
+        if self.owner_of is not None and self.owner_of(request.vm_id) == peer.uid:
+            return
         log.warning(
             "control request refused",
             command=str(request.command),
@@ -162,9 +170,11 @@ class ControlServer:
         )
         raise ControlError(
             ErrorCode.FORBIDDEN,
+            # The same words whether the VM exists or not: no probing for VMs.
             f"{request.command} of 'vm_id' {request.vm_id!r}: peer pid {peer.pid} "
-            f"(uid {peer.uid}) may not address a VM; only root and wsd's own user "
-            f"(uid {self.access.own_uid}) may pause, resume or evict",
+            f"(uid {peer.uid}) may not address it; only root, wsd's own user "
+            f"(uid {self.access.own_uid}) and the user its VMM runs as may pause, "
+            "resume or evict a VM",
             "vm_id",
         )
 

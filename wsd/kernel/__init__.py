@@ -12,7 +12,7 @@ from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, pun
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
 from .pins import HeldPages
-from .procfs import FileId, file_id, mappers_of, pinned_bytes
+from .procfs import FileId, effective_uid, file_id, mappers_of, pinned_bytes
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
     MSG_SIZE,
@@ -72,6 +72,7 @@ __all__ = [
     "data_ranges",
     "decode_messages",
     "describe_fd",
+    "effective_uid",
     "feature_requirement",
     "file_id",
     "map_shared",

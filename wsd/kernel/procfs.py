@@ -14,7 +14,16 @@ from pathlib import Path
 
 from .errors import oserror
 
-__all__ = ["FileId", "Mapping", "file_id", "mappers_of", "parse_maps", "pinned_bytes", "read_maps"]
+__all__ = [
+    "FileId",
+    "Mapping",
+    "effective_uid",
+    "file_id",
+    "mappers_of",
+    "parse_maps",
+    "pinned_bytes",
+    "read_maps",
+]
 
 PROC = Path("/proc")
 
@@ -60,6 +69,22 @@ def pinned_bytes(pid: int, *, proc: Path = PROC) -> int:
                 raise ValueError(f"{path}: VmPin in unknown unit {unit!r}")
             return int(value) * 1024
     return 0  # a kernel thread, or a zombie: no mm
+
+
+def effective_uid(pid: int, *, proc: Path = PROC) -> int:
+    """The effective uid ``pid`` runs as (``Uid:`` in its status), the one SO_PEERCRED reports.
+
+    Raises ``ProcessLookupError`` if ``pid`` is gone.
+    """
+    path = proc / str(pid) / "status"
+    try:
+        text = path.read_text()
+    except FileNotFoundError as e:
+        raise ProcessLookupError(e.errno, f"no process {pid} ({path} is missing)") from e
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[2])  # real, effective, saved, filesystem
+    raise ValueError(f"{path} has no Uid line")
 
 
 @dataclass(frozen=True, slots=True)
