@@ -37,10 +37,19 @@ How the hot set is written (``--guest-access``):
   the page's 4 KiB pattern in Python per page: about 85 µs a page on the shared host,
   18 s per cycle for 8 GiB, too slow for the default run.
 
-Memory: ``RegionState.nbytes`` per GiB, and this process's VmRSS growth (and peak,
-VmHWM after resetting it through ``/proc/self/clear_refs``) from just before
-``track_puppet`` to after the cycles, per GiB tracked.  The guest's memory lives in the
-puppet and is not counted.
+Memory: the per-page arrays allocated (``RegionState.nbytes`` plus the evictor's
+``RegionPolicy``) per GiB, and this process's VmRSS growth (and peak, VmHWM after
+resetting it through ``/proc/self/clear_refs``) from just before ``track_puppet`` to
+after the cycles, per GiB tracked.  The guest's memory lives in the puppet and is not
+counted.
+
+Scale (up to 64 GiB on a machine with less RAM): ``--sparse`` leaves the guest unfilled,
+so only the hot set is ever allocated, and ``--evicted F`` marks that share of the cold
+pages evicted in the tracker's state and the evictor's policy first (the bookkeeping an
+evicted page costs; on a sparse guest they are holes, as evicted pages are)::
+
+    .venv/bin/python bench/tracker_cycle.py --sparse --evicted 0.5 --hot 0.01 \
+        --sizes 1G,4G,16G,64G --cycles 5
 
 It assumes 4 KiB mappings: with shmem THP on (``shmem_enabled`` always, within_size or
 force), RWPROTECT zaps PMD mappings, the rwp tracker co-registers MINOR, and nothing in
@@ -77,6 +86,7 @@ import numpy.typing as npt
 
 import wsd.kernel.pagemap as pagemap_mod
 import wsd.kernel.uffd as uffd_mod
+from wsd.evictor.policy import RegionPolicy
 from wsd.kernel import ioctl_numbers as nr
 from wsd.kernel import probe_kernel
 from wsd.testing.arming import track_puppet
@@ -84,6 +94,8 @@ from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.tracker.session import VmTracker
 
 BENCH = Path(__file__).resolve().parent
+# Pages marked evicted per call with --evicted: the evictor's batch size.
+EVICT_BATCH = 1024
 GiB = 1 << 30
 MiB = 1 << 20
 GOAL_OVERHEAD = 0.25
@@ -394,7 +406,7 @@ class Result:
 def measure(size: int, exe: Path, a: argparse.Namespace) -> Result:
     t_setup = time.perf_counter()
     log(f"[{size_name(size)}] spawning and filling the puppet guest ...")
-    p = PuppetVMM.spawn(size, fill=True)
+    p = PuppetVMM.spawn(size, fill=not a.sparse)
     raw: RawCycle | None = None
     tracker: VmTracker | None = None
     try:
@@ -402,6 +414,10 @@ def measure(size: int, exe: Path, a: argparse.Namespace) -> Result:
         addrs = np.uint64(p.base) + pages.astype(np.uint64) * np.uint64(p.page_size)
         page_list = pages.tolist() if a.guest_access == "puppet" else []
         writer = RemoteWriter(p.pid, addrs)
+        if a.sparse:
+            # Allocate the hot set before wsd registers MISSING: nothing in this
+            # bench serves a fault, and a write into a hole would wait forever.
+            writer.write()
 
         def touch() -> None:
             if a.guest_access == "remote":
@@ -409,12 +425,27 @@ def measure(size: int, exe: Path, a: argparse.Namespace) -> Result:
             else:
                 p.call("touch", timeout=PUPPET_TIMEOUT, pages=page_list, write=True)
 
+        evicted = np.empty(0, dtype=np.int64)
+        if a.evicted:
+            # Chosen before the RSS baseline: the bench's temporaries are not wsd's.
+            cold = np.setdiff1d(np.arange(p.npages, dtype=np.int64), pages)
+            rng = np.random.default_rng(a.seed + 1)
+            evicted = np.sort(rng.choice(cold, int(len(cold) * a.evicted), replace=False))
+            del cold
         gc.collect()
         malloc_trim()
         before = proc_status_kib("VmRSS")["VmRSS"]
         have_peak = reset_peak_rss()
         tracker = track_puppet(p)
         mode = str(tracker.mode)
+        # The evictor's per-page history; --evicted marks that share of the cold
+        # pages evicted in the tracker and the policy (bookkeeping only: on a
+        # sparse guest they are holes, as evicted pages are).
+        policies = [RegionPolicy(t.npages) for t in tracker.regions]
+        for k in range(0, len(evicted), EVICT_BATCH):  # in batches, as the evictor does
+            tracker.regions[0].state.note_evicted(evicted[k : k + EVICT_BATCH])
+            policies[0].note_evicted(evicted[k : k + EVICT_BATCH], 0)
+        del evicted
         raw = RawCycle(exe, mode, p)
         setup_s = time.perf_counter() - t_setup
         log(f"[{size_name(size)}] {mode}: {len(pages)} hot pages, setup {setup_s:.1f} s")
@@ -450,7 +481,9 @@ def measure(size: int, exe: Path, a: argparse.Namespace) -> Result:
         res.peak_kib = status["VmHWM"] if have_peak else None
         malloc_trim()
         res.rss_trimmed_kib = proc_status_kib("VmRSS")["VmRSS"]
-        res.state_bytes = sum(t.state.nbytes for t in tracker.regions)
+        res.state_bytes = sum(t.state.nbytes for t in tracker.regions) + sum(
+            pol.nbytes for pol in policies
+        )
         res.raw_steps_cpu_ms = {k: float(np.median(v)) for k, v in raw_steps.items()}
 
         if a.breakdown_cycles:
@@ -580,6 +613,17 @@ def main() -> None:
     ap.add_argument("--hot", type=float, default=0.1, help="fraction of pages written per cycle")
     ap.add_argument("--hot-run", type=int, default=1, help="hot pages come in runs this long")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--sparse",
+        action="store_true",
+        help="do not fill the guest: only the hot set is ever allocated (scale runs to 64G)",
+    )
+    ap.add_argument(
+        "--evicted",
+        type=float,
+        default=0.0,
+        help="share of the cold pages marked evicted (tracker and policy bookkeeping)",
+    )
     ap.add_argument("--guest-access", choices=["remote", "puppet"], default="remote")
     ap.add_argument("--breakdown-cycles", type=int, default=3, help="0: no per-step breakdown")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra cycle")
