@@ -141,6 +141,8 @@ class Daemon:
         self.clock = clock
         self.started_at = clock()
         self.sessions: dict[str, Session] = {}
+        self.draining: dict[str, Session] = {}
+        """Sessions that ended and are bringing their evicted pages back (still in status)."""
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
         self.metrics_server: MetricsServer | None = None
@@ -540,6 +542,7 @@ class Daemon:
             return
         session.closed = True
         self.sessions.pop(session.vm_id, None)
+        self.draining[session.vm_id] = session
         if session.eviction is not None:
             session.eviction.abandon(
                 f"VM {session.vm_id!r}'s session ended before the eviction was committed"
@@ -553,6 +556,8 @@ class Daemon:
             # Faults keep being served while the pages come back.
             done = await drain(session.ctx, session.faults)
         finally:
+            if self.draining.get(session.vm_id) is session:
+                del self.draining[session.vm_id]
             await session.faults.close()
             loop = asyncio.get_running_loop()
             with contextlib.suppress(ValueError, OSError):

@@ -150,7 +150,12 @@ class FakeEvictor:
 
 
 def fake_session(
-    vm_id: str, *, store: object = object(), reasons: Any = None, owner_uid: int | None = None
+    vm_id: str,
+    *,
+    store: object = object(),
+    reasons: Any = None,
+    owner_uid: int | None = None,
+    closed: bool = False,
 ) -> SimpleNamespace:
     regions = [tracked()]
     vm = VmPolicy(EvictorConfig(), started_at=0.0)
@@ -171,6 +176,7 @@ def fake_session(
         paused=False,
         eviction=None,
         owner_uid=owner_uid,
+        closed=closed,
     )
 
 
@@ -190,7 +196,8 @@ def fake_daemon(*sessions: SimpleNamespace) -> SimpleNamespace:
         store=SimpleNamespace(name="file"),
         decision=SimpleNamespace(mode=TrackingMode.WP_ASYNC, reason="no RWP", limitations=()),
         kernel=SimpleNamespace(release="6.18.0-test"),
-        sessions={s.vm_id: s for s in sessions},
+        sessions={s.vm_id: s for s in sessions if not s.closed},
+        draining={s.vm_id: s for s in sessions if s.closed},
     )
 
 
@@ -235,6 +242,16 @@ def test_status_says_why_a_vm_does_not_evict() -> None:
         ("off", "no storage configured"),
         ("off", "wp-async tracking has no sync window"),
     ]
+
+
+def test_a_vm_whose_session_ended_shows_as_draining_until_its_pages_are_back() -> None:
+    ending = fake_session("ending", closed=True)
+    status = daemon_status(fake_daemon(fake_session("live"), ending), pid=1)
+    assert [(v["vm_id"], v["eviction"]) for v in status["vms"]] == [
+        ("ending", "draining"),
+        ("live", "active"),
+    ]
+    assert "ending: draining: the session ended" in format_status(status)
 
 
 def test_the_table_shows_every_vm_and_the_store() -> None:

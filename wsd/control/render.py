@@ -99,7 +99,8 @@ def _vm_table(vms: list[dict[str, Any]]) -> list[str]:
             ]
         )
         if vm["eviction_off_because"]:
-            notes.append(f"{vm['vm_id']}: eviction off: {vm['eviction_off_because']}")
+            what = "draining" if vm["eviction"] == "draining" else "eviction off"
+            notes.append(f"{vm['vm_id']}: {what}: {vm['eviction_off_because']}")
     legend = (
         "WSS@N: memory accessed in the last N intervals "
         "(- until N intervals were seen); HOT: in the last one"

@@ -47,14 +47,17 @@ def daemon_status(daemon: Daemon, *, pid: int) -> dict[str, Any]:
         "store": store,
         "vms": [
             _vm(vm_snapshot(session, now), *eviction_state(session))
-            for _, session in sorted(daemon.sessions.items())
+            # A VM whose session ended shows until its pages are back.
+            for _, session in sorted({**daemon.draining, **daemon.sessions}.items())
         ],
     }
 
 
 def eviction_state(session: Session) -> tuple[str, str | None]:
-    """``("active" | "paused" | "off", why it is off)`` for one VM."""
+    """``("active" | "paused" | "off" | "draining", why it is off)`` for one VM."""
     ctx = session.ctx
+    if session.closed:
+        return "draining", "the session ended: its evicted pages are being brought back"
     if ctx.store is None:
         return "off", "no storage configured"
     if not ctx.config.enabled:
