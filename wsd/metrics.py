@@ -289,6 +289,16 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         "Seconds eviction has been paused by a failing store; 0 while it works.",
         labels=_VM,
     )
+    tier_timeouts = CounterMetricFamily(
+        "wsd_tier_call_timeouts",
+        "Calls to the storage tier that passed evictor.tier_call_deadline_seconds.",
+        labels=_VM,
+    )
+    tier_stuck = GaugeMetricFamily(
+        "wsd_tier_calls_stuck",
+        "Calls to the storage tier past their deadline and still running (a hanging tier).",
+        labels=_VM,
+    )
     threshold = GaugeMetricFamily(
         "wsd_idle_threshold_intervals",
         "Idle intervals a page needs before eviction (adapted by the promotion-rate guard).",
@@ -361,6 +371,9 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         since = ctx.stats.storage_failing_since
         storage_failing.add_metric([vm_id], 0 if since is None else 1)
         storage_failing_seconds.add_metric([vm_id], 0.0 if since is None else max(0.0, now - since))
+        if ctx.tier is not None:
+            tier_timeouts.add_metric([vm_id], ctx.tier.timeouts)
+            tier_stuck.add_metric([vm_id], ctx.tier.stuck)
         for (backend, result), hist in session.faults.latency.items():
             _add_histogram(fault_latency, [vm_id, backend, str(result)], hist)
         timings = session.timings
@@ -392,6 +405,8 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
         threshold,
         storage_failing,
         storage_failing_seconds,
+        tier_timeouts,
+        tier_stuck,
         fault_latency,
         scan,
         window,

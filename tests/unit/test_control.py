@@ -244,6 +244,19 @@ def test_status_says_why_a_vm_does_not_evict() -> None:
     ]
 
 
+def test_a_failing_store_shows_as_failing_with_how_long() -> None:
+    failing = fake_session("failing")
+    failing.ctx.stats.storage_failing_since = 10.0
+    failing.ctx.clock = lambda: 42.0
+    status = daemon_status(fake_daemon(failing), pid=1)
+    (vm,) = status["vms"]
+    assert vm["eviction"] == "failing"
+    assert vm["eviction_off_because"] == (
+        "the store failed a batch; retried with backoff for 32 s so far"
+    )
+    assert "failing: eviction failing: the store failed a batch" in format_status(status)
+
+
 def test_a_vm_whose_session_ended_shows_as_draining_until_its_pages_are_back() -> None:
     ending = fake_session("ending", closed=True)
     status = daemon_status(fake_daemon(fake_session("live"), ending), pid=1)

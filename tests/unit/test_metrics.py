@@ -114,7 +114,8 @@ def session(vm_id: str, *, cycles: int, granularities: list[Granularity]) -> Fak
     vm.note_refaults(NOW - 30, 4)
     vm.early_refaults = 2
     last_hot = [t.state.ages == 0 for t in regions] if cycles else []
-    s = FakeSession(vm_id, tracker, SimpleNamespace(stats=stats, vm=vm), last_hot)
+    tier = SimpleNamespace(timeouts=5, stuck=2)
+    s = FakeSession(vm_id, tracker, SimpleNamespace(stats=stats, vm=vm, tier=tier), last_hot)
     if cycles:
         # Two zero fills of 20 µs, three fetches from the store (one retried), a stall.
         latency = s.faults.latency
@@ -497,3 +498,8 @@ def test_vcpu_stall_by_fault_kind(registry: CollectorRegistry) -> None:
     assert bucket(registry, name, "5e-05", vm_id="a", fault="rwp") == 1
     assert bucket(registry, name, "2.5e-05", vm_id="a", fault="rwp") == 0
     assert value(registry, f"{name}_sum", vm_id="a", fault="minor") == pytest.approx(8e-6)
+
+
+def test_tier_calls_past_their_deadline(registry: CollectorRegistry) -> None:
+    assert value(registry, "wsd_tier_call_timeouts_total", vm_id="a") == 5
+    assert value(registry, "wsd_tier_calls_stuck", vm_id="a") == 2

@@ -99,7 +99,9 @@ def _vm_table(vms: list[dict[str, Any]]) -> list[str]:
             ]
         )
         if vm["eviction_off_because"]:
-            what = "draining" if vm["eviction"] == "draining" else "eviction off"
+            what = {"draining": "draining", "failing": "eviction failing"}.get(
+                vm["eviction"], "eviction off"
+            )
             notes.append(f"{vm['vm_id']}: {what}: {vm['eviction_off_because']}")
     legend = (
         "WSS@N: memory accessed in the last N intervals "

@@ -54,7 +54,7 @@ def daemon_status(daemon: Daemon, *, pid: int) -> dict[str, Any]:
 
 
 def eviction_state(session: Session) -> tuple[str, str | None]:
-    """``("active" | "paused" | "off" | "draining", why it is off)`` for one VM."""
+    """``("active" | "paused" | "failing" | "off" | "draining", why)`` for one VM."""
     ctx = session.ctx
     if session.closed:
         return "draining", "the session ended: its evicted pages are being brought back"
@@ -65,7 +65,15 @@ def eviction_state(session: Session) -> tuple[str, str | None]:
     reasons = session.evictor.reasons
     if all(reasons):
         return "off", "; ".join(sorted({r for r in reasons if r}))
-    return ("paused", None) if session.paused else ("active", None)
+    if session.paused:
+        return "paused", None
+    since = ctx.stats.storage_failing_since
+    if since is not None:
+        return "failing", (
+            f"the store failed a batch; retried with backoff for "
+            f"{max(0.0, ctx.clock() - since):.0f} s so far"
+        )
+    return "active", None
 
 
 def _vm(vm: VmSnapshot, eviction: str, off_because: str | None) -> dict[str, Any]:
