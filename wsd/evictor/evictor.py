@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,7 @@ import structlog
 
 from wsd.kernel import KernelError, RegisterMode
 from wsd.storage import StorageError, TierTimeout
+from wsd.storage.concurrency import BACKGROUND_NICE, LifoPool
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
 
@@ -52,6 +53,14 @@ from .policy import pages_for_bytes, select
 from .transaction import digests, not_punched, punch_and_wake, punch_verified, read_pages
 
 log = structlog.get_logger("wsd.evictor")
+
+# Prepare's bulk work (reading pages out of the memfd, their digests) runs on
+# threads below the event loop's priority, so that it never holds the CPU a
+# fault being served needs (wsd.kernel.sched).  Shared by every session; the
+# threads start on first use and never keep the process alive.
+_BACKGROUND = LifoPool(threads=2, name="wsd-evict", nice=BACKGROUND_NICE)
+
+T = TypeVar("T")
 
 # Pages punched per step of a commit; faults are served between steps.
 COMMIT_CHUNK = 128
@@ -275,9 +284,9 @@ class Evictor:
         verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
         sums: dict[int, bytes] | None = None
         try:
-            data = await asyncio.to_thread(read_pages, t.memfd, t.region, pages)
+            data = await _in_background(read_pages, t.memfd, t.region, pages)
             if verify:
-                sums = await asyncio.to_thread(digests, data)
+                sums = await _in_background(digests, data)
             generation = dict(zip(data, gens.tolist(), strict=True))
             await ctx.tier.put(ctx.namespaces[i], data, generation=generation)
             await ctx.tier.sync()
@@ -514,3 +523,7 @@ class Evictor:
             r = t.region
             out.append(pagemap.region_map(r.offset, r.size, r.page_size, evicted, gens))
         return pagemap.VmMap(self.ctx.vm_id, tuple(out))
+
+
+async def _in_background(fn: Callable[..., T], *args: object) -> T:
+    return await asyncio.wrap_future(_BACKGROUND.submit(fn, *args))

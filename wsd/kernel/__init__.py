@@ -13,6 +13,7 @@ from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
 from .pins import HeldPages
 from .procfs import FileId, effective_uid, file_id, mappers_of, pinned_bytes
+from .sched import set_thread_nice
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
     MSG_SIZE,
@@ -93,4 +94,5 @@ __all__ = [
     "recv_with_fds",
     "require_features",
     "send_with_fds",
+    "set_thread_nice",
 ]

@@ -11,9 +11,20 @@ import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import structlog
+
+from wsd.kernel import KernelError, set_thread_nice
 from wsd.storage.errors import StoreClosed
 
 T = TypeVar("T")
+
+log = structlog.get_logger("wsd.storage")
+
+# The nice value of threads doing eviction's bulk work (sealing, compressing,
+# writing pages out): far enough above the event loop's 0 that a fault being
+# served preempts them at once (see wsd.kernel.sched), not so far that eviction
+# stops on a busy host (19 would leave them 1.5% of a CPU beside a busy vCPU).
+BACKGROUND_NICE = 10
 
 
 _Job = tuple[Callable[..., Any], tuple[object, ...], "concurrent.futures.Future[Any]"]
@@ -37,6 +48,11 @@ class _Worker:
         self._wake.set()
 
     def _run(self) -> None:
+        if self._pool.nice:
+            try:
+                set_thread_nice(self._pool.nice)
+            except KernelError as e:
+                log.warning("worker thread keeps the default priority", error=str(e))
         job = self._job
         while job is not None:
             fn, args, future = job
@@ -78,9 +94,11 @@ class LifoPool:
     others are used only when work overlaps.
     """
 
-    def __init__(self, *, threads: int, name: str) -> None:
+    def __init__(self, *, threads: int, name: str, nice: int = 0) -> None:
         self._max = threads
         self._name = name
+        self.nice = nice
+        """The nice value each worker sets for itself (0: left as inherited)."""
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []  # a stack: the last to become idle is on top
         self._backlog: collections.deque[_Job] = collections.deque()
@@ -132,9 +150,9 @@ class Offload:
     a worker is done while it is still running.
     """
 
-    def __init__(self, *, backend: str, threads: int) -> None:
+    def __init__(self, *, backend: str, threads: int, nice: int = 0) -> None:
         self._backend = backend
-        self._pool = LifoPool(threads=threads, name=f"wsd-{backend}")
+        self._pool = LifoPool(threads=threads, name=f"wsd-{backend}", nice=nice)
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
 

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from wsd.storage.concurrency import Offload
+from wsd.storage.concurrency import BACKGROUND_NICE, Offload
 from wsd.storage.config import RedisStoreConfig
 from wsd.storage.errors import StorageError, StorageFull, TierUnavailable, Where
 from wsd.storage.page import (
@@ -79,6 +79,9 @@ class RedisStore(StoreBase):
         self._transport = transport
         self._codec = PageCodec(backend=name, key=key)
         self._offload = Offload(backend=name, threads=2)
+        # Sealing puts (checksums, AES-GCM) runs below the loop's priority;
+        # opening fetched pages, which serve faults, does not.
+        self._sealing = Offload(backend=name, threads=2, nice=BACKGROUND_NICE)
 
     @classmethod
     async def open(
@@ -152,7 +155,7 @@ class RedisStore(StoreBase):
     ) -> None:
         async with self._guard.hold(ns.key, pages.keys(), blocks_readers=False):
             inline = self._inline(ns, len(pages))
-            blobs = await self._offload.run(self._seal, ns, pages, generations, inline=inline)
+            blobs = await self._sealing.run(self._seal, ns, pages, generations, inline=inline)
             step = self._step(ns)
             items = list(blobs.items())
             chunks = [dict(items[i : i + step]) for i in range(0, len(items), step)]
@@ -232,5 +235,6 @@ class RedisStore(StoreBase):
         if self._closed:
             return
         self._closed = True
+        await self._sealing.close()
         await self._offload.close()
         await self._transport.close()

@@ -16,7 +16,7 @@ from typing import ClassVar, Final
 
 import zstandard
 
-from wsd.storage.concurrency import Offload
+from wsd.storage.concurrency import BACKGROUND_NICE, Offload
 from wsd.storage.config import ZstdStoreConfig
 from wsd.storage.errors import BudgetExceeded, IntegrityError
 from wsd.storage.page import (
@@ -104,6 +104,9 @@ class ZstdStore(StoreBase):
         self._codec = PageCodec(backend=name, compressor=_ThreadCompressor(config.level))
         self._clock = clock
         self._offload = Offload(backend=name, threads=config.threads)
+        # Compression for puts runs below the loop's priority (BACKGROUND_NICE);
+        # gets, which serve faults, keep their own threads at the loop's.
+        self._sealing = Offload(backend=name, threads=config.threads, nice=BACKGROUND_NICE)
         self._regions: dict[tuple[str, int], dict[int, _Entry]] = {}
         self._page_sizes: dict[tuple[str, int], int] = {}
         # Oldest put first: re-putting a page moves it to the end (dicts keep order).
@@ -121,7 +124,7 @@ class ZstdStore(StoreBase):
     ) -> None:
         self._check_page_size(ns)
         async with self._guard.hold(ns.key, pages.keys()):
-            records = await self._offload.run(self._seal_batch, ns, pages, generations)
+            records = await self._sealing.run(self._seal_batch, ns, pages, generations)
             self._check_open()
             region = self._regions.get(ns.key, {})
             replaced = sum([region[o].cost for o in records.keys() & region.keys()])
@@ -261,6 +264,7 @@ class ZstdStore(StoreBase):
         if self._closed:
             return
         self._closed = True
+        await self._sealing.close()
         await self._offload.close()
         self._regions.clear()
         self._age.clear()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
-from wsd.storage.concurrency import LifoPool, Offload
+from wsd.kernel import set_thread_nice
+from wsd.storage.concurrency import BACKGROUND_NICE, LifoPool, Offload
 from wsd.storage.errors import StoreClosed
 
 
@@ -84,3 +86,28 @@ async def test_offload_waits_for_work_in_flight_and_then_refuses_more() -> None:
     await offload.close()
     with pytest.raises(StoreClosed):
         await offload.run(int)
+
+
+def _own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_background_workers_run_below_the_loop_priority_and_leave_it_alone() -> None:
+    """Eviction's workers raise their own nice value only: the caller's stays."""
+    before = _own_nice()
+    pool = LifoPool(threads=1, name="t", nice=BACKGROUND_NICE)
+    try:
+        assert pool.submit(_own_nice).result(timeout=5) == max(before, BACKGROUND_NICE)
+    finally:
+        pool.shutdown()
+    assert _own_nice() == before
+    plain = LifoPool(threads=1, name="t")
+    try:
+        assert plain.submit(_own_nice).result(timeout=5) == before
+    finally:
+        plain.shutdown()
+
+
+def test_set_thread_nice_names_a_bad_value() -> None:
+    with pytest.raises(ValueError, match=r"nice value 20 is outside -20\.\.19"):
+        set_thread_nice(20)
