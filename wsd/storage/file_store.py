@@ -19,6 +19,7 @@ sync, and fsyncs the directories in which files were created.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import heapq
 import itertools
@@ -127,6 +128,29 @@ class _Region:
 READ_THREADS: Final = 2
 
 
+class _NoWaitUnsupported(Exception):
+    """The filesystem does not take RWF_NOWAIT reads (EOPNOTSUPP)."""
+
+
+def _pread_nowait(fd: int, size: int, offset: int) -> bytes:
+    """``os.pread`` that raises ``BlockingIOError`` instead of waiting for the disk.
+
+    A short read is refused too: under RWF_NOWAIT it may mean "the rest is not
+    cached", not end of file, and the callers read a short page as zeros past
+    the end.  The blocking read in a worker tells the two apart.
+    """
+    buf = bytearray(size)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            raise _NoWaitUnsupported from e
+        raise
+    if got < size:
+        raise BlockingIOError(errno.EAGAIN, "short RWF_NOWAIT read")
+    return bytes(buf)
+
+
 class FileStore(StoreBase):
     """The file tier. Create with ``await FileStore.open(config, key=...)``."""
 
@@ -155,6 +179,7 @@ class FileStore(StoreBase):
         # a vCPU blocked in a fault and must never queue behind an eviction's
         # writes and fsyncs.
         self._reads = Offload(backend=name, threads=READ_THREADS)
+        self._nowait = True  # until the filesystem refuses RWF_NOWAIT reads
         self._regions: dict[tuple[str, int], _Region] = {}
         self._lifecycle = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
@@ -461,7 +486,18 @@ class FileStore(StoreBase):
         region = await self._region(ns, create=False)
         found: dict[int, StoredPage] = {}
         if region is not None:
-            found = await self._reads.run(self._read_batch, region, offsets, expected)
+            try:
+                if len(offsets) != 1 or not self._nowait:
+                    raise BlockingIOError
+                # One page, usually a vCPU's fault: read on the loop thread if
+                # the page cache has it (RWF_NOWAIT), which saves the thread
+                # round trip that was most of a fault's time on this tier.
+                found = self._read_batch(region, offsets, expected, _pread_nowait)
+            except BlockingIOError:
+                found = await self._reads.run(self._read_batch, region, offsets, expected)
+            except _NoWaitUnsupported:
+                self._nowait = False
+                found = await self._reads.run(self._read_batch, region, offsets, expected)
         self._check_missing(ns, offsets, found, missing_ok)
         return found
 
@@ -470,10 +506,15 @@ class FileStore(StoreBase):
         region: _Region,
         offsets: list[int],
         expected: ExpectedGenerations,
+        pread: Callable[[int, int, int], bytes] = os.pread,
     ) -> dict[int, StoredPage]:
         """The stored pages among ``offsets``, in that order: one worker call for the
         whole batch, one pread of entries per run of consecutive pages, and one pread
-        per data page, verified chunk by chunk as it is read."""
+        per data page, verified chunk by chunk as it is read.
+
+        With ``pread=_pread_nowait`` a read that would block raises
+        ``BlockingIOError`` (and ``_NoWaitUnsupported`` where the filesystem
+        cannot say), for the caller to read in a worker instead."""
         found: dict[int, StoredPage] = {}
         size = region.ns.page_size
         indexes = list(map(operator.floordiv, offsets, itertools.repeat(size)))
@@ -483,16 +524,18 @@ class FileStore(StoreBase):
             with region.using():
                 # Past the end of the index file, entries read as absent.
                 index = b"".join(
-                    os.pread(
+                    pread(
                         region.index_fd, count * ENTRY_BYTES, INDEX_BASE + first * ENTRY_BYTES
                     ).ljust(count * ENTRY_BYTES, b"\0")
                     for first, count in group
                 )
                 if index.count(0) != len(index):
-                    read = self._page_reader(region)
+                    read = self._page_reader(region, pread)
                     self._codec.open(region.ns, group, index, read, expected=expected, found=found)
         except _Dropped:
             return {}
+        except (BlockingIOError, _NoWaitUnsupported):
+            raise
         except OSError as err:
             where = self._where(*region.ns.key)
             where["offset"] = ordered[0] * size
@@ -502,7 +545,9 @@ class FileStore(StoreBase):
         return found
 
     @staticmethod
-    def _page_reader(region: _Region) -> ReadPages:
+    def _page_reader(
+        region: _Region, pread: Callable[[int, int, int], bytes] = os.pread
+    ) -> ReadPages:
         """Reads pages of the data file (see ReadPages)."""
         fd, size = region.data_fd, region.ns.page_size
 
@@ -513,7 +558,7 @@ class FileStore(StoreBase):
             # zeros, as in a hole.
             count = len(offsets)
             pages = list(
-                map(os.pread, itertools.repeat(fd, count), itertools.repeat(size, count), offsets)
+                map(pread, itertools.repeat(fd, count), itertools.repeat(size, count), offsets)
             )
             if min(map(len, pages), default=size) < size:
                 pages = [page.ljust(size, b"\0") for page in pages]

@@ -318,3 +318,55 @@ async def test_a_failed_fdatasync_poisons_the_store(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="an earlier sync failed"):
         await store.sync()
     await store.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "aes"])
+async def test_a_cached_page_is_read_on_the_loop_and_anything_else_in_a_worker(
+    tmp_path: Path, key: bytes | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One page in the page cache: no worker call.  Would block, or a short read
+    (RWF_NOWAIT may stop where the cache does, which is not end of file): the
+    worker's blocking read.  A filesystem without RWF_NOWAIT: workers from then on."""
+    store = await _store(tmp_path, key)
+    pages = {o * P: os.urandom(P) for o in range(4)}
+    await store.put(NS, pages, generation=1)
+    await store.sync()
+    worker_calls = 0
+    real_run = store._reads.run
+
+    async def counting_run(*args: object, **kwargs: object) -> object:
+        nonlocal worker_calls
+        worker_calls += 1
+        return await real_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store._reads, "run", counting_run)
+    assert (await store.get(NS, 0)).data == pages[0]
+    assert worker_calls == 0
+    assert len(await store.get_many(NS, [P, 2 * P])) == 2
+    assert worker_calls == 1  # a batch always goes to a worker
+
+    real_preadv = os.preadv
+    outcomes = iter(["eagain", "short"])
+
+    def nowait_refuses(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            if next(outcomes, "eagain") == "short":
+                return real_preadv(fd, [memoryview(buffers[0])[:100]], offset, flags)
+            raise BlockingIOError(11, "would block")
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", nowait_refuses)
+    assert (await store.get(NS, P)).data == pages[P]
+    assert (await store.get(NS, 3 * P)).data == pages[3 * P]
+    assert worker_calls == 3
+
+    def unsupported(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", unsupported)
+    assert (await store.get(NS, 0)).data == pages[0]
+    assert worker_calls == 4 and not store._nowait
+    assert (await store.get(NS, P)).data == pages[P]
+    assert worker_calls == 5
+    await store.close()
