@@ -35,8 +35,9 @@ if [[ ! -x .venv/bin/python ]]; then
     echo "bootstrap: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-# Reinstall only when the dependency list changed.
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# Reinstall only when the dependency list or the C extension changed (the
+# install compiles wsd._pages_native in place, see setup.py).
+want=$(cat pyproject.toml setup.py wsd/_pages_build.py | sha256sum | cut -d' ' -f1)
 have=$(cat .venv/.wsd-deps 2>/dev/null || true)
 if [[ "$want" != "$have" ]]; then
     echo "bootstrap: installing Python packages into .venv"

@@ -35,6 +35,8 @@ from typing import Any, Final, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from wsd.pages import age_observe
+
 __all__ = [
     "DEFAULT_AGE_EDGES",
     "DEFAULT_HORIZONS",
@@ -318,21 +320,9 @@ class RegionState:
         if now < last:
             raise ValueError(f"cycle at {now} is earlier than the previous one at {last}")
 
-        hot_u8 = hot.view(np.uint8)
-        width = min(self.npages, _CHUNK)
-        keep = np.empty(width, dtype=np.uint8)
-        wrapped = np.empty(width, dtype=np.bool_)
-        for sl in _chunks(self.npages):
-            age = self._age[sl]
-            n = len(age)
-            # Saturating +1.  np.minimum has no SIMD loop for uint8 and is ten
-            # times slower than this: add, then take back the 255 -> 0 wraps.
-            np.add(age, 1, out=age)
-            np.equal(age, 0, out=wrapped[:n])
-            np.subtract(age, wrapped[:n].view(np.uint8), out=age)
-            # hot - 1 is 0x00 where hot and 0xFF elsewhere.
-            np.subtract(hot_u8[sl], 1, out=keep[:n])
-            np.bitwise_and(age, keep[:n], out=age)
+        # One C pass: numpy took five over every page (saturating +1, then
+        # zero where hot), at 12 to 16 times the cost under TCG.
+        age_observe(self._age, np.ascontiguousarray(hot))
         if self._per_granule > 1:
             self._age.reshape(-1, self._per_granule)[
                 hot.reshape(-1, self._per_granule).any(axis=1)
