@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Self, TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,19 @@ REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")
 assert REGION_DTYPE.itemsize == ffi.sizeof("struct page_region")
 
 Regions = npt.NDArray[np.void]
+
+
+class ScanQuery(TypedDict, total=False):
+    """What :meth:`Pagemap.scan` passes on to :meth:`Pagemap.scan_calls`."""
+
+    category_mask: PageCategory
+    inverted: PageCategory
+    anyof: PageCategory
+    return_mask: PageCategory | None
+    flags: ScanFlag
+    max_pages: int
+
+
 # max_pages counts base pages, whatever the mapping granularity.
 _BASE_PAGE = np.uint64(os.sysconf("SC_PAGE_SIZE"))
 
@@ -169,17 +182,7 @@ class Pagemap(OwnedFd):
         return cls(fd, pid if isinstance(pid, int) else None)
 
     def scan(
-        self,
-        start: int,
-        length: int,
-        *,
-        category_mask: PageCategory = PageCategory(0),
-        inverted: PageCategory = PageCategory(0),
-        anyof: PageCategory = PageCategory(0),
-        return_mask: PageCategory | None = None,
-        flags: ScanFlag = ScanFlag(0),
-        max_pages: int = 0,
-        vec_len: int = 4096,
+        self, start: int, length: int, *, vec_len: int = 4096, **query: Unpack[ScanQuery]
     ) -> ScanResult:
         """Scan ``[start, start + length)``; see the module docstring for the masks.
 
@@ -189,17 +192,8 @@ class Pagemap(OwnedFd):
         """
         chunks: list[Regions] = []
         walk_end = start
-        for res in self.scan_calls(
-            start,
-            length,
-            category_mask=category_mask,
-            inverted=inverted,
-            anyof=anyof,
-            return_mask=return_mask,
-            flags=flags,
-            max_pages=max_pages,
-            vec=np.empty(vec_len, dtype=REGION_DTYPE),
-        ):
+        vec = np.empty(vec_len, dtype=REGION_DTYPE)
+        for res in self.scan_calls(start, length, vec=vec, **query):
             chunks.append(res.regions.copy())
             walk_end = res.walk_end
         if len(chunks) == 1:

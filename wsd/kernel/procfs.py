@@ -57,11 +57,7 @@ def pinned_bytes(pid: int, *, proc: Path = PROC) -> int:
     a VFIO VMM is best told apart by the hand-off's ``dma_pinned`` flag.
     Raises ``ProcessLookupError`` if ``pid`` is gone.
     """
-    path = proc / str(pid) / "status"
-    try:
-        text = path.read_text()
-    except FileNotFoundError as e:
-        raise ProcessLookupError(e.errno, f"no process {pid} ({path} is missing)") from e
+    path, text = _status(pid, proc)
     for line in text.splitlines():
         if line.startswith("VmPin:"):
             value, _, unit = line[len("VmPin:") :].strip().partition(" ")
@@ -76,15 +72,19 @@ def effective_uid(pid: int, *, proc: Path = PROC) -> int:
 
     Raises ``ProcessLookupError`` if ``pid`` is gone.
     """
-    path = proc / str(pid) / "status"
-    try:
-        text = path.read_text()
-    except FileNotFoundError as e:
-        raise ProcessLookupError(e.errno, f"no process {pid} ({path} is missing)") from e
+    path, text = _status(pid, proc)
     for line in text.splitlines():
         if line.startswith("Uid:"):
             return int(line.split()[2])  # real, effective, saved, filesystem
     raise ValueError(f"{path} has no Uid line")
+
+
+def _status(pid: int, proc: Path) -> tuple[Path, str]:
+    path = proc / str(pid) / "status"
+    try:
+        return path, path.read_text()
+    except FileNotFoundError as e:
+        raise ProcessLookupError(e.errno, f"no process {pid} ({path} is missing)") from e
 
 
 @dataclass(frozen=True, slots=True)
