@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from vmms_harness import HERE, StandIn, Wsd
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_heard_by_children() -> Iterator[None]:
+    """``Attach.stop()`` sends ^C (SIGINT), as an operator would.
+
+    A test run started in the background (``cmd &`` in a shell without job
+    control, as a CI script may be) ignores SIGINT; children inherit that
+    through exec, and Python then never raises KeyboardInterrupt in them.  A
+    handler in this process is reset to the default in each child instead.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")

@@ -120,7 +120,12 @@ class Attach:
     def stop(self) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=60)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # never left running after the test
+            self.proc.communicate()
+            raise
         return self.proc.returncode, err
 
 
