@@ -25,6 +25,8 @@ from wsd.testing.hammer import STEEP_4K
 from wsd.testing.supervisor import Supervisor
 
 VM_ID = "crashy"
+# How long the first kill may wait for the first eviction (see crash_soak).
+FIRST_EVICTION_TIMEOUT = 180.0
 
 CONFIG = """\
 [daemon]
@@ -136,6 +138,18 @@ def crash_soak(
         began = time.monotonic()
         try:
             time.sleep(gap[1])
+            # The first kill waits until something was evicted: eviction runs
+            # below the guest's priority (BACKGROUND_NICE), and a guest that
+            # keeps the CPUs busy (under TCG, always) can hold it off for a
+            # while; killing before would test nothing.  Evicted pages stay in
+            # storage across restarts until fetched, so later kills find some.
+            deadline = time.monotonic() + FIRST_EVICTION_TIMEOUT
+            while not evicted_in_map(tmp / "state", VM_ID):
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"nothing evicted within {FIRST_EVICTION_TIMEOUT:g} s of the guest's start"
+                    )
+                time.sleep(0.2)
             while len(in_storage) < kills or time.monotonic() - began < (seconds or 0):
                 time.sleep(rng.uniform(*gap))
                 sup.kill()
