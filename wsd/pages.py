@@ -30,6 +30,8 @@ class _Lib(Protocol):
 _ffi: Any = _pages_native.ffi
 _lib = cast(_Lib, _pages_native.lib)
 
+# PAGEMAP_SCAN's struct page_region: wsd.kernel.REGION_DTYPE, spelled out
+# here because wsd.kernel.pagemap imports this module.
 _RUN = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
 
 

@@ -484,19 +484,20 @@ class FileStore(StoreBase):
         self, ns: PageNamespace, offsets: list[int], expected: ExpectedGenerations, missing_ok: bool
     ) -> dict[int, StoredPage]:
         region = await self._region(ns, create=False)
-        found: dict[int, StoredPage] = {}
-        if region is not None:
+        found: dict[int, StoredPage] | None = None
+        if region is not None and len(offsets) == 1 and self._nowait:
+            # One page, usually a vCPU's fault: read on the loop thread if the
+            # page cache has it (RWF_NOWAIT), which saves the thread round
+            # trip that was most of a fault's time on this tier.
             try:
-                if len(offsets) != 1 or not self._nowait:
-                    raise BlockingIOError
-                # One page, usually a vCPU's fault: read on the loop thread if
-                # the page cache has it (RWF_NOWAIT), which saves the thread
-                # round trip that was most of a fault's time on this tier.
                 found = self._read_batch(region, offsets, expected, _pread_nowait)
             except BlockingIOError:
-                found = await self._reads.run(self._read_batch, region, offsets, expected)
+                pass
             except _NoWaitUnsupported:
                 self._nowait = False
+        if found is None:
+            found = {}
+            if region is not None:
                 found = await self._reads.run(self._read_batch, region, offsets, expected)
         self._check_missing(ns, offsets, found, missing_ok)
         return found
