@@ -37,6 +37,12 @@ AGGRESSIVE = EvictorConfig(
     promotion_target_percent_per_minute=None,
     prefetch_pages=8,
     allow_volatile_store=True,
+    # Batches of 128 pages are 256 MiB on hugetlbfs: under TCG, compressed on
+    # nice-10 threads beside a guest spinning on every vCPU, a put took over
+    # the default 10 s deadline and eviction paused as if the tier hung (CI,
+    # 2026-11-26).  These tests are not about deadlines.
+    fetch_deadline_seconds=300.0,
+    tier_call_deadline_seconds=300.0,
 )
 
 
