@@ -11,9 +11,9 @@ from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
-from .pins import HeldPages
+from .pins import HeldPages, read_pipe
 from .procfs import FileId, effective_uid, file_id, mappers_of, pinned_bytes
-from .sched import set_thread_nice
+from .sched import set_thread_nice, thread_nice
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
     MSG_SIZE,
@@ -91,8 +91,10 @@ __all__ = [
     "process_start_ticks",
     "punch_hole",
     "pwrite",
+    "read_pipe",
     "recv_with_fds",
     "require_features",
     "send_with_fds",
     "set_thread_nice",
+    "thread_nice",
 ]

@@ -35,7 +35,7 @@ from typing_extensions import Buffer
 from ._ffi import ffi, libc
 from .errors import AddressRange, KernelError, oserror
 
-__all__ = ["HeldPages"]
+__all__ = ["HeldPages", "read_pipe"]
 
 SPLICE_F_NONBLOCK = 0x02
 PROT_READ = 0x1
@@ -78,15 +78,28 @@ class HeldPages:
     ``spans`` are ``(file offset, length)`` pairs, aligned to the memfd's page
     size and ascending.  :meth:`read_into` copies their bytes, in span order,
     as they are at the time of the read (the final bytes once punched).
+
+    ``label``, if any, is written into the first pipe ahead of the pages, so
+    that the pipes describe themselves to whoever reads them without this
+    object (:func:`read_pipe`, after a crash); :meth:`read_into` skips it.
+    It must fit in a pipe (64 KiB at least).
     """
 
-    def __init__(self, fd: int, spans: Sequence[tuple[int, int]], page_size: int) -> None:
+    def __init__(
+        self, fd: int, spans: Sequence[tuple[int, int]], page_size: int, *, label: bytes = b""
+    ) -> None:
         self.fd = fd
         self.length = sum(n for _, n in spans)
         self._pipes: list[_Pipe] = []
+        self._label = len(label)
         if not spans:
             return
         try:
+            if label:
+                self._pipes.append(_Pipe())
+                written = os.write(self._pipes[0].w, label)
+                if written != len(label):
+                    raise KernelError(errno.EMSGSIZE, "write(pipe)", detail="label too long")
             try:
                 for offset, length in spans:
                     self._hold(offset, length, self._splice_file)
@@ -120,7 +133,7 @@ class HeldPages:
         except BlockingIOError:
             raise
         except OSError as e:
-            if e.errno == errno.EINVAL and not self._pipes[0].held:
+            if e.errno == errno.EINVAL and not any(p.held for p in self._pipes):
                 raise _NoSpliceRead from e
             raise oserror(
                 "splice", e.errno or errno.EIO, range=AddressRange(offset, length), fd=self.fd
@@ -155,11 +168,20 @@ class HeldPages:
             # The pipes hold the pages; our mapping of them is no longer needed.
             libc.munmap(addr, map_len)
 
+    @property
+    def read_ends(self) -> list[int]:
+        """The pipes' read ends, in order: what must outlive this process to keep
+        the pages (the write ends are not needed to read them)."""
+        return [pipe.r for pipe in self._pipes]
+
     def read_into(self, buf: Buffer) -> None:
         """Copy every held byte into ``buf`` (at least :attr:`length` bytes), releasing them."""
         view = memoryview(buf).cast("B")
         if len(view) < self.length:
             raise ValueError(f"buffer of {len(view)} bytes for {self.length} held")
+        if self._label:
+            _drain(self._pipes[0].r, memoryview(bytearray(self._label)))
+            self._label = 0
         pos = 0
         for pipe in self._pipes:
             end = pos + pipe.held
@@ -181,3 +203,32 @@ class HeldPages:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drain(fd: int, view: memoryview) -> None:
+    pos = 0
+    while pos < len(view):
+        try:
+            n = os.readv(fd, [view[pos:]])
+        except OSError as e:
+            raise oserror("read(pipe)", e.errno or errno.EIO, fd=fd) from e
+        if n == 0:
+            raise KernelError(errno.EIO, "read(pipe)", fd=fd, detail="ended early")
+        pos += n
+
+
+def read_pipe(fd: int) -> bytes:
+    """Everything a pipe holds, from a read end whose write ends are all closed
+    (a :class:`HeldPages` pipe that outlived its process)."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            break  # a writer is still open somewhere: what is there is all there is
+        except OSError as e:
+            raise oserror("read(pipe)", e.errno or errno.EIO, fd=fd) from e
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)

@@ -1,13 +1,4 @@
-"""Scheduling of wsd's own threads.
-
-Fault service runs on the event loop thread; compression, checksums and file
-writes for eviction run on worker threads.  The workers release the GIL while
-they work, so the two compete for a CPU only in the kernel's scheduler, and
-CFS hands a CPU back and forth in slices of milliseconds: a fault that arrives
-while a worker holds the loop thread's CPU waited up to a slice (measured: a
-p99 of 4 to 7 ms against 0.1 ms at p50, wsd pinned to one CPU).  A worker
-with a higher nice value is preempted as soon as the loop thread wakes.
-"""
+"""Per-thread scheduling priority; which thread gets which is wsd.priority's policy."""
 
 from __future__ import annotations
 
@@ -17,7 +8,7 @@ import threading
 
 from .errors import oserror
 
-__all__ = ["set_thread_nice"]
+__all__ = ["set_thread_nice", "thread_nice"]
 
 
 def set_thread_nice(nice: int) -> None:
@@ -34,3 +25,12 @@ def set_thread_nice(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, nice)
     except OSError as e:
         raise oserror("setpriority", e.errno or errno.EPERM, pid=tid, detail=f"nice {nice}") from e
+
+
+def thread_nice() -> int:
+    """The calling thread's nice value.
+
+    A thread starts with the nice value of the thread that created it
+    (``clone`` copies it), not the process's first thread's.
+    """
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
