@@ -45,6 +45,7 @@ from wsd.kernel import (
     probe_kernel,
 )
 from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
+from wsd.priority import raise_fault_service
 from wsd.recovery import RecoveryError
 from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
@@ -174,6 +175,8 @@ class Daemon:
             reason=self.decision.reason,
             limitations=list(self.decision.limitations),
             socket=str(self.settings.socket),
+            # Before any pool starts a thread: they inherit it (wsd.priority).
+            fault_service_nice=raise_fault_service(),
         )
         if self.settings.storage is not None and self.settings.evictor.enabled:
             self.store = await open_backend(self.settings.storage)

@@ -308,3 +308,25 @@ async def test_closing_the_fault_service_cancels_fetches_stuck_on_the_tier(
         assert faults.fetching
         await asyncio.wait_for(faults.close(), 5)
     assert not faults._tasks
+
+
+async def test_a_batch_puts_at_most_max_batch_bytes(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """The byte bound splits batches whatever batch_pages says (2 MiB pages on hugetlbfs)."""
+    sizes: list[int] = []
+
+    class CountingPut(FlakyStore):
+        async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
+            sizes.append(len(pages))
+            await self.inner.put(ns, pages, **kw)
+
+    ps = tracker.regions[0].region.page_size
+    ctx, _ = vm(
+        tracker, CountingPut(file_store, failures=0), batch_pages=1024, max_batch_bytes=16 * ps
+    )
+    await tracker.cycle()
+    await tracker.cycle()
+    stored = await Evictor(ctx).prepare_idle(256 * ps)
+    assert stored == 256 * ps, stored
+    assert sizes == [16] * 16, sizes

@@ -115,7 +115,7 @@ def test_the_unit_matches_what_the_daemon_expects() -> None:
     assert defaults.socket.parent == Path("/run") / d["RuntimeDirectory"][0]
     assert defaults.state_dir == Path("/var/lib") / d["StateDirectory"][0]
     # verify does not check capability names, so the exact set is spelled out here.
-    assert d["CapabilityBoundingSet"] == ["CAP_SYS_PTRACE CAP_DAC_READ_SEARCH"]
+    assert d["CapabilityBoundingSet"] == ["CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SYS_NICE"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
 
 
@@ -148,7 +148,14 @@ def test_the_syscall_filter_allows_what_wsd_calls() -> None:
     # The raw syscalls wsd.kernel issues by number, and the ones the daemon
     # depends on through libc (uffd and pagemap ioctls, memfds, hole punching).
     # OpenBLAS, bundled with numpy, calls mbind at import.
-    needed = set(vars(NR)) | {"ioctl", "memfd_create", "fallocate", "mbind", "sendmsg"}
+    needed = set(vars(NR)) | {
+        "ioctl",
+        "memfd_create",
+        "fallocate",
+        "mbind",
+        "sendmsg",
+        "setpriority",
+    }
     assert needed <= allow - deny, sorted(needed - (allow - deny))
 
 

@@ -33,6 +33,10 @@ class EvictorConfig(BaseModel):
     touches a cold page waits (it blocks until the window closes)."""
     batch_pages: int = Field(default=1024, ge=1, le=65536)
     """Pages per put/sync/punch transaction."""
+    max_batch_bytes: ByteSize = Field(default=ByteSize(16 << 20), gt=0)
+    """Bytes per transaction at most, whatever the page size: a batch of 1024
+    hugetlbfs pages would be 2 GiB in one put, past any sane tier-call deadline.
+    A batch holds at least one page."""
     rate_mb_per_second: float | None = Field(default=256.0, gt=0)
     """Eviction bandwidth per VM (10^6 bytes/s); ``None`` is unlimited."""
     resident_target_bytes: ByteSize | None = Field(default=None, gt=0)

@@ -41,7 +41,7 @@ import structlog
 
 from wsd.kernel import KernelError, RegisterMode
 from wsd.storage import StorageError, TierTimeout
-from wsd.storage.concurrency import BACKGROUND_NICE, LifoPool
+from wsd.storage.concurrency import LifoPool
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
 
@@ -56,9 +56,9 @@ log = structlog.get_logger("wsd.evictor")
 
 # Prepare's bulk work (reading pages out of the memfd, their digests) runs on
 # threads below the event loop's priority, so that it never holds the CPU a
-# fault being served needs (wsd.kernel.sched).  Shared by every session; the
+# fault being served needs (wsd.priority).  Shared by every session; the
 # threads start on first use and never keep the process alive.
-_BACKGROUND = LifoPool(threads=2, name="wsd-evict", nice=BACKGROUND_NICE)
+_BACKGROUND = LifoPool(threads=2, name="wsd-evict", background=True)
 
 T = TypeVar("T")
 
@@ -209,7 +209,6 @@ class Evictor:
         Returns the bytes stored.
         """
         ctx = self.ctx
-        batch_pages = ctx.config.batch_pages
         pages_left = ctx.config.max_pages_per_window
         spent = 0
         for i, t in enumerate(ctx.tracker.regions):
@@ -218,6 +217,7 @@ class Evictor:
             if self.backoff.failed_now:
                 break  # one failed batch is enough to know the store is failing
             ps = t.region.page_size
+            batch_pages = max(1, min(ctx.config.batch_pages, ctx.config.max_batch_bytes // ps))
             limit = min(pages_left, pages_for_bytes(None if budget is None else budget - spent, ps))
             over_pages = limit if over is None else max(0, -(-over // ps))
             chosen = select(

@@ -13,18 +13,13 @@ from typing import Any, TypeVar
 
 import structlog
 
-from wsd.kernel import KernelError, set_thread_nice
+from wsd.kernel import KernelError
+from wsd.priority import enter_background
 from wsd.storage.errors import StoreClosed
 
 T = TypeVar("T")
 
 log = structlog.get_logger("wsd.storage")
-
-# The nice value of threads doing eviction's bulk work (sealing, compressing,
-# writing pages out): far enough above the event loop's 0 that a fault being
-# served preempts them at once (see wsd.kernel.sched), not so far that eviction
-# stops on a busy host (19 would leave them 1.5% of a CPU beside a busy vCPU).
-BACKGROUND_NICE = 10
 
 
 _Job = tuple[Callable[..., Any], tuple[object, ...], "concurrent.futures.Future[Any]"]
@@ -48,9 +43,9 @@ class _Worker:
         self._wake.set()
 
     def _run(self) -> None:
-        if self._pool.nice:
+        if self._pool.background:
             try:
-                set_thread_nice(self._pool.nice)
+                enter_background()
             except KernelError as e:
                 log.warning("worker thread keeps the default priority", error=str(e))
         job = self._job
@@ -94,11 +89,12 @@ class LifoPool:
     others are used only when work overlaps.
     """
 
-    def __init__(self, *, threads: int, name: str, nice: int = 0) -> None:
+    def __init__(self, *, threads: int, name: str, background: bool = False) -> None:
         self._max = threads
         self._name = name
-        self.nice = nice
-        """The nice value each worker sets for itself (0: left as inherited)."""
+        self.background = background
+        """Whether each worker steps below the priority it inherits (wsd.priority);
+        otherwise it runs at that of the thread that submitted its first job."""
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []  # a stack: the last to become idle is on top
         self._backlog: collections.deque[_Job] = collections.deque()
@@ -150,9 +146,9 @@ class Offload:
     a worker is done while it is still running.
     """
 
-    def __init__(self, *, backend: str, threads: int, nice: int = 0) -> None:
+    def __init__(self, *, backend: str, threads: int, background: bool = False) -> None:
         self._backend = backend
-        self._pool = LifoPool(threads=threads, name=f"wsd-{backend}", nice=nice)
+        self._pool = LifoPool(threads=threads, name=f"wsd-{backend}", background=background)
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
 

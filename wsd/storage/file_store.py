@@ -37,7 +37,7 @@ from typing import ClassVar, Final
 import numpy as np
 import xxhash
 
-from wsd.storage.concurrency import BACKGROUND_NICE, Offload
+from wsd.storage.concurrency import Offload
 from wsd.storage.config import FileStoreConfig
 from wsd.storage.errors import BudgetExceeded, EncryptionKeyError, StorageError, Where
 from wsd.storage.file_codec import FileCodec, ReadPages, SealedBatch
@@ -173,8 +173,8 @@ class FileStore(StoreBase):
         self._key_check = key_check_value(key) if key is not None else None
         self._clock = clock
         self._lock_fd = lock_fd
-        # Writes, syncs and removals run below the loop's priority (BACKGROUND_NICE).
-        self._offload = Offload(backend=name, threads=config.io_threads, nice=BACKGROUND_NICE)
+        # Writes, syncs and removals run below the loop's priority (wsd.priority).
+        self._offload = Offload(backend=name, threads=config.io_threads, background=True)
         # Reads have threads of their own, at the loop's priority: a get serves
         # a vCPU blocked in a fault and must never queue behind an eviction's
         # writes and fsyncs.

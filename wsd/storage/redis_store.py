@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from wsd.storage.concurrency import BACKGROUND_NICE, Offload
+from wsd.storage.concurrency import Offload
 from wsd.storage.config import RedisStoreConfig
 from wsd.storage.errors import StorageError, StorageFull, TierUnavailable, Where
 from wsd.storage.page import (
@@ -81,7 +81,7 @@ class RedisStore(StoreBase):
         self._offload = Offload(backend=name, threads=2)
         # Sealing puts (checksums, AES-GCM) runs below the loop's priority;
         # opening fetched pages, which serve faults, does not.
-        self._sealing = Offload(backend=name, threads=2, nice=BACKGROUND_NICE)
+        self._sealing = Offload(backend=name, threads=2, background=True)
 
     @classmethod
     async def open(

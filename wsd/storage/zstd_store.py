@@ -16,7 +16,7 @@ from typing import ClassVar, Final
 
 import zstandard
 
-from wsd.storage.concurrency import BACKGROUND_NICE, Offload
+from wsd.storage.concurrency import Offload
 from wsd.storage.config import ZstdStoreConfig
 from wsd.storage.errors import BudgetExceeded, IntegrityError
 from wsd.storage.page import (
@@ -104,9 +104,9 @@ class ZstdStore(StoreBase):
         self._codec = PageCodec(backend=name, compressor=_ThreadCompressor(config.level))
         self._clock = clock
         self._offload = Offload(backend=name, threads=config.threads)
-        # Compression for puts runs below the loop's priority (BACKGROUND_NICE);
+        # Compression for puts runs below the loop's priority (wsd.priority);
         # gets, which serve faults, keep their own threads at the loop's.
-        self._sealing = Offload(backend=name, threads=config.threads, nice=BACKGROUND_NICE)
+        self._sealing = Offload(backend=name, threads=config.threads, background=True)
         self._regions: dict[tuple[str, int], dict[int, _Entry]] = {}
         self._page_sizes: dict[tuple[str, int], int] = {}
         # Oldest put first: re-putting a page moves it to the end (dicts keep order).
