@@ -562,6 +562,8 @@ class Daemon:
             if self.draining.get(session.vm_id) is session:
                 del self.draining[session.vm_id]
             await session.faults.close()
+            if session.evictor.parking is not None:
+                session.evictor.parking.close()  # no punch is in flight between steps
             loop = asyncio.get_running_loop()
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(session.tracker.uffd.fd)

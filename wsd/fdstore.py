@@ -10,6 +10,14 @@ resumes the session from its persisted description and page map.
 
 Names are ``wsd.<vm_id>.uffd`` and ``wsd.<vm_id>.mem<k>``; a ``:`` in a vm_id
 (the separator of ``$LISTEN_FDNAMES``) is written ``%3A``.
+
+In wp-async mode a session also parks the pipes its verified punches use
+(``wsd.<vm_id>.held<k>``), once: for the 0.6 ms of a punch they hold the
+only copy of writes that raced it (:mod:`wsd.evictor.held`).  systemd reads
+its notify socket before it handles a service's death (src/core/manager.c
+gives the notify event source a higher priority than SIGCHLD "so that we can
+still identify to which service an exit message belongs"), so an
+``FDSTORE=1`` sent before a SIGKILL counts.
 """
 
 from __future__ import annotations
@@ -50,6 +58,30 @@ def store(vm_id: str, uffd: int, memfds: Sequence[int]) -> bool:
     return ok
 
 
+def held_names(vm_id: str, count: int, first: int = 0) -> list[str]:
+    """The store names of verified-punch pipes ``first`` to ``first + count - 1``."""
+    base = PREFIX + _quote(vm_id)
+    return [f"{base}.held{k}" for k in range(first, first + count)]
+
+
+def store_held(vm_id: str, pipes: Sequence[int], first: int = 0) -> int:
+    """Park read ends of verified-punch pipes as parts ``first``, ``first + 1``...;
+    how many went out (fewer than all: no store, or the send failed).
+
+    ``FDPOLL=0`` matters more here than for the session's fds: a pipe whose
+    writer died polls as hung up, and systemd would drop it.
+    """
+    for k, (name, fd) in enumerate(zip(held_names(vm_id, len(pipes), first), pipes, strict=True)):
+        if not sdnotify.notify("FDSTORE=1", f"FDNAME={name}", "FDPOLL=0", fds=[fd]):
+            return k
+    return len(pipes)
+
+
+def remove_held(vm_id: str, count: int, first: int = 0) -> None:
+    for name in held_names(vm_id, count, first):
+        sdnotify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
 def remove(vm_id: str, memfds: int) -> None:
     """Take a session's fds out of the store (its session ended for good)."""
     for name in names(vm_id, memfds):
@@ -61,6 +93,7 @@ class StoredSession:
     vm_id: str
     uffd: int | None = None
     memfds: dict[int, int] = field(default_factory=dict)
+    held: dict[int, int] = field(default_factory=dict)  # a verified punch's pipes, by part
     extra: list[int] = field(default_factory=list)  # every fd received for it
 
     def complete(self) -> bool:
@@ -110,6 +143,11 @@ def parse(named: Sequence[tuple[str, int]]) -> dict[str, StoredSession]:
             if s.uffd is not None:
                 broken.add(vm_id)
             s.uffd = fd
+        elif kind.startswith("held"):
+            k = int(kind[4:])
+            if k in s.held:
+                broken.add(vm_id)
+            s.held[k] = fd
         else:
             k = int(kind[3:])
             if k in s.memfds:
@@ -122,6 +160,7 @@ def parse(named: Sequence[tuple[str, int]]) -> dict[str, StoredSession]:
             for fd in s.extra:
                 os.close(fd)
             remove(s.vm_id, max(s.memfds, default=-1) + 1)
+            remove_held(s.vm_id, max(s.held, default=-1) + 1)
             del sessions[s.vm_id]
     return sessions
 
@@ -130,6 +169,7 @@ def _split(name: str) -> tuple[str | None, str]:
     if not name.startswith(PREFIX):
         return None, ""
     base, _, kind = name[len(PREFIX) :].rpartition(".")
-    if not base or not (kind == "uffd" or (kind.startswith("mem") and kind[3:].isdigit())):
+    numbered = any(kind.startswith(k) and kind[len(k) :].isdecimal() for k in ("mem", "held"))
+    if not base or not (kind == "uffd" or numbered):
         return None, ""
     return _unquote(base), kind

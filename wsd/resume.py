@@ -18,7 +18,7 @@ fds out of the store and delete the description and the page map.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +27,12 @@ import numpy.typing as npt
 import structlog
 
 from wsd import fdstore, recovery
+from wsd.evictor import held as evictor_held
 from wsd.evictor import pagemap
 from wsd.kernel import Feature, KernelFeatures, close_fds, process_start_ticks
 from wsd.recovery import RecoveryError, SessionRecord
 from wsd.storage import PageNamespace, PageStore, StorageError
-from wsd.tracker.mode import LIMITATIONS, REGISTER, ModeDecision
+from wsd.tracker.mode import LIMITATIONS, REGISTER, ModeDecision, TrackingMode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.protocol import Region
 
@@ -116,7 +117,9 @@ async def resume(
         unpark(state_dir, vm_id, len(memfds))
         return None
     try:
-        tracker = adopt(record, vmap, stored.uffd, memfds, kernel=kernel, clock=clock)
+        tracker = adopt(
+            record, vmap, stored.uffd, memfds, kernel=kernel, clock=clock, held=stored.held
+        )
     except BaseException:
         close_fds(memfds)
         raise
@@ -131,8 +134,14 @@ def adopt(
     *,
     kernel: KernelFeatures,
     clock: Callable[[], float] = time.monotonic,
+    held: Mapping[int, int] | None = None,
 ) -> VmTracker:
-    """Track ``record``'s session again with its uffd and memfds (owns the uffd)."""
+    """Track ``record``'s session again with its uffd and memfds (owns the uffd).
+
+    ``held``: the pipes of a verified punch the previous wsd died in (fd
+    store part -> fd, owned here), put back before anything else reads the
+    memfd, so that their pages count as resident.
+    """
     decision = ModeDecision(
         record.mode, REGISTER[record.mode], "resumed from a previous wsd", LIMITATIONS[record.mode]
     )
@@ -149,6 +158,10 @@ def adopt(
         vanished=record.vanished,
     )
     try:
+        if held:
+            wp = record.mode is TrackingMode.WP_ASYNC
+            evictor_held.put_back(tracker, held, wp=wp)
+            held = None
         evicted = 0
         for i, t in enumerate(tracker.regions):
             listed, gens = _listed(vmap, i, t.region)
@@ -156,6 +169,8 @@ def adopt(
             evicted += t.state.evicted_pages
     except BaseException:
         tracker.close()
+        if held:
+            close_fds(list(held.values()))
         raise
     log.info("session resumed", vm_id=record.vm_id, mode=str(record.mode), evicted_pages=evicted)
     return tracker

@@ -115,6 +115,11 @@ def notify(*fields: str, fds: Sequence[int] = ()) -> bool:
     return _default.notify(*fields, fds=fds)
 
 
+def present() -> bool:
+    """Whether there is a ``$NOTIFY_SOCKET`` to send to."""
+    return bool(_default.environ.get("NOTIFY_SOCKET"))
+
+
 def ready(status: str | None = None) -> bool:
     return _default.ready(status)
 

@@ -11,6 +11,7 @@ one interval.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from wsd import fdstore, resume
 from wsd.daemon import Daemon
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.kernel import HeldPages, Userfaultfd, probe_kernel
 from wsd.storage import (
     FileStoreConfig,
     PageNamespace,
@@ -33,7 +36,9 @@ from wsd.testing.arming import track_puppet
 from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, hammer, hammer_daemon
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.testing.running import serving_faults
+from wsd.testing.supervisor import Supervisor
 from wsd.tracker.mode import TrackingMode
+from wsd.tracker.session import VmTracker
 from wsd.tracker.state import Granularity
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -124,3 +129,78 @@ async def test_nothing_lost_hugetlb_wp_async(huge_128m: None, tmp_path: Path) ->
     async with wp_daemon(tmp_path, ZstdStoreConfig(budget_bytes=512 << 20), cfg) as d:
         c = await hammer(d, "wp-hammer-2m", "128M", 15, "--hugetlb", "--zipf-s", "1.3")
     assert c["mode"] == "wp-async" and c["granularity"] == str(Granularity.HUGE_2M)
+
+
+class Killed(BaseException):
+    """Where wsd dies: nothing in wsd catches it, as nothing survives a SIGKILL."""
+
+
+@pytest.mark.parametrize(
+    "dies_in",
+    [
+        pytest.param((HeldPages, "read_into"), id="before-reading-the-pipes"),
+        # After the pipes were read: reading must not have emptied them.
+        pytest.param((Userfaultfd, "copy"), id="at-the-first-put-back"),
+    ],
+)
+async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_in: tuple[type, str]
+) -> None:
+    """The pipes that hold raced writes across the punch are parked in the fd
+    store, and the resume of the session puts their pages back (wsd.evictor.held)."""
+    sup = Supervisor([], tmp_path)  # only its notify socket and fd store
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
+    vm_id = "wp-kill"
+    try:
+        with PuppetVMM.spawn(4 << 20) as puppet:
+            tracker = track_puppet(puppet, vm_id=vm_id)
+            store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+            resumed: VmTracker | None = None
+            try:
+                resume.park(tmp_path, vm_id, puppet.pid, tracker, [puppet.memfd])
+                await tracker.cycle()
+                raced = [3, 4, 40]
+                ctx = VmContext(
+                    vm_id,
+                    tracker,
+                    WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
+                    EvictorConfig(),
+                )
+                ev = Evictor(ctx, state_dir=tmp_path)
+                pages = np.arange(0, 64, dtype=np.int64)
+
+                def killed(*args: object, **kwargs: object) -> None:
+                    raise Killed
+
+                with monkeypatch.context() as m:
+                    m.setattr(*dies_in, killed)
+                    with pytest.raises(Killed):
+                        await ev.evict_batch(0, tracker.regions[0], pages)
+                assert not tracker.regions[0].resident()[pages].any(), "not punched"
+                sup.kill()  # no process; reads what was sent first, as systemd does
+                names = sorted(sup.stored_names())
+                assert names == [f"wsd.{vm_id}.held0", f"wsd.{vm_id}.mem0", f"wsd.{vm_id}.uffd"]
+                # What a restarted wsd gets: copies of the store's fds.
+                stored = fdstore.parse([(n, os.dup(fd)) for n, fd in sup.stored])[vm_id]
+                back = await resume.resume(
+                    stored, state_dir=tmp_path, store=store, kernel=probe_kernel()
+                )
+                assert back is not None
+                resumed = back.tracker
+                state = resumed.regions[0].state
+                assert (
+                    state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
+                )
+                sup.kill()
+                assert f"wsd.{vm_id}.held0" not in sup.stored_names(), "pipes left in the store"
+                # Every page is back in place: reading them faults nothing.
+                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
+                assert [p for p, v in enumerate(versions) if v == 7] == raced
+                assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
+            finally:
+                await store.close()
+                tracker.close()
+                if resumed is not None:
+                    resumed.close()
+    finally:
+        sup.close()

@@ -45,7 +45,7 @@ from wsd.storage.concurrency import LifoPool
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
 
-from . import guards, pagemap
+from . import guards, held, pagemap
 from .context import VmContext
 from .guards import guard_reason
 from .outage import StoreBackoff
@@ -120,6 +120,9 @@ class Evictor:
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
         self._prepared: list[Prepared] = []
         self._scratch = bytearray()  # wp-async: final bytes of the pages being punched
+        # wp-async: a session that can survive a crash (it has state) parks the
+        # verified punch's pipes across the punch (held.py).
+        self.parking = held.Parking(ctx.vm_id) if state_dir is not None else None
         # The page map must be rewritten (pages removed by the VMM); writes of
         # it are serialised, so an older snapshot never replaces a newer one.
         self.map_dirty = False
@@ -389,11 +392,19 @@ class Evictor:
         ``stored``: the digests of the bytes stored (:func:`~.transaction.digest`).
         """
         ctx = self.ctx
+        parking = self.parking if self.parking is not None and self.parking.available else None
         try:
             outcome = punch_verified(
-                ctx.tracker.uffd, t.memfd, t.region, pages, stored, scratch=self._scratch
+                ctx.tracker.uffd,
+                t.memfd,
+                t.region,
+                pages,
+                stored,
+                scratch=self._scratch,
+                parking=parking,
+                label=held.label(i, t.region.page_size, pages) if parking else b"",
             )
-        except KernelError as e:
+        except (KernelError, held.ParkingFailed) as e:
             log.error("evicting pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
             return 0
         evicted = outcome.evicted

@@ -16,13 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 from typing_extensions import Buffer
 
-from wsd.kernel import HeldPages, KernelError, Userfaultfd, data_ranges, pread_into, punch_hole
+from wsd.kernel import (
+    HeldPages,
+    KernelError,
+    PipePool,
+    Userfaultfd,
+    data_ranges,
+    pread_into,
+    punch_hole,
+)
 from wsd.vmm.protocol import Region
 
 
@@ -113,6 +122,16 @@ def digests(data: Mapping[int, bytes]) -> dict[int, bytes]:
     return {offset: digest(page) for offset, page in data.items()}
 
 
+class PipeParking(Protocol):
+    """Pipes for verified punches that outlive wsd (:mod:`.held`)."""
+
+    @property
+    def pool(self) -> PipePool: ...
+
+    def park(self) -> None:
+        """Make sure every pipe of :attr:`pool` outlives wsd; raise if not."""
+
+
 def punch_verified(
     uffd: Userfaultfd,
     memfd: int,
@@ -121,6 +140,8 @@ def punch_verified(
     stored: Mapping[int, bytes],
     *,
     scratch: bytearray | None = None,
+    parking: PipeParking | None = None,
+    label: bytes = b"",
 ) -> VerifiedPunch:
     """Punch ``pages`` (ascending) with no window, losing no write that races the punch.
 
@@ -139,13 +160,28 @@ def punch_verified(
     ``scratch``, reused across calls, saves faulting in a fresh buffer each
     time; it grows as needed.
 
+    From the punch until the put-back the final bytes of a raced page exist
+    only in the pipes.  With ``parking`` the pipes come from its pool, which
+    is parked before the punch; ``label`` goes first in them, to make them
+    readable alone, and they are read without being emptied.  They are
+    emptied after the last put-back; not on an error in between, where they
+    may hold all that is left.
+
     Raises :class:`KernelError` if the references cannot be taken; then
     nothing was punched.
     """
     ps = region.page_size
     spans = runs(pages)
     errors: list[str] = []
-    with HeldPages(memfd, [(region.offset + f * ps, n * ps) for f, n in spans], ps) as held:
+    spans_bytes = [(region.offset + f * ps, n * ps) for f, n in spans]
+    pool = parking.pool if parking is not None else None
+    with HeldPages(memfd, spans_bytes, ps, label=label if pool else b"", pool=pool) as held:
+        if parking is not None:
+            try:
+                parking.park()
+            except BaseException:
+                held.release()  # nothing punched
+                raise
         try:
             punch_and_wake(uffd, memfd, region, pages)
         except KernelError as e:
@@ -174,6 +210,8 @@ def punch_verified(
             errors.append(f"page {page} was repopulated behind the uffd; kept as found")
         except KernelError as e:
             errors.append(f"page {page}: {e}")
+    if pool is not None:
+        held.release()
     return VerifiedPunch(
         evicted=pages[punched & same],
         raced=pages[punched & ~same],

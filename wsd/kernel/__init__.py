@@ -11,7 +11,7 @@ from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
-from .pins import HeldPages, read_pipe
+from .pins import HeldPages, PipePool, peek_pipe
 from .procfs import FileId, effective_uid, file_id, mappers_of, pinned_bytes
 from .sched import set_thread_nice, thread_nice
 from .scm import recv_with_fds, send_with_fds
@@ -60,6 +60,7 @@ __all__ = [
     "PageCategory",
     "PageFault",
     "Pagemap",
+    "PipePool",
     "RegisterMode",
     "RegisterProbe",
     "RemapEvent",
@@ -81,6 +82,7 @@ __all__ = [
     "memfd_create",
     "open_userfaultfd",
     "oserror",
+    "peek_pipe",
     "pidfd_getfd",
     "pidfd_open",
     "pinned_bytes",
@@ -91,7 +93,6 @@ __all__ = [
     "process_start_ticks",
     "punch_hole",
     "pwrite",
-    "read_pipe",
     "recv_with_fds",
     "require_features",
     "send_with_fds",

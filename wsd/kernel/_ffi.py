@@ -63,6 +63,7 @@ int fstatfs(int fd, void *buf);
 
 struct iovec { void *iov_base; size_t iov_len; };
 ssize_t vmsplice(int fd, const struct iovec *iov, size_t nr_segs, unsigned int flags);
+ssize_t tee(int fd_in, int fd_out, size_t len, unsigned int flags);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
 int munmap(void *addr, size_t length);
 

@@ -22,10 +22,12 @@ uffd, so taking the references traps nothing, and it is unmapped right after.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
 import os
+import termios
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self
@@ -35,7 +37,7 @@ from typing_extensions import Buffer
 from ._ffi import ffi, libc
 from .errors import AddressRange, KernelError, oserror
 
-__all__ = ["HeldPages", "read_pipe"]
+__all__ = ["HeldPages", "PipePool", "peek_pipe"]
 
 SPLICE_F_NONBLOCK = 0x02
 PROT_READ = 0x1
@@ -58,14 +60,48 @@ def _pipe_bytes() -> int:
 class _Pipe:
     def __init__(self) -> None:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.held = 0
+        self.held = 0  # bytes in it, the label's included
         # Over the per-user pipe quota a smaller pipe still works.
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, _pipe_bytes())
+        self.capacity = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
 
     def close(self) -> None:
         os.close(self.r)
         os.close(self.w)
+
+
+class PipePool:
+    """Pipes that :class:`HeldPages` fills and empties again, for a caller that
+    must keep them somewhere else too (systemd's fd store) and would rather
+    hand them over once than at every use.
+
+    With a pool, reading held pages does not consume them: :meth:`HeldPages.read_into`
+    duplicates each pipe's buffers into a scratch pipe with ``tee(2)``, which
+    takes references and copies nothing, and reads that.  The pool's pipes
+    keep the pages until :meth:`HeldPages.release`.
+    """
+
+    def __init__(self) -> None:
+        self.pipes: list[_Pipe] = []
+        self._scratch: _Pipe | None = None
+
+    @property
+    def read_ends(self) -> list[int]:
+        return [pipe.r for pipe in self.pipes]
+
+    def scratch(self) -> _Pipe:
+        if self._scratch is None:
+            self._scratch = _Pipe()
+        return self._scratch
+
+    def close(self) -> None:
+        pipes, self.pipes = self.pipes, []
+        if self._scratch is not None:
+            pipes.append(self._scratch)
+            self._scratch = None
+        for pipe in pipes:
+            pipe.close()
 
 
 class _NoSpliceRead(Exception):
@@ -81,45 +117,76 @@ class HeldPages:
 
     ``label``, if any, is written into the first pipe ahead of the pages, so
     that the pipes describe themselves to whoever reads them without this
-    object (:func:`read_pipe`, after a crash); :meth:`read_into` skips it.
+    object (:func:`peek_pipe`, after a crash); :meth:`read_into` skips it.
     It must fit in a pipe (64 KiB at least).
+
+    ``pool``: take the pipes from it (growing it when it has too few), read
+    them without consuming them, and leave them open; :meth:`release` empties
+    them for the next use.  Its pipes must be empty.
     """
 
     def __init__(
-        self, fd: int, spans: Sequence[tuple[int, int]], page_size: int, *, label: bytes = b""
+        self,
+        fd: int,
+        spans: Sequence[tuple[int, int]],
+        page_size: int,
+        *,
+        label: bytes = b"",
+        pool: PipePool | None = None,
     ) -> None:
         self.fd = fd
         self.length = sum(n for _, n in spans)
+        self._pool = pool
         self._pipes: list[_Pipe] = []
         self._label = len(label)
+        if pool is not None and any(p.held for p in pool.pipes):
+            raise KernelError(errno.EBUSY, "splice", detail="the pipe pool still holds pages")
         if not spans:
             return
         try:
             if label:
-                self._pipes.append(_Pipe())
-                written = os.write(self._pipes[0].w, label)
+                first = self._next_pipe()
+                written = os.write(first.w, label)
                 if written != len(label):
                     raise KernelError(errno.EMSGSIZE, "write(pipe)", detail="label too long")
+                first.held += written
             try:
                 for offset, length in spans:
                     self._hold(offset, length, self._splice_file)
             except _NoSpliceRead:
                 self._hold_mapped(spans, page_size)
+            if pool is not None:
+                # tee(2) cannot resume part way, so the scratch pipe must take a
+                # whole pipe at once: checked here, before anything is punched.
+                scratch = pool.scratch()
+                if any(p.capacity > scratch.capacity for p in self._pipes):
+                    raise KernelError(
+                        errno.ENOSPC, "tee", detail="scratch pipe smaller than a pipe"
+                    )
         except BaseException:
-            self.close()
+            self.release()
             raise
+
+    def _next_pipe(self) -> _Pipe:
+        pool = self._pool
+        if pool is not None and len(self._pipes) < len(pool.pipes):
+            pipe = pool.pipes[len(self._pipes)]
+        else:
+            pipe = _Pipe()
+            if pool is not None:
+                pool.pipes.append(pipe)
+        self._pipes.append(pipe)
+        return pipe
 
     def _hold(self, pos: int, length: int, splice: Callable[[int, int, int], int]) -> None:
         """Move references to ``length`` bytes at ``pos`` into pipes, adding pipes as they fill."""
         done = 0
         while done < length:
-            if not self._pipes:
-                self._pipes.append(_Pipe())
-            pipe = self._pipes[-1]
+            pipe = self._pipes[-1] if self._pipes else self._next_pipe()
             try:
                 n = splice(pipe.w, pos + done, length - done)
             except BlockingIOError:  # this pipe is full
-                self._pipes.append(_Pipe())
+                self._next_pipe()
                 continue
             if n == 0:
                 where = AddressRange(pos + done, length - done)
@@ -168,41 +235,61 @@ class HeldPages:
             # The pipes hold the pages; our mapping of them is no longer needed.
             libc.munmap(addr, map_len)
 
-    @property
-    def read_ends(self) -> list[int]:
-        """The pipes' read ends, in order: what must outlive this process to keep
-        the pages (the write ends are not needed to read them)."""
-        return [pipe.r for pipe in self._pipes]
-
     def read_into(self, buf: Buffer) -> None:
-        """Copy every held byte into ``buf`` (at least :attr:`length` bytes), releasing them."""
+        """Copy every held byte into ``buf`` (at least :attr:`length` bytes).
+
+        Without a pool this releases the pages; with one they stay held.
+        """
         view = memoryview(buf).cast("B")
         if len(view) < self.length:
             raise ValueError(f"buffer of {len(view)} bytes for {self.length} held")
-        if self._label:
-            _drain(self._pipes[0].r, memoryview(bytearray(self._label)))
-            self._label = 0
         pos = 0
+        skip = self._label
         for pipe in self._pipes:
-            end = pos + pipe.held
-            while pos < end:
-                try:
-                    pos += os.readv(pipe.r, [view[pos:end]])
-                except OSError as e:
-                    raise oserror("read(pipe)", e.errno or errno.EIO, fd=pipe.r) from e
-            pipe.held = 0
+            source = pipe.r
+            if self._pool is not None:
+                source = self._pool.scratch().r
+                _tee(pipe.r, self._pool.scratch().w, pipe.held)
+            if skip:
+                _drain(source, memoryview(bytearray(skip)))
+            end = pos + pipe.held - skip
+            _drain(source, view[pos:end])
+            pos, skip = end, 0
+            if self._pool is None:
+                pipe.held = 0
+
+    def release(self) -> None:
+        """Drop every reference still held (a pool's pipes are emptied, not closed)."""
+        pipes, self._pipes = self._pipes, []
+        if self._pool is None:
+            for pipe in pipes:
+                pipe.close()
+            return
+        for pipe in pipes:
+            if pipe.held:
+                _read_all(pipe.r)
+                pipe.held = 0
 
     def close(self) -> None:
-        """Drop every reference still held."""
-        pipes, self._pipes = self._pipes, []
-        for pipe in pipes:
-            pipe.close()
+        """Without a pool, :meth:`release`; with one, nothing: the pipes may hold the only
+        copy of something (a failure after a punch), and the pool's owner decides."""
+        if self._pool is None:
+            self.release()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tee(src: int, dst: int, length: int) -> None:
+    """Duplicate all ``length`` bytes of pipe ``src`` into the empty pipe ``dst``."""
+    n = int(libc.tee(src, dst, length, SPLICE_F_NONBLOCK))
+    if n < 0:
+        raise oserror("tee", ffi.errno, fd=src)
+    if n != length:
+        raise KernelError(errno.EIO, "tee", fd=src, detail=f"{n} of {length} bytes")
 
 
 def _drain(fd: int, view: memoryview) -> None:
@@ -217,18 +304,43 @@ def _drain(fd: int, view: memoryview) -> None:
         pos += n
 
 
-def read_pipe(fd: int) -> bytes:
-    """Everything a pipe holds, from a read end whose write ends are all closed
-    (a :class:`HeldPages` pipe that outlived its process)."""
-    chunks = []
+def peek_pipe(fd: int) -> bytes:
+    """Everything the pipe ``fd`` (a read end) holds, left in it.
+
+    For a :class:`HeldPages` pipe that outlived its process: what it holds
+    may be the only copy, so it is read from a ``tee(2)`` of it, and stays
+    until the caller closes it.
+    """
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+        size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except OSError as e:
+        raise oserror("ioctl(FIONREAD)", e.errno or errno.EIO, fd=fd) from e
+    if not count[0]:
+        return b""
+    scratch = _Pipe()
+    try:
+        if scratch.capacity < size:
+            try:
+                fcntl.fcntl(scratch.w, fcntl.F_SETPIPE_SZ, size)
+            except OSError as e:
+                raise oserror("fcntl(F_SETPIPE_SZ)", e.errno or errno.EIO, fd=fd) from e
+        _tee(fd, scratch.w, count[0])
+        out = bytearray(count[0])
+        _drain(scratch.r, memoryview(out))
+        return bytes(out)
+    finally:
+        scratch.close()
+
+
+def _read_all(fd: int) -> None:
+    """Empty a pipe whose writer is ours (nothing more will come)."""
     while True:
         try:
-            data = os.read(fd, 1 << 20)
+            if not os.read(fd, 1 << 20):
+                return
         except BlockingIOError:
-            break  # a writer is still open somewhere: what is there is all there is
+            return
         except OSError as e:
             raise oserror("read(pipe)", e.errno or errno.EIO, fd=fd) from e
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)

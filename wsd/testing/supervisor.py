@@ -50,6 +50,8 @@ class Supervisor:
         self.stored: list[tuple[str, int]] = []
         self.statuses: list[str] = []
         self._ready = threading.Event()
+        self._synced = threading.Condition(self._lock)
+        self._syncs = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._closing = False
@@ -68,6 +70,9 @@ class Supervisor:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             with self._lock:
+                if "WSD_SUPERVISOR_SYNC" in fields:
+                    self._syncs = int(fields["WSD_SUPERVISOR_SYNC"])
+                    self._synced.notify_all()
                 if fields.get("FDSTORE") == "1":
                     name = fields.get("FDNAME", "stored")
                     self.stored.extend((name, fd) for fd in fds)
@@ -83,6 +88,18 @@ class Supervisor:
                 os.close(fd)
             if fields.get("READY") == "1":
                 self._ready.set()
+
+    def _drain(self, timeout: float = 30.0) -> None:
+        """Handle every message already sent, as systemd does before it acts on a
+        service's death: the notify socket is read before SIGCHLD is.  A dead
+        service's last ``FDSTORE=1`` may still sit in the socket's queue."""
+        with self._lock:
+            want = self._syncs + 1
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(f"WSD_SUPERVISOR_SYNC={want}".encode(), str(self.notify_path))
+        with self._lock:
+            if not self._synced.wait_for(lambda: self._syncs >= want, timeout):
+                raise RuntimeError("the notify socket was not drained")
 
     def stored_names(self) -> list[str]:
         with self._lock:
@@ -124,6 +141,7 @@ class Supervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        self._drain()
 
     def stop(self, timeout: float = 300.0) -> int:
         """SIGTERM and wait: a clean stop."""

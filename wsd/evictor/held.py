@@ -1,0 +1,191 @@
+"""The verified punch's pipes, parked in systemd's fd store: raced writes survive a kill.
+
+In wp-async mode a page written between its read and its punch has its final
+bytes only in the pipe that held it across the punch (:class:`HeldPages`),
+from the punch until :func:`~.transaction.punch_verified` puts it back with
+``UFFDIO_COPY``: about 0.6 ms per chunk.  A wsd killed there used to lose
+the write: its successor saw a hole listed as evicted and served the older
+stored copy (CI, 2026-11-26: "page 3487: expected version 22, found 21").
+
+So the pipes outlive wsd.  Each session takes them from its own
+:class:`PipePool`, parked in the fd store once, when the pool grows, rather
+than at every punch (two datagrams to PID 1 per chunk would be thousands a
+second).  A chunk's first pipe starts with a label naming the region and its
+pages.  Reading the pages back does not consume them (``tee(2)``); the
+pipes are emptied only after the last put-back.  A restarted wsd therefore
+finds, in the pipes it gets back, either nothing, or a chunk in flight, or
+the remains of one being filled or emptied (not a whole chunk: nothing of it
+was punched, or all of it was put back).  For a whole chunk :func:`put_back`
+installs every labelled page whose memfd offset is still a hole: that brings
+back a raced page's final bytes and, for the others, the bytes that were
+stored, equally current.  A page that holds data was never punched or was put
+back already, and the memfd is newer than any pipe.  Without an fd store (no
+systemd, or a VMM that re-attaches) the window stays; docs/reliability.md
+says so.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from wsd import fdstore, sdnotify
+from wsd.kernel import KernelError, PipePool, close_fds, peek_pipe
+from wsd.tracker.session import VmTracker
+
+log = structlog.get_logger("wsd.evictor")
+
+_MAGIC = b"wsdheld1"
+_HEAD = struct.Struct("<8sIII")  # magic, region index, page size, page count
+
+
+class HeldLabelError(ValueError):
+    """Bytes that are not a verified punch's pipes, or not all of them."""
+
+
+def label(region: int, page_size: int, pages: npt.NDArray[np.int64]) -> bytes:
+    """What goes ahead of the pages in a chunk's first pipe (1 KiB for 128 pages)."""
+    return _HEAD.pack(_MAGIC, region, page_size, len(pages)) + pages.astype("<u8").tobytes()
+
+
+@dataclass(frozen=True)
+class HeldChunk:
+    region: int
+    page_size: int
+    pages: npt.NDArray[np.int64]
+    data: bytes
+    """The pages' bytes, in the order of ``pages``."""
+
+    def page(self, k: int) -> memoryview:
+        return memoryview(self.data)[k * self.page_size : (k + 1) * self.page_size]
+
+
+def parse(data: bytes) -> HeldChunk:
+    """A chunk from the concatenated contents of its pipes, in order."""
+    if len(data) < _HEAD.size:
+        raise HeldLabelError(f"{len(data)} bytes, shorter than a label")
+    magic, region, page_size, count = _HEAD.unpack_from(data)
+    if magic != _MAGIC:
+        raise HeldLabelError(f"no label (starts with {data[:8]!r})")
+    body = _HEAD.size + 8 * count
+    if page_size <= 0 or len(data) != body + count * page_size:
+        raise HeldLabelError(
+            f"{count} pages of {page_size} bytes labelled, {len(data) - body} bytes held"
+        )
+    pages = np.frombuffer(data, "<u8", count, _HEAD.size).astype(np.int64)
+    return HeldChunk(region, page_size, pages, data[body:])
+
+
+class ParkingFailed(Exception):
+    """The pipes could not all be parked: the punch must not happen."""
+
+
+@dataclass
+class Parking:
+    """One session's verified-punch pipes, and which of them the fd store has."""
+
+    vm_id: str
+    available: bool = field(default_factory=sdnotify.present)
+    """Whether there is a store: without one (not under systemd) the session
+    does not survive a crash anyway, and nothing is parked."""
+    pool: PipePool = field(default_factory=PipePool)
+    parked: int = 0
+    """The pool's first pipes that are in the store."""
+
+    def park(self) -> None:
+        """Hand the store the pool's pipes it does not have yet (the pool grew).
+
+        Raises :class:`ParkingFailed` if it did not take them all.
+        """
+        new = self.pool.read_ends[self.parked :]
+        if not self.available or not new:
+            return
+        n = fdstore.store_held(self.vm_id, new, first=self.parked)
+        if n < len(new):
+            fdstore.remove_held(self.vm_id, n, first=self.parked)
+            raise ParkingFailed(f"the fd store took {n} of {len(new)} pipes")
+        self.parked += n
+
+    def close(self) -> None:
+        """The session ended: out of the store, closed (nothing is held between punches)."""
+        if self.parked:
+            fdstore.remove_held(self.vm_id, self.parked)
+            self.parked = 0
+        self.pool.close()
+
+
+def put_back(tracker: VmTracker, held: Mapping[int, int], *, wp: bool) -> dict[int, list[int]]:
+    """Install the pages a killed wsd left in its parked pipes (``held``: part
+    -> fd, owned and closed here) where their memfd offset is a hole; by
+    region, the pages put back.  Runs before any fault is served.  The pipes
+    are read without being emptied and leave the fd store only once done, so
+    a crash in here repeats it."""
+    fds = [held[k] for k in sorted(held)]
+    done: dict[int, list[int]] = {}
+    try:
+        # Parts go into the store in order, each before any punch that uses
+        # it, so a punch used parts 0..k, and they are all there.
+        prefix: list[int] = []
+        while len(prefix) in held:
+            prefix.append(held[len(prefix)])
+        data = b"".join(peek_pipe(fd) for fd in prefix)
+        chunk = parse(data) if data else None  # nothing: no punch was in flight
+    except HeldLabelError as e:
+        # Pipes being filled (nothing punched yet) or emptied (everything put
+        # back): their pages are all where they belong.
+        log.info("parked pipes held no whole chunk", vm_id=tracker.vm_id, detail=str(e))
+        chunk = None
+    except KernelError as e:
+        log.error("parked pipes of a verified punch unreadable", vm_id=tracker.vm_id, error=str(e))
+        chunk = None
+    try:
+        if chunk is not None:
+            done = _install(tracker, chunk, wp=wp)
+    finally:
+        close_fds(fds)
+    fdstore.remove_held(tracker.vm_id, max(held, default=-1) + 1)
+    for region, pages in done.items():
+        log.warning(
+            "pages held across a punch when wsd died put back",
+            vm_id=tracker.vm_id,
+            region=region,
+            pages=len(pages),
+        )
+    return done
+
+
+def _install(tracker: VmTracker, chunk: HeldChunk, *, wp: bool) -> dict[int, list[int]]:
+    done: dict[int, list[int]] = {}
+    try:
+        if not 0 <= chunk.region < len(tracker.regions):
+            raise HeldLabelError(f"region {chunk.region} of {len(tracker.regions)}")
+        t = tracker.regions[chunk.region]
+        ps = t.region.page_size
+        if chunk.page_size != ps or (len(chunk.pages) and chunk.pages.max() >= t.npages):
+            raise HeldLabelError(f"pages that are not region {chunk.region}'s")
+        resident = t.resident()
+        for k, page in enumerate(chunk.pages.tolist()):
+            if resident[page]:
+                continue
+            try:
+                tracker.uffd.copy(t.region.host_virt_addr + page * ps, chunk.page(k), wp=wp)
+            except FileExistsError:
+                continue  # filled behind the uffd since: newer than ours
+            except KernelError as e:
+                log.error(
+                    "a page held across a punch could not be put back",
+                    vm_id=tracker.vm_id,
+                    region=chunk.region,
+                    page=page,
+                    error=str(e),
+                )
+                continue
+            done.setdefault(chunk.region, []).append(page)
+    except HeldLabelError as e:
+        log.error("parked pipes name pages the session has not", vm_id=tracker.vm_id, error=str(e))
+    return done
