@@ -17,13 +17,17 @@ import pytest
 from wsd.kernel import (
     REGION_DTYPE,
     FdKind,
+    HeldPages,
     KernelError,
     PageCategory,
     Pagemap,
+    PipePool,
     Userfaultfd,
     data_ranges,
     describe_fd,
+    map_shared,
     memfd_create,
+    peek_pipe,
     pidfd_getfd,
     pidfd_open,
     pread,
@@ -33,6 +37,7 @@ from wsd.kernel import (
     send_with_fds,
 )
 from wsd.kernel._ffi import ffi
+from wsd.testing.hammer import free_huge_pages
 from wsd.testing.running import wsd_cli
 
 pytestmark = pytest.mark.integration
@@ -208,3 +213,39 @@ def test_demo_runs_on_host() -> None:
     evicted = re.search(r"evicted pages\s+(\d+)", out)
     assert evicted and int(evicted.group(1)) > 0, out
     assert re.search(r'wsd_evicted_pages_total\{vm_id="demo"\} [1-9]', out), out
+
+
+@pytest.mark.parametrize("hugetlb", [False, True], ids=["shmem", "hugetlbfs"])
+def test_pooled_held_pages_keep_their_final_bytes_until_released(hugetlb: bool) -> None:
+    """With a pool and a label (wp-async under an fd store): the pipes hold the
+    label and the pages' final bytes, reading does not empty them, release does."""
+    ps = (2 << 20) if hugetlb else 4096
+    with free_huge_pages(4 if hugetlb else 0) as free:
+        if hugetlb and free < 4:
+            pytest.skip(f"only {free} free 2 MiB huge pages, 4 needed (not root?)")
+        fd = memfd_create("held", size=4 * ps, hugetlb_page_size=ps if hugetlb else None)
+        pool = PipePool()
+        try:
+            view = map_shared(fd, 4 * ps)
+            for k in range(4):
+                view[k * ps : (k + 1) * ps] = bytes([k + 1]) * ps
+            label = b"label:" + bytes(range(200))
+            with HeldPages(fd, [(0, ps), (2 * ps, ps)], ps, label=label, pool=pool) as held:
+                view[2 * ps] = 0xEE  # written before the punch: part of the final bytes
+                punch_hole(fd, 0, 4 * ps)
+                view.close()
+                final = bytearray(2 * ps)
+                held.read_into(final)
+            want = b"\x01" * ps + b"\xee" + b"\x03" * (ps - 1)
+            assert final == want
+            # Read, and closed as a context: with a pool both leave the pages held.
+            assert b"".join(peek_pipe(r) for r in pool.read_ends) == label + want
+            assert b"".join(peek_pipe(r) for r in pool.read_ends) == label + want
+            held.release()
+            assert all(peek_pipe(r) == b"" for r in pool.read_ends)
+            # Emptied, the pool serves the next chunk.
+            with HeldPages(fd, [(ps, ps)], ps, pool=pool) as again:
+                again.release()
+        finally:
+            pool.close()
+            os.close(fd)

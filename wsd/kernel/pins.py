@@ -200,7 +200,9 @@ class HeldPages:
         except BlockingIOError:
             raise
         except OSError as e:
-            if e.errno == errno.EINVAL and not any(p.held for p in self._pipes):
+            # EINVAL on the very first splice (only a label held so far): the
+            # file has no splice_read.
+            if e.errno == errno.EINVAL and sum(p.held for p in self._pipes) == self._label:
                 raise _NoSpliceRead from e
             raise oserror(
                 "splice", e.errno or errno.EIO, range=AddressRange(offset, length), fd=self.fd
