@@ -11,6 +11,7 @@ one interval.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -99,6 +100,44 @@ async def test_a_write_between_the_read_and_the_punch_is_put_back(tmp_path: Path
             assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
             # The raced pages never left the memfd; the others came back by fault.
             assert ctx.stats.fetched_pages == len(pages) - len(raced)
+        finally:
+            await store.close()
+            tracker.close()
+
+
+async def test_a_put_back_refused_with_eagain_goes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UFFDIO_COPY says EAGAIN while a life event is unread, and the verified
+    punch cannot wait for it: the raced bytes go in with pwrite instead."""
+    with PuppetVMM.spawn(4 << 20) as puppet:
+        tracker = track_puppet(puppet, vm_id="wp-eagain")
+        store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+        try:
+            await tracker.cycle()
+            raced = [5, 6, 90]
+            ctx = VmContext(
+                tracker.vm_id,
+                tracker,
+                WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
+                EvictorConfig(),
+            )
+            pages = np.arange(0, 128, dtype=np.int64)
+
+            def eagain(*args: object, **kwargs: object) -> int:
+                raise BlockingIOError(errno.EAGAIN, "mmap changing")
+
+            with monkeypatch.context() as m:
+                m.setattr(Userfaultfd, "copy", eagain)
+                done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
+            assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
+            faults = FaultService(ctx, asyncio.ensure_future)
+            with serving_faults(tracker, faults) as unhandled:
+                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
+            assert not unhandled
+            assert [p for p, v in enumerate(versions) if v == 7] == raced
+            assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
+            assert ctx.stats.zero_fills == 0
         finally:
             await store.close()
             tracker.close()

@@ -14,6 +14,7 @@ In ``wp-async`` mode step 4 is :func:`punch_verified`, which needs no window.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,8 +30,10 @@ from wsd.kernel import (
     PipePool,
     Userfaultfd,
     data_ranges,
+    map_shared,
     pread_into,
     punch_hole,
+    pwrite,
 )
 from wsd.vmm.protocol import Region
 
@@ -201,8 +204,19 @@ def punch_verified(
         if digest(now) == stored[page * ps]:
             same[k] = True
             continue
+        addr = region.host_virt_addr + page * ps
         try:
-            uffd.copy(region.host_virt_addr + page * ps, now, wp=True)
+            uffd.copy(addr, now, wp=True)
+        except BlockingIOError:
+            # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it
+            # cannot be read before this returns, so a retry would fail the
+            # same.  The page cache takes the bytes without the uffd; a thread
+            # that faulted on the hole meanwhile re-faults and maps them.
+            try:
+                _write_back(memfd, region.offset + page * ps, now)
+                uffd.wake(addr, ps)
+            except KernelError as e:
+                errors.append(f"page {page}: put back: {e}")
         except FileExistsError:
             # Only a write that bypassed the registered mapping (the VMM's
             # write() to the memfd, another process's mapping) fills a hole
@@ -218,3 +232,15 @@ def punch_verified(
         kept=pages[~punched],
         errors=tuple(errors),
     )
+
+
+def _write_back(memfd: int, offset: int, data: memoryview) -> None:
+    """Write a page's bytes into the memfd, past any uffd: ``pwrite``, or on
+    hugetlbfs (no ``write``) a short-lived mapping of wsd's own."""
+    try:
+        pwrite(memfd, data, offset)
+    except KernelError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        with map_shared(memfd, len(data), offset) as view:
+            view[:] = data
