@@ -82,9 +82,9 @@ def remove_held(vm_id: str, count: int, first: int = 0) -> None:
         sdnotify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
 
-def remove(vm_id: str, memfds: int) -> None:
+def remove(vm_id: str, memfds: int, *, held: int = 0) -> None:
     """Take a session's fds out of the store (its session ended for good)."""
-    for name in names(vm_id, memfds):
+    for name in names(vm_id, memfds) + held_names(vm_id, held):
         sdnotify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
 
@@ -159,8 +159,7 @@ def parse(named: Sequence[tuple[str, int]]) -> dict[str, StoredSession]:
             log.error("stored session is incomplete or doubled, fds closed", vm_id=s.vm_id)
             for fd in s.extra:
                 os.close(fd)
-            remove(s.vm_id, max(s.memfds, default=-1) + 1)
-            remove_held(s.vm_id, max(s.held, default=-1) + 1)
+            remove(s.vm_id, max(s.memfds, default=-1) + 1, held=max(s.held, default=-1) + 1)
             del sessions[s.vm_id]
     return sessions
 

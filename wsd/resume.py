@@ -70,8 +70,8 @@ def park(
         )
 
 
-def unpark(state_dir: Path, vm_id: str, memfds: int) -> None:
-    fdstore.remove(vm_id, memfds)
+def unpark(state_dir: Path, vm_id: str, memfds: int, *, held: int = 0) -> None:
+    fdstore.remove(vm_id, memfds, held=held)
     recovery.remove(state_dir, vm_id)
     pagemap.remove(state_dir, vm_id)
 
@@ -96,8 +96,8 @@ async def resume(
     assert stored.uffd is not None
     if state_dir is None:
         log.error("stored session dropped: no state_dir to resume it from", vm_id=vm_id)
-        close_fds([stored.uffd, *memfds])
-        fdstore.remove(vm_id, len(memfds))
+        close_fds([stored.uffd, *memfds, *stored.held.values()])
+        fdstore.remove(vm_id, len(memfds), held=max(stored.held, default=-1) + 1)
         return None
     try:
         record, vmap = load(state_dir, vm_id)
@@ -107,14 +107,14 @@ async def resume(
         # Without the description the fds cannot be used; without a trusted
         # map its evicted pages would be served as zeros.  Loudly give up.
         log.error("stored session cannot be resumed", vm_id=vm_id, error=str(e))
-        close_fds([stored.uffd, *memfds])
-        fdstore.remove(vm_id, len(memfds))
+        close_fds([stored.uffd, *memfds, *stored.held.values()])
+        fdstore.remove(vm_id, len(memfds), held=max(stored.held, default=-1) + 1)
         return None
     if not same_process(record):
         log.warning("VMM of a stored session is gone, dropping its pages", vm_id=vm_id)
         await _discard_stored(store, record, vmap)
-        close_fds([stored.uffd, *memfds])
-        unpark(state_dir, vm_id, len(memfds))
+        close_fds([stored.uffd, *memfds, *stored.held.values()])
+        unpark(state_dir, vm_id, len(memfds), held=max(stored.held, default=-1) + 1)
         return None
     try:
         tracker = adopt(
