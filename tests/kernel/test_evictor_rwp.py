@@ -310,25 +310,29 @@ async def test_stopping_wsd_brings_every_page_back_first(
     rwp_supported: Feature, tmp_path: Path
 ) -> None:
     """SIGTERM path: the guest keeps running on its own uffd copy, with every page home."""
-    async with daemon(tmp_path, FileStoreConfig(root=tmp_path / "pages")) as d:
-        guest = await start_guest(
-            d, "--vm-id", "outlives-wsd", "--size", "16M", "--hot", "0.1", "--thp", "never"
-        )
-        s = d.sessions["outlives-wsd"]
-        for _ in range(int(60 / 0.25)):
-            if s.ctx.stats.evicted_pages - s.ctx.stats.fetched_pages > 1000:
-                break
-            await asyncio.sleep(0.25)
-        evicted = s.tracker.regions[0].state.evicted_pages
-        assert evicted > 1000
-    # The daemon has stopped: its session drained before letting go of the uffd.
-    assert s.tracker.regions[0].state.evicted_pages == 0
+    guest = None
     try:
+        async with daemon(tmp_path, FileStoreConfig(root=tmp_path / "pages")) as d:
+            guest = await start_guest(
+                d, "--vm-id", "outlives-wsd", "--size", "16M", "--hot", "0.1", "--thp", "never"
+            )
+            state = d.sessions["outlives-wsd"].tracker.regions[0].state
+            # Counted on the region itself: the stats' fetches leave out
+            # prefetched pages (CI, 2026-11-26: 1024 evicted, 996 still out).
+            for _ in range(int(60 / 0.25)):
+                if state.evicted_pages > 1000:
+                    break
+                await asyncio.sleep(0.25)
+            evicted = state.evicted_pages
+            assert evicted > 1000
+        # The daemon has stopped: its session drained before letting go of the uffd.
+        assert state.evicted_pages == 0
         await asyncio.sleep(1)  # the guest runs on with nobody serving its faults
         # Its final check reads every page; a page left in storage would block it.
         assert await asyncio.to_thread(guest.stop, 120) == 0, guest.stderr()
     finally:
-        guest.close()
+        if guest is not None:
+            guest.close()  # also on a failure: never left running into the next test
     report = guest.report()
     assert report["verify_errors"] == 0 and report["final_check_pages"] == report["pages"]
     print(f"\n{evicted} pages evicted when wsd stopped; all back, {report['pages']} verified")
