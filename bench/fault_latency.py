@@ -32,6 +32,11 @@ Handlers, each on a fresh guest, interleaved round by round:
   clock as the toucher's), and reports the latencies of the touches that started while
   a batch was in flight (``n`` says how many).
 
+Priorities: as the daemon does, the event loop thread (fault service) is raised to
+nice -10 where allowed (``wsd.priority``), which puts eviction's background threads at
+0; the C handler process gets the loop's nice value too, so that both handlers compete
+with the toucher at the same priority.
+
 Placement (``--placements``): ``same`` pins the handler (the C handler process, or every
 thread of this process for wsd) and the toucher to CPU 0; ``cross`` pins the handler to
 CPU 0 and the toucher to CPU 1.  Same placement for C and wsd in the same round.
@@ -65,6 +70,7 @@ import uvloop
 
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.kernel import Feature, RegisterMode, Userfaultfd, probe_kernel
+from wsd.priority import raise_fault_service
 from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig, open_backend
 from wsd.testing.arming import track_memory
 from wsd.testing.running import serving_faults
@@ -253,6 +259,8 @@ class Args:
     evict_pages: int
     batch: int
     dir: Path
+    nice: int
+    """Of the handlers: wsd's loop thread and the C handler process."""
 
 
 @dataclass
@@ -273,6 +281,7 @@ def run_c(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int | None) 
                 [str(exe), "handler", str(uffd.fd)], stdin=subprocess.PIPE, pass_fds=[uffd.fd]
             )
         try:
+            os.setpriority(os.PRIO_PROCESS, h.pid, a.nice)
             if handler_cpu is not None:
                 os.sched_setaffinity(h.pid, {handler_cpu})
             g.send_touch(0, a.warmup)
@@ -383,10 +392,14 @@ def pct(x: npt.NDArray[np.int64], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir)
+    nice = raise_fault_service()  # this is the loop thread, as in Daemon.run
+    a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir, nice)
     k = probe_kernel()
     mode = choose_mode(k).mode
-    log(f"kernel {os.uname().release}, tracking mode {mode}, {os.cpu_count()} CPUs")
+    log(
+        f"kernel {os.uname().release}, tracking mode {mode}, {os.cpu_count()} CPUs, "
+        f"handlers at nice {nice}"
+    )
     with tempfile.TemporaryDirectory(prefix="fault-latency-build-") as tmp:
         exe = build_c(Path(tmp))
         results: dict[tuple[str, str], list[Sample]] = {}
