@@ -67,6 +67,14 @@ class FlakyStore:
         self._fail()
         return await self.inner.get_many(ns, offsets, **kw)
 
+    def get_inline(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage | None:
+        # An outage sends the fault down the async path, where ``get`` fails.
+        if self.failures is None or self.failures > 0:
+            return None
+        return self.inner.get_inline(ns, offset, generation=generation)  # type: ignore[attr-defined,no-any-return]
+
     async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
         await self.inner.put(ns, pages, **kw)
 

@@ -66,6 +66,14 @@ class FlakyStore:
             raise TierUnavailable("injected outage", backend="flaky")
         return await self.inner.get(ns, offset, generation=generation)
 
+    def get_inline(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage | None:
+        # An outage sends the fault down the async path, where ``get`` fails.
+        if self.failing:
+            return None
+        return self.inner.get_inline(ns, offset, generation=generation)  # type: ignore[attr-defined,no-any-return]
+
 
 @pytest.fixture
 def puppet() -> Iterator[PuppetVMM]:

@@ -161,6 +161,15 @@ class EventType(enum.IntEnum):
     UNMAP = 0x16
 
 
+# The flag tests below run several times per fault: on plain ints, since an
+# IntFlag operator goes through the enum machinery (about a microsecond each).
+_WRITE = int(FaultFlag.WRITE)
+_WP = int(FaultFlag.WP)
+_MINOR = int(FaultFlag.MINOR)
+_RWP = int(FaultFlag.RWP)
+_NOT_MISSING = _WP | _MINOR | _RWP
+
+
 @dataclass(frozen=True, slots=True)
 class PageFault:
     address: int
@@ -169,23 +178,23 @@ class PageFault:
 
     @property
     def is_write(self) -> bool:
-        return bool(self.flags & FaultFlag.WRITE)
+        return bool(int(self.flags) & _WRITE)
 
     @property
     def is_missing(self) -> bool:
-        return not self.flags & (FaultFlag.WP | FaultFlag.MINOR | FaultFlag.RWP)
+        return not int(self.flags) & _NOT_MISSING
 
     @property
     def is_rwp(self) -> bool:
-        return bool(self.flags & FaultFlag.RWP)
+        return bool(int(self.flags) & _RWP)
 
     @property
     def is_minor(self) -> bool:
-        return bool(self.flags & FaultFlag.MINOR)
+        return bool(int(self.flags) & _MINOR)
 
     @property
     def is_wp(self) -> bool:
-        return bool(self.flags & FaultFlag.WP)
+        return bool(int(self.flags) & _WP)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,13 @@ import xxhash
 
 from wsd.storage.concurrency import Offload
 from wsd.storage.config import FileStoreConfig
-from wsd.storage.errors import BudgetExceeded, EncryptionKeyError, StorageError, Where
+from wsd.storage.errors import (
+    BudgetExceeded,
+    EncryptionKeyError,
+    IntegrityError,
+    StorageError,
+    Where,
+)
 from wsd.storage.file_codec import FileCodec, ReadPages, SealedBatch
 from wsd.storage.file_format import (
     EMPTY_ENTRY,
@@ -501,6 +507,42 @@ class FileStore(StoreBase):
                 found = await self._reads.run(self._read_batch, region, offsets, expected)
         self._check_missing(ns, offsets, found, missing_ok)
         return found
+
+    def get_inline(
+        self, ns: PageNamespace, offset: int, *, generation: int | None = None
+    ) -> StoredPage | None:
+        """``get`` on the calling (event loop) thread, when the page cache has the page.
+
+        Its index entry and its data are read with ``preadv(RWF_NOWAIT)``: a few
+        microseconds, where ``get`` costs an asyncio task, the deadline's task and a
+        thread round trip even when it reads inline.  None when a read would block,
+        the region is not open yet, a writer holds the page, the page is not stored or
+        the filesystem cannot say; the caller then uses ``get``.  Raises
+        IntegrityError like ``get`` (wrong generation included).
+        """
+        if self._closed or not self._nowait or offset % ns.page_size:
+            return None
+        region = self._regions.get(ns.key)
+        if region is None or self._guard.held(ns.key, offset):
+            return None
+        ns.check_stored_page_size(region.ns.page_size, backend=self._name)
+        expected = None if generation is None else {offset: generation}
+        try:
+            found = self._read_batch(region, [offset], expected, _pread_nowait)
+        except BlockingIOError:
+            return None
+        except _NoWaitUnsupported:
+            self._nowait = False
+            return None
+        except IntegrityError:
+            self.counters.gets += 1
+            self.counters.integrity_errors += 1
+            raise
+        page = found.get(offset)
+        if page is not None:
+            self.counters.gets += 1
+            self.counters.pages_got += 1
+        return page
 
     def _read_batch(
         self,

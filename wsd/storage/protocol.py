@@ -128,7 +128,8 @@ class InlineGet(Protocol):
     def get_inline(
         self, ns: PageNamespace, offset: int, *, generation: int | None = None
     ) -> StoredPage | None:
-        """The page, if it is held in memory and no put or discard of it is in flight;
-        otherwise None, and the caller uses ``get``.  Raises IntegrityError like ``get``
+        """The page, if it can be had without waiting (held in memory, or in the page
+        cache) and no put or discard of it is in flight; otherwise None, and the
+        caller uses ``get``.  Raises IntegrityError like ``get``
         for a page it holds but cannot verify (wrong generation included)."""
         ...
