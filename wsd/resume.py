@@ -138,9 +138,9 @@ def adopt(
 ) -> VmTracker:
     """Track ``record``'s session again with its uffd and memfds (owns the uffd).
 
-    ``held``: the pipes of a verified punch the previous wsd died in (fd
-    store part -> fd, owned here), put back before anything else reads the
-    memfd, so that their pages count as resident.
+    ``held``: the session's verified-punch pipes from the fd store (part ->
+    fd, owned here).  A chunk the previous wsd died in is put back before
+    anything else reads the memfd, so that its pages count as resident.
     """
     decision = ModeDecision(
         record.mode, REGISTER[record.mode], "resumed from a previous wsd", LIMITATIONS[record.mode]

@@ -120,8 +120,8 @@ class Evictor:
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
         self._prepared: list[Prepared] = []
         self._scratch = bytearray()  # wp-async: final bytes of the pages being punched
-        # wp-async: a session that can survive a crash (it has state) parks the
-        # verified punch's pipes across the punch (held.py).
+        # wp-async: a session that can survive a crash (it has state) keeps its
+        # verified punches' pipes in the fd store (held.py).
         self.parking = held.Parking(ctx.vm_id) if state_dir is not None else None
         # The page map must be rewritten (pages removed by the VMM); writes of
         # it are serialised, so an older snapshot never replaces a newer one.
