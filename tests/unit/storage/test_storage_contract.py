@@ -21,6 +21,8 @@ from wsd.storage import (
     EncryptionConfig,
     FileStore,
     FileStoreConfig,
+    InlineGet,
+    IntegrityError,
     PageNamespace,
     PageNotFound,
     PageStore,
@@ -177,3 +179,29 @@ def test_model(backend: str, ops: list[tuple[str, object]], tmp_path: Path) -> N
     contract = BACKENDS[backend](root)
     run: Callable[[], Awaitable[None]] = lambda: _run_model(contract, ops)  # noqa: E731
     asyncio.run(run())
+
+
+# -- InlineGet: the stores that can answer a fault's get on the calling thread -------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("backend", ["file", "file-aes", "zstd"])
+async def test_get_inline_answers_at_once_or_says_to_wait(backend: str, tmp_path: Path) -> None:
+    store = await BACKENDS[backend](tmp_path).open_store()
+    assert isinstance(store, InlineGet)
+    ns, p = PageNamespace("vm1", 0), 4096
+    text = (b"the quick brown fox " * 205)[:p]
+    await store.put(ns, {0: text, p: random.randbytes(p), 2 * p: bytes(p)}, generation=3)
+    await store.sync()
+    page = store.get_inline(ns, 0, generation=3)
+    assert page is not None and page.data == text and page.generation == 3
+    zero = store.get_inline(ns, 2 * p)
+    assert zero is not None and zero.data == bytes(p)
+    assert store.get_inline(ns, 3 * p) is None  # not stored: `get` raises PageNotFound
+    assert store.get_inline(PageNamespace("vm2", 0), 0) is None  # nothing stored for it
+    with pytest.raises(IntegrityError):
+        store.get_inline(ns, p, generation=2)
+    async with store._guard.hold(ns.key, [0]):  # type: ignore[attr-defined]
+        assert store.get_inline(ns, 0) is None  # a writer holds it: `get` waits
+    await store.close()
+    assert store.get_inline(ns, 0) is None

@@ -370,26 +370,3 @@ async def test_a_cached_page_is_read_on_the_loop_and_anything_else_in_a_worker(
     assert (await store.get(NS, P)).data == pages[P]
     assert worker_calls == 5
     await store.close()
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "aes"])
-async def test_get_inline_answers_from_the_page_cache_or_says_to_wait(
-    tmp_path: Path, key: bytes | None
-) -> None:
-    store = await _store(tmp_path, key=key)
-    text = (b"the quick brown fox " * 205)[:P]
-    await store.put(NS, {0: text, P: os.urandom(P), 2 * P: bytes(P)}, generation=3)
-    await store.sync()
-    page = store.get_inline(NS, 0, generation=3)
-    assert page is not None and page.data == text and page.generation == 3
-    zero = store.get_inline(NS, 2 * P)
-    assert zero is not None and zero.data == bytes(P)
-    assert store.get_inline(NS, 3 * P) is None  # not stored: `get` raises PageNotFound
-    assert store.get_inline(PageNamespace("vm2", 0), 0) is None  # region never opened
-    with pytest.raises(IntegrityError):
-        store.get_inline(NS, P, generation=2)
-    async with store._guard.hold(NS.key, [0]):
-        assert store.get_inline(NS, 0) is None  # a writer holds it: `get` waits
-    await store.close()
-    assert store.get_inline(NS, 0) is None

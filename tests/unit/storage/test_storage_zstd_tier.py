@@ -115,19 +115,3 @@ async def test_coldest_follows_put_order() -> None:
     assert await store.remove_if_generation(NS, {0: 0, P: 1}) == 1
     assert [r.offset for r in await store.coldest(2)] == [2 * P, 3 * P]
     await store.close()
-
-
-@pytest.mark.asyncio
-async def test_get_inline_answers_from_memory_or_says_to_wait() -> None:
-    store = _store()
-    text = (b"the quick brown fox " * 205)[:P]
-    await store.put(NS, {0: text, P: os.urandom(P)}, generation=3)
-    page = store.get_inline(NS, 0, generation=3)
-    assert page is not None and page.data == text and page.generation == 3
-    assert store.get_inline(NS, 2 * P) is None  # not here: `get` raises PageNotFound
-    with pytest.raises(IntegrityError):
-        store.get_inline(NS, P, generation=2)
-    async with store._guard.hold(NS.key, [0]):
-        assert store.get_inline(NS, 0) is None  # a writer holds it: `get` waits
-    await store.close()
-    assert store.get_inline(NS, 0) is None
