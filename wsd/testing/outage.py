@@ -204,13 +204,31 @@ class HangingTier:
             self._threads.shutdown(wait=False)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` on the loop (the daemon runs meanwhile) until true or ``timeout``."""
+async def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    *,
+    guest: GuestProcess | None = None,
+    stats: EvictorStats | None = None,
+) -> None:
+    """Poll ``predicate`` on the loop (the daemon runs meanwhile) until true or ``timeout``.
+
+    With ``guest``, its exit ends the wait at once with its stderr: a guest
+    that found a wrong page stops faulting, which would otherwise look like a
+    timeout.  ``stats`` are printed in the error.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
+        code = None if guest is None else guest.proc.poll()
+        if guest is not None and code is not None:
+            raise AssertionError(
+                f"the guest exited ({code}) while waiting for {what}: {stats}\n"
+                f"{guest.stderr()[-4000:]}"
+            )
         if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
+            raise AssertionError(f"not within {timeout:g} s: {what}: {stats}")
         await asyncio.sleep(0.05)
 
 

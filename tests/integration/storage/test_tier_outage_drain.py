@@ -57,6 +57,8 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     lambda: stats.evicted_pages - stats.fetched_pages >= 1000,
                     60,
                     "1000 pages in redis",
+                    guest=guest,
+                    stats=stats,
                 )
                 s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
                 in_storage = await check_punched_pages_are_stored(d, VM)
@@ -70,6 +72,8 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     lambda: any(e["event"] == "drain: fetch failed, retrying" for e in logs),
                     30,
                     "the drain failing",
+                    guest=guest,
+                    stats=stats,
                 )
                 await asyncio.sleep(DOWN_SECONDS)
                 left_while_down = sum(t.state.evicted_pages for t in s.tracker.regions)
@@ -89,6 +93,8 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     lambda: any(e["event"] == "session closed" for e in logs),
                     60,
                     "the drain finished",
+                    guest=guest,
+                    stats=stats,
                 )
                 assert all(t.state.evicted_pages == 0 for t in s.tracker.regions)
                 # Unparked: drained for good.

@@ -95,6 +95,8 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                     lambda: stats.storage_failing_since is not None,
                     60,
                     "the disk filled up and eviction paused",
+                    guest=guest,
+                    stats=stats,
                 )
                 ballast = small_disk / "ballast"
                 stop_filling = asyncio.Event()

@@ -67,6 +67,8 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     lambda: stats.evicted_pages >= 1000 and stats.fetched_pages > 0,
                     60,
                     "1000 pages evicted and some fetched back",
+                    guest=guest,
+                    stats=stats,
                 )
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
@@ -75,7 +77,11 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                 errors_at_hang = stats.fetch_errors
                 hung.hang({"sync", "get", "get_many"})
                 await wait_until(
-                    lambda: stats.storage_failing_since is not None, 30, "eviction paused"
+                    lambda: stats.storage_failing_since is not None,
+                    30,
+                    "eviction paused",
+                    guest=guest,
+                    stats=stats,
                 )
                 paused_after = time.monotonic() - hung_at
                 # A batch stored before the hang may still be committed by the next window.
@@ -87,6 +93,8 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     lambda: stats.fetch_errors > errors_at_hang + 5,
                     60,
                     "faults retrying on the hung tier",
+                    guest=guest,
+                    stats=stats,
                 )
                 await asyncio.sleep(HUNG_SECONDS)
                 tier = s.ctx.tier
@@ -120,6 +128,8 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     lambda: retried_faults(s) > retried_before,
                     30,
                     "faults that waited on the hung tier served",
+                    guest=guest,
+                    stats=stats,
                 )
                 await asyncio.sleep(HUNG_SECONDS / 2)
                 assert stats.fetched_pages > fetched_before
@@ -132,13 +142,19 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     lambda: stats.storage_failing_since is None,
                     (MAX_BACKOFF_INTERVALS + 5) * INTERVAL + 10,
                     "eviction resumed",
+                    guest=guest,
+                    stats=stats,
                 )
                 await wait_until(
                     lambda: stats.evicted_pages >= evicted_at_pause + 500,
                     60,
                     "500 more pages evicted after the release",
+                    guest=guest,
+                    stats=stats,
                 )
-                await wait_until(lambda: tier.stuck == 0, 10, "no call stuck")
+                await wait_until(
+                    lambda: tier.stuck == 0, 10, "no call stuck", guest=guest, stats=stats
+                )
                 resumed = [
                     e
                     for e in logs[logged_before:]

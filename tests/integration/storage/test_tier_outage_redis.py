@@ -59,13 +59,19 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                     lambda: stats.evicted_pages >= 1000 and stats.fetched_pages > 0,
                     60,
                     "1000 pages evicted to redis and some fetched back",
+                    guest=guest,
+                    stats=stats,
                 )
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
                 # -- redis dies --------------------------------------------------------
                 await asyncio.to_thread(redis_server.stop, kill=True)
                 await wait_until(
-                    lambda: stats.storage_failing_since is not None, 30, "eviction paused"
+                    lambda: stats.storage_failing_since is not None,
+                    30,
+                    "eviction paused",
+                    guest=guest,
+                    stats=stats,
                 )
                 # A batch stored before the kill may still be committed by the next window.
                 await cycles(s, 2)
@@ -94,16 +100,22 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                     lambda: stats.storage_failing_since is None,
                     (MAX_BACKOFF_INTERVALS + 5) * INTERVAL + 10,
                     "eviction resumed",
+                    guest=guest,
+                    stats=stats,
                 )
                 await wait_until(
                     lambda: retried_faults(s) > retried_before,
                     30,
                     "faults that waited through the outage served",
+                    guest=guest,
+                    stats=stats,
                 )
                 await wait_until(
                     lambda: stats.evicted_pages >= evicted_at_pause + 500,
                     60,
                     "500 more pages evicted after the restart",
+                    guest=guest,
+                    stats=stats,
                 )
                 m = await vm_metrics(d, VM)
                 assert m["wsd_evict_storage_failing"] == 0
