@@ -210,13 +210,13 @@ async def wait_until(
     what: str,
     *,
     guest: GuestProcess | None = None,
-    stats: EvictorStats | None = None,
+    session: Session | None = None,
 ) -> None:
     """Poll ``predicate`` on the loop (the daemon runs meanwhile) until true or ``timeout``.
 
     With ``guest``, its exit ends the wait at once with its stderr: a guest
     that found a wrong page stops faulting, which would otherwise look like a
-    timeout.  ``stats`` are printed in the error.
+    timeout.  With ``session``, the error says what its evictor and faults did.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -224,12 +224,24 @@ async def wait_until(
         code = None if guest is None else guest.proc.poll()
         if guest is not None and code is not None:
             raise AssertionError(
-                f"the guest exited ({code}) while waiting for {what}: {stats}\n"
+                f"the guest exited ({code}) while waiting for {what}: {_state(session)}\n"
                 f"{guest.stderr()[-4000:]}"
             )
         if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}: {stats}")
+            raise AssertionError(f"not within {timeout:g} s: {what}: {_state(session)}")
         await asyncio.sleep(0.05)
+
+
+def _state(session: Session | None) -> str:
+    """The evictor's stats, faults served by result, fetches in flight, tier calls."""
+    if session is None:
+        return ""
+    results: dict[str, int] = {}
+    for (_, result), hist in session.faults.latency.items():
+        results[result.value] = results.get(result.value, 0) + sum(hist.counts)
+    tier = session.ctx.tier
+    calls = "" if tier is None else f", tier timeouts {tier.timeouts}, stuck {tier.stuck}"
+    return f"{session.ctx.stats}; faults {results}, fetching {len(session.faults.fetching)}{calls}"
 
 
 async def cycles(session: Session, n: int, timeout: float = 30.0) -> None:

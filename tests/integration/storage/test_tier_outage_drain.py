@@ -58,7 +58,7 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     60,
                     "1000 pages in redis",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 s.ctx.config = s.ctx.config.model_copy(update={"enabled": False})
                 in_storage = await check_punched_pages_are_stored(d, VM)
@@ -73,7 +73,7 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     30,
                     "the drain failing",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await asyncio.sleep(DOWN_SECONDS)
                 left_while_down = sum(t.state.evicted_pages for t in s.tracker.regions)
@@ -94,7 +94,7 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     60,
                     "the drain finished",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 assert all(t.state.evicted_pages == 0 for t in s.tracker.regions)
                 # Unparked: drained for good.

@@ -96,7 +96,7 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                     60,
                     "the disk filled up and eviction paused",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 ballast = small_disk / "ballast"
                 stop_filling = asyncio.Event()

@@ -68,7 +68,7 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     60,
                     "1000 pages evicted and some fetched back",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
@@ -81,7 +81,7 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     30,
                     "eviction paused",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 paused_after = time.monotonic() - hung_at
                 # A batch stored before the hang may still be committed by the next window.
@@ -94,7 +94,7 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     60,
                     "faults retrying on the hung tier",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await asyncio.sleep(HUNG_SECONDS)
                 tier = s.ctx.tier
@@ -129,7 +129,7 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     30,
                     "faults that waited on the hung tier served",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await asyncio.sleep(HUNG_SECONDS / 2)
                 assert stats.fetched_pages > fetched_before
@@ -143,17 +143,17 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                     (MAX_BACKOFF_INTERVALS + 5) * INTERVAL + 10,
                     "eviction resumed",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await wait_until(
                     lambda: stats.evicted_pages >= evicted_at_pause + 500,
                     60,
                     "500 more pages evicted after the release",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await wait_until(
-                    lambda: tier.stuck == 0, 10, "no call stuck", guest=guest, stats=stats
+                    lambda: tier.stuck == 0, 10, "no call stuck", guest=guest, session=s
                 )
                 resumed = [
                     e

@@ -60,7 +60,7 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                     60,
                     "1000 pages evicted to redis and some fetched back",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
@@ -71,7 +71,7 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                     30,
                     "eviction paused",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 # A batch stored before the kill may still be committed by the next window.
                 await cycles(s, 2)
@@ -101,21 +101,21 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                     (MAX_BACKOFF_INTERVALS + 5) * INTERVAL + 10,
                     "eviction resumed",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await wait_until(
                     lambda: retried_faults(s) > retried_before,
                     30,
                     "faults that waited through the outage served",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 await wait_until(
                     lambda: stats.evicted_pages >= evicted_at_pause + 500,
                     60,
                     "500 more pages evicted after the restart",
                     guest=guest,
-                    stats=stats,
+                    session=s,
                 )
                 m = await vm_metrics(d, VM)
                 assert m["wsd_evict_storage_failing"] == 0
