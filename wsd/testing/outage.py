@@ -228,8 +228,20 @@ async def wait_until(
                 f"{guest.stderr()[-4000:]}"
             )
         if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}: {_state(session)}")
+            threads = "" if guest is None else f"; guest threads in {_wchans(guest.pid)}"
+            raise AssertionError(f"not within {timeout:g} s: {what}: {_state(session)}{threads}")
         await asyncio.sleep(0.05)
+
+
+def _wchans(pid: int) -> dict[str, int]:
+    """Where the threads of ``pid`` sleep in the kernel, by count: ``handle_userfault``
+    is a thread blocked on a fault that nobody has resolved yet."""
+    where: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            w = (task / "wchan").read_text() or "running"
+            where[w] = where.get(w, 0) + 1
+    return where
 
 
 def _state(session: Session | None) -> str:
