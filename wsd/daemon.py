@@ -563,7 +563,9 @@ class Daemon:
                 del self.draining[session.vm_id]
             await session.faults.close()
             if session.evictor.parking is not None:
-                session.evictor.parking.close()  # no punch is in flight between steps
+                # No punch is in flight between steps.  Parked sessions keep
+                # their pipes parked: they may hold held-back pages.
+                session.evictor.parking.close(unpark=done)
             loop = asyncio.get_running_loop()
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(session.tracker.uffd.fd)

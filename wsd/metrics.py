@@ -94,6 +94,12 @@ _EVICTOR_COUNTERS: Final = (
     ),
     ("windows", "wsd_evict_windows", "Sync windows in which the evictor ran."),
     ("copy_races", "wsd_fetch_copy_races", "Fetches whose page someone else populated first."),
+    (
+        "held_back_pages",
+        "wsd_evict_held_back_pages",
+        "Punched pages whose held bytes could not be read back: faults on them wait for a "
+        "restart to put them back from the fd store.",
+    ),
 )
 
 # OpCounters field -> (metric name, help), per store and tier.

@@ -24,7 +24,8 @@ import pytest
 from wsd import fdstore, resume
 from wsd.daemon import Daemon
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
-from wsd.kernel import HeldPages, Userfaultfd, probe_kernel
+from wsd.evictor.drain import drain
+from wsd.kernel import HeldPages, KernelError, Userfaultfd, probe_kernel
 from wsd.storage import (
     FileStoreConfig,
     PageNamespace,
@@ -233,6 +234,84 @@ async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
                 sup.kill()
                 assert f"wsd.{vm_id}.held0" not in sup.stored_names(), "pipes left in the store"
                 # Every page is back in place: reading them faults nothing.
+                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
+                assert [p for p, v in enumerate(versions) if v == 7] == raced
+                assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
+            finally:
+                await store.close()
+                tracker.close()
+                if resumed is not None:
+                    resumed.close()
+    finally:
+        sup.close()
+
+
+async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor_from_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the pipes fails after the punch, so which pages raced is unknown:
+    a fault on one of them waits (no zero fill, no stale stored copy), and the
+    restart puts them all back from the parked pipes with their final bytes."""
+    sup = Supervisor([], tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
+    vm_id = "wp-unread"
+    try:
+        with PuppetVMM.spawn(4 << 20) as puppet:
+            tracker = track_puppet(puppet, vm_id=vm_id)
+            store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+            resumed: VmTracker | None = None
+            try:
+                resume.park(tmp_path, vm_id, puppet.pid, tracker, [puppet.memfd])
+                await tracker.cycle()
+                raced = [3, 4, 40]
+                ctx = VmContext(
+                    vm_id,
+                    tracker,
+                    WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
+                    EvictorConfig(),
+                )
+                pages = np.arange(0, 64, dtype=np.int64)
+
+                def unreadable(*args: object, **kwargs: object) -> None:
+                    raise KernelError(errno.EIO, "tee", detail="injected")
+
+                with monkeypatch.context() as m:
+                    m.setattr(HeldPages, "read_into", unreadable)
+                    ev = Evictor(ctx, state_dir=tmp_path)
+                    assert await ev.evict_batch(0, tracker.regions[0], pages) == 0
+                t = tracker.regions[0]
+                assert not t.resident()[pages].any(), "not punched"
+                assert t.state.evicted_mask(pages).all() and sorted(t.held_back) == pages.tolist()
+                assert ctx.stats.held_back_pages == len(pages) and ctx.stats.evicted_pages == 0
+
+                faults = FaultService(ctx, asyncio.ensure_future)
+                with serving_faults(tracker, faults) as unhandled:
+                    reading = asyncio.ensure_future(
+                        asyncio.to_thread(puppet.call, "read", pages=[raced[0]])
+                    )
+                    await asyncio.sleep(1.0)
+                    assert not reading.done(), "a held-back page was served"
+                    assert ctx.stats.fetch_errors > 0 and ctx.stats.zero_fills == 0
+                    await faults.close()
+                assert not unhandled
+                # Stopping does not serve them from storage either: the session
+                # stays parked, and its pipes with it (as Daemon._end does).
+                assert not await drain(ctx, FaultService(ctx, asyncio.ensure_future))
+                assert t.state.evicted_pages == len(pages)
+                assert ev.parking is not None
+                ev.parking.close(unpark=False)
+
+                # -- wsd restarts: the pipes come back from the store ----------------
+                sup.kill()
+                assert f"wsd.{vm_id}.held0" in sup.stored_names()
+                stored = fdstore.parse([(n, os.dup(fd)) for n, fd in sup.stored])[vm_id]
+                back = await resume.resume(
+                    stored, state_dir=tmp_path, store=store, kernel=probe_kernel()
+                )
+                assert back is not None
+                resumed = back.tracker
+                assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
+                assert resumed.regions[0].state.evicted_pages == 0
                 versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
                 assert [p for p, v in enumerate(versions) if v == 7] == raced
                 assert all(v == 0 for p, v in enumerate(versions) if p not in raced)

@@ -34,6 +34,7 @@ class EvictorStats:
     # wp-async: pages written between their read and their punch, found by the
     # verified punch and put back with their final bytes (not evicted).
     raced_writes: int = 0
+    held_back_pages: int = 0  # punched, bytes unread: faults wait for a restart
     # When eviction was paused because the store failed a batch (clock of the
     # VmContext); None while it works.  Not a counter: see outage.py.
     storage_failing_since: float | None = None

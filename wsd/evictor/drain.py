@@ -142,7 +142,19 @@ async def _bring_back(
     delay = cfg.fetch_retry_initial_seconds
     progress_at = ctx.clock()
     while t.state.evicted_pages:
-        pages = [int(p) for p in np.flatnonzero(t.state.evicted) if (i, int(p)) not in fetching]
+        left = np.flatnonzero(t.state.evicted).tolist()
+        held_back = {
+            p for p in left if p in t.held_back and t.held_back[p] == t.state.generation(p)
+        }
+        if len(held_back) == len(left):
+            raise StorageError(
+                f"{len(held_back)} pages are held in pipes that could not be read after their "
+                "punch; a restart puts them back from the fd store",
+                backend=ctx.tier.store.name,
+                vm_id=ctx.vm_id,
+                region=i,
+            )
+        pages = [p for p in left if (i, p) not in fetching and p not in held_back]
         if not pages:
             # Only fetches in flight: let them land, within the deadline.
             if ctx.clock() - progress_at > cfg.fetch_deadline_seconds:

@@ -50,7 +50,14 @@ from .context import VmContext
 from .guards import guard_reason
 from .outage import StoreBackoff
 from .policy import pages_for_bytes, select
-from .transaction import digests, not_punched, punch_and_wake, punch_verified, read_pages
+from .transaction import (
+    PunchedUnread,
+    digests,
+    not_punched,
+    punch_and_wake,
+    punch_verified,
+    read_pages,
+)
 
 log = structlog.get_logger("wsd.evictor")
 
@@ -407,6 +414,9 @@ class Evictor:
         except (KernelError, held.ParkingFailed) as e:
             log.error("evicting pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
             return 0
+        except PunchedUnread as e:
+            self._hold_back(i, t, e, parked=parking is not None)
+            return 0
         evicted = outcome.evicted
         # The stored copies of pages not evicted are stale or useless.
         ctx.discards[i].update(outcome.raced.tolist())
@@ -431,6 +441,34 @@ class Evictor:
             ctx.stats.evicted_pages += len(evicted)
             ctx.stats.evicted_bytes += len(evicted) * t.region.page_size
         return len(evicted)
+
+    def _hold_back(self, i: int, t: TrackedRegion, e: PunchedUnread, *, parked: bool) -> None:
+        """Punched pages whose final bytes could not be read: serve them from nowhere.
+
+        Which of them raced a write is unknown, so their stored copies may be
+        stale, and as holes they would be zero-filled.  Counted as evicted
+        (no zero fill) and held back (no fetch): their faults wait, like a
+        fetch from a dead tier, until a restart puts them back from the
+        parked pipes (:func:`.held.put_back`).  Without an fd store the pipes
+        die with wsd, and these pages with them.
+        """
+        ctx = self.ctx
+        t.state.note_evicted(e.pages)
+        t.held_back.update(
+            zip(e.pages.tolist(), t.state.generations[e.pages].tolist(), strict=True)
+        )
+        ctx.stats.held_back_pages += len(e.pages)
+        log.error(
+            "punched pages' held bytes unreadable: their faults wait until a restart puts them "
+            "back from the fd store"
+            if parked
+            else "punched pages' held bytes unreadable and kept nowhere: their faults wait; "
+            "their stored copies miss any write that raced the punch",
+            vm_id=ctx.vm_id,
+            region=i,
+            pages=len(e.pages),
+            error=str(e.error),
+        )
 
     def _over_target_bytes(self) -> int:
         target = self.ctx.config.resident_target_bytes

@@ -117,6 +117,8 @@ class FaultService:
         sends the fault down the async path, which waits, retries and reports.
         """
         assert self._inline is not None
+        if page in t.held_back:
+            return False
         r = t.region
         try:
             stored = self._inline.get_inline(
@@ -272,8 +274,13 @@ class FaultService:
         started = ctx.clock()
         alerted = failed = False
         while True:
-            if ctx.tier is None:
-                error: Exception = RuntimeError("no storage tier is configured")
+            if t.held_back.get(page) == generation:
+                error: Exception = RuntimeError(
+                    "its bytes are held in pipes that could not be read after its punch; "
+                    "a restart puts it back from the fd store"
+                )
+            elif ctx.tier is None:
+                error = RuntimeError("no storage tier is configured")
             else:
                 try:
                     stored = await ctx.tier.get(
@@ -429,7 +436,9 @@ class FaultService:
         end = min(t.npages, page + 1 + ctx.config.prefetch_pages)
         span = np.arange(page + 1, end)
         wanted = [
-            int(p) for p in span[t.state.evicted_mask(span)] if (i, int(p)) not in self.fetching
+            int(p)
+            for p in span[t.state.evicted_mask(span)]
+            if (i, int(p)) not in self.fetching and int(p) not in t.held_back
         ]
         if not wanted or ctx.tier is None:
             return

@@ -111,9 +111,14 @@ class Parking:
             raise ParkingFailed(f"the fd store took {n} of {len(new)} pipes")
         self.parked += n
 
-    def close(self) -> None:
-        """The session ended: out of the store, closed (nothing is held between punches)."""
-        if self.parked:
+    def close(self, *, unpark: bool = True) -> None:
+        """The session ended: closed, and out of the store unless ``unpark`` is false.
+
+        Between punches the pipes hold nothing, except after a punch whose
+        pages could not be read back: then they hold what only a restart can
+        put back, and a session that stays parked must leave them parked.
+        """
+        if self.parked and unpark:
             fdstore.remove_held(self.vm_id, self.parked)
             self.parked = 0
         self.pool.close()

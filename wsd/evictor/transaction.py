@@ -14,6 +14,7 @@ In ``wp-async`` mode step 4 is :func:`punch_verified`, which needs no window.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +111,20 @@ class VerifiedPunch:
     errors: tuple[str, ...] = ()
 
 
+class PunchedUnread(Exception):
+    """The pages were punched, then their held bytes could not be read back.
+
+    A raced page's final bytes are then nowhere but in the pipes (parked in
+    the fd store when there is one), and which pages raced is unknown: none
+    of ``pages`` may be served from storage, nor zero-filled.
+    """
+
+    def __init__(self, pages: npt.NDArray[np.int64], error: KernelError) -> None:
+        super().__init__(f"{len(pages)} pages punched, their held bytes unread: {error}")
+        self.pages = pages
+        self.error = error
+
+
 def digest(page: Buffer) -> bytes:
     """What the verified punch compares: a 128-bit XXH3 of the page's bytes.
 
@@ -171,7 +186,8 @@ def punch_verified(
     may hold all that is left.
 
     Raises :class:`KernelError` if the references cannot be taken; then
-    nothing was punched.
+    nothing was punched.  Raises :class:`PunchedUnread` if the held bytes
+    cannot be read after the punch; a pool's pipes then keep them.
     """
     ps = region.page_size
     spans = runs(pages)
@@ -192,8 +208,19 @@ def punch_verified(
         final = scratch if scratch is not None else bytearray()
         if len(final) < held.length:
             final.extend(bytes(held.length - len(final)))
-        held.read_into(memoryview(final)[: held.length])
+        unread: KernelError | None = None
+        try:
+            held.read_into(memoryview(final)[: held.length])
+        except KernelError as e:
+            unread = e
     punched = np.ones(len(pages), dtype=np.bool_)
+    if unread is not None:
+        if errors:
+            # If the memfd cannot say which were punched, hold back them all:
+            # a resident page held back only waits for the restart too.
+            with contextlib.suppress(KernelError):
+                punched = ~np.isin(pages, not_punched(memfd, region, pages))
+        raise PunchedUnread(pages[punched], unread)
     if errors:
         punched = ~np.isin(pages, not_punched(memfd, region, pages))
     same = np.zeros(len(pages), dtype=np.bool_)

@@ -104,6 +104,11 @@ class TrackedRegion:
     # bytes live in storage; an access raises MINOR (never MISSING), and the
     # evictor must restore them before mapping anything there.
     remnants: set[int] = field(default_factory=set)
+    # Punched pages whose held bytes could not be read back after the punch
+    # (wp-async verified punch), page -> generation: a raced write's final
+    # bytes may be only in the parked pipes, so neither storage nor zeros may
+    # serve them.  Their faults wait until a restart puts them back.
+    held_back: dict[int, int] = field(default_factory=dict)
     # Shmem THP is enabled on this kernel, so this 4 KiB region may be backed
     # by huge pages (tracked exactly through MINOR, but see the evictor).
     thp_possible: bool = False
