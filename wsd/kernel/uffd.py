@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import NamedTuple, Self
 
 from typing_extensions import Buffer
 
@@ -168,10 +168,15 @@ _WP = int(FaultFlag.WP)
 _MINOR = int(FaultFlag.MINOR)
 _RWP = int(FaultFlag.RWP)
 _NOT_MISSING = _WP | _MINOR | _RWP
+# FaultFlag by raw value: building an IntFlag costs half a microsecond, and a
+# fault's flags take one of a handful of values.
+_FLAGS: dict[int, FaultFlag] = {}
 
 
-@dataclass(frozen=True, slots=True)
-class PageFault:
+class PageFault(NamedTuple):
+    """A page fault message.  A tuple: one is built per fault, and a tuple
+    builds in a fifth of the time of a frozen dataclass."""
+
     address: int
     flags: FaultFlag
     thread_id: int
@@ -241,7 +246,10 @@ def decode_messages(buf: Buffer) -> list[UffdMessage]:
     out: list[UffdMessage] = []
     for event, a, b, c in _MSG.iter_unpack(view):
         if event == EventType.PAGEFAULT:
-            out.append(PageFault(address=b, flags=FaultFlag(a), thread_id=c & 0xFFFFFFFF))
+            flags = _FLAGS.get(a)
+            if flags is None:
+                flags = _FLAGS.setdefault(a, FaultFlag(a))
+            out.append(PageFault(b, flags, c & 0xFFFFFFFF))
         elif event == EventType.FORK:
             out.append(ForkEvent(uffd=a & 0xFFFFFFFF))
         elif event == EventType.REMAP:
