@@ -25,58 +25,18 @@ from wsd.storage import (
     FileStoreConfig,
     PageNamespace,
     PageStore,
-    StoredPage,
     TierUnavailable,
     ZstdStoreConfig,
     open_backend,
 )
 from wsd.testing.arming import track_puppet
+from wsd.testing.flaky import FlakyStore
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.testing.running import serving_faults
 from wsd.tracker.session import VmTracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 SIZE = 8 << 20
-
-
-class FlakyStore:
-    """Wraps a store; ``get`` and ``get_many`` fail while ``failures`` > 0 (or forever)."""
-
-    def __init__(self, inner: PageStore, failures: int | None) -> None:
-        self.inner = inner
-        self.failures = failures
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def _fail(self) -> None:
-        if self.failures is None or self.failures > 0:
-            if self.failures is not None:
-                self.failures -= 1
-            raise TierUnavailable("injected outage", backend="flaky")
-
-    async def get(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage:
-        self._fail()
-        return await self.inner.get(ns, offset, generation=generation)
-
-    async def get_many(
-        self, ns: PageNamespace, offsets: Sequence[int], **kw: Any
-    ) -> dict[int, StoredPage]:
-        self._fail()
-        return await self.inner.get_many(ns, offsets, **kw)
-
-    def get_inline(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage | None:
-        # An outage sends the fault down the async path, where ``get`` fails.
-        if self.failures is None or self.failures > 0:
-            return None
-        return self.inner.get_inline(ns, offset, generation=generation)  # type: ignore[attr-defined,no-any-return]
-
-    async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
-        await self.inner.put(ns, pages, **kw)
 
 
 @pytest.fixture

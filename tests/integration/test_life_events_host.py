@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -26,13 +25,11 @@ from wsd.evictor.guards import check
 from wsd.kernel import Feature, pread
 from wsd.storage import (
     FileStoreConfig,
-    PageNamespace,
     PageStore,
-    StoredPage,
-    TierUnavailable,
     open_backend,
 )
 from wsd.testing.arming import track_puppet
+from wsd.testing.flaky import FlakyStore
 from wsd.testing.life_events import (
     call,
     evict,
@@ -47,32 +44,6 @@ from wsd.tracker.session import VmTracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 SIZE = 4 << 20  # 1024 pages
-
-
-class FlakyStore:
-    """A store whose ``get`` fails while ``failing``."""
-
-    def __init__(self, inner: PageStore) -> None:
-        self.inner = inner
-        self.failing = True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def get(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage:
-        if self.failing:
-            raise TierUnavailable("injected outage", backend="flaky")
-        return await self.inner.get(ns, offset, generation=generation)
-
-    def get_inline(
-        self, ns: PageNamespace, offset: int, *, generation: int | None = None
-    ) -> StoredPage | None:
-        # An outage sends the fault down the async path, where ``get`` fails.
-        if self.failing:
-            return None
-        return self.inner.get_inline(ns, offset, generation=generation)  # type: ignore[attr-defined,no-any-return]
 
 
 @pytest.fixture
@@ -141,7 +112,7 @@ async def test_a_fetch_in_flight_for_a_removed_page_installs_zeros(
         await call(puppet, "discard", pages=[5], how="remove")
         # The fetch sees the generation moved and installs a zero page.
         assert await asyncio.to_thread(puppet.wait, rid) == [DISCARDED]
-        flaky.failing = False
+        flaky.failures = 0
         assert await call(puppet, "read", pages=[6]) == [0]
 
 
