@@ -11,14 +11,17 @@ one interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from wsd import fdstore, resume
@@ -175,6 +178,72 @@ class Killed(BaseException):
     """Where wsd dies: nothing in wsd catches it, as nothing survives a SIGKILL."""
 
 
+@dataclass
+class ParkedSession:
+    """A puppet's session parked in a test supervisor's fd store, about to evict
+    ``PAGES`` while the puppet writes ``RACED`` in the middle (version 7)."""
+
+    sup: Supervisor
+    puppet: PuppetVMM
+    tracker: VmTracker
+    store: PageStore
+    ctx: VmContext
+    ev: Evictor
+    resumed: VmTracker | None = None
+
+    RACED: ClassVar[list[int]] = [3, 4, 40]
+    PAGES: ClassVar[npt.NDArray[np.int64]] = np.arange(0, 64, dtype=np.int64)
+
+    async def restart(self, tmp_path: Path) -> VmTracker:
+        """Resume the session from copies of what the store holds, as a restarted wsd."""
+        self.sup.kill()
+        vm_id = self.tracker.vm_id
+        stored = fdstore.parse([(n, os.dup(fd)) for n, fd in self.sup.stored])[vm_id]
+        back = await resume.resume(
+            stored, state_dir=tmp_path, store=self.store, kernel=probe_kernel()
+        )
+        assert back is not None
+        self.resumed = back.tracker
+        return back.tracker
+
+    async def check_every_raced_write_is_back(self) -> None:
+        versions = await asyncio.to_thread(self.puppet.call, "read", pages=self.PAGES.tolist())
+        assert [p for p, v in enumerate(versions) if v == 7] == self.RACED
+        assert all(v == 0 for p, v in enumerate(versions) if p not in self.RACED)
+
+
+@contextlib.asynccontextmanager
+async def parked_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm_id: str
+) -> AsyncIterator[ParkedSession]:
+    sup = Supervisor([], tmp_path)  # only its notify socket and fd store
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
+    try:
+        with PuppetVMM.spawn(4 << 20) as puppet:
+            tracker = track_puppet(puppet, vm_id=vm_id)
+            store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+            session: ParkedSession | None = None
+            try:
+                resume.park(tmp_path, vm_id, puppet.pid, tracker, [puppet.memfd])
+                await tracker.cycle()
+                ctx = VmContext(
+                    vm_id,
+                    tracker,
+                    WritesDuringSync(store, puppet, ParkedSession.RACED),  # type: ignore[arg-type]
+                    EvictorConfig(),
+                )
+                ev = Evictor(ctx, state_dir=tmp_path)
+                session = ParkedSession(sup, puppet, tracker, store, ctx, ev)
+                yield session
+            finally:
+                await store.close()
+                tracker.close()
+                if session is not None and session.resumed is not None:
+                    session.resumed.close()
+    finally:
+        sup.close()
+
+
 @pytest.mark.parametrize(
     "dies_in",
     [
@@ -188,62 +257,28 @@ async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
 ) -> None:
     """The pipes that hold raced writes across the punch are parked in the fd
     store, and the resume of the session puts their pages back (wsd.evictor.held)."""
-    sup = Supervisor([], tmp_path)  # only its notify socket and fd store
-    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
     vm_id = "wp-kill"
-    try:
-        with PuppetVMM.spawn(4 << 20) as puppet:
-            tracker = track_puppet(puppet, vm_id=vm_id)
-            store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
-            resumed: VmTracker | None = None
-            try:
-                resume.park(tmp_path, vm_id, puppet.pid, tracker, [puppet.memfd])
-                await tracker.cycle()
-                raced = [3, 4, 40]
-                ctx = VmContext(
-                    vm_id,
-                    tracker,
-                    WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
-                    EvictorConfig(),
-                )
-                ev = Evictor(ctx, state_dir=tmp_path)
-                pages = np.arange(0, 64, dtype=np.int64)
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        pages = s.PAGES
 
-                def killed(*args: object, **kwargs: object) -> None:
-                    raise Killed
+        def killed(*args: object, **kwargs: object) -> None:
+            raise Killed
 
-                with monkeypatch.context() as m:
-                    m.setattr(*dies_in, killed)
-                    with pytest.raises(Killed):
-                        await ev.evict_batch(0, tracker.regions[0], pages)
-                assert not tracker.regions[0].resident()[pages].any(), "not punched"
-                sup.kill()  # no process; reads what was sent first, as systemd does
-                names = sorted(sup.stored_names())
-                assert names == [f"wsd.{vm_id}.held0", f"wsd.{vm_id}.mem0", f"wsd.{vm_id}.uffd"]
-                # What a restarted wsd gets: copies of the store's fds.
-                stored = fdstore.parse([(n, os.dup(fd)) for n, fd in sup.stored])[vm_id]
-                back = await resume.resume(
-                    stored, state_dir=tmp_path, store=store, kernel=probe_kernel()
-                )
-                assert back is not None
-                resumed = back.tracker
-                state = resumed.regions[0].state
-                assert (
-                    state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
-                )
-                sup.kill()
-                assert f"wsd.{vm_id}.held0" not in sup.stored_names(), "pipes left in the store"
-                # Every page is back in place: reading them faults nothing.
-                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
-                assert [p for p, v in enumerate(versions) if v == 7] == raced
-                assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
-            finally:
-                await store.close()
-                tracker.close()
-                if resumed is not None:
-                    resumed.close()
-    finally:
-        sup.close()
+        with monkeypatch.context() as m:
+            m.setattr(*dies_in, killed)
+            with pytest.raises(Killed):
+                await s.ev.evict_batch(0, s.tracker.regions[0], pages)
+        assert not s.tracker.regions[0].resident()[pages].any(), "not punched"
+        s.sup.kill()  # no process; reads what was sent first, as systemd does
+        names = sorted(s.sup.stored_names())
+        assert names == [f"wsd.{vm_id}.held0", f"wsd.{vm_id}.mem0", f"wsd.{vm_id}.uffd"]
+        resumed = await s.restart(tmp_path)
+        state = resumed.regions[0].state
+        assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
+        s.sup.kill()
+        assert f"wsd.{vm_id}.held0" not in s.sup.stored_names(), "pipes left in the store"
+        # Every page is back in place: reading them faults nothing.
+        await s.check_every_raced_write_is_back()
 
 
 async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor_from_storage(
@@ -252,73 +287,41 @@ async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor
     """Reading the pipes fails after the punch, so which pages raced is unknown:
     a fault on one of them waits (no zero fill, no stale stored copy), and the
     restart puts them all back from the parked pipes with their final bytes."""
-    sup = Supervisor([], tmp_path)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
     vm_id = "wp-unread"
-    try:
-        with PuppetVMM.spawn(4 << 20) as puppet:
-            tracker = track_puppet(puppet, vm_id=vm_id)
-            store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
-            resumed: VmTracker | None = None
-            try:
-                resume.park(tmp_path, vm_id, puppet.pid, tracker, [puppet.memfd])
-                await tracker.cycle()
-                raced = [3, 4, 40]
-                ctx = VmContext(
-                    vm_id,
-                    tracker,
-                    WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
-                    EvictorConfig(),
-                )
-                pages = np.arange(0, 64, dtype=np.int64)
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        pages, ctx, t = s.PAGES, s.ctx, s.tracker.regions[0]
 
-                def unreadable(*args: object, **kwargs: object) -> None:
-                    raise KernelError(errno.EIO, "tee", detail="injected")
+        def unreadable(*args: object, **kwargs: object) -> None:
+            raise KernelError(errno.EIO, "tee", detail="injected")
 
-                with monkeypatch.context() as m:
-                    m.setattr(HeldPages, "read_into", unreadable)
-                    ev = Evictor(ctx, state_dir=tmp_path)
-                    assert await ev.evict_batch(0, tracker.regions[0], pages) == 0
-                t = tracker.regions[0]
-                assert not t.resident()[pages].any(), "not punched"
-                assert t.state.evicted_mask(pages).all() and sorted(t.held_back) == pages.tolist()
-                assert ctx.stats.held_back_pages == len(pages) and ctx.stats.evicted_pages == 0
+        with monkeypatch.context() as m:
+            m.setattr(HeldPages, "read_into", unreadable)
+            assert await s.ev.evict_batch(0, t, pages) == 0
+        assert not t.resident()[pages].any(), "not punched"
+        assert t.state.evicted_mask(pages).all() and sorted(t.held_back) == pages.tolist()
+        assert ctx.stats.held_back_pages == len(pages) and ctx.stats.evicted_pages == 0
 
-                faults = FaultService(ctx, asyncio.ensure_future)
-                with serving_faults(tracker, faults) as unhandled:
-                    reading = asyncio.ensure_future(
-                        asyncio.to_thread(puppet.call, "read", pages=[raced[0]])
-                    )
-                    await asyncio.sleep(1.0)
-                    assert not reading.done(), "a held-back page was served"
-                    assert ctx.stats.fetch_errors > 0 and ctx.stats.zero_fills == 0
-                    await faults.close()
-                assert not unhandled
-                # Stopping does not serve them from storage either: the session
-                # stays parked, and its pipes with it (as Daemon._end does).
-                assert not await drain(ctx, FaultService(ctx, asyncio.ensure_future))
-                assert t.state.evicted_pages == len(pages)
-                assert ev.parking is not None
-                ev.parking.close(unpark=False)
+        faults = FaultService(ctx, asyncio.ensure_future)
+        with serving_faults(s.tracker, faults) as unhandled:
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(s.puppet.call, "read", pages=[s.RACED[0]])
+            )
+            await asyncio.sleep(1.0)
+            assert not reading.done(), "a held-back page was served"
+            assert ctx.stats.fetch_errors > 0 and ctx.stats.zero_fills == 0
+            await faults.close()
+        assert not unhandled
+        # Stopping does not serve them from storage either: the session stays
+        # parked, and its pipes with it (as Daemon._end does).
+        assert not await drain(ctx, FaultService(ctx, asyncio.ensure_future))
+        assert t.state.evicted_pages == len(pages)
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
 
-                # -- wsd restarts: the pipes come back from the store ----------------
-                sup.kill()
-                assert f"wsd.{vm_id}.held0" in sup.stored_names()
-                stored = fdstore.parse([(n, os.dup(fd)) for n, fd in sup.stored])[vm_id]
-                back = await resume.resume(
-                    stored, state_dir=tmp_path, store=store, kernel=probe_kernel()
-                )
-                assert back is not None
-                resumed = back.tracker
-                assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
-                assert resumed.regions[0].state.evicted_pages == 0
-                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
-                assert [p for p, v in enumerate(versions) if v == 7] == raced
-                assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
-            finally:
-                await store.close()
-                tracker.close()
-                if resumed is not None:
-                    resumed.close()
-    finally:
-        sup.close()
+        # -- wsd restarts: the pipes come back from the store --------------------
+        s.sup.kill()
+        assert f"wsd.{vm_id}.held0" in s.sup.stored_names()
+        resumed = await s.restart(tmp_path)
+        assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
+        assert resumed.regions[0].state.evicted_pages == 0
+        await s.check_every_raced_write_is_back()
