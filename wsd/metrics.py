@@ -50,6 +50,8 @@ from prometheus_client.registry import Collector
 
 from wsd import __version__
 from wsd.durations import DurationHistogram
+from wsd.kernel import KernelError
+from wsd.priority import enter_background
 from wsd.storage import PageStore, StoreStats
 from wsd.tracker.mode import TrackingMode
 
@@ -552,12 +554,15 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Me
         server = make_server(
             str(sockaddr[0]), port, make_wsgi_app(registry), server_class, _QuietHandler
         )
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": SHUTDOWN_POLL},
-            name="wsd-metrics",
-            daemon=True,
-        )
+
+        def serve() -> None:
+            # Created from a thread at the loop's raised priority: a scrape
+            # must not preempt fault service (wsd.priority).
+            with contextlib.suppress(KernelError):
+                enter_background()
+            server.serve_forever(poll_interval=SHUTDOWN_POLL)
+
+        thread = threading.Thread(target=serve, name="wsd-metrics", daemon=True)
         thread.start()
         return MetricsServer(server, thread)
 

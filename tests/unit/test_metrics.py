@@ -7,6 +7,7 @@ driven through cycles, ``EvictorStats``, ``VmPolicy``, ``StoreStats``.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import threading
@@ -28,6 +29,7 @@ from wsd.durations import FAULT_BUCKETS, CycleTimings, LabelledDurations
 from wsd.evictor import EvictorConfig, EvictorStats
 from wsd.evictor.faults import FaultResult
 from wsd.evictor.policy import VmPolicy
+from wsd.kernel import thread_nice
 from wsd.metrics import MetricsState, WsdCollector, make_registry, serve_metrics
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters
@@ -417,6 +419,10 @@ async def test_serve_scrape_and_stop() -> None:
 
     text = await asyncio.to_thread(scrape)
     assert 'wsd_working_set_bytes{horizon_intervals="16",region="0",vm_id="a"}' in text
+    # Its thread steps below the priority it inherits (the loop's, in the daemon).
+    (served,) = [t for t in threading.enumerate() if t.name == "wsd-metrics"]
+    assert served.native_id is not None
+    assert os.getpriority(os.PRIO_PROCESS, served.native_id) > min(18, thread_nice())
     assert "process_resident_memory_bytes" in text
     await server.close()
     await server.close()  # idempotent
