@@ -43,6 +43,7 @@ from wsd.kernel import (
     probe_api,
     punch_hole,
 )
+from wsd.testing.hammer import free_huge_pages
 from wsd.testing.puppet_vmm import page_pattern
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
@@ -305,17 +306,12 @@ def test_sigterm_stops_cleanly_with_a_report(tmp_path: Path) -> None:
     assert r["stopped_by_signal"] == signal.SIGTERM and r["ops"] > 0
 
 
-def free_huge_pages() -> int:
-    path = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-    return int(path.read_text()) if path.exists() else 0
-
-
 def test_hugetlb(tmp_path: Path) -> None:
-    if free_huge_pages() < 8:
-        pytest.skip(f"needs 8 free 2 MiB huge pages, {free_huge_pages()} free (vm.nr_hugepages)")
-    g = run_guest(
-        tmp_path, "--no-handoff", "--size", "16M", "--hugetlb", "--hot", "0.5", "--duration", "1"
-    )
+    with free_huge_pages(8) as free:
+        if free < 8:
+            pytest.skip(f"needs 8 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
+        args = ("--no-handoff", "--size", "16M", "--hugetlb", "--hot", "0.5", "--duration", "1")
+        g = run_guest(tmp_path, *args)
     r = g.report()
     assert r["page_size"] == 2 * MIB and r["hugetlb"] and r["ops"] > 0
     assert r["verify_errors"] == 0 and len(g.truth()[0].hot) == 4
