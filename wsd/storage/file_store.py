@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import ClassVar, Final
 
 import numpy as np
+import structlog
 import xxhash
 
 from wsd.storage.concurrency import Offload
@@ -77,6 +78,8 @@ from wsd.storage.page import (
 )
 from wsd.storage.record import MAGIC, PayloadKind
 from wsd.storage.store_base import StoreBase
+
+log = structlog.get_logger("wsd.storage")
 
 
 class _Dropped(Exception):
@@ -500,13 +503,23 @@ class FileStore(StoreBase):
             except BlockingIOError:
                 pass
             except _NoWaitUnsupported:
-                self._nowait = False
+                self._nowait_refused()
         if found is None:
             found = {}
             if region is not None:
                 found = await self._reads.run(self._read_batch, region, offsets, expected)
         self._check_missing(ns, offsets, found, missing_ok)
         return found
+
+    def _nowait_refused(self) -> None:
+        """The file system has no ``RWF_NOWAIT`` reads: stop trying, and say so once."""
+        self._nowait = False
+        log.info(
+            "file tier: the file system refuses RWF_NOWAIT reads, so every fetch goes "
+            "through a worker thread (slower faults; ext4, XFS or btrfs take them)",
+            backend=self._name,
+            root=str(self._root),
+        )
 
     def get_inline(
         self, ns: PageNamespace, offset: int, *, generation: int | None = None
@@ -532,7 +545,7 @@ class FileStore(StoreBase):
         except BlockingIOError:
             return None
         except _NoWaitUnsupported:
-            self._nowait = False
+            self._nowait_refused()
             return None
         except IntegrityError:
             self.counters.gets += 1

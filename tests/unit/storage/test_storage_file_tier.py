@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from file_layout import flip, region_paths
+from structlog.testing import capture_logs
 
 from wsd.storage import (
     BudgetExceeded,
@@ -365,8 +366,11 @@ async def test_a_cached_page_is_read_on_the_loop_and_anything_else_in_a_worker(
         raise OSError(95, "Operation not supported")
 
     monkeypatch.setattr(os, "preadv", unsupported)
-    assert (await store.get(NS, 0)).data == pages[0]
-    assert worker_calls == 4 and not store._nowait
-    assert (await store.get(NS, P)).data == pages[P]
-    assert worker_calls == 5
+    with capture_logs() as logs:
+        assert (await store.get(NS, 0)).data == pages[0]
+        assert worker_calls == 4 and not store._nowait
+        assert (await store.get(NS, P)).data == pages[P]
+        assert worker_calls == 5
+    said = [e for e in logs if "refuses RWF_NOWAIT" in e["event"]]
+    assert len(said) == 1, logs  # once, when it turns the inline get off
     await store.close()
