@@ -175,7 +175,7 @@ _FLAGS: dict[int, FaultFlag] = {}
 
 class PageFault(NamedTuple):
     """A page fault message.  A tuple: one is built per fault, and a tuple
-    builds in a fifth of the time of a frozen dataclass."""
+    builds in half the time of a frozen dataclass (0.6 against 1.1 µs)."""
 
     address: int
     flags: FaultFlag
