@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -387,6 +388,22 @@ def placements(names: list[str]) -> Iterator[tuple[str, int | None, int | None]]
             raise SystemExit(f"unknown placement {name!r} (same, cross, none)")
 
 
+def nowait_reads(directory: Path) -> bool:
+    """Whether files in ``directory`` take ``preadv(RWF_NOWAIT)`` (the file tier's inline get)."""
+    with tempfile.TemporaryFile(dir=directory) as f:
+        f.write(bytes(PAGE))
+        f.flush()
+        try:
+            os.preadv(f.fileno(), [bytearray(PAGE)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                return False
+            raise
+    return True
+
+
 def pct(x: npt.NDArray[np.int64], q: float) -> float:
     return float(np.percentile(x, q)) / 1000.0 if len(x) else float("nan")
 
@@ -400,6 +417,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         f"kernel {os.uname().release}, tracking mode {mode}, {os.cpu_count()} CPUs, "
         f"handlers at nice {nice}"
     )
+    if any("file" in h for h in args.handlers) and not nowait_reads(args.dir):
+        log(
+            f"note: {args.dir} refuses RWF_NOWAIT reads (tmpfs, overlayfs): the file tier's "
+            "inline get is off, every fetch takes a worker's round trip; --dir on ext4, XFS "
+            "or btrfs measures what such a deployment gets"
+        )
     with tempfile.TemporaryDirectory(prefix="fault-latency-build-") as tmp:
         exe = build_c(Path(tmp))
         results: dict[tuple[str, str], list[Sample]] = {}
