@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from wsd.daemon import Daemon, Settings
-from wsd.evictor import EvictorConfig
+from wsd.evictor import EvictorConfig, EvictorStats
 from wsd.guest.process import GuestProcess
 from wsd.storage import StorageConfig
 from wsd.testing.running import running_daemon
@@ -79,10 +79,20 @@ async def start_guest(d: Daemon, *args: str) -> GuestProcess:
     return await asyncio.to_thread(functools.partial(GuestProcess.start, argv, ready_timeout=300))
 
 
-async def hammer(d: Daemon, vm_id: str, size: str, seconds: float, *args: str) -> dict[str, Any]:
+async def hammer(
+    d: Daemon,
+    vm_id: str,
+    size: str,
+    seconds: float,
+    *args: str,
+    until: Callable[[EvictorStats], bool] | None = None,
+) -> dict[str, Any]:
     """Run a Zipf guest with 3 writer threads for ``seconds``; check it lost nothing.
 
-    Returns what happened, for the caller's mode-specific checks.
+    After ``seconds`` it runs on until pages went out and came back and
+    ``until`` (say, that an access raced an eviction) holds, for at most
+    :data:`SLOW_MACHINE_SECONDS`.  Returns what happened, for the caller's
+    mode-specific checks.
     """
     guest = await start_guest(
         d,
@@ -99,9 +109,10 @@ async def hammer(d: Daemon, vm_id: str, size: str, seconds: float, *args: str) -
         tracker = s.tracker
         await asyncio.sleep(seconds)
         # At least ``seconds``, and on until pages went out and came back: on a
-        # loaded machine, under TCG, the first cycles can take seconds each.
+        # loaded machine, under TCG, the first cycles can take seconds each,
+        # and a race with an eviction window may take a few of them.
         for _ in range(int(SLOW_MACHINE_SECONDS / 0.5)):
-            if stats.evicted_pages and stats.fetched_pages:
+            if stats.evicted_pages and stats.fetched_pages and (until is None or until(stats)):
                 break
             await asyncio.sleep(0.5)
         tm = s.timings
