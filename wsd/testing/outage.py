@@ -256,6 +256,29 @@ def _state(session: Session | None) -> str:
     return f"{session.ctx.stats}; faults {results}, fetching {len(session.faults.fetching)}{calls}"
 
 
+def evicted_now(session: Session) -> int:
+    """Pages of ``session`` evicted at this moment (not counting those fetched back)."""
+    return sum(t.state.evicted_pages for t in session.tracker.regions)
+
+
+async def until_evicted_now(
+    session: Session, guest: GuestProcess, pages: int = 100, timeout: float = 30.0
+) -> None:
+    """Wait until at least ``pages`` are evicted at this moment, to start an outage on.
+
+    The hammer's steep guest touches its whole memory within a second or so:
+    a pause of eviction (:func:`check_punched_pages_are_stored` makes one) can
+    leave no page evicted at all, and an outage that starts then sees no fault.
+    """
+    await wait_until(
+        lambda: evicted_now(session) >= pages,
+        timeout,
+        f"{pages} pages evicted at once",
+        guest=guest,
+        session=session,
+    )
+
+
 async def cycles(session: Session, n: int, timeout: float = 30.0) -> None:
     """Wait until ``n`` more tracking cycles have run."""
     target = session.tracker.cycles + n

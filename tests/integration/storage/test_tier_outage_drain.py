@@ -18,12 +18,12 @@ from redis_server import RedisServer
 from structlog.testing import capture_logs
 
 from wsd.storage import parse_storage_config
+from wsd.testing.hammer import start_guest
 from wsd.testing.outage import (
     OUTAGE_EVICTOR,
     assert_nothing_lost,
     check_punched_pages_are_stored,
     outage_daemon,
-    start_outage_guest,
     wait_until,
 )
 
@@ -31,6 +31,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 VM = "drain-outage"
 DOWN_SECONDS = 4.0
+# Writers on a fixed hot set: the cold 90% is evicted and stays so, however long
+# the checks before the kill take.  (The outage tests' Zipf guest touches all of
+# its memory within a second or two: during a slow check it could fetch every
+# page back, and the drain would start with nothing to fetch.)
+COLD_STAYS_COLD = (
+    *("--size", "32M", "--threads", "3", "--pattern", "uniform", "--hot", "10%"),
+    *("--write-ratio", "0.5", "--thp", "never"),
+)
 
 
 async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
@@ -49,7 +57,7 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
     evictor = OUTAGE_EVICTOR.model_copy(update={"prefetch_pages": 0, "fetch_deadline_seconds": 60})
     with capture_logs() as logs:
         async with outage_daemon(tmp_path, storage, evictor, state_dir=tmp_path / "state") as d:
-            guest = await start_outage_guest(d, VM)
+            guest = await start_guest(d, "--vm-id", VM, *COLD_STAYS_COLD)
             try:
                 s = d.sessions[VM]
                 stats = s.ctx.stats

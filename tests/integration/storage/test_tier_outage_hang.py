@@ -35,6 +35,7 @@ from wsd.testing.outage import (
     retried_faults,
     start_outage_guest,
     stop_guest,
+    until_evicted_now,
     vm_metrics,
     wait_until,
 )
@@ -73,6 +74,7 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
                 # -- sync and reads hang: a batch is put but never acknowledged -----------
+                await until_evicted_now(s, guest)  # pages for the faults to wait on
                 hung_at, logged_before = time.monotonic(), len(logs)
                 errors_at_hang = stats.fetch_errors
                 hung.hang({"sync", "get", "get_many"})
