@@ -143,9 +143,7 @@ async def _bring_back(
     progress_at = ctx.clock()
     while t.state.evicted_pages:
         left = np.flatnonzero(t.state.evicted).tolist()
-        held_back = {
-            p for p in left if p in t.held_back and t.held_back[p] == t.state.generation(p)
-        }
+        held_back = {p for p in left if t.is_held_back(p)}
         if len(held_back) == len(left):
             raise StorageError(
                 f"{len(held_back)} pages are held in pipes that could not be read after their "

@@ -117,7 +117,7 @@ class FaultService:
         sends the fault down the async path, which waits, retries and reports.
         """
         assert self._inline is not None
-        if page in t.held_back:
+        if t.is_held_back(page):
             return False
         r = t.region
         try:
@@ -274,7 +274,7 @@ class FaultService:
         started = ctx.clock()
         alerted = failed = False
         while True:
-            if t.held_back.get(page) == generation:
+            if t.is_held_back(page):
                 error: Exception = RuntimeError(
                     "its bytes are held in pipes that could not be read after its punch; "
                     "a restart puts it back from the fd store"
@@ -438,7 +438,7 @@ class FaultService:
         wanted = [
             int(p)
             for p in span[t.state.evicted_mask(span)]
-            if (i, int(p)) not in self.fetching and int(p) not in t.held_back
+            if (i, int(p)) not in self.fetching and not t.is_held_back(int(p))
         ]
         if not wanted or ctx.tier is None:
             return

@@ -124,6 +124,11 @@ class TrackedRegion:
     def npages(self) -> int:
         return self.region.size // self.region.page_size
 
+    def is_held_back(self, page: int) -> bool:
+        """Whether ``page``, as evicted now, is one of :attr:`held_back`: no fault on it may
+        be served from storage or zeros."""
+        return self.held_back.get(page) == self.state.generation(page)
+
     def resident(self) -> npt.NDArray[np.bool_]:
         """Pages of this region present in its memfd (SEEK_DATA/SEEK_HOLE)."""
         r = self.region
