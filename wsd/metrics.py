@@ -97,6 +97,12 @@ _EVICTOR_COUNTERS: Final = (
     ("windows", "wsd_evict_windows", "Sync windows in which the evictor ran."),
     ("copy_races", "wsd_fetch_copy_races", "Fetches whose page someone else populated first."),
     (
+        "unseen_writes",
+        "wsd_evict_unseen_writes",
+        "Eviction candidates written since their read although the scan saw no access "
+        "(khugepaged or reclaim unmapped them), caught before the punch: not evicted.",
+    ),
+    (
         "held_back_pages",
         "wsd_evict_held_back_pages",
         "Punched pages whose held bytes could not be read back: faults on them wait for a "

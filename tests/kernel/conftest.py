@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,7 @@ import pytest
 from wsd.kernel import Feature, Ioctl, Pagemap, Userfaultfd, probe_api
 from wsd.testing.arming import RWP, arm_rwp
 from wsd.testing.puppet_vmm import PuppetVMM
-
-SHMEM_THP_KNOB = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+from wsd.testing.thp import SHMEM_ENABLED, eager_khugepaged, shmem_thp
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -44,15 +45,24 @@ def hugepages() -> int:
     return n
 
 
+def _entered(cm: AbstractContextManager[None], what: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(cm)
+        except OSError as e:
+            pytest.skip(f"cannot set {what}: {e}")
+        yield
+
+
 @pytest.fixture
 def shmem_thp_always() -> Iterator[None]:
-    try:
-        old = next(w[1:-1] for w in SHMEM_THP_KNOB.read_text().split() if w.startswith("["))
-        SHMEM_THP_KNOB.write_text("always\n")
-    except OSError as e:
-        pytest.skip(f"cannot set {SHMEM_THP_KNOB}: {e}")
-    yield
-    SHMEM_THP_KNOB.write_text(old + "\n")
+    yield from _entered(shmem_thp("always"), str(SHMEM_ENABLED))
+
+
+@pytest.fixture
+def khugepaged_eager() -> Iterator[None]:
+    """khugepaged scanning every 100 ms (not every 10 s), so collapses happen in a test."""
+    yield from _entered(eager_khugepaged(), "khugepaged's scan interval")
 
 
 @pytest.fixture

@@ -35,6 +35,9 @@ class EvictorStats:
     # verified punch and put back with their final bytes (not evicted).
     raced_writes: int = 0
     held_back_pages: int = 0  # punched, bytes unread: faults wait for a restart
+    # rwp: prepared pages whose bytes changed since their read although the
+    # scan saw no access (an unmap of their PTE erased it): not evicted.
+    unseen_writes: int = 0
     # When eviction was paused because the store failed a batch (clock of the
     # VmContext); None while it works.  Not a counter: see outage.py.
     storage_failing_since: float | None = None

@@ -5,18 +5,21 @@ select cold pages from the ages of the last scan, ``pread`` them from the
 memfd, ``put`` them and wait for ``sync``, and persist the page map listing
 them.  Every candidate was idle for a whole interval, so the ``RWPROTECT``
 that closed the last window protects it: any access from then on clears the
-protection and shows as ``PAGE_IS_ACCESSED`` in the next scan.
+protection and shows as ``PAGE_IS_ACCESSED`` in the next scan, unless its
+PTE is unmapped before the scan (shmem only: see :func:`content_checked`).
 
 **Commit**, inside the next sync window, right after its scan, with no
 ``await`` (so no fault handler runs in between): drop every prepared page
 the scan found accessed or whose RWP/MINOR fault arrived during the window,
-then punch the rest and ``UFFDIO_WAKE`` them.  A page accessed after its
+and on shmem every page whose bytes changed since its read, then punch the
+rest and ``UFFDIO_WAKE`` them.  A page accessed after its
 ``pread`` is therefore never punched; a vCPU that blocked on a page in the
 window before the commit has not accessed it, is woken after the punch,
 re-faults as MISSING and gets the stored bytes, which are current.
 
-The window itself holds no I/O: its length is the scan plus the punches, and
-``max_pages_per_window`` bounds the punches.
+The window itself holds no storage I/O: its length is the scan, the content
+check's ``pread`` from the page cache, and the punches, and
+``max_pages_per_window`` bounds the last two.
 
 In ``wp-async`` mode there is no window (``SET_MODE`` cannot toggle
 ``WP_ASYNC``, and there is no RWP), so nothing stops a write between the read
@@ -52,6 +55,7 @@ from .outage import StoreBackoff
 from .policy import pages_for_bytes, select
 from .transaction import (
     PunchedUnread,
+    changed_since_read,
     digests,
     not_punched,
     punch_and_wake,
@@ -85,18 +89,25 @@ def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
         return guarded
     if not t.state.granularity.evictable:
         return f"{t.state.granularity}: accesses cannot be trapped (RWP-FACTS fact 8)"
-    if t.thp_possible:
-        # Seen once in CI (7.3 VM, 2026-11-26): with shmem THP and MINOR
-        # co-registration a write was lost (the guest read back the version
-        # before it).  Until that is understood, such regions are tracked but
-        # never evicted.  See docs/evictor.md.
-        return (
-            "shmem THP is enabled: eviction is off for THP-backed regions until a lost "
-            "write seen with THP + MINOR is understood (disable shmem THP, or use hugetlbfs)"
-        )
     if RegisterMode.MISSING not in ctx.tracker.decision.register_mode:
         return "MISSING is not registered: an evicted page could not be fetched back"
     return None
+
+
+def content_checked(mode: TrackingMode, t: TrackedRegion) -> bool:
+    """Whether the commit compares ``t``'s pages with their stored bytes before the punch.
+
+    wp-async: always (there is no window; :func:`.transaction.punch_verified`).
+    rwp: on 4 KiB shmem regions.  There the scan can miss a write: whatever
+    unmaps a shmem PTE (khugepaged collapsing the range into a THP, reclaim,
+    ``MADV_PAGEOUT``) drops its RWP state with it, and an unmapped page reads
+    as not accessed.  So a page written after its read, then unmapped before
+    the scan, would be punched with stale bytes stored.  (Linux 7.3 leaves a
+    marker in an unmapped PTE for uffd-wp, not for RWP; docs/evictor.md.)
+    Not on hugetlbfs, whose pages are never collapsed or reclaimed, and
+    whose 2 MiB reads would lengthen the window most.
+    """
+    return mode is TrackingMode.WP_ASYNC or t.region.page_size == 4096
 
 
 @dataclass(frozen=True)
@@ -105,8 +116,8 @@ class Prepared:
 
     region: int
     pages: npt.NDArray[np.int64]
-    # Digests of the bytes stored, by byte offset in the region: kept in
-    # wp-async mode, where the commit compares them with the pages' final bytes.
+    # Digests of the bytes stored, by byte offset in the region, where the
+    # commit compares them with the pages' bytes (content_checked).
     stored: Mapping[int, bytes] | None = None
     # Each page's generation when it was read: a page whose generation moved
     # since (removed by the VMM) is not punched, its stored bytes are stale.
@@ -126,7 +137,7 @@ class Evictor:
         self.host_room = host_room
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
         self._prepared: list[Prepared] = []
-        self._scratch = bytearray()  # wp-async: final bytes of the pages being punched
+        self._scratch = bytearray()  # the bytes of the pages being punched, to compare
         # wp-async: a session that can survive a crash (it has state) keeps its
         # verified punches' pipes in the fd store (held.py).
         self.parking = held.Parking(ctx.vm_id) if state_dir is not None else None
@@ -291,7 +302,7 @@ class Evictor:
         assert ctx.tier is not None
         t = ctx.tracker.regions[i]
         gens = (t.state.generations[pages].astype(np.int64) + 1) & 0xFFFFFFFF
-        verify = ctx.tracker.mode is TrackingMode.WP_ASYNC
+        verify = content_checked(ctx.tracker.mode, t)
         sums: dict[int, bytes] | None = None
         try:
             data = await _in_background(read_pages, t.memfd, t.region, pages)
@@ -367,7 +378,11 @@ class Evictor:
         if not len(keep):
             return 0
         if batch.stored is not None:
-            return self._commit_verified(i, t, keep, batch.stored)
+            if ctx.tracker.mode is TrackingMode.WP_ASYNC:
+                return self._commit_verified(i, t, keep, batch.stored)
+            keep = self._unchanged(i, t, keep, batch.stored)
+            if not len(keep):
+                return 0
         t.state.note_evicted(keep)
         ctx.policies[i].note_evicted(keep, ctx.tracker.cycles)
         ctx.discards[i].difference_update(keep.tolist())
@@ -390,6 +405,36 @@ class Evictor:
         ctx.stats.evicted_pages += len(keep)
         ctx.stats.evicted_bytes += len(keep) * t.region.page_size
         return len(keep)
+
+    def _unchanged(
+        self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], stored: Mapping[int, bytes]
+    ) -> npt.NDArray[np.int64]:
+        """rwp: those of ``pages`` that still hold the bytes stored; the rest were written.
+
+        Sound only in the window, with no await before the punch: a page the
+        scan saw unaccessed is protected or unmapped, so a write to it now
+        faults and waits for the loop, which is busy here.
+        """
+        ctx = self.ctx
+        try:
+            changed = changed_since_read(t.memfd, t.region, pages, stored, self._scratch)
+        except KernelError as e:
+            log.error("reading pages to evict failed", vm_id=ctx.vm_id, region=i, error=str(e))
+            ctx.discards[i].update(pages.tolist())
+            return pages[:0]
+        if not changed.any():
+            return pages
+        written = pages[changed]
+        ctx.stats.unseen_writes += len(written)
+        ctx.discards[i].update(written.tolist())
+        t.state.note_access(written)
+        log.info(
+            "pages written since their read, unseen by the scan: not evicted",
+            vm_id=ctx.vm_id,
+            region=i,
+            pages=len(written),
+        )
+        return pages[~changed]
 
     def _commit_verified(
         self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], stored: Mapping[int, bytes]

@@ -10,6 +10,8 @@
    MISSING and is served from storage.
 
 In ``wp-async`` mode step 4 is :func:`punch_verified`, which needs no window.
+In ``rwp`` mode on shmem, :func:`changed_since_read` goes right before step 4:
+the scan can miss a write there (:func:`wsd.evictor.evictor.content_checked`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,38 @@ def punch_and_wake(
         # blocked, and one on an unpunched page just re-faults.
         for first, count in spans:
             uffd.wake(region.host_virt_addr + first * ps, count * ps)
+
+
+def changed_since_read(
+    memfd: int,
+    region: Region,
+    pages: npt.NDArray[np.int64],
+    stored: Mapping[int, bytes],
+    scratch: bytearray,
+) -> npt.NDArray[np.bool_]:
+    """Which of ``pages`` (ascending) no longer hold the bytes stored for them.
+
+    ``stored``: the :func:`digest` of each page's stored bytes, by byte offset
+    in the region.  One ``pread`` per run, into ``scratch`` (grown as needed),
+    then one digest per page: about a microsecond per 4 KiB page.  A page
+    that became a hole reads as zeros and so counts as changed, unless zeros
+    were stored.
+    """
+    ps = region.page_size
+    spans = runs(pages)
+    longest = max((count for _, count in spans), default=0) * ps
+    if len(scratch) < longest:
+        scratch.extend(bytes(longest - len(scratch)))  # before a view exports it
+    changed: list[bool] = []
+    with memoryview(scratch) as buf:
+        for first, count in spans:
+            length = count * ps
+            view = buf[:length]
+            pread_into(memfd, view, region.offset + first * ps)
+            at = first * ps
+            changed.extend(digest(view[j : j + ps]) != stored[at + j] for j in range(0, length, ps))
+            view.release()
+    return np.array(changed, dtype=np.bool_)
 
 
 def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> list[int]:

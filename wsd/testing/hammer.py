@@ -141,6 +141,7 @@ async def hammer(
         "prefetched": stats.prefetched_pages,
         "touched_in_window_not_evicted": stats.skipped_touched,
         "raced_writes_put_back": stats.raced_writes,
+        "unseen_writes_kept": stats.unseen_writes,
         "rwp_faults_in_window": tracker.sync_faults,
         "minor_faults": tracker.minor_faults,
         "windows": stats.windows,

@@ -109,9 +109,6 @@ class TrackedRegion:
     # bytes may be only in the parked pipes, so neither storage nor zeros may
     # serve them.  Their faults wait until a restart puts them back.
     held_back: dict[int, int] = field(default_factory=dict)
-    # Shmem THP is enabled on this kernel, so this 4 KiB region may be backed
-    # by huge pages (tracked exactly through MINOR, but see the evictor).
-    thp_possible: bool = False
     # Why this region is no longer mapped where the hand-off said (the VMM
     # unmapped or moved part of it), or None.  A vanished region is neither
     # scanned nor armed nor evicted; its evicted pages go back into the memfd.
@@ -174,7 +171,6 @@ def _tracked_regions(
             fd,
             RegionState(r.size // r.page_size, _granularity(r, m, shmem_thp), started_at=now),
             minor=m,
-            thp_possible=shmem_thp and r.page_size == 4096,
         )
         for (r, fd), m in zip(regions, minor, strict=True)
     ]
