@@ -110,9 +110,9 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                     assert m["wsd_evict_storage_failing"] == 1
                     assert m["wsd_evict_failed_batches_total"] >= 1
 
-                    # Full: retries after 1, 2, 4, ... intervals, each failing.  Started at
-                    # once: the guest touches all its memory within a second or two, and
-                    # faults on the pages evicted before the disk filled are to be seen.
+                    # Full: retries after 1, 2, 4, ... intervals, each failing.  Faults on
+                    # the pages evicted before are served all along.  (Maybe none is out by
+                    # now: the guest touches all of its memory within a second or two.)
                     evicted_when_full = evicted_now(s)
                     fetched_before = stats.fetched_pages
                     failed_before = stats.failed_batches
@@ -123,8 +123,15 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                     assert stats.failed_batches > failed_before, "no retry failed"
                     # At most a batch per retry fits in space freed just before it.
                     assert stats.evicted_pages - evicted_before <= 6 * OUTAGE_EVICTOR.batch_pages
-                    assert evicted_when_full > 0, "nothing evicted when the disk filled"
-                    assert stats.fetched_pages > fetched_before, "no evicted page was fetched back"
+                    # That guest touches every page within seconds: pages still out and
+                    # none fetched back would be faults left waiting.
+                    await wait_until(
+                        lambda: stats.fetched_pages > fetched_before or evicted_now(s) == 0,
+                        10,
+                        "faults served on the full disk",
+                        guest=guest,
+                        session=s,
+                    )
                     assert stats.fetch_errors == 0
                     stored_still_full = await check_punched_pages_are_stored(d, VM)
                     assert stored_still_full * PAGE < capacity
