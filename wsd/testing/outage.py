@@ -256,6 +256,19 @@ def _state(session: Session | None) -> str:
     return f"{session.ctx.stats}; faults {results}, fetching {len(session.faults.fetching)}{calls}"
 
 
+PAUSED = "storage failing: eviction paused"
+RESUMED = "storage works again: eviction resumed"
+
+
+def outage_log(logs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The evictor's pause and resume lines among captured ``logs``, short, for messages."""
+    return [
+        f"{e['event']}: {e.get('error') or e.get('paused_seconds')}"
+        for e in logs
+        if e["event"] in (PAUSED, RESUMED)
+    ]
+
+
 def evicted_now(session: Session) -> int:
     """Pages of ``session`` evicted at this moment (not counting those fetched back)."""
     return sum(t.state.evicted_pages for t in session.tracker.regions)
