@@ -23,6 +23,7 @@ from wsd.testing.outage import (
     OUTAGE_EVICTOR,
     assert_nothing_lost,
     check_punched_pages_are_stored,
+    evicted_now,
     outage_daemon,
     wait_until,
 )
@@ -84,7 +85,7 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     session=s,
                 )
                 await asyncio.sleep(DOWN_SECONDS)
-                left_while_down = sum(t.state.evicted_pages for t in s.tracker.regions)
+                left_while_down = evicted_now(s)
                 closed = [e for e in logs if e["event"] == "session closed"]
                 assert not closed, "the session ended while its pages were unreachable"
                 # Parked meanwhile: its description and page map stay in the state directory.
