@@ -383,9 +383,7 @@ class Evictor:
             keep = self._unchanged(i, t, keep, batch.stored)
             if not len(keep):
                 return 0
-        t.state.note_evicted(keep)
-        ctx.policies[i].note_evicted(keep, ctx.tracker.cycles)
-        ctx.discards[i].difference_update(keep.tolist())
+        self._mark_evicted(i, t, keep)
         try:
             punch_and_wake(ctx.tracker.uffd, t.memfd, t.region, keep)
             if t.minor:
@@ -401,10 +399,25 @@ class Evictor:
             # wherever it has data, and no further eviction touches them until a
             # resident walk settles them.
             log.error("punching evicted pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
-        ctx.stats.batches += 1
-        ctx.stats.evicted_pages += len(keep)
-        ctx.stats.evicted_bytes += len(keep) * t.region.page_size
         return len(keep)
+
+    def _mark_evicted(self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64]) -> None:
+        """Record ``pages`` as evicted, their stored copies as the ones to keep."""
+        ctx = self.ctx
+        t.state.note_evicted(pages)
+        ctx.policies[i].note_evicted(pages, ctx.tracker.cycles)
+        ctx.discards[i].difference_update(pages.tolist())
+        ctx.stats.batches += 1
+        ctx.stats.evicted_pages += len(pages)
+        ctx.stats.evicted_bytes += len(pages) * t.region.page_size
+
+    def _written_since_read(
+        self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], event: str
+    ) -> None:
+        """``pages`` were written after their read: not evicted, stored copies stale, hot."""
+        self.ctx.discards[i].update(pages.tolist())
+        t.state.note_access(pages)
+        log.info(event, vm_id=self.ctx.vm_id, region=i, pages=len(pages))
 
     def _unchanged(
         self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], stored: Mapping[int, bytes]
@@ -424,15 +437,9 @@ class Evictor:
             return pages[:0]
         if not changed.any():
             return pages
-        written = pages[changed]
-        ctx.stats.unseen_writes += len(written)
-        ctx.discards[i].update(written.tolist())
-        t.state.note_access(written)
-        log.info(
-            "pages written since their read, unseen by the scan: not evicted",
-            vm_id=ctx.vm_id,
-            region=i,
-            pages=len(written),
+        ctx.stats.unseen_writes += int(changed.sum())
+        self._written_since_read(
+            i, t, pages[changed], "pages written since their read, unseen by the scan: not evicted"
         )
         return pages[~changed]
 
@@ -462,30 +469,18 @@ class Evictor:
         except PunchedUnread as e:
             self._hold_back(i, t, e, parked=parking is not None)
             return 0
-        evicted = outcome.evicted
-        # The stored copies of pages not evicted are stale or useless.
-        ctx.discards[i].update(outcome.raced.tolist())
+        # The stored copies of pages kept resident are useless.
         ctx.discards[i].update(outcome.kept.tolist())
         if len(outcome.raced):
-            # Written after their read, and evidently not cold.
             ctx.stats.raced_writes += len(outcome.raced)
-            t.state.note_access(outcome.raced)
-            log.info(
-                "writes raced an eviction, pages put back",
-                vm_id=ctx.vm_id,
-                region=i,
-                pages=len(outcome.raced),
+            self._written_since_read(
+                i, t, outcome.raced, "writes raced an eviction, pages put back"
             )
         for error in outcome.errors:
             log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
-        if len(evicted):
-            t.state.note_evicted(evicted)
-            ctx.policies[i].note_evicted(evicted, ctx.tracker.cycles)
-            ctx.discards[i].difference_update(evicted.tolist())
-            ctx.stats.batches += 1
-            ctx.stats.evicted_pages += len(evicted)
-            ctx.stats.evicted_bytes += len(evicted) * t.region.page_size
-        return len(evicted)
+        if len(outcome.evicted):
+            self._mark_evicted(i, t, outcome.evicted)
+        return len(outcome.evicted)
 
     def _hold_back(self, i: int, t: TrackedRegion, e: PunchedUnread, *, parked: bool) -> None:
         """Punched pages whose final bytes could not be read: serve them from nowhere.
