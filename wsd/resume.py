@@ -162,17 +162,24 @@ def adopt(
             wp = record.mode is TrackingMode.WP_ASYNC
             evictor_held.put_back(tracker, held, wp=wp)
             held = None
-        evicted = 0
+        evicted = stale = 0
         for i, t in enumerate(tracker.regions):
             listed, gens = _listed(vmap, i, t.region)
-            t.state.restore(t.resident(), listed, gens)
+            t.listed_resident = t.state.restore(t.resident(), listed, gens)
             evicted += t.state.evicted_pages
+            stale += len(t.listed_resident)
     except BaseException:
         tracker.close()
         if held:
             close_fds(list(held.values()))
         raise
-    log.info("session resumed", vm_id=record.vm_id, mode=str(record.mode), evicted_pages=evicted)
+    log.info(
+        "session resumed",
+        vm_id=record.vm_id,
+        mode=str(record.mode),
+        evicted_pages=evicted,
+        stale_copies=stale,
+    )
     return tracker
 
 

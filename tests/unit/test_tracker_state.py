@@ -245,6 +245,20 @@ def test_evict_and_fetch_track_counts_and_generations() -> None:
     assert s.ages[4] == 0
 
 
+def test_restore_trusts_the_memfd_and_returns_the_listed_pages_it_holds() -> None:
+    s = state_4k(10)
+    resident = bits(10, {0, 1, 2, 5})
+    listed = np.array([2, 3, 5, 7], np.int64)
+    stale = s.restore(resident, listed, np.array([4, 1, 2, 9], np.uint32))
+    assert stale.tolist() == [2, 5]  # put but never punched, or fetched back since
+    assert s.evicted.nonzero()[0].tolist() == [3, 7]
+    assert s.resident_pages == 4 and s.evicted_pages == 2
+    # Every listed page keeps its generation: the next eviction stores a newer one.
+    assert s.generations[[2, 3, 5, 7]].tolist() == [4, 1, 2, 9]
+    with pytest.raises(ValueError, match="ascending and unique"):
+        s.restore(resident, np.array([5, 2], np.int64), np.array([1, 1], np.uint32))
+
+
 def test_evicting_an_evicted_page_raises_and_changes_nothing() -> None:
     s = state_4k(10)
     Cycles(s).run(times=2)

@@ -58,6 +58,7 @@ class VmContext:
     stats: EvictorStats = field(default_factory=EvictorStats)
     # Pages fetched back whose stored copy can go; flushed by the evictor before
     # it puts anything, so a flush never races a newer copy of the same page.
+    # A resumed session starts with the listed pages its memfd holds.
     discards: list[set[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,4 +73,4 @@ class VmContext:
         ]
         self.policies = [RegionPolicy(t.npages) for t in regions]
         self.vm = VmPolicy(self.config, started_at=self.clock())
-        self.discards = [set() for _ in regions]
+        self.discards = [set(t.listed_resident.tolist()) for t in regions]

@@ -14,6 +14,7 @@ fd store and the state directory empty.
 from __future__ import annotations
 
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ class SoakResult:
     punches_put_back: int = 0
     """Restarts that found a verified punch in flight in its parked pipes and put its
     pages back (wp-async; see wsd.evictor.held)."""
+    stale_copies: int = 0
+    """Pages the page map listed that a restart found resident: their stored copies
+    were discarded (a kill after a put, before its punch, or after a fetch)."""
 
 
 def evicted_in_map(state: Path, vm_id: str) -> int:
@@ -189,6 +193,9 @@ def crash_soak(
             stored_after_stop=sup.stored_names(),
             state_left_after_stop=sorted(p.name for p in (tmp / "state").glob(f"{VM_ID}.*")),
             punches_put_back=log_path.read_text().count("pages held across a punch"),
+            stale_copies=sum(
+                int(n) for n in re.findall(r'stale_copies"?[:=]\s*(\d+)', log_path.read_text())
+            ),
         )
     finally:
         sup.close()

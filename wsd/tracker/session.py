@@ -116,6 +116,12 @@ class TrackedRegion:
     # Other processes that map this region's memfd (vhost-user backends,
     # virtiofsd), as of the last check; the evictor leaves the region alone.
     other_mappers: tuple[int, ...] = ()
+    # Pages a restored page map listed as evicted that the memfd holds (put
+    # but never punched, or fetched back after the map was written): the
+    # memfd wins, and their stored copies are stale (resume.adopt).
+    listed_resident: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.empty(0, dtype=np.int64)
+    )
 
     @property
     def npages(self) -> int:

@@ -412,21 +412,23 @@ class RegionState:
         resident: npt.NDArray[np.bool_],
         listed: npt.NDArray[np.int64],
         generations: npt.NDArray[np.uint32],
-    ) -> None:
+    ) -> npt.NDArray[np.int64]:
         """Resume from a persisted page map (a restarted wsd), before the first cycle.
 
         ``listed`` pages were evicted at ``generations`` when the map was
         written.  The memfd is newer than any map: a listed page holding data
         there is resident (it was never punched, or was fetched back since);
         only listed *holes* are evicted.  Every listed page keeps its
-        generation, so the next eviction stores a newer one.
+        generation, so the next eviction stores a newer one.  Returns the
+        listed pages found resident.
         """
         if len(listed) != len(generations):
             raise ValueError(f"{len(listed)} pages but {len(generations)} generations")
         idx = self._indices(listed)
         if len(idx) != len(listed) or not np.array_equal(idx, listed):
             raise ValueError("page map pages must be ascending and unique")
-        holes = idx[~resident[idx]]
+        listed_resident = resident[idx]
+        holes = idx[~listed_resident]
         self._flags[:] = np.where(resident, _RESIDENT, 0).astype(np.uint8)
         self._flags[holes] = _EVICTED
         self._generation[:] = 0
@@ -434,6 +436,7 @@ class RegionState:
         self._resident_pages = int(np.count_nonzero(resident))
         self._evicted_pages = len(holes)
         self._version += 1
+        return idx[listed_resident]
 
     def note_fetched(self, pages: PageIndices, *, accessed: bool = False) -> None:
         """Pages copied back into the memfd.
