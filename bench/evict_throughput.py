@@ -22,6 +22,10 @@ eviction is timed.  Runs are interleaved: raw, wsd-file, wsd-zstd, raw, ...
   commit, punch and wake.  No page map (``state_dir`` unset).  Timed with
   ``time.monotonic`` around the loop of batches.
 
+* ``wsd-file-unchecked``, ``wsd-zstd-unchecked`` (rwp only, not run by default): the
+  same without the commit's content check (:func:`wsd.evictor.evictor.content_checked`
+  patched to false), to show what the check costs.  wsd never runs that way.
+
 MB/s is 10^6 bytes of guest pages per second.  The issue's goal: wsd >= 50% of raw.
 """
 
@@ -38,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import uvloop
@@ -55,12 +60,14 @@ from fault_latency import (  # a sibling script, not a package
 )
 
 from wsd.evictor import Evictor, VmContext
+from wsd.evictor import evictor as evictor_module
 from wsd.kernel import Feature, RegisterMode, Userfaultfd, data_ranges, probe_kernel
 from wsd.priority import raise_fault_service
-from wsd.tracker.mode import choose_mode
+from wsd.tracker.mode import TrackingMode, choose_mode
 
 GOAL_RATIO = 0.5
 KINDS = ("raw", "wsd-file", "wsd-zstd")
+UNCHECKED = ("wsd-file-unchecked", "wsd-zstd-unchecked")
 
 
 def parse_size(text: str) -> int:
@@ -97,7 +104,12 @@ def run_raw(exe: Path, size: int, batch: int, where: Path) -> float:
     return seconds
 
 
-async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> float:
+async def run_wsd(
+    exe: Path, tier: str, size: int, batch: int, where: Path, *, checked: bool = True
+) -> float:
+    if not checked:
+        with mock.patch.object(evictor_module, "content_checked", lambda mode, t: False):
+            return await run_wsd(exe, tier, size, batch, where)
     g = CGuest(exe, size, None)
     root = Path(tempfile.mkdtemp(prefix="evict-throughput-", dir=where))
     tracker = None
@@ -130,6 +142,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # background threads run at 0, the raw loop's priority.
     nice = raise_fault_service()
     mode = choose_mode(probe_kernel()).mode
+    if mode is not TrackingMode.RWP and set(args.kinds) & set(UNCHECKED):
+        raise SystemExit(f"the unchecked kinds need rwp; this kernel tracks in {mode}")
     log(
         f"kernel {os.uname().release}, tracking mode {mode}, {size >> 20} MiB, "
         f"batch {args.batch}, wsd's loop at nice {nice}"
@@ -142,10 +156,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if kind == "raw":
                     s = await asyncio.to_thread(run_raw, exe, size, args.batch, args.dir)
                 else:
-                    s = await run_wsd(exe, kind.removeprefix("wsd-"), size, args.batch, args.dir)
+                    tier = kind.removeprefix("wsd-").removesuffix("-unchecked")
+                    checked = kind not in UNCHECKED
+                    s = await run_wsd(exe, tier, size, args.batch, args.dir, checked=checked)
                 mbs = size / s / 1e6
                 runs[kind].append(mbs)
-                log(f"round {r + 1}/{args.rounds} {kind:9} {s * 1000:8.1f} ms  {mbs:8.1f} MB/s")
+                log(f"round {r + 1}/{args.rounds} {kind:18} {s * 1000:8.1f} ms  {mbs:8.1f} MB/s")
     rows: dict[str, Any] = {}
     for kind, values in runs.items():
         rows[kind] = {"mb_s": values, "median_mb_s": float(np.median(values))}
@@ -168,7 +184,7 @@ def print_table(out: dict[str, Any]) -> None:
         f"kernel {out['kernel']}, mode {out['mode']}, {out['size'] >> 20} MiB, "
         f"batch {out['batch']} pages, dir {out['dir']}"
     )
-    print(f"{'kind':9} {'median MB/s':>11}  {'ratio':>5}  per round MB/s (ratio to raw)")
+    print(f"{'kind':18} {'median MB/s':>11}  {'ratio':>5}  per round MB/s (ratio to raw)")
     for kind, row in out["rows"].items():
         ratios = row.get("ratio_per_round")
         per = " ".join(
@@ -176,7 +192,7 @@ def print_table(out: dict[str, Any]) -> None:
             for i, v in enumerate(row["mb_s"])
         )
         ratio = f"{row['ratio_median']:5.2f}" if "ratio_median" in row else "    -"
-        print(f"{kind:9} {row['median_mb_s']:11.0f}  {ratio}  {per}")
+        print(f"{kind:18} {row['median_mb_s']:11.0f}  {ratio}  {per}")
     for kind, row in out["rows"].items():
         if "ratio_median" in row:
             met = "met" if row["ratio_median"] >= GOAL_RATIO else "NOT met"
@@ -208,8 +224,8 @@ def main() -> None:
         raise SystemExit("--size must be a positive multiple of 4 KiB")
     args.kinds = args.kinds.split(",")
     for k in args.kinds:
-        if k not in KINDS:
-            raise SystemExit(f"unknown kind {k!r}: {', '.join(KINDS)}")
+        if k not in KINDS + UNCHECKED:
+            raise SystemExit(f"unknown kind {k!r}: {', '.join(KINDS + UNCHECKED)}")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         out = runner.run(main_async(args))
     if args.json:
