@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -104,12 +105,7 @@ def run_raw(exe: Path, size: int, batch: int, where: Path) -> float:
     return seconds
 
 
-async def run_wsd(
-    exe: Path, tier: str, size: int, batch: int, where: Path, *, checked: bool = True
-) -> float:
-    if not checked:
-        with mock.patch.object(evictor_module, "content_checked", lambda mode, t: False):
-            return await run_wsd(exe, tier, size, batch, where)
+async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> float:
     g = CGuest(exe, size, None)
     root = Path(tempfile.mkdtemp(prefix="evict-throughput-", dir=where))
     tracker = None
@@ -157,8 +153,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     s = await asyncio.to_thread(run_raw, exe, size, args.batch, args.dir)
                 else:
                     tier = kind.removeprefix("wsd-").removesuffix("-unchecked")
-                    checked = kind not in UNCHECKED
-                    s = await run_wsd(exe, tier, size, args.batch, args.dir, checked=checked)
+                    check = (
+                        mock.patch.object(evictor_module, "content_checked", lambda mode, t: False)
+                        if kind in UNCHECKED
+                        else contextlib.nullcontext()
+                    )
+                    with check:
+                        s = await run_wsd(exe, tier, size, args.batch, args.dir)
                 mbs = size / s / 1e6
                 runs[kind].append(mbs)
                 log(f"round {r + 1}/{args.rounds} {kind:18} {s * 1000:8.1f} ms  {mbs:8.1f} MB/s")
