@@ -27,6 +27,8 @@ from wsd.storage import FileStore, FileStoreConfig, PageNamespace, StorageFull
 from wsd.testing.outage import (
     INTERVAL,
     OUTAGE_EVICTOR,
+    PAUSED,
+    RESUMED,
     assert_nothing_lost,
     check_punched_pages_are_stored,
     evicted_now,
@@ -103,7 +105,7 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                 stop_filling = asyncio.Event()
                 filler = asyncio.create_task(keep_full(ballast, stop_filling))
                 try:
-                    paused = [e for e in logs if e["event"] == "storage failing: eviction paused"]
+                    paused = [e for e in logs if e["event"] == PAUSED]
                     assert len(paused) == 1 and paused[0]["vm_id"] == VM, paused
                     assert "No space left on device" in paused[0]["error"], paused[0]
                     m = await vm_metrics(d, VM)
@@ -148,9 +150,9 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                     (MAX_BACKOFF_INTERVALS + 5) * INTERVAL + 10,
                     "eviction resumed",
                 )
-                resumed = [e for e in logs if e["event"] == "storage works again: eviction resumed"]
+                resumed = [e for e in logs if e["event"] == RESUMED]
                 assert len(resumed) == 1 and resumed[0]["vm_id"] == VM, resumed
-                paused = [e for e in logs if e["event"] == "storage failing: eviction paused"]
+                paused = [e for e in logs if e["event"] == PAUSED]
                 assert len(paused) == 1, paused
                 # More than the old disk could hold, as wsd_store_pages shows it.
                 snapshot = d.metrics_state

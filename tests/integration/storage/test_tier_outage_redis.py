@@ -20,6 +20,8 @@ from wsd.evictor.outage import MAX_BACKOFF_INTERVALS
 from wsd.storage import parse_storage_config
 from wsd.testing.outage import (
     INTERVAL,
+    PAUSED,
+    RESUMED,
     assert_nothing_lost,
     check_punched_pages_are_stored,
     cycles,
@@ -90,7 +92,7 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                 # Backoff: attempts after 1, 2, 4, 8, 16 intervals, not one per interval.
                 assert down_cycles >= 12
                 assert 2 <= s.evictor.backoff.failures <= 6, s.evictor.backoff
-                paused = [e for e in logs if e["event"] == "storage failing: eviction paused"]
+                paused = [e for e in logs if e["event"] == PAUSED]
                 assert len(paused) == 1, paused
                 assert paused[0]["vm_id"] == VM and paused[0]["log_level"] == "error"
                 assert "redis unavailable" in paused[0]["error"], paused[0]
@@ -122,7 +124,7 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                 m = await vm_metrics(d, VM)
                 assert m["wsd_evict_storage_failing"] == 0
                 assert m["wsd_evict_storage_failing_seconds"] == 0
-                resumed = [e for e in logs if e["event"] == "storage works again: eviction resumed"]
+                resumed = [e for e in logs if e["event"] == RESUMED]
                 assert len(resumed) == 1 and resumed[0]["vm_id"] == VM, resumed
                 stored_after = await check_punched_pages_are_stored(d, VM)
 
