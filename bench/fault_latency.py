@@ -16,6 +16,12 @@ Handlers, each on a fresh guest, interleaved round by round:
   registered for MISSING by this script, which is setup, not measured), reads the
   messages and ``UFFDIO_COPY``\\ s one prepared page to each faulting address.  The pages
   were never populated, so every touch faults.
+* ``py``: the Python floor.  This process serves the faults on the same uvloop, with
+  the same ``add_reader``, priority and pinning as wsd and wsd's own kernel layer
+  (``Userfaultfd.read_messages``, ``Userfaultfd.copy`` of one prepared page), and does
+  nothing else: no tracker, no page state, no tier.  What separates it from ``C`` is
+  what any handler written in Python on this loop pays; what separates wsd from it is
+  wsd's own work per fault.
 * ``wsd-zstd``, ``wsd-file``: the real wsd pieces in this process, on uvloop: a
   :class:`~wsd.tracker.session.VmTracker` started on the guest's raw uffd as for a
   hand-off (``wp-async`` on a host without RWP), a ``VmContext`` with the zstd tier
@@ -70,7 +76,7 @@ import numpy.typing as npt
 import uvloop
 
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
-from wsd.kernel import Feature, RegisterMode, Userfaultfd, probe_kernel
+from wsd.kernel import Feature, PageFault, RegisterMode, Userfaultfd, probe_kernel
 from wsd.priority import raise_fault_service
 from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig, open_backend
 from wsd.testing.arming import track_memory
@@ -298,6 +304,41 @@ def run_c(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int | None) 
     return Sample(lat)
 
 
+async def run_py(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int | None) -> Sample:
+    """The Python floor: this loop serves the faults with one prepared page and nothing else.
+
+    The same uvloop, ``add_reader``, priority and pinning as wsd, and wsd's own
+    kernel layer (``read_messages``, ``copy``), but no tracker, no page state, no
+    tier: what any handler written this way pays before doing any work of its own.
+    """
+    pin_process(handler_cpu)
+    g = CGuest(exe, (a.warmup + a.pages) * PAGE, toucher_cpu)
+    loop = asyncio.get_running_loop()
+    page = os.urandom(PAGE)
+    mask = ~(PAGE - 1)
+    try:
+        with Userfaultfd(os.dup(g.uffd)) as uffd:
+            uffd.api(Feature.MISSING_SHMEM)
+            uffd.register(g.base, g.size, RegisterMode.MISSING)
+
+            def readable() -> None:
+                for msg in uffd.read_messages():
+                    if isinstance(msg, PageFault):
+                        with contextlib.suppress(FileExistsError):
+                            uffd.copy(msg.address & mask, page)
+
+            loop.add_reader(uffd.fd, readable)
+            try:
+                await g.touch_async(0, a.warmup)
+                _, lat = await g.touch_async(a.warmup, a.pages)
+            finally:
+                loop.remove_reader(uffd.fd)
+    finally:
+        g.close()
+        pin_process(None)
+    return Sample(lat)
+
+
 async def run_wsd(
     exe: Path,
     a: Args,
@@ -373,7 +414,7 @@ async def run_wsd(
 # the run
 
 
-HANDLERS = ("C", "wsd-zstd", "wsd-file", "wsd-zstd+evict", "wsd-file+evict")
+HANDLERS = ("C", "py", "wsd-zstd", "wsd-file", "wsd-zstd+evict", "wsd-file+evict")
 
 
 def placements(names: list[str]) -> Iterator[tuple[str, int | None, int | None]]:
@@ -432,6 +473,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     started = time.monotonic()
                     if h == "C":
                         s = await asyncio.to_thread(run_c, exe, a, hcpu, tcpu)
+                    elif h == "py":
+                        s = await run_py(exe, a, hcpu, tcpu)
                     else:
                         tier = "zstd" if "zstd" in h else "file"
                         s = await run_wsd(

@@ -211,17 +211,16 @@ class ZstdStore(StoreBase):
             return None
         self._check_page_size(ns)
         record = entry.record
-        expected = None if generation is None else {offset: generation}
         self.counters.gets += 1
         try:
-            found = self._codec.open_many(
-                ns, [(offset, record.header_fields, record.payload)], expected
+            found = self._codec.open_fields(
+                ns, offset, record.header_fields, record.payload, generation=generation
             )
         except IntegrityError:
             self.counters.integrity_errors += 1
             raise
         self.counters.pages_got += 1
-        return found[offset]
+        return found
 
     async def discard(self, ns: PageNamespace, offsets: Iterable[int] | None = None) -> None:
         self._check_open()
