@@ -32,3 +32,5 @@ def test_a_resumed_session_starts_by_discarding_the_stale_copies_of_listed_resid
     tracker = SimpleNamespace(regions=[tracked(0, 8, [2, 5]), tracked(1, 8, [])])
     ctx = VmContext("vm", cast(VmTracker, tracker), None, EvictorConfig())
     assert ctx.discards == [{2, 5}, set()]
+    # Taken once: the region does not keep a guest-sized list for the session's life.
+    assert all(len(t.listed_resident) == 0 for t in tracker.regions)

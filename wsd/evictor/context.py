@@ -73,4 +73,4 @@ class VmContext:
         ]
         self.policies = [RegionPolicy(t.npages) for t in regions]
         self.vm = VmPolicy(self.config, started_at=self.clock())
-        self.discards = [set(t.listed_resident.tolist()) for t in regions]
+        self.discards = [set(t.take_listed_resident().tolist()) for t in regions]

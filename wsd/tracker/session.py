@@ -118,7 +118,8 @@ class TrackedRegion:
     other_mappers: tuple[int, ...] = ()
     # Pages a restored page map listed as evicted that the memfd holds (put
     # but never punched, or fetched back after the map was written): the
-    # memfd wins, and their stored copies are stale (resume.adopt).
+    # memfd wins, and their stored copies are stale (resume.adopt).  Taken
+    # once, by the evictor's context (take_listed_resident).
     listed_resident: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.empty(0, dtype=np.int64)
     )
@@ -126,6 +127,12 @@ class TrackedRegion:
     @property
     def npages(self) -> int:
         return self.region.size // self.region.page_size
+
+    def take_listed_resident(self) -> npt.NDArray[np.int64]:
+        """:attr:`listed_resident`, which is left empty: a resumed session's
+        stale copies are discarded once, and a large guest's list is not kept."""
+        pages, self.listed_resident = self.listed_resident, np.empty(0, dtype=np.int64)
+        return pages
 
     def is_held_back(self, page: int) -> bool:
         """Whether ``page``, as evicted now, is one of :attr:`held_back`: no fault on it may
