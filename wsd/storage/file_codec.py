@@ -276,7 +276,7 @@ class FileCodec:
                     if entry != EMPTY_ENTRY:
                         offset = page_index * size
                         page = read([offset])[0] if entry[3] == _DATA else None
-                        found[offset] = self._open_entry(ns, offset, entry, page, expected)
+                        found[offset] = self.open_entry(ns, offset, entry, page, expected)
                     position += 1
             return
         aead = self._aead
@@ -323,7 +323,7 @@ class FileCodec:
                 continue
             entry = index[position * ENTRY_BYTES : (position + 1) * ENTRY_BYTES]
             page = value if entry[3] == _DATA else None
-            found[offset] = self._open_entry(ns, offset, entry, page, expected)
+            found[offset] = self.open_entry(ns, offset, entry, page, expected)
 
     @staticmethod
     def _decrypt(
@@ -374,7 +374,7 @@ class FileCodec:
             sums += map(_digest, chunk, seeds[start : start + per_chunk])
         return pages, sums
 
-    def _open_entry(
+    def open_entry(
         self,
         ns: PageNamespace,
         offset: int,
@@ -398,6 +398,7 @@ class FileCodec:
             ) from err
         payload = tail[:tail_len]
         if kind == PayloadKind.DATA and page is not None:
-            payload = b"".join((page, payload))
+            # A plaintext page has no tail: the page itself, not a 4 KiB copy of it.
+            payload = b"".join((page, payload)) if payload else bytes(page)
         generation = None if expected is None else expected.get(offset)
         return self._codec.open_fields(ns, offset, fields[2:7], payload, generation=generation)

@@ -28,8 +28,8 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final
@@ -105,19 +105,23 @@ class _Region:
     _dropped: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @contextmanager
-    def using(self) -> Iterator[None]:
+    def using(self) -> _Region:
+        """``with region.using():`` the descriptors stay open (raises ``_Dropped``)."""
+        return self
+
+    # A class's __enter__/__exit__, not a @contextmanager generator: a fault's
+    # inline get enters once, and the generator's machinery cost more than the read.
+    def __enter__(self) -> None:
         with self._lock:
             if self._dropped:
                 raise _Dropped
             self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._dropped and not self._users:
-                    self._close()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._dropped and not self._users:
+                self._close()
 
     def drop(self) -> None:
         with self._lock:
@@ -541,7 +545,7 @@ class FileStore(StoreBase):
         ns.check_stored_page_size(region.ns.page_size, backend=self._name)
         expected = None if generation is None else {offset: generation}
         try:
-            found = self._read_batch(region, [offset], expected, _pread_nowait)
+            page = self._read_one(region, offset, expected)
         except BlockingIOError:
             return None
         except _NoWaitUnsupported:
@@ -551,11 +555,39 @@ class FileStore(StoreBase):
             self.counters.gets += 1
             self.counters.integrity_errors += 1
             raise
-        page = found.get(offset)
         if page is not None:
             self.counters.gets += 1
             self.counters.pages_got += 1
         return page
+
+    def _read_one(
+        self, region: _Region, offset: int, expected: ExpectedGenerations
+    ) -> StoredPage | None:
+        """:meth:`_read_batch` of one page with ``_pread_nowait``, for a fault.
+
+        Its entry, then its data, and the codec's check of that one entry: the
+        batch's runs, joins and reader closure cost several times the two reads.
+        """
+        size = region.ns.page_size
+        try:
+            with region.using():
+                entry = _pread_nowait(
+                    region.index_fd, ENTRY_BYTES, INDEX_BASE + offset // size * ENTRY_BYTES
+                )
+                if entry.count(0) == ENTRY_BYTES:
+                    return None
+                data = None
+                if entry[3] == PayloadKind.DATA:
+                    data = _pread_nowait(region.data_fd, size, offset)
+        except _Dropped:
+            return None
+        except (BlockingIOError, _NoWaitUnsupported):
+            raise
+        except OSError as err:
+            where = self._where(*region.ns.key)
+            where["offset"] = offset
+            raise storage_error(err, "reading 1 page", **where) from err
+        return self._codec.open_entry(region.ns, offset, entry, data, expected)
 
     def _read_batch(
         self,

@@ -98,6 +98,13 @@ async def test_flipped_data_byte_fails_loudly(tmp_path: Path, key: bytes | None)
         await store.get_many(NS, [0, P])
     assert len((await store.get(NS, P)).data) == P
     assert (await store.stats()).counters.integrity_errors == 2
+    # A fault's get on the event loop refuses it the same way.
+    with pytest.raises(IntegrityError, match="checksum mismatch") as info:
+        store.get_inline(NS, 0, generation=1)
+    assert (info.value.vm_id, info.value.offset) == ("vm1", 0)
+    page = store.get_inline(NS, P, generation=1)
+    assert page is not None and len(page.data) == P
+    assert (await store.stats()).counters.integrity_errors == 3
     await store.close()
 
 
@@ -110,6 +117,8 @@ async def test_flipped_index_byte_fails_loudly(tmp_path: Path) -> None:
         flip(_paths(tmp_path)[1], _entry_at(0) + position)
         with pytest.raises(IntegrityError):
             await store.get(NS, 0)
+        with pytest.raises(IntegrityError):
+            store.get_inline(NS, 0)
     await store.close()
 
 
