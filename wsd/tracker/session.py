@@ -137,7 +137,8 @@ class TrackedRegion:
     def is_held_back(self, page: int) -> bool:
         """Whether ``page``, as evicted now, is one of :attr:`held_back`: no fault on it may
         be served from storage or zeros."""
-        return self.held_back.get(page) == self.state.generation(page)
+        # Asked on every fetch; almost always there are none.
+        return bool(self.held_back) and self.held_back.get(page) == self.state.generation(page)
 
     def resident(self) -> npt.NDArray[np.bool_]:
         """Pages of this region present in its memfd (SEEK_DATA/SEEK_HOLE)."""
