@@ -60,6 +60,7 @@ from fault_latency import (  # a sibling script, not a package
     start_tracker,
 )
 
+from wsd.collector import freeze_startup_objects
 from wsd.evictor import Evictor, VmContext
 from wsd.evictor import evictor as evictor_module
 from wsd.kernel import Feature, RegisterMode, Userfaultfd, data_ranges, probe_kernel
@@ -135,8 +136,10 @@ async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> f
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size
     # As in Daemon.run: the loop thread at nice -10 where allowed, so eviction's
-    # background threads run at 0, the raw loop's priority.
+    # background threads run at 0, the raw loop's priority; what exists at
+    # startup frozen out of the garbage collector's full collections.
     nice = raise_fault_service()
+    freeze_startup_objects()
     mode = choose_mode(probe_kernel()).mode
     if mode is not TrackingMode.RWP and set(args.kinds) & set(UNCHECKED):
         raise SystemExit(f"the unchecked kinds need rwp; this kernel tracks in {mode}")

@@ -75,6 +75,7 @@ import numpy as np
 import numpy.typing as npt
 import uvloop
 
+from wsd.collector import freeze_startup_objects
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.kernel import Feature, PageFault, RegisterMode, Userfaultfd, probe_kernel
 from wsd.priority import raise_fault_service
@@ -477,6 +478,7 @@ def pct(x: npt.NDArray[np.int64], q: float) -> float:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     nice = raise_fault_service()  # this is the loop thread, as in Daemon.run
+    freeze_startup_objects()  # as in Daemon.run too
     a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir, nice)
     k = probe_kernel()
     mode = choose_mode(k).mode

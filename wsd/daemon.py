@@ -30,6 +30,7 @@ import uvloop
 
 from wsd import fdstore, recovery, resume, sdnotify
 from wsd.access import AccessPolicy
+from wsd.collector import freeze_startup_objects, thaw_startup_objects
 from wsd.config import MetricsSection, WsdConfig
 from wsd.control import ControlCommands, ControlServer, EvictionRequest
 from wsd.durations import CycleTimings
@@ -202,6 +203,8 @@ class Daemon:
                 metrics = self.metrics_server = await serve_metrics(registry, m.host, m.port)
                 host, port = metrics.address
                 log.info("serving metrics", address=f"{host}:{port}")
+            # Before the sessions: what exists now lives as long as the daemon.
+            log.info("startup objects frozen", objects=freeze_startup_objects())
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 await self._resume_stored()
@@ -232,6 +235,7 @@ class Daemon:
                 await metrics.close()
             if self.store is not None:
                 await self.store.close()
+            thaw_startup_objects()  # for a process that goes on (tests run daemons in turn)
             log.info("wsd stopped")
 
     async def _refresh_store_stats(self) -> None:

@@ -64,6 +64,7 @@ _KINDS: Final = frozenset(int(k) for k in PayloadKind)
 _ENCRYPTED: Final = int(RecordFlag.ENCRYPTED)
 _DATA: Final = int(PayloadKind.DATA)
 _FILL: Final = int(PayloadKind.FILL)
+_ZSTD: Final = int(PayloadKind.ZSTD)
 
 
 HeaderFields = tuple[int, int, int, int, bytes]
@@ -240,23 +241,25 @@ class PageCodec:
 
     def seal(self, ns: PageNamespace, offset: int, generation: int, data: bytes) -> SealedRecord:
         """Encode one page (already validated to be ``ns.page_size`` long)."""
+        # Plain ints, not the enum members: a record of ints and bytes only is
+        # one the garbage collector can stop tracking (wsd/collector.py).
         fill = fill_byte(data)
         if fill is not None:
-            kind, plain = PayloadKind.FILL, bytes((fill,))
+            kind, plain = _FILL, _FILL_BYTES[fill]
         elif self._compressor is not None:
             packed = self._compressor.compress(data)
             # Incompressible pages stay raw, like zswap: no expansion, no decompression.
             if len(packed) < len(data):
-                kind, plain = PayloadKind.ZSTD, packed
+                kind, plain = _ZSTD, packed
             else:
-                kind, plain = PayloadKind.DATA, data
+                kind, plain = _DATA, data
         else:
-            kind, plain = PayloadKind.DATA, data
+            kind, plain = _DATA, data
         if self._aead is None:
-            flags, nonce, payload = RecordFlag.NONE, _NO_NONCE, plain
+            flags, nonce, payload = 0, _NO_NONCE, plain
             ident = identity(ns, offset, generation, kind, flags)
         else:
-            flags, nonce = RecordFlag.ENCRYPTED, self._random_bytes(NONCE_BYTES)
+            flags, nonce = _ENCRYPTED, self._random_bytes(NONCE_BYTES)
             ident = identity(ns, offset, generation, kind, flags)
             payload = self._aead.encrypt(nonce, plain, ident)
         return SealedRecord(

@@ -11,7 +11,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 import zstandard
@@ -27,13 +26,14 @@ from wsd.storage.page import (
     StoredPage,
     StoreStats,
 )
-from wsd.storage.record import PageCodec, SealedRecord
+from wsd.storage.record import HeaderFields, PageCodec, SealedRecord
 from wsd.storage.store_base import StoreBase
 
-RECORD_OVERHEAD: Final = 448
+RECORD_OVERHEAD: Final = 320
 """Bytes charged to the budget per page on top of its payload: the Python objects that
-hold it (record tuple, entry, payload object header, the region and age dict slots and
-keys), measured with tracemalloc on CPython 3.11 over 20000 fill pages."""
+hold it (the entry tuple, its numbers, the payload object's header, the region and age
+dict slots and keys), measured with tracemalloc on CPython 3.11 over 20000 fill pages
+(448 while an entry was a SealedRecord inside a dataclass)."""
 
 INLINE_DECODE_BYTES: Final = 64 * 1024
 """Gets of at most this many page bytes are decoded on the event loop thread.
@@ -71,14 +71,33 @@ class _ThreadCompressor:
             raise ValueError(str(err)) from err
 
 
-@dataclass(slots=True)
-class _Entry:
-    record: SealedRecord
-    stored_at: float
-    cost: int = field(init=False)  # bytes charged to the budget; a field, read per page
+_Entry = tuple[int, int, int, int, bytes, bytes, float]
+"""One stored page: the six fields of its SealedRecord, then when it was stored.
 
-    def __post_init__(self) -> None:
-        self.cost = len(self.record.payload) + RECORD_OVERHEAD
+An exact tuple of bytes and numbers, neither a NamedTuple nor a dataclass: the
+cyclic garbage collector stops tracking such a tuple after the first
+collection it survives, and never does for a subclass or a dataclass.  Kept
+as SealedRecord and a dataclass, 65,536 pages made each full collection walk
+120,000 more objects, on the event loop: 125 to 155 ms per collection
+(``bench/evict_throughput.py``, zstd, timed with ``gc.callbacks``).
+"""
+_PAYLOAD: Final = 5
+_GENERATION: Final = 2
+_STORED_AT: Final = 6
+
+
+def _entry(record: SealedRecord, stored_at: float) -> _Entry:
+    return (*record, stored_at)
+
+
+def _header_fields(entry: _Entry) -> HeaderFields:
+    """(kind, flags, generation, checksum, nonce), as ``SealedRecord.header_fields``."""
+    return entry[:5]
+
+
+def _cost(entry: _Entry) -> int:
+    """Bytes charged to the budget for the page."""
+    return len(entry[_PAYLOAD]) + RECORD_OVERHEAD
 
 
 # Records inserted per step of a put, on the event loop thread.
@@ -127,7 +146,7 @@ class ZstdStore(StoreBase):
             records = await self._sealing.run(self._seal_batch, ns, pages, generations)
             self._check_open()
             region = self._regions.get(ns.key, {})
-            replaced = sum([region[o].cost for o in records.keys() & region.keys()])
+            replaced = sum([_cost(region[o]) for o in records.keys() & region.keys()])
             added = sum(map(len, [r.payload for r in records.values()]))
             added += RECORD_OVERHEAD * len(records)
             # All or nothing: a batch that does not fit stores no page, so the tiering
@@ -162,10 +181,10 @@ class ZstdStore(StoreBase):
                         old = region.get(offset)
                         if old is not None:
                             self._forget(ns.key, offset, old)
-                        entry = _Entry(record, now)
+                        entry = _entry(record, now)
                         region[offset] = entry
                         self._age[(ns.key, offset)] = None
-                        self._used += entry.cost
+                        self._used += _cost(entry)
                         self._payload += len(record.payload)
             finally:
                 self._reserved -= reserve
@@ -181,8 +200,8 @@ class ZstdStore(StoreBase):
 
     def _forget(self, key: tuple[str, int], offset: int, entry: _Entry) -> None:
         del self._age[(key, offset)]
-        self._used -= entry.cost
-        self._payload -= len(entry.record.payload)
+        self._used -= _cost(entry)
+        self._payload -= len(entry[_PAYLOAD])
 
     async def _fetch(
         self, ns: PageNamespace, offsets: list[int], expected: ExpectedGenerations, missing_ok: bool
@@ -190,10 +209,10 @@ class ZstdStore(StoreBase):
         region = self._regions.get(ns.key, {})
         if region:
             self._check_page_size(ns)
-        records = {o: region[o].record for o in offsets if o in region}
-        self._check_missing(ns, offsets, records, missing_ok)
-        items = ((o, r.header_fields, r.payload) for o, r in records.items())
-        inline = len(records) * ns.page_size <= INLINE_DECODE_BYTES
+        entries = {o: region[o] for o in offsets if o in region}
+        self._check_missing(ns, offsets, entries, missing_ok)
+        items = ((o, _header_fields(e), e[_PAYLOAD]) for o, e in entries.items())
+        inline = len(entries) * ns.page_size <= INLINE_DECODE_BYTES
         return await self._offload.run(self._codec.open_many, ns, items, expected, inline=inline)
 
     def get_inline(
@@ -210,11 +229,10 @@ class ZstdStore(StoreBase):
         if entry is None or offset % ns.page_size:
             return None
         self._check_page_size(ns)
-        record = entry.record
         self.counters.gets += 1
         try:
             found = self._codec.open_fields(
-                ns, offset, record.header_fields, record.payload, generation=generation
+                ns, offset, _header_fields(entry), entry[_PAYLOAD], generation=generation
             )
         except IntegrityError:
             self.counters.integrity_errors += 1
@@ -275,12 +293,12 @@ class ZstdStore(StoreBase):
             if len(refs) >= limit:
                 break
             entry = self._regions[key][offset]
-            if stored_before is not None and entry.stored_at >= stored_before:
+            if stored_before is not None and entry[_STORED_AT] >= stored_before:
                 # Entries are in put order, so with a clock that does not step back
                 # every later page is younger still.
                 break
             ns = PageNamespace(key[0], key[1], self._page_sizes[key])
-            refs.append(PageRef(ns, offset, entry.record.generation, entry.stored_at))
+            refs.append(PageRef(ns, offset, entry[_GENERATION], entry[_STORED_AT]))
         return refs
 
     async def remove_if_generation(self, ns: PageNamespace, expected: Mapping[int, int]) -> int:
@@ -291,7 +309,7 @@ class ZstdStore(StoreBase):
         async with self._guard.hold(ns.key, expected.keys()):
             for offset, generation in expected.items():
                 entry = region.get(offset)
-                if entry is not None and entry.record.generation == generation:
+                if entry is not None and entry[_GENERATION] == generation:
                     del region[offset]
                     self._forget(ns.key, offset, entry)
                     removed += 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from storage_fakes import FakeClock, FakeRedisServer
+from zstd_layout import record_at, replace_record
 
 from wsd.storage import (
     FileStore,
@@ -159,8 +160,8 @@ async def test_integrity_error_does_not_fall_through(tmp_path: Path) -> None:
     store = _tiered([zstd, file])
     await file.put(NS, {0: os.urandom(P)}, generation=1)  # an older copy, planted below
     await zstd.put(NS, {0: os.urandom(P)}, generation=2)
-    entry = zstd._regions[NS.key][0]
-    entry.record = entry.record._replace(checksum=entry.record.checksum ^ 1)
+    record = record_at(zstd, NS, 0)
+    replace_record(zstd, NS, 0, record._replace(checksum=record.checksum ^ 1))
     with pytest.raises(IntegrityError) as info:
         await store.get(NS, 0)
     assert info.value.backend == "zstd"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 
 import pytest
 import zstandard
+from zstd_layout import record_at, replace_record
 
 from wsd.storage import BudgetExceeded, IntegrityError, PageNamespace, ZstdStore, ZstdStoreConfig
 from wsd.storage.conformance import sample_pages
@@ -37,8 +39,8 @@ async def test_incompressible_pages_stay_raw() -> None:
     store = _store()
     await store.put(NS, {0: os.urandom(P)}, generation=1)
     assert (await store.stats()).stored_bytes == P
-    record = store._regions[NS.key][0].record
-    assert record.kind is PayloadKind.DATA
+    record = record_at(store, NS, 0)
+    assert record.kind == PayloadKind.DATA
     await store.close()
 
 
@@ -55,8 +57,8 @@ async def test_ratio_matches_zstd_level_1_per_page() -> None:
     assert stored <= baseline, (stored, baseline)
     compressible = [p for n, p in enumerate(pages.values()) if n % 4 == 2]
     text_payload = sum(len(level1.compress(p)) for p in compressible)
-    records = store._regions[NS.key]
-    ours = sum(len(e.record.payload) for e in records.values() if e.record.kind is PayloadKind.ZSTD)
+    records = [record_at(store, NS, offset) for offset in pages]
+    ours = sum(len(r.payload) for r in records if r.kind == PayloadKind.ZSTD)
     assert ours == text_payload, "same codec, same level, same frames"
     await store.close()
 
@@ -81,10 +83,10 @@ async def test_corrupted_compressed_payload_fails_loudly() -> None:
     store = _store()
     text = sample_pages(random.Random(1), 3)[2 * P]
     await store.put(NS, {0: text}, generation=1)
-    entry = store._regions[NS.key][0]
-    payload = bytearray(entry.record.payload)
+    record = record_at(store, NS, 0)
+    payload = bytearray(record.payload)
     payload[len(payload) // 2] ^= 0x04
-    entry.record = entry.record._replace(payload=bytes(payload))
+    replace_record(store, NS, 0, record._replace(payload=bytes(payload)))
     with pytest.raises(IntegrityError, match="checksum mismatch") as info:
         await store.get(NS, 0)
     assert info.value.backend == "zstd"
@@ -114,4 +116,22 @@ async def test_coldest_follows_put_order() -> None:
     assert [r.offset for r in await store.coldest(10, stored_before=12.5)] == [P, 2 * P]
     assert await store.remove_if_generation(NS, {0: 0, P: 1}) == 1
     assert [r.offset for r in await store.coldest(2)] == [2 * P, 3 * P]
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_stored_pages_drop_out_of_the_garbage_collectors_walks() -> None:
+    # A full collection walks every tracked object on the event loop: a tier of
+    # millions of pages must not add millions of them (wsd/collector.py).
+    store = _store()
+    pages = sample_pages(random.Random(5), 64)
+    await store.put(NS, pages, generation=1)
+    # A tuple holding a tuple may be walked before its inner one is untracked:
+    # untracked by the second collection it survives.
+    gc.collect()
+    gc.collect()
+    entries = list(store._regions[NS.key].values())
+    assert len(entries) == len(pages)
+    assert not any(gc.is_tracked(e) for e in entries)
+    assert not any(gc.is_tracked(key) for key in store._age)
     await store.close()
