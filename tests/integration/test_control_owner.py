@@ -5,15 +5,12 @@ create a uffd and hand both off, one after dropping to ``nobody``.  wsd
 records the VMM's effective uid from ``/proc`` as the VM's owner
 (``Session.owner_uid``); control requests then come from children that drop
 to ``nobody`` or to another uid, so the kernel's ``SO_PEERCRED`` says who
-they are.  The children do not exec: the venv's interpreter is under
-``/root``, which other users cannot read.
+they are (``wsd.testing.other_user``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
 import mmap
 import os
 import shutil
@@ -22,16 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from wsd.control.client import request
 from wsd.control.protocol import Command, ControlError, Request
 from wsd.kernel import Userfaultfd, memfd_create
+from wsd.testing.other_user import AsUser, run_as
 from wsd.vmm.client import HandoffRefused, hand_off
 
 pytestmark = [
@@ -61,70 +58,7 @@ enabled = false
 """
 
 
-class Child:
-    """A forked child that runs ``body`` as ``uid``/``gid`` after ``setup`` (as root),
-    reports its JSON result and lives until :meth:`stop`."""
-
-    # The stop pipes of the children still running: a child forked later
-    # inherits them and must close them, or a stop would never reach them.
-    _running: ClassVar[set[int]] = set()
-
-    def __init__(
-        self, uid: int | None, gid: int, body: Callable[[Any], Any], setup: Callable[[], Any]
-    ) -> None:
-        result_r, result_w = os.pipe()
-        stop_r, stop_w = os.pipe()
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork() in a threaded process; the child
-            # only sets its ids, talks to sockets and leaves with os._exit.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            out: dict[str, Any] = {}
-            try:
-                os.close(result_r)
-                os.close(stop_w)
-                for fd in Child._running:
-                    os.close(fd)
-                state = setup()
-                if uid is not None:
-                    os.setgroups([])
-                    os.setgid(gid)
-                    os.setuid(uid)
-                out["pid"] = os.getpid()
-                out["result"] = body(state)
-            except BaseException as e:
-                out["child_error"] = repr(e)
-            finally:
-                with contextlib.suppress(BaseException):
-                    os.write(result_w, json.dumps(out).encode())
-                    os.close(result_w)
-                    os.read(stop_r, 1)  # until the parent closes it
-                os._exit(0)
-        os.close(result_w)
-        os.close(stop_r)
-        self.pid = pid
-        self._stop = stop_w
-        Child._running.add(stop_w)
-        with os.fdopen(result_r, "rb") as f:
-            self.out: dict[str, Any] = json.loads(f.read() or b"{}")
-        if "result" not in self.out:
-            self.stop()
-            raise AssertionError(f"child {pid} failed: {self.out}")
-
-    @property
-    def result(self) -> Any:
-        return self.out["result"]
-
-    def stop(self) -> None:
-        if self._stop >= 0:
-            Child._running.discard(self._stop)
-            os.close(self._stop)
-            self._stop = -1
-            os.waitpid(self.pid, 0)
-
-
-def vmm(socket_path: Path, vm_id: str, uid: int | None) -> Child:
+def vmm(socket_path: Path, vm_id: str, uid: int | None) -> AsUser:
     """A VMM that hands its 4 MiB of guest memory to wsd and keeps the session open."""
     conns = []
 
@@ -152,21 +86,19 @@ def vmm(socket_path: Path, vm_id: str, uid: int | None) -> Child:
         conns.append(conn)  # the session lives as long as the connection
         return reply
 
-    return Child(uid, NOBODY, body, setup)
+    return AsUser(uid, NOBODY, body, setup)
 
 
 def control_as(uid: int, path: Path, command: Command, vm_id: str) -> dict[str, Any]:
     """``command`` of ``vm_id`` from a process running as ``uid`` (primary group nogroup)."""
 
-    def body(_: None) -> Any:
+    def body() -> dict[str, Any]:
         try:
             return {"ok": request(path, Request(command, vm_id), timeout=30)}
         except ControlError as e:
             return {"code": str(e.code), "message": str(e)}
 
-    child = Child(uid, NOBODY, body, lambda: None)
-    child.stop()
-    return child.result  # type: ignore[no-any-return]
+    return run_as(uid, NOBODY, body)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

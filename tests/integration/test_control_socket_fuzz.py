@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from wsd.control.client import request
 from wsd.control.protocol import Command, ControlError, ErrorCode, Request
 from wsd.control.server import IDLE_TIMEOUT
 from wsd.kernel import memfd_create, send_with_fds
+from wsd.testing.other_user import run_as
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.vmm.limits import HandoffLimits
 
@@ -295,37 +295,15 @@ def test_the_daemon_answers_every_fuzzed_request_once(daemon: Daemon) -> None:
 
 
 def as_user(uid: int, path: Path, req: Request) -> dict[str, Any]:
-    """Fork; the child becomes ``uid`` and sends ``req``; what it got back."""
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() in a threaded process; the child only
-        # sets its ids, talks to one socket and exits with os._exit.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        result: dict[str, Any] = {}
+    """``req`` sent by a process running as ``uid``; what it got back."""
+
+    def body() -> dict[str, Any]:
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                result["result"] = request(path, req, timeout=10)
-            except ControlError as e:
-                result["error"] = {"code": str(e.code), "message": e.message}
-        except BaseException as e:
-            result["child_error"] = repr(e)
-        finally:
-            with contextlib.suppress(BaseException):
-                os.write(w, json.dumps(result).encode())
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    out: dict[str, Any] = json.loads(data)
-    assert "child_error" not in out, out
-    return out
+            return {"result": request(path, req, timeout=10)}
+        except ControlError as e:
+            return {"error": {"code": str(e.code), "message": e.message}}
+
+    return run_as(uid, uid, body)  # type: ignore[no-any-return]
 
 
 def test_a_peer_not_allowed_is_refused(daemon: Daemon) -> None:

@@ -1,21 +1,17 @@
 """Who may hand off: the socket's mode, SO_PEERCRED uid/gid checks, and vmm_pid.
 
 The clients run in forked children that drop to another uid (we run as root),
-so the kernel reports their real credentials.  The children do not exec: the
-venv's interpreter may not be readable by that uid.
+so the kernel reports their real credentials (``wsd.testing.other_user``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
-import json
 import mmap
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from structlog.testing import capture_logs
 
 from wsd.access import AccessConfig, AccessPolicy
 from wsd.kernel import Userfaultfd, memfd_create
+from wsd.testing.other_user import run_as
 from wsd.vmm.client import HandoffRefused, hand_off
 from wsd.vmm.protocol import ErrorCode, HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
@@ -112,48 +109,23 @@ def in_child(
     *,
     msg: dict[str, Any] | None = None,
 ) -> Any:
-    """Fork; the child becomes uid/gid, hands off ``fds`` and reports what happened.
+    """A child running as uid/gid hands off ``fds``; its pid and the reply it got.
 
     It sends ``msg`` if given, else :func:`message` for its own pid or ``claim_pid``.
     """
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() in a threaded process; the child only
-        # sets its ids, talks to one socket and exits with os._exit.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        result: dict[str, Any] = {}
+
+    def body() -> dict[str, Any]:
+        sent = msg if msg is not None else message(os.getpid() if claim_pid is None else claim_pid)
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            result["pid"] = os.getpid()
-            if msg is None:
-                msg = message(os.getpid() if claim_pid is None else claim_pid)
-            try:
-                reply, conn = hand_off(path, msg, fds, timeout=10)
-                conn.close()
-            except HandoffRefused as e:
-                reply = e.reply
-            except PermissionError as e:
-                reply = {"connect_error": e.strerror}
-            result["reply"] = reply
-        except BaseException as e:
-            result["child_error"] = repr(e)
-        finally:
-            with contextlib.suppress(BaseException):
-                os.write(w, json.dumps(result).encode())
-            os._exit(0)
-    os.close(w)
-    data = b""
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    out = json.loads(data)
-    assert "child_error" not in out, out
-    return out
+            reply, conn = hand_off(path, sent, fds, timeout=10)
+            conn.close()
+        except HandoffRefused as e:
+            reply = e.reply
+        except PermissionError as e:
+            reply = {"connect_error": e.strerror}
+        return {"pid": os.getpid(), "reply": reply}
+
+    return run_as(uid, gid, body)
 
 
 def open_fds() -> int:
