@@ -139,6 +139,13 @@ class CGuest:
             os.sched_setaffinity(self.pid, {cpu})
         self._buf = b""
 
+    def missing_uffd(self) -> Userfaultfd:
+        """A copy of the guest's uffd, negotiated and registered for MISSING faults."""
+        uffd = Userfaultfd(os.dup(self.uffd))
+        uffd.api(Feature.MISSING_SHMEM)
+        uffd.register(self.base, self.size, RegisterMode.MISSING)
+        return uffd
+
     def send_touch(self, first: int, count: int, stride: int = 1) -> None:
         assert self.proc.stdin
         self.proc.stdin.write(f"t {first} {count} {stride}\n".encode())
@@ -281,10 +288,7 @@ class Sample:
 def run_c(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int | None) -> Sample:
     g = CGuest(exe, (a.warmup + a.pages) * PAGE, toucher_cpu)
     try:
-        uffd = Userfaultfd(os.dup(g.uffd))
-        with uffd:
-            uffd.api(Feature.MISSING_SHMEM)
-            uffd.register(g.base, g.size, RegisterMode.MISSING)
+        with g.missing_uffd() as uffd:
             h = subprocess.Popen(
                 [str(exe), "handler", str(uffd.fd)], stdin=subprocess.PIPE, pass_fds=[uffd.fd]
             )
@@ -318,9 +322,7 @@ async def run_py(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int |
     page = os.urandom(PAGE)
     mask = ~(PAGE - 1)
     try:
-        with Userfaultfd(os.dup(g.uffd)) as uffd:
-            uffd.api(Feature.MISSING_SHMEM)
-            uffd.register(g.base, g.size, RegisterMode.MISSING)
+        with g.missing_uffd() as uffd:
 
             def readable() -> None:
                 for msg in uffd.read_messages():

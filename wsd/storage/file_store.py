@@ -584,10 +584,14 @@ class FileStore(StoreBase):
         except (BlockingIOError, _NoWaitUnsupported):
             raise
         except OSError as err:
-            where = self._where(*region.ns.key)
-            where["offset"] = offset
-            raise storage_error(err, "reading 1 page", **where) from err
+            raise self._read_error(region, err, "reading 1 page", offset) from err
         return self._codec.open_entry(region.ns, offset, entry, data, expected)
+
+    def _read_error(self, region: _Region, err: OSError, what: str, offset: int) -> StorageError:
+        """A failed read of the region's files, named with the first offset read."""
+        where = self._where(*region.ns.key)
+        where["offset"] = offset
+        return storage_error(err, what, **where)
 
     def _read_batch(
         self,
@@ -625,9 +629,9 @@ class FileStore(StoreBase):
         except (BlockingIOError, _NoWaitUnsupported):
             raise
         except OSError as err:
-            where = self._where(*region.ns.key)
-            where["offset"] = ordered[0] * size
-            raise storage_error(err, f"reading {len(offsets)} pages", **where) from err
+            raise self._read_error(
+                region, err, f"reading {len(offsets)} pages", ordered[0] * size
+            ) from err
         if ordered != indexes:
             found = {o: found[o] for o in offsets if o in found}
         return found

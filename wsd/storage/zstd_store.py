@@ -81,9 +81,14 @@ as SealedRecord and a dataclass, 65,536 pages made each full collection walk
 120,000 more objects, on the event loop: 125 to 155 ms per collection
 (``bench/evict_throughput.py``, zstd, timed with ``gc.callbacks``).
 """
-_PAYLOAD: Final = 5
+# Literals, which the type checker can follow into the tuple; the layout is
+# SealedRecord's, checked here once.
 _GENERATION: Final = 2
+_PAYLOAD: Final = 5
 _STORED_AT: Final = 6
+assert SealedRecord._fields.index("generation") == _GENERATION
+assert SealedRecord._fields.index("payload") == _PAYLOAD == len(SealedRecord._fields) - 1
+assert len(SealedRecord._fields) == _STORED_AT
 
 
 def _entry(record: SealedRecord, stored_at: float) -> _Entry:
@@ -92,7 +97,7 @@ def _entry(record: SealedRecord, stored_at: float) -> _Entry:
 
 def _header_fields(entry: _Entry) -> HeaderFields:
     """(kind, flags, generation, checksum, nonce), as ``SealedRecord.header_fields``."""
-    return entry[:5]
+    return entry[:_PAYLOAD]
 
 
 def _cost(entry: _Entry) -> int:
