@@ -7,10 +7,8 @@ wsd runs in wp-async mode, which sees writes only.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 from wsd.control.client import request
 from wsd.control.protocol import Command, ControlError, Request
 from wsd.guest.process import GuestProcess
+from wsd.testing.daemon_process import WsdProcess
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +45,15 @@ enabled = false
 """
 
 
-class Wsd:
+class Wsd(WsdProcess):
     """``wsd run --config`` in a child process, and its control socket."""
 
     def __init__(self, tmp: Path, *, idle: int) -> None:
         self.tmp = tmp
-        self.config = tmp / "wsd.toml"
-        self.config.write_text(CONFIG.format(tmp=tmp, interval=INTERVAL, idle=idle))
         self.control = tmp / "control.sock"
-        self.log = tmp / "wsd.log"
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.wait_for(self.control.exists, "the control socket")
+        super().__init__(tmp / "wsd.toml", tmp / "wsd.log", self.control)
+        self.config.write_text(CONFIG.format(tmp=tmp, interval=INTERVAL, idle=idle))
+        self.start()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``wsd ARGS --socket <control socket>`` as an operator runs it."""
@@ -80,24 +72,10 @@ class Wsd:
     def vm(self, vm_id: str) -> dict[str, Any]:
         return next(v for v in self.ask(Command.STATUS)["vms"] if v["vm_id"] == vm_id)
 
-    def wait_for(self, cond: Callable[[], object], what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"wsd exited: {self.log.read_text()}"
-            if cond():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no {what} within {timeout} s: {self.log.read_text()}")
-
     def wait_cycles(self, vm_id: str, n: int) -> dict[str, Any]:
         target = self.vm(vm_id)["cycles"] + n
         self.wait_for(lambda: self.vm(vm_id)["cycles"] >= target, f"{n} cycles")
         return self.vm(vm_id)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 @pytest.fixture
@@ -128,7 +106,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Wsd, GuestProcess]]]:
             elif thing.report()["verify_errors"]:
                 problems.append(f"guest saw corrupt pages: {thing.report()['verify_errors']}")
         elif (code := thing.stop()) != 0:
-            problems.append(f"wsd exited {code}: {thing.log.read_text()}")
+            problems.append(f"wsd exited {code}: {thing.log_text()}")
     assert not problems, problems
 
 

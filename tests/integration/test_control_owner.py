@@ -14,11 +14,8 @@ import ctypes
 import mmap
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import pytest
 from wsd.control.client import request
 from wsd.control.protocol import Command, ControlError, Request
 from wsd.kernel import Userfaultfd, memfd_create
+from wsd.testing.daemon_process import WsdProcess
 from wsd.testing.other_user import AsUser, run_as
 from wsd.vmm.client import HandoffRefused, hand_off
 
@@ -106,28 +104,15 @@ def wsd(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes], P
     # pytest's tmp_path is mode 0700: the VMM's user could not reach the sockets.
     socks = Path(tempfile.mkdtemp(prefix="wsd-owner-"))
     socks.chmod(0o711)
-    config = tmp_path / "wsd.toml"
-    config.write_text(CONFIG.format(socks=socks, tmp=tmp_path, group=NOBODY))
-    log = tmp_path / "wsd.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wsd", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    wsd = WsdProcess(tmp_path / "wsd.toml", tmp_path / "wsd.log", socks / "control.sock")
+    wsd.config.write_text(CONFIG.format(socks=socks, tmp=tmp_path, group=NOBODY))
     try:
-        deadline = time.monotonic() + 60
-        while not (socks / "control.sock").exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        yield socks / "wsd.sock", socks / "control.sock", proc, log
+        wsd.start(timeout=60)
+        yield socks / "wsd.sock", socks / "control.sock", wsd.proc, wsd.log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        code = wsd.stop(60)
         shutil.rmtree(socks, ignore_errors=True)
-        assert code == 0, log.read_text()
+        assert code == 0, wsd.log_text()
 
 
 def test_a_non_root_vmm_user_may_pause_its_own_vm_and_no_other(

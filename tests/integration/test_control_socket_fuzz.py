@@ -19,10 +19,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +35,7 @@ from wsd.control.client import request
 from wsd.control.protocol import Command, ControlError, ErrorCode, Request
 from wsd.control.server import IDLE_TIMEOUT
 from wsd.kernel import memfd_create, send_with_fds
+from wsd.testing.daemon_process import WsdProcess
 from wsd.testing.other_user import run_as
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.vmm.limits import HandoffLimits
@@ -73,11 +71,10 @@ enabled = false
 """
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    control: Path
-    log: Path
+class Daemon(WsdProcess):
+    def __init__(self, d: Path) -> None:
+        self.control = d / "control.sock"
+        super().__init__(d / "wsd.toml", d / "wsd.log", self.control)
 
     def ask(self, command: Command, vm_id: str | None = None) -> dict[str, Any]:
         return request(self.control, Request(command, vm_id), timeout=10)
@@ -100,44 +97,26 @@ class Daemon:
             time.sleep(0.05)
         return n
 
-    def alive(self) -> None:
-        assert self.proc.poll() is None, f"wsd exited: {self.log.read_text()}"
-
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
     # Under /tmp with 0711, so the other users' children can reach the socket.
     d = Path(tempfile.mkdtemp(prefix="wsd-control-fuzz-"))
     d.chmod(0o711)
-    (d / "wsd.toml").write_text(CONFIG.format(d=d, nobody=NOBODY))
-    log = d / "wsd.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wsd", "run", "--config", str(d / "wsd.toml")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    wsd = Daemon(proc, d / "control.sock", log)
+    wsd = Daemon(d)
+    wsd.config.write_text(CONFIG.format(d=d, nobody=NOBODY))
     puppet = None
     try:
-        deadline = time.monotonic() + 30
-        while not wsd.control.exists():
-            wsd.alive()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wsd.start()
         wsd.control.chmod(0o666)
         puppet = PuppetVMM.spawn(1 << 20, handoff=d / "wsd.sock", vm_id=VM, fill=False)
-        while not any(v["vm_id"] == VM for v in wsd.ask(Command.STATUS)["vms"]):
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wsd.wait_for(lambda: any(v["vm_id"] == VM for v in wsd.ask(Command.STATUS)["vms"]), VM)
         yield wsd
     finally:
         if puppet is not None:
             puppet.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-        text = log.read_text()
+        code = wsd.stop()
+        text = wsd.log_text()
         shutil.rmtree(d, ignore_errors=True)
         assert code == 0, text
         assert "control connection failed" not in text, text

@@ -7,14 +7,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from wsd.testing.daemon_process import WsdProcess
 from wsd.testing.puppet_vmm import PuppetVMM
 
 pytestmark = pytest.mark.integration
@@ -38,21 +38,13 @@ address = "127.0.0.1:0"
 """
 
 
-class Wsd:
+class Wsd(WsdProcess):
     def __init__(self, tmp_path: Path, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp_path
         self.socket = tmp_path / "wsd.sock"
-        self.config = tmp_path / "wsd.toml"
-        self.log = tmp_path / "wsd.log"
+        super().__init__(tmp_path / "wsd.toml", tmp_path / "wsd.log", self.socket, env=env)
         self.write(interval=0.2, idle=8)
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        self.wait_for(self.socket.exists, "the socket")
+        self.start(timeout=20)
 
     def write(self, **values: object) -> None:
         self.config.write_text(
@@ -62,23 +54,13 @@ class Wsd:
         )
 
     def events(self) -> list[str]:
-        return self.log.read_text().splitlines()
+        return self.log_text().splitlines()
 
-    def wait_for(self, cond: object, what: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"wsd exited: {self.log.read_text()}"
-            if cond():  # type: ignore[operator]
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no {what} within {timeout} s: {self.log.read_text()}")
+    def wait_for(self, cond: Callable[[], object], what: str, timeout: float = 20) -> None:
+        super().wait_for(cond, what, timeout)
 
     def logged(self, text: str) -> bool:
         return any(text in line for line in self.events())
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 def scrape(address: str) -> str:
@@ -133,7 +115,7 @@ def test_sighup_reloads_tunables_and_rejects_a_bad_file(tmp_path: Path) -> None:
             for record in map(json.loads, wsd.events()):
                 assert {"timestamp", "level", "logger", "event"} <= record.keys(), record
     finally:
-        assert wsd.stop() == 0, wsd.log.read_text()
+        assert wsd.stop() == 0, wsd.log_text()
 
 
 def test_systemd_hears_ready_status_watchdog_reloading_and_stopping(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from wsd.control.client import request
 from wsd.control.protocol import Command, Request
 from wsd.kernel import data_ranges, pidfd_getfd, pidfd_open
 from wsd.kernel.procfs import read_maps
+from wsd.testing.daemon_process import WsdProcess, wait_for
 
 HERE = Path(__file__).parent
 INTERVAL = 0.2
@@ -41,40 +40,20 @@ enabled = false
 """
 
 
-def wait_for(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {timeout} s")
-
-
-class Wsd:
+class Wsd(WsdProcess):
     """``wsd run --config`` in a child process."""
 
     def __init__(self, tmp: Path, *, idle: int = 2) -> None:
         self.tmp = tmp
         self.socket = tmp / "wsd.sock"
         self.control = tmp / "control.sock"
-        self.config = tmp / "wsd.toml"
+        super().__init__(tmp / "wsd.toml", tmp / "wsd.log", self.control)
         self.config.write_text(CONFIG.format(tmp=tmp, interval=INTERVAL, idle=idle))
-        self.log = tmp / "wsd.log"
         self.start()
-
-    def start(self) -> None:
-        with self.log.open("a") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(self.control.exists, "control socket")
 
     def crash(self) -> None:
         """SIGKILL: what a wsd crash leaves behind (its sockets stay as files)."""
-        self.proc.kill()
-        self.proc.wait(30)
+        self.kill()
         self.control.unlink()
 
     def vm(self, vm_id: str) -> dict[str, Any] | None:
@@ -87,15 +66,13 @@ class Wsd:
         (A session leaves ``wsd status`` before its drain is done.)
         """
         wait_for(
-            lambda: self.log.read_text().count(f'"session closed", "vm_id": "{vm_id}"') >= n,
+            lambda: self.log_text().count(f'"session closed", "vm_id": "{vm_id}"') >= n,
             f"session {vm_id} closed",
             timeout=300,
         )
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+    def stop(self, timeout: float = 60) -> int:
+        return super().stop(timeout)
 
 
 class Attach:
