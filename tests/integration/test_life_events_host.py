@@ -2,10 +2,11 @@
 
 A puppet VMM discards evicted pages the way a balloon does (``MADV_REMOVE``;
 QEMU's ``fallocate`` punch then ``MADV_DONTNEED``), pins memory (io_uring
-registered buffers raise ``VmPin``), unmaps its guest memory, or shares its
-memfd with a second process.  Each test fails on a daemon that ignores the
-case: it would serve the old evicted bytes, punch pinned or shared memory, or
-leave an unmapped region's pages in storage.  docs/life-events.md maps each
+registered buffers raise ``VmPin``), unmaps or moves (``mremap``) all or part
+of its guest memory, or shares its memfd with a second process.  Each test
+fails on a daemon that ignores the case: it would serve the old evicted bytes,
+punch pinned or shared memory, leave an unmapped region's pages in storage, or
+lose track of memory that moved.  docs/life-events.md maps each
 guarantee to its test.
 """
 
@@ -35,6 +36,7 @@ from wsd.testing.life_events import (
     evict,
     evicting_settings,
     evictor_session,
+    uffd_vmflags,
     wait_until,
 )
 from wsd.testing.mapper import MemfdMapper
@@ -194,6 +196,101 @@ async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
     assert ev.reasons[0] is not None and "unmapped" in ev.reasons[0]
     for p in (0, 4, 512, 1020):
         assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
+
+
+async def test_a_partly_unmapped_region_is_detached_and_the_rest_is_the_kernels_again(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """A DIMM-sized hole in the middle of the region (pages 512-767 unmapped).
+
+    The region is detached: its evicted pages, unmapped or not, go back into the
+    memfd, and what is left of the registration goes, so the VMM's reads of the
+    rest are the kernel's again.  A daemon that only handled whole unmaps would
+    keep scanning and arming a range with a hole (and fail the session) or leave
+    the rest registered with nobody serving it."""
+    _, faults, ev = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    await evict(ev, range(0, 1024, 4))
+    with serving_faults(tracker, faults, ev) as unhandled:
+        await call(puppet, "unmap", pages=[512, 256])
+        await wait_until(lambda: t.vanished is not None, "the UNMAP event")
+        await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
+        await wait_until(
+            lambda: not uffd_vmflags(puppet.pid, puppet.base, SIZE), "the unregistration"
+        )
+        await tracker.cycle()
+        rest = [*range(512), *range(768, 1024)]
+        assert await call(puppet, "read", pages=rest) == [0] * len(rest)
+        assert not unhandled
+    assert ev.reasons[0] is not None and "partly unmapped" in ev.reasons[0]
+    for p in range(1024):
+        assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096), p
+
+
+async def test_a_region_moved_whole_is_tracked_evicted_and_served_at_its_new_address(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """``mremap`` of the whole region, with a quarter of it evicted.
+
+    The registration moves along (``EVENT_REMAP``); wsd must follow it: evicted
+    pages fetched back through faults at the new address, cycles scanning it,
+    writes there seen, and eviction going on.  A daemon deaf to REMAP would
+    scan the old, now empty range, and fail the session."""
+    _, faults, ev = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    await evict(ev, range(0, 1024, 4))
+    with serving_faults(tracker, faults, ev) as unhandled:
+        new = await call(puppet, "move")
+        assert new != puppet.base
+        await wait_until(lambda: t.region.host_virt_addr == new, "the REMAP event")
+        assert t.vanished is None and ev.reasons[0] is None
+        assert uffd_vmflags(puppet.pid, new, SIZE)
+        assert await call(puppet, "read", pages=list(range(0, 1024, 4))) == [0] * 256
+        assert t.state.evicted_pages == 0
+        # A write at the new address is seen by the next cycle's scan.
+        await tracker.cycle()
+        await call(puppet, "write", pages=[9], version=1)
+        await tracker.cycle()
+        assert t.state.ages[9] == 0 and t.state.ages[10] > 0
+        await evict(ev, range(1, 1024, 4))
+        assert t.state.evicted_pages == 256
+        versions = await call(puppet, "read", pages=list(range(1024)))
+        assert not unhandled
+    assert versions == [1 if p == 9 else 0 for p in range(1024)]
+
+
+async def test_a_partly_moved_region_is_detached_and_both_parts_served_by_the_kernel(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """``mremap`` of pages 256-511 only, with a quarter of the region evicted.
+
+    The moved part's registration went along to addresses no region
+    describes, so the region is detached: every evicted page goes back into
+    the memfd, and both parts are unregistered.  The VMM then reads every page,
+    moved or not, with its data."""
+    _, faults, ev = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    await evict(ev, range(0, 1024, 4))
+    with serving_faults(tracker, faults, ev) as unhandled:
+        new = await call(puppet, "move", pages=[256, 256])
+        await wait_until(lambda: t.vanished is not None, "the REMAP event")
+        await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
+        await wait_until(
+            lambda: (
+                not uffd_vmflags(puppet.pid, puppet.base, SIZE)
+                and not uffd_vmflags(puppet.pid, new, 256 * 4096)
+            ),
+            "the unregistration",
+        )
+        await tracker.cycle()
+        assert await call(puppet, "read", pages=list(range(1024))) == [0] * 1024
+        assert not unhandled
+    assert ev.reasons[0] is not None and "partly moved" in ev.reasons[0]
+    for p in range(1024):
+        assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096), p
 
 
 async def test_the_daemon_serves_zeros_after_a_balloon_removes_evicted_pages(

@@ -6,10 +6,11 @@ it marks its RAM ``dma_pinned`` (``--dma-pinned``), and a second process maps
 its memfd through ``/proc/<guest>/fd/<memfd>``.  A puppet VMM acts where
 ``wsd guest`` cannot: a balloon (``madvise`` on its own mapping; no other
 process can, ``process_madvise`` takes neither ``MADV_DONTNEED`` nor
-``MADV_REMOVE``), an unplug at a chosen moment (``munmap`` inside wsd's sync
-window), and a ``VmPin`` (io_uring registered buffers, created without
-``CAP_IPC_LOCK``: on 7.3 root's do not show in ``VmPin``).  Each test fails on
-a daemon that ignores its case (docs/life-events.md says how that was checked).
+``MADV_REMOVE``), an unplug or a move (``munmap``, ``mremap``) of all or part
+of its memory, inside wsd's sync window or outside it, and a ``VmPin``
+(io_uring registered buffers, created without ``CAP_IPC_LOCK``: on 7.3 root's
+do not show in ``VmPin``).  Each test fails on a daemon that ignores its case
+(docs/life-events.md says how that was checked).
 
 Guests are small (4-8 MiB): under TCG a demand fetch can take 100 ms.
 """
@@ -36,11 +37,13 @@ from wsd.snapshot import vm_snapshot
 from wsd.storage import FileStoreConfig, PageStore, open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.life_events import (
+    EVICT_IDLE_FOR_ONE_CYCLE,
     call,
     evict,
     evicting_settings,
     evictor_session,
     track_split,
+    uffd_vmflags,
     wait_until,
 )
 from wsd.testing.mapper import MemfdMapper
@@ -200,12 +203,7 @@ async def test_a_region_unplugged_mid_window_is_detached_and_the_other_served(
     tracker = track_split(p, 2, vm_id="unplug")
     try:
         ctx, faults, ev = evictor_session(
-            tracker,
-            file_store,
-            min_idle_cycles=1,
-            max_idle_cycles=1,
-            rate_mb_per_second=None,
-            prefetch_pages=16,
+            tracker, file_store, **EVICT_IDLE_FOR_ONE_CYCLE, prefetch_pages=16
         )
         t0, t1 = tracker.regions
         with serving_faults(tracker, faults, ev) as unhandled:
@@ -244,6 +242,103 @@ async def test_a_region_unplugged_mid_window_is_detached_and_the_other_served(
             assert t1.state.evicted_pages == 0
             versions = await call(p, "read", pages=list(range(1024)), timeout=300)
             assert versions == [0] * 1024
+            assert not unhandled
+    finally:
+        tracker.close()
+
+
+async def test_a_region_moved_whole_mid_window_is_tracked_and_served_at_its_new_address(
+    puppet_8m: PuppetVMM, file_store: PageStore
+) -> None:
+    """The VMM moves (``mremap``) its whole guest memory inside a window.
+
+    The move comes after the window's scan and before its commit, with a batch
+    prepared and a quarter of the memory evicted.  The commit must still punch
+    the batch (the memfd offsets did not change), the window must re-arm the
+    new range, and later cycles must scan it: a write there is seen, evicted
+    pages are fetched back through faults at the new address.  A daemon deaf
+    to REMAP re-arms the old, empty range and its session fails.
+    """
+    p = puppet_8m
+    tracker = track_puppet(p, vm_id="move")
+    try:
+        ctx, faults, ev = evictor_session(
+            tracker, file_store, **EVICT_IDLE_FOR_ONE_CYCLE, prefetch_pages=16
+        )
+        t = tracker.regions[0]
+        moved_to: list[int] = []
+        with serving_faults(tracker, faults, ev) as unhandled:
+            await tracker.cycle()
+            await evict(ev, range(0, 2048, 4))
+            await tracker.cycle()
+            batch = await ev._prepare(0, np.arange(1, 2048, 4, dtype=np.int64))
+            assert batch is not None
+            ev._prepared.append(batch)
+
+            async def move_then_commit(tr: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
+                assert tr.in_window
+                # Returns once wsd has read the REMAP (this loop serves the uffd).
+                moved_to.append(await call(p, "move"))
+                await ev.commit(tr, hot)
+
+            await tracker.cycle(move_then_commit)
+            (new,) = moved_to
+            assert t.region.host_virt_addr == new and t.vanished is None
+            assert ev.reasons[0] is None
+            assert t.state.evicted_mask(batch.pages).all()
+            assert uffd_vmflags(p.pid, new, p.size)
+            # A write at the new address is seen by the next window's scan.
+            await call(p, "write", pages=[2], version=1)
+            await tracker.cycle(ev.commit)
+            assert t.state.ages[2] == 0
+            before = ctx.stats.evicted_pages
+            for _ in range(3):
+                await tracker.cycle(ev.commit)
+                await ev.prepare()
+            assert ctx.stats.evicted_pages > before
+            versions = await call(p, "read", pages=list(range(p.npages)), timeout=300)
+            assert versions == [1 if page == 2 else 0 for page in range(p.npages)]
+            assert not unhandled
+    finally:
+        tracker.close()
+
+
+@pytest.mark.parametrize("how", ["unmap", "move"])
+async def test_a_region_partly_unmapped_or_moved_is_detached_and_its_pages_written_back(
+    puppet_8m: PuppetVMM, file_store: PageStore, how: str
+) -> None:
+    """The VMM unmaps or moves pages 512-1023 of its one region, outside a window.
+
+    The region is detached: every evicted page, in the part that went or not,
+    goes back into the memfd, and what is left of the registration (the rest,
+    and the moved part) is unregistered, so windows no longer cover it and the
+    VMM reads every page it still maps with its data.  A daemon that handled
+    only whole unmaps or moves would re-arm a range with a hole, or leave part
+    of it registered with nobody resolving its faults.
+    """
+    p = puppet_8m
+    tracker = track_puppet(p, vm_id=f"part-{how}")
+    try:
+        _, faults, ev = evictor_session(tracker, file_store, **EVICT_IDLE_FOR_ONE_CYCLE)
+        t = tracker.regions[0]
+        with serving_faults(tracker, faults, ev) as unhandled:
+            await tracker.cycle()
+            await evict(ev, range(0, 2048, 4))
+            new = await call(p, how, pages=[512, 512])
+            await wait_until(lambda: t.vanished is not None, f"the {how} event")
+            await wait_until(lambda: t.state.evicted_pages == 0, "the write-back", 120)
+            ranges = [(p.base, p.size)] + ([(new, 512 * 4096)] if how == "move" else [])
+            await wait_until(
+                lambda: not any(uffd_vmflags(p.pid, *r) for r in ranges), "the unregistration"
+            )
+            assert memfd_versions(p.memfd, 0, p.npages) == [0] * p.npages
+            await tracker.cycle(ev.commit)
+            still_mapped = (
+                list(range(p.npages)) if how == "move" else [*range(512), *range(1024, 2048)]
+            )
+            versions = await call(p, "read", pages=still_mapped, timeout=300)
+            assert versions == [0] * len(still_mapped)
+            assert ev.reasons[0] is not None and "partly" in ev.reasons[0]
             assert not unhandled
     finally:
         tracker.close()
@@ -289,12 +384,7 @@ async def test_vmpin_stops_eviction_of_the_whole_vm(
     tracker = track_puppet(p, vm_id="vmpin")
     try:
         ctx, faults, ev = evictor_session(
-            tracker,
-            file_store,
-            min_idle_cycles=1,
-            max_idle_cycles=1,
-            rate_mb_per_second=None,
-            max_pages_per_window=512,
+            tracker, file_store, **EVICT_IDLE_FOR_ONE_CYCLE, max_pages_per_window=512
         )
         with serving_faults(tracker, faults, ev):
             await call(p, "pin", bytes=MIB, without_ipc_lock=True)

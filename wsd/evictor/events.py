@@ -32,6 +32,12 @@ tracked on.  Any other overlap *detaches* the region: it is no longer
 scanned, armed or evicted, its evicted pages are written back into the memfd
 (which outlives the mapping), and the ranges that may still carry its
 registration are unregistered, which also wakes any thread blocked there.
+
+An ``mremap`` sends REMAP and then UNMAP of the range it moved from (seen on
+6.18 and 7.3: the move unmaps the old range with the uffd still attached).  By
+the time the UNMAP is read, a region moved whole already has its new address,
+so the UNMAP overlaps nothing; a partly moved one is detached already, and
+detached regions ignore further events.
 """
 
 from __future__ import annotations

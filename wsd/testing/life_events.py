@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from wsd.attach.discover import UFFD_FLAG_PREFIX, parse_smaps
 from wsd.daemon import Settings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.kernel import probe_kernel
+from wsd.kernel.procfs import read_maps
 from wsd.storage import FileStoreConfig
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.tracker.mode import choose_mode
@@ -41,18 +43,21 @@ def evictor_session(
     return ctx, FaultService(ctx, spawn), Evictor(ctx, state_dir=state_dir)
 
 
+EVICT_IDLE_FOR_ONE_CYCLE: dict[str, Any] = {
+    "min_idle_cycles": 1,
+    "max_idle_cycles": 1,
+    "rate_mb_per_second": None,
+}
+"""Evictor settings that take every page idle for one cycle, at no rate limit."""
+
+
 def evicting_settings(tmp_path: Path, interval: float, **evictor: Any) -> Settings:
     """A daemon with a file tier that evicts every page idle for one interval."""
-    config: dict[str, Any] = {
-        "min_idle_cycles": 1,
-        "max_idle_cycles": 1,
-        "rate_mb_per_second": None,
-    }
     return Settings(
         socket=tmp_path / "wsd.sock",
         interval=interval,
         storage=FileStoreConfig(root=tmp_path / "pages"),
-        evictor=EvictorConfig(**(config | evictor)),
+        evictor=EvictorConfig(**(EVICT_IDLE_FOR_ONE_CYCLE | evictor)),
         state_dir=tmp_path / "state",
     )
 
@@ -104,3 +109,16 @@ async def wait_until(cond: Callable[[], object], what: str, timeout: float = 10.
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def uffd_vmflags(pid: int, start: int, length: int) -> set[str]:
+    """The userfaultfd ``VmFlags`` (``um``, ``uw``, ...) of ``pid``'s mappings that
+    overlap ``[start, start + length)``: empty once no uffd watches any of it."""
+    smaps = parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes())
+    return {
+        flag
+        for m in read_maps(pid)
+        if m.start < start + length and start < m.end
+        for flag in smaps[m.start].vmflags
+        if flag.startswith(UFFD_FLAG_PREFIX)
+    }

@@ -51,11 +51,30 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 DISCARDED = -1
 """The version of a page the puppet discarded: it must read back as zeros."""
 
-# A test puppet acting out a VMM's own syscalls (madvise, fallocate, io_uring):
-# not wsd's, so not in wsd.kernel.
+# A test puppet acting out a VMM's own syscalls (madvise, fallocate, mremap,
+# io_uring): not wsd's, so not in wsd.kernel.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.mmap.restype = _libc.mremap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.mremap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+]
+MAP_FAILED = ctypes.c_void_p(-1).value
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -116,6 +135,7 @@ class _Guest:
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.versions = np.zeros(size // page_size, dtype=np.int64)
         self.pinned: list[tuple[int, mmap.mmap]] = []
+        self.moved: list[tuple[int, int, int]] = []  # (first page, count, new address)
         self.session: socket.socket | None = None
         if fill:
             npages = size // page_size
@@ -128,6 +148,9 @@ class _Guest:
     def _addr(self, page: int) -> int:
         if not 0 <= page < len(self.versions):
             raise PuppetError(f"page {page} outside guest of {len(self.versions)} pages")
+        for first, count, addr in reversed(self.moved):
+            if first <= page < first + count:
+                return addr + (page - first) * self.page_size
         return self.base + page * self.page_size
 
     def write(self, pages: Iterable[int], version: int) -> None:
@@ -185,6 +208,28 @@ class _Guest:
                 raise OSError(ctypes.get_errno(), f"madvise({how}) of page {p}")
             if how != "dontneed":
                 self.versions[p] = DISCARDED
+
+    def move(self, first: int, count: int) -> int:
+        """``mremap`` pages [first, first + count) elsewhere, as a VMM moving guest
+        memory would; returns their new address.  Later reads and writes of
+        these pages go there.  The REMAP event waits for wsd's read.
+
+        ``MREMAP_FIXED`` onto a fresh reservation, aligned to the page size (a
+        hugetlb move needs that): without it a same-size ``mremap`` stays put.
+        """
+        old, length = self._addr(first), count * self.page_size
+        if self._addr(first + count - 1) != old + length - self.page_size:
+            raise PuppetError(f"pages {first}..{first + count - 1} are not contiguous")
+        spare = length + self.page_size
+        reserved = _libc.mmap(None, spare, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if reserved == MAP_FAILED:
+            raise OSError(ctypes.get_errno(), "mmap of a reservation to move onto")
+        dest = -(-reserved // self.page_size) * self.page_size
+        new = _libc.mremap(old, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, dest)
+        if new == MAP_FAILED:
+            raise OSError(ctypes.get_errno(), f"mremap of pages {first}..{first + count - 1}")
+        self.moved.append((first, count, new))
+        return int(new)
 
     def pin(self, nbytes: int, without_ipc_lock: bool = False) -> None:
         """Pin ``nbytes`` of private memory long-term, as a DMA-capable VMM would:
@@ -305,6 +350,9 @@ def _child(a: argparse.Namespace) -> None:
                 guest.pin(req["bytes"], req.get("without_ipc_lock", False))
             elif op == "unpin":
                 guest.unpin()
+            elif op == "move":
+                first, count = req.get("pages") or (0, len(guest.versions))
+                result = guest.move(first, count)
             elif op == "unmap":
                 # Guest memory unplugged (all of it, or ``pages`` [first, count]
                 # of it: a DIMM or virtio-mem block): the UNMAP event waits for
