@@ -31,9 +31,13 @@ test-integration: bootstrap ## Real userfaultfd on the host kernel, real redis-s
 	@mkdir -p $(REPORTS)
 	$(PY) -m pytest -q tests/integration --junitxml=$(REPORTS)/integration.xml
 
-test-kernel: bootstrap ## tests/kernel inside the Linux 7.3 VM (fetches the kernel once)
+# Two attach tests run here too, so that adopting a VMM is tested in rwp mode as well.
+ATTACH = tests/integration/vmms/test_attach_standin.py
+test-kernel: bootstrap ## tests/kernel (and wsd attach) inside the Linux 7.3 VM (fetches the kernel once)
 	@mkdir -p $(REPORTS)
-	$(PY) -m vmtest pytest --timeout 2400 --junitxml=$(REPORTS)/kernel.xml
+	$(PY) -m vmtest pytest --timeout 2400 --junitxml=$(REPORTS)/kernel.xml \
+		$(ATTACH)::test_wsd_attach_evicts_and_fetches_back_the_standin_memory \
+		$(ATTACH)::test_attach_gives_the_session_to_a_restarted_wsd
 
 test: bootstrap ## Everything: lint, unit, integration, kernel (VM); prints counts per tier
 	@tools/test-all.sh
