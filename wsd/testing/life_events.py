@@ -114,11 +114,13 @@ async def wait_until(cond: Callable[[], object], what: str, timeout: float = 10.
 def uffd_vmflags(pid: int, start: int, length: int) -> set[str]:
     """The userfaultfd ``VmFlags`` (``um``, ``uw``, ...) of ``pid``'s mappings that
     overlap ``[start, start + length)``: empty once no uffd watches any of it."""
-    smaps = parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes())
+    while True:
+        # maps gives the ends, smaps the flags: read again if an unregister
+        # merged or split mappings between the two reads.
+        maps = [m for m in read_maps(pid) if m.start < start + length and start < m.end]
+        smaps = parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes())
+        if all(m.start in smaps for m in maps):
+            break
     return {
-        flag
-        for m in read_maps(pid)
-        if m.start < start + length and start < m.end
-        for flag in smaps[m.start].vmflags
-        if flag.startswith(UFFD_FLAG_PREFIX)
+        flag for m in maps for flag in smaps[m.start].vmflags if flag.startswith(UFFD_FLAG_PREFIX)
     }
