@@ -235,8 +235,9 @@ async def test_a_region_moved_whole_is_tracked_evicted_and_served_at_its_new_add
 
     The registration moves along (``EVENT_REMAP``); wsd must follow it: evicted
     pages fetched back through faults at the new address, cycles scanning it,
-    writes there seen, and eviction going on.  A daemon deaf to REMAP would
-    scan the old, now empty range, and fail the session."""
+    writes there seen, and eviction going on.  A daemon deaf to REMAP takes the
+    UNMAP of the old range that follows it for an unplug, and stops tracking
+    the memory."""
     _, faults, ev = evictor_session(tracker, file_store)
     t = tracker.regions[0]
     await tracker.cycle()

@@ -257,7 +257,8 @@ async def test_a_region_moved_whole_mid_window_is_tracked_and_served_at_its_new_
     the batch (the memfd offsets did not change), the window must re-arm the
     new range, and later cycles must scan it: a write there is seen, evicted
     pages are fetched back through faults at the new address.  A daemon deaf
-    to REMAP re-arms the old, empty range and its session fails.
+    to REMAP takes the UNMAP of the old range that follows it for an unplug,
+    and stops tracking the memory.
     """
     p = puppet_8m
     tracker = track_puppet(p, vm_id="move")
