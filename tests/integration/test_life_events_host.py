@@ -205,9 +205,8 @@ async def test_a_partly_unmapped_region_is_detached_and_the_rest_is_the_kernels_
 
     The region is detached: its evicted pages, unmapped or not, go back into the
     memfd, and what is left of the registration goes, so the VMM's reads of the
-    rest are the kernel's again.  A daemon that only handled whole unmaps would
-    keep scanning and arming a range with a hole (and fail the session) or leave
-    the rest registered with nobody serving it."""
+    rest are the kernel's again.  A daemon that treated the hole as a whole
+    unmap would leave the rest registered with nobody serving it."""
     _, faults, ev = evictor_session(tracker, file_store)
     t = tracker.regions[0]
     await tracker.cycle()

@@ -313,9 +313,9 @@ async def test_a_region_partly_unmapped_or_moved_is_detached_and_its_pages_writt
     The region is detached: every evicted page, in the part that went or not,
     goes back into the memfd, and what is left of the registration (the rest,
     and the moved part) is unregistered, so windows no longer cover it and the
-    VMM reads every page it still maps with its data.  A daemon that handled
-    only whole unmaps or moves would re-arm a range with a hole, or leave part
-    of it registered with nobody resolving its faults.
+    VMM reads every page it still maps with its data.  A daemon that treated
+    them as whole unmaps, or ignored the move, would leave part of the range
+    registered with nobody resolving its faults.
     """
     p = puppet_8m
     tracker = track_puppet(p, vm_id=f"part-{how}")
