@@ -91,6 +91,7 @@ from wsd.kernel import ioctl_numbers as nr
 from wsd.kernel import probe_kernel
 from wsd.testing.arming import track_puppet
 from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.slowness import in_test_vm
 from wsd.tracker.session import VmTracker
 
 BENCH = Path(__file__).resolve().parent
@@ -646,7 +647,7 @@ def main() -> None:
         out = {
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
-            "vm_guest": os.environ.get("WSD_VMTEST_GUEST") == "1",
+            "vm_guest": in_test_vm(),
             "args": vars(a),
             "results": [{**r.summary(), "detail": asdict(r)} for r in results],
         }

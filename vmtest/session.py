@@ -39,6 +39,7 @@ DEFAULT_TIMEOUT = 1200.0
 
 #: Environment of every guest command.  tests/kernel turns "feature missing" skips into
 #: failures under WSD_KERNEL_TESTS_STRICT: in the VM the kernel is known to have RWP.
+#: WSD_VMTEST_GUEST makes the tests' waits longer (wsd.testing.slowness).
 GUEST_ENV = {"WSD_KERNEL_TESTS_STRICT": "1", "WSD_VMTEST_GUEST": "1"}
 
 

@@ -4,6 +4,9 @@ Tests that drive a real daemon need the same few things: start it with its
 output in a log file, wait until it has created a socket, poll for what it
 does next, and stop it for its exit code.  When it dies or a deadline passes,
 the failure carries the log, which is where wsd says why.
+
+Every timeout here is what a host needs; in vmtest's VM each is longer
+(:func:`wsd.testing.slowness.patient`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from wsd.testing.slowness import patient
+
 __all__ = ["WsdProcess", "wait_for"]
 
 POLL_SECONDS = 0.05
@@ -25,6 +30,7 @@ def wait_for(
 ) -> None:
     """Poll until ``cond()`` holds; fail after ``timeout`` seconds, or as soon as
     ``wsd`` (if given) has exited, with its log in the message."""
+    timeout = patient(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if wsd is not None:
@@ -78,9 +84,9 @@ class WsdProcess:
         """SIGTERM (unless it has exited already); its exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.proc.wait(patient(timeout))
 
     def kill(self) -> None:
         """SIGKILL: what a crash of wsd leaves behind (its sockets stay as files)."""
         self.proc.kill()
-        self.proc.wait(30)
+        self.proc.wait(patient(30))

@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 import pytest
-from vmms_harness import IN_VM, PATIENCE, Attach, StandIn, Wsd, wait_for
+from vmms_harness import Attach, StandIn, Wsd, wait_for
 
 from wsd.attach.inject import syscall_instruction
 from wsd.kernel import probe_kernel
 from wsd.kernel.procfs import read_maps
 from wsd.kernel.ptrace import Tracee
 from wsd.kernel.sysno import NR
+from wsd.testing.slowness import in_test_vm, patient
 from wsd.tracker.mode import choose_mode
 
 pytestmark = [
@@ -39,7 +40,7 @@ pytestmark = [
 ]
 NR_GETPID = 39
 # Under TCG every fetch-back takes milliseconds: smaller guests in the VM.
-LARGE_MIB, MEDIUM_MIB = (8, 4) if IN_VM else (64, 32)
+LARGE_MIB, MEDIUM_MIB = (8, 4) if in_test_vm() else (64, 32)
 
 
 def test_injected_syscalls_run_in_the_tracee_and_it_carries_on(standin) -> None:
@@ -76,7 +77,7 @@ def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd
     assert f"standin: wsd tracks {LARGE_MIB}.0 MiB of pid" in line, line
     assert f"mode {choose_mode(probe_kernel()).mode}" in line, line
     assert s.userfaultfds() == 1  # the stand-in keeps its copy of the uffd
-    wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60 * PATIENCE)
+    wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60)
     vm = wsd.vm("standin")
     assert vm is not None and vm["evicted_bytes"] >= s.size // 2
     evicted_at_least = vm["evicted_bytes"]
@@ -106,13 +107,13 @@ def test_attach_gives_the_session_to_a_restarted_wsd(standin, wsd: Wsd) -> None:
     s: StandIn = standin(MEDIUM_MIB, 32)
     attach = Attach(s.pid, wsd.socket, "--vm-id", "phoenix")
     assert "phoenix: wsd tracks" in attach.first_line()
-    wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60 * PATIENCE)
+    wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60)
     wsd.crash()
     # Without wsd, the stand-in still runs; its next touch of an evicted page
     # waits (its copy of the uffd keeps the pages registered: no zeros).
     assert s.running()
     wsd.start()
-    wait_for(lambda: wsd.vm("phoenix") is not None, "the session reattached", timeout=60 * PATIENCE)
+    wait_for(lambda: wsd.vm("phoenix") is not None, "the session reattached", timeout=60)
     assert s.check() == s.ok
     code, err = attach.stop()
     assert code == 130, err
@@ -126,10 +127,10 @@ def test_attach_ends_when_the_vmm_exits(standin, wsd: Wsd) -> None:
     attach = Attach(s.pid, wsd.socket, "--vm-id", "short")
     assert "short: wsd tracks" in attach.first_line()
     assert s.stop() == 0
-    out, _ = attach.proc.communicate(timeout=30 * PATIENCE)
+    out, _ = attach.proc.communicate(timeout=patient(30))
     assert attach.proc.returncode == 0
     assert f"short: pid {s.pid} exited; session over" in out
-    wait_for(lambda: wsd.vm("short") is None, "the session to end", timeout=30 * PATIENCE)
+    wait_for(lambda: wsd.vm("short") is None, "the session to end", timeout=30)
 
 
 def state(pid: int) -> str:
@@ -144,7 +145,7 @@ def run_attach(
         [*(wrap or []), *argv, *args],
         capture_output=True,
         text=True,
-        timeout=60 * PATIENCE,
+        timeout=60,
         check=False,
     )
 

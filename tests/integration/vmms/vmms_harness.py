@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import select
 import signal
@@ -16,15 +17,11 @@ from wsd.control.protocol import Command, Request
 from wsd.kernel import data_ranges, pidfd_getfd, pidfd_open
 from wsd.kernel.procfs import read_maps
 from wsd.testing.daemon_process import WsdProcess, wait_for
+from wsd.testing.slowness import patient
 
 HERE = Path(__file__).parent
 INTERVAL = 0.2
-PAGE = 4096
-IN_VM = os.environ.get("WSD_VMTEST_GUEST") == "1"
-"""The kernel tier runs test_attach_standin.py again, in the 7.3 VM (rwp), where under
-TCG a Python start-up takes tens of seconds and a fetch-back milliseconds."""
-PATIENCE = 10 if IN_VM else 1
-"""How many times longer to wait there."""
+PAGE = mmap.PAGESIZE
 
 CONFIG = """
 [daemon]
@@ -57,16 +54,13 @@ class Wsd(WsdProcess):
         self.config.write_text(CONFIG.format(tmp=tmp, interval=INTERVAL, idle=idle))
         self.start()
 
-    def start(self, timeout: float = 30 * PATIENCE) -> None:
-        super().start(timeout)
-
     def crash(self) -> None:
         """SIGKILL: what a wsd crash leaves behind (its sockets stay as files)."""
         self.kill()
         self.control.unlink()
 
     def vm(self, vm_id: str) -> dict[str, Any] | None:
-        vms = request(self.control, Request(Command.STATUS), timeout=10 * PATIENCE)["vms"]
+        vms = request(self.control, Request(Command.STATUS), timeout=patient(10))["vms"]
         return next((v for v in vms if v["vm_id"] == vm_id), None)
 
     def wait_session_closed(self, vm_id: str, n: int = 1) -> None:
@@ -77,10 +71,10 @@ class Wsd(WsdProcess):
         wait_for(
             lambda: self.log_text().count(f'"session closed", "vm_id": "{vm_id}"') >= n,
             f"session {vm_id} closed",
-            timeout=300 * PATIENCE,
+            timeout=300,
         )
 
-    def stop(self, timeout: float = 60 * PATIENCE) -> int:
+    def stop(self, timeout: float = 60) -> int:
         return super().stop(timeout)
 
 
@@ -93,10 +87,10 @@ class Attach:
             [*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
         )
 
-    def first_line(self, timeout: float = 30 * PATIENCE) -> str:
+    def first_line(self, timeout: float = 30) -> str:
         """What it prints once attached (or its error, if it exits)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.proc.stdout], [], [], patient(timeout))
         line = self.proc.stdout.readline() if ready else ""
         if not line and self.proc.poll() is not None:
             assert self.proc.stderr is not None
@@ -107,7 +101,7 @@ class Attach:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            _, err = self.proc.communicate(timeout=60 * PATIENCE)
+            _, err = self.proc.communicate(timeout=patient(60))
         except subprocess.TimeoutExpired:
             self.proc.kill()  # never left running after the test
             self.proc.communicate()
@@ -127,15 +121,15 @@ class StandIn:
         )
         self.pid = self.proc.pid
         self.size = size_mib << 20
-        assert self.readline(10 * PATIENCE).startswith("ready"), "the stand-in did not start"
+        assert self.readline(10).startswith("ready"), "the stand-in did not start"
         self.lines: list[str] = []
 
     def readline(self, timeout: float) -> str:
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.proc.stdout], [], [], patient(timeout))
         return self.proc.stdout.readline() if ready else ""
 
-    def check(self, timeout: float = 120 * PATIENCE) -> str:
+    def check(self, timeout: float = 120) -> str:
         """Have it re-read every page: "ok PAGES" or "bad PAGE WORD" (or "eintr" first)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("check\n")
@@ -172,10 +166,10 @@ class StandIn:
             try:
                 self.proc.stdin.write("quit\n")
                 self.proc.stdin.flush()
-                self.proc.wait(30 * PATIENCE)
+                self.proc.wait(patient(30))
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
-        code = self.proc.wait(30 * PATIENCE)
+        code = self.proc.wait(patient(30))
         for pipe in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(BrokenPipeError):
                 pipe.close()
