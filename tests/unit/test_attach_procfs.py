@@ -50,6 +50,7 @@ SMAPS = (
 )
 
 RAM_START = 0x7FE783FFF000
+RAM_END = 0x7FE787FFF000
 
 
 def test_maps_lines_parse_with_anonymous_and_spaced_paths() -> None:
@@ -80,7 +81,7 @@ def test_memfd_names() -> None:
 def test_smaps_gives_page_size_and_flags_per_mapping() -> None:
     smaps = parse_smaps(SMAPS)
     assert smaps[RAM_START] == SmapsInfo(
-        4096, frozenset({"rd", "wr", "sh", "mr", "mw", "me", "ms", "dc", "hg"})
+        4096, frozenset({"rd", "wr", "sh", "mr", "mw", "me", "ms", "dc", "hg"}), RAM_END
     )
     assert smaps[0x7FE790000000].page_size == 2 << 20
 
@@ -129,7 +130,9 @@ def test_the_same_memfd_pages_mapped_twice_are_refused() -> None:
         b"7fe800000000-7fe801000000 rw-s 00100000 00:01 5640 "
         b"/memfd:memory-backend-memfd (deleted)\n"
     )
-    smaps = parse_smaps(SMAPS) | {0x7FE800000000: SmapsInfo(4096, frozenset({"rd"}))}
+    smaps = parse_smaps(SMAPS) | {
+        0x7FE800000000: SmapsInfo(4096, frozenset({"rd"}), 0x7FE801000000)
+    }
     with pytest.raises(NotAttachable, match=r"maps the same part of memfd .* twice"):
         find_guest_ram(7, parse_maps(twice), smaps)
 

@@ -50,16 +50,20 @@ def memfd_name(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class SmapsInfo:
-    """What ``smaps`` adds to a maps line: page size and VMA flags."""
+    """What ``smaps`` adds to a maps line (page size and VMA flags), with the
+    mapping's end, so that one read of ``smaps`` describes whole mappings."""
 
     page_size: int
     vmflags: frozenset[str]
+    end: int
 
 
 def parse_smaps(data: bytes) -> dict[int, SmapsInfo]:
-    """``KernelPageSize`` and ``VmFlags`` of every mapping in an ``smaps`` file, by start."""
+    """``KernelPageSize``, ``VmFlags`` and end of every mapping in an ``smaps`` file,
+    by start."""
     out: dict[int, SmapsInfo] = {}
     start: int | None = None
+    end = 0
     page_size = 4096
     for line in data.decode(errors="surrogateescape").splitlines():
         key, sep, value = line.partition(":")
@@ -70,11 +74,11 @@ def parse_smaps(data: bytes) -> dict[int, SmapsInfo]:
                     raise ValueError(f"smaps: KernelPageSize in unknown unit {unit!r}")
                 page_size = int(number) * 1024
             elif key == "VmFlags" and start is not None:
-                out[start] = SmapsInfo(page_size, frozenset(value.split()))
+                out[start] = SmapsInfo(page_size, frozenset(value.split()), end)
             continue
         # A mapping's header line: the same format as a maps line.
         (m,) = parse_maps(line.encode(errors="surrogateescape"))
-        start, page_size = m.start, 4096
+        start, end, page_size = m.start, m.end, 4096
     return out
 
 

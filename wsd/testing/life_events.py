@@ -19,7 +19,6 @@ from wsd.attach.discover import UFFD_FLAG_PREFIX, parse_smaps
 from wsd.daemon import Settings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.kernel import probe_kernel
-from wsd.kernel.procfs import read_maps
 from wsd.storage import FileStoreConfig
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.tracker.mode import choose_mode
@@ -114,13 +113,11 @@ async def wait_until(cond: Callable[[], object], what: str, timeout: float = 10.
 def uffd_vmflags(pid: int, start: int, length: int) -> set[str]:
     """The userfaultfd ``VmFlags`` (``um``, ``uw``, ...) of ``pid``'s mappings that
     overlap ``[start, start + length)``: empty once no uffd watches any of it."""
-    while True:
-        # maps gives the ends, smaps the flags: read again if an unregister
-        # merged or split mappings between the two reads.
-        maps = [m for m in read_maps(pid) if m.start < start + length and start < m.end]
-        smaps = parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes())
-        if all(m.start in smaps for m in maps):
-            break
+    smaps = parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes())
     return {
-        flag for m in maps for flag in smaps[m.start].vmflags if flag.startswith(UFFD_FLAG_PREFIX)
+        flag
+        for at, info in smaps.items()
+        if at < start + length and start < info.end
+        for flag in info.vmflags
+        if flag.startswith(UFFD_FLAG_PREFIX)
     }
