@@ -180,6 +180,28 @@ async def test_vmpin_stops_eviction_of_the_whole_vm(
     assert ev.reasons[0] is None
 
 
+async def test_io_uring_buffers_over_guest_memory_are_placed_from_the_rings_fdinfo(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """Buffers in the VMM's private memory cover no region; buffers over guest
+    memory cover exactly their bytes of it, until unregistered.  (On this
+    kernel root's buffers also show in ``VmPin``, which spares the whole VM
+    first; the 7.3 test shows the buffers doing it alone.)"""
+    _, faults, ev = evictor_session(tracker, file_store, min_idle_cycles=1)
+    t = tracker.regions[0]
+    with serving_faults(tracker, faults, ev):
+        await call(puppet, "pin", bytes=1 << 20)
+        await check(ev, unevictable_reason, force=True)
+        assert t.uring_bytes == 0 and tracker.uring_unlisted is None
+        await call(puppet, "pin", guest_pages=[256, 128])
+        await check(ev, unevictable_reason, force=True)
+    assert t.uring_bytes == 128 * 4096 and tracker.uring_unlisted is None
+    assert ev.reasons[0] is not None
+    await call(puppet, "unpin")
+    await check(ev, unevictable_reason, force=True)
+    assert t.uring_bytes == 0 and ev.reasons[0] is None
+
+
 async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:

@@ -409,6 +409,57 @@ async def test_vmpin_stops_eviction_of_the_whole_vm(
         tracker.close()
 
 
+async def test_io_uring_buffers_over_guest_memory_stop_its_eviction(
+    puppet_8m: PuppetVMM, file_store: PageStore
+) -> None:
+    """A root VMM (``CAP_IPC_LOCK``) registers guest memory as io_uring buffers.
+
+    On 7.3 ``VmPin`` stays 0 for it, so only the rings' ``fdinfo`` tells wsd:
+    buffers in private memory do not stop eviction, buffers over guest memory
+    stop it for their region, and the evicted pages they cover come back
+    (the registration faults them in) intact.
+    """
+    p = puppet_8m
+    tracker = track_puppet(p, vm_id="uring")
+    try:
+        ctx, faults, ev = evictor_session(
+            tracker, file_store, **EVICT_IDLE_FOR_ONE_CYCLE, max_pages_per_window=512
+        )
+        t = tracker.regions[0]
+        with serving_faults(tracker, faults, ev):
+            await call(p, "pin", bytes=MIB)
+            assert pinned_bytes(p.pid) == 0, "root's io_uring buffers show in VmPin here"
+            for _ in range(2):
+                await tracker.cycle(ev.commit)
+                await ev.prepare()
+            assert ev.reasons[0] is None and ctx.stats.evicted_pages > 0
+            assert memfd_resident_bytes(p.memfd, p.size) < p.size
+
+            await call(p, "pin", guest_pages=[0, 256])
+            assert pinned_bytes(p.pid) == 0
+            tracker.guards_checked_at = None  # check now rather than in 10 cycles
+            await tracker.cycle(ev.commit)
+            await ev.prepare()
+            assert t.uring_bytes == 256 * p.page_size
+            assert ev.reasons[0] is not None and "io_uring" in ev.reasons[0]
+            evicted = ctx.stats.evicted_pages
+            for _ in range(3):
+                await tracker.cycle(ev.commit)
+                await ev.prepare()
+            assert ctx.stats.evicted_pages == evicted and not ev._prepared
+            assert set(data_ranges(p.memfd, 0, 256 * p.page_size)) == {(0, 256 * p.page_size)}
+            await call(p, "read", pages=list(range(p.npages)))
+
+            await call(p, "unpin")
+            tracker.guards_checked_at = None
+            for _ in range(2):
+                await tracker.cycle(ev.commit)
+                await ev.prepare()
+            assert ev.reasons[0] is None and ctx.stats.evicted_pages > evicted
+    finally:
+        tracker.close()
+
+
 # ---------------------------------------------------------------------------
 # another process maps the guest memfd
 

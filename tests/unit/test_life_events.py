@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wsd.evictor.guards import guard_reason, read_guards
-from wsd.kernel import FileId, mappers_of, pinned_bytes
+from wsd.kernel import FileId, UringBuffers, io_uring_buffers, mappers_of, pinned_bytes
 from wsd.tracker.state import Granularity, RegionState
 from wsd.vmm.protocol import Region
 
@@ -71,13 +71,74 @@ def test_vmpin_is_read_in_bytes(tmp_path: Path) -> None:
     assert reading.pinned_bytes == 2 << 20
 
 
+RING = "anon_inode:[io_uring]"
+FDINFO = """pos:\t0
+flags:\t02000002
+UserFiles:\t0
+UserBufs:\t3
+    0: 0x7f0000100000/1048576
+    1: <none>
+    2: 0x7f0000000000/8192
+PollList:
+"""
+
+
+def _fds(tmp_path: Path, pid: int, fds: dict[int, tuple[str, str]]) -> None:
+    """``/proc/<pid>/fd/N`` links to each target, ``fdinfo/N`` with each text."""
+    d = tmp_path / str(pid)
+    (d / "fd").mkdir(parents=True)
+    (d / "fdinfo").mkdir()
+    for n, (target, info) in fds.items():
+        (d / "fd" / str(n)).symlink_to(target)
+        (d / "fdinfo" / str(n)).write_text(info)
+
+
+def test_io_uring_buffers_come_from_each_rings_fdinfo(tmp_path: Path) -> None:
+    other = FDINFO.replace("UserBufs:\t3", "UserBufs:\t0").split("    0:")[0] + "PollList:\n"
+    _fds(tmp_path, 30, {3: (RING, FDINFO), 4: ("/dev/null", FDINFO), 5: (RING, other)})
+    assert io_uring_buffers(30, proc=tmp_path) == UringBuffers(
+        ((0x7F0000100000, 0x7F0000200000), (0x7F0000000000, 0x7F0000002000)), None
+    )
+    with pytest.raises(ProcessLookupError, match="no process 31"):
+        io_uring_buffers(31, proc=tmp_path)
+
+
+def test_io_uring_buffers_a_busy_ring_does_not_list_are_unknown(tmp_path: Path) -> None:
+    # The kernel lists the buffers only if it gets the ring's lock at once.
+    busy = "UserFiles:\t0\nUserBufs:\t2\nPollList:\n"
+    _fds(tmp_path, 32, {7: (RING, busy), 8: (RING, "pos:\t0\n")})
+    reading = io_uring_buffers(32, proc=tmp_path)
+    assert reading.spans == ()
+    assert reading.unlisted is not None
+    assert "fdinfo/7: 2 of 2 registered buffers not listed" in reading.unlisted
+    assert "fdinfo/8: no UserBufs line" in reading.unlisted
+
+
+def test_io_uring_buffers_cover_the_bytes_of_a_range_once() -> None:
+    uring = UringBuffers(((0x1000, 0x5000), (0x3000, 0x4000), (0x8000, 0x9000)))
+    assert uring.covered(0x2000, 0x8000) == 0x3000 + 0x1000
+    assert uring.covered(0x5000, 0x3000) == 0
+    assert UringBuffers().covered(0, 1 << 40) == 0
+
+
 def _region(**kw: Any) -> Region:
     return Region(guest_phys_addr=0, host_virt_addr=1 << 30, size=1 << 20, fd_index=1, **kw)
 
 
-def _fakes(region: Region, *, pinned: int = 0, mappers: tuple[int, ...] = ()) -> Any:
-    t = SimpleNamespace(region=region, vanished=None, other_mappers=mappers)
-    ctx = SimpleNamespace(tracker=SimpleNamespace(pinned_bytes=pinned))
+def _fakes(
+    region: Region,
+    *,
+    pinned: int = 0,
+    mappers: tuple[int, ...] = (),
+    uring_bytes: int = 0,
+    uring_unlisted: str | None = None,
+) -> Any:
+    t = SimpleNamespace(
+        region=region, vanished=None, other_mappers=mappers, uring_bytes=uring_bytes
+    )
+    ctx = SimpleNamespace(
+        tracker=SimpleNamespace(pinned_bytes=pinned, uring_unlisted=uring_unlisted)
+    )
     return ctx, t
 
 
@@ -87,6 +148,10 @@ def test_guard_reasons_name_what_blocks_eviction() -> None:
     assert "1024 KiB pinned (VmPin)" in (guard_reason(*_fakes(_region(), pinned=1 << 20)) or "")
     why = guard_reason(*_fakes(_region(), mappers=(41, 42))) or ""
     assert "pids 41, 42" in why
+    why = guard_reason(*_fakes(_region(), uring_bytes=8192)) or ""
+    assert "io_uring registered buffers of the VMM cover 8 KiB" in why
+    why = guard_reason(*_fakes(_region(), uring_unlisted="fdinfo/7: busy")) or ""
+    assert "cannot place (fdinfo/7: busy)" in why
     ctx, t = _fakes(_region())
     t.vanished = "unmapped by the VMM"
     assert guard_reason(ctx, t) == "region unmapped by the VMM"

@@ -3,9 +3,14 @@
 - **DMA pins** (VFIO passthrough, RDMA, io_uring fixed buffers): a device
   writes guest pages without faulting.  Punching such a page frees it under
   the device; its next DMA lands in a freed page and the guest never sees it.
-  wsd trusts two signals: the hand-off's per-region ``dma_pinned`` flag, and
+  wsd trusts three signals: the hand-off's per-region ``dma_pinned`` flag;
   ``VmPin`` in ``/proc/<vmm>/status`` (``mm->pinned_vm``), which says pages are
-  pinned but not which: then no region of that VM is evicted.
+  pinned but not which: then no region of that VM is evicted; and the
+  registered buffers of the VMM's io_uring instances, from their ``fdinfo``:
+  a region they overlap is not evicted.  The last is needed because ``VmPin``
+  misses io_uring buffers of a VMM with ``CAP_IPC_LOCK`` (Linux 7.3 does not
+  account them), and it is precise, so buffers in the VMM's own memory do not
+  stop eviction.
 - **Other mappers** of a guest memfd (vhost-user backends, virtiofsd, DPDK):
   their mappings are not registered with wsd's uffd, so after a punch their
   next access to the hole silently maps a fresh zero page.  wsd finds them by
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from wsd.kernel import FileId, file_id, mappers_of, pinned_bytes
+from wsd.kernel import FileId, UringBuffers, file_id, io_uring_buffers, mappers_of, pinned_bytes
 from wsd.tracker.session import TrackedRegion
 
 from .drain import restore_to_memfd
@@ -59,6 +64,16 @@ def guard_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
             f"the VMM has {ctx.tracker.pinned_bytes >> 10} KiB pinned (VmPin): a device may "
             "DMA into any region"
         )
+    if ctx.tracker.uring_unlisted is not None:
+        return (
+            "the VMM has io_uring registered buffers wsd cannot place "
+            f"({ctx.tracker.uring_unlisted}): the kernel may write into any region"
+        )
+    if t.uring_bytes:
+        return (
+            f"io_uring registered buffers of the VMM cover {t.uring_bytes >> 10} KiB of this "
+            "region: the kernel writes them without faulting, a punched page would be lost"
+        )
     if t.other_mappers:
         pids = ", ".join(map(str, t.other_mappers))
         return (
@@ -72,18 +87,22 @@ def guard_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
 class GuardReading:
     pinned_bytes: int
     mappers: dict[FileId, set[int]]
+    uring: UringBuffers
 
 
 def read_guards(vmm_pid: int | None, files: Sequence[FileId], *, proc: Path = PROC) -> GuardReading:
-    """VmPin of the VMM and the other mappers of ``files`` (blocking: run in a thread)."""
+    """VmPin and io_uring buffers of the VMM, and the other mappers of ``files``
+    (blocking: run in a thread)."""
     pinned = 0
+    uring = UringBuffers()
     if vmm_pid is not None:
         try:
             pinned = pinned_bytes(vmm_pid, proc=proc)
+            uring = io_uring_buffers(vmm_pid, proc=proc)
         except ProcessLookupError:
-            pinned = 0  # the VMM is gone; the session ends on its own
+            pass  # the VMM is gone; the session ends on its own
     exclude = {os.getpid()} | ({vmm_pid} if vmm_pid is not None else set())
-    return GuardReading(pinned, mappers_of(files, exclude=exclude, proc=proc))
+    return GuardReading(pinned, mappers_of(files, exclude=exclude, proc=proc), uring)
 
 
 async def check(
@@ -135,7 +154,36 @@ def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId]) -> Non
         else:
             log.info("the VMM pins no memory any more (VmPin 0)", vm_id=ctx.vm_id)
         tracker.pinned_bytes = reading.pinned_bytes
+    uring = reading.uring
+    if uring.unlisted != tracker.uring_unlisted:
+        if uring.unlisted is not None:
+            log.warning(
+                "the VMM's io_uring buffers cannot all be placed: no page of this VM is evicted",
+                vm_id=ctx.vm_id,
+                pid=tracker.pagemap.pid,
+                why=uring.unlisted,
+            )
+        else:
+            log.info("the VMM's io_uring buffers can all be placed again", vm_id=ctx.vm_id)
+        tracker.uring_unlisted = uring.unlisted
     for i, (t, fid) in enumerate(zip(tracker.regions, ids, strict=True)):
+        covered = uring.covered(t.region.host_virt_addr, t.region.size)
+        if covered != t.uring_bytes:
+            if covered:
+                log.warning(
+                    "io_uring registered buffers of the VMM cover this region: not evicted "
+                    "while they do",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    covered_bytes=covered,
+                )
+            else:
+                log.info(
+                    "no io_uring buffer of the VMM covers this region now",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                )
+            t.uring_bytes = covered
         pids = tuple(sorted(reading.mappers.get(fid, ())))
         if pids != t.other_mappers:
             if pids:

@@ -12,7 +12,15 @@ from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, pun
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
 from .pins import HeldPages, PipePool, peek_pipe
-from .procfs import FileId, effective_uid, file_id, mappers_of, pinned_bytes
+from .procfs import (
+    FileId,
+    UringBuffers,
+    effective_uid,
+    file_id,
+    io_uring_buffers,
+    mappers_of,
+    pinned_bytes,
+)
 from .sched import set_thread_nice, thread_nice
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
@@ -69,6 +77,7 @@ __all__ = [
     "ScanResult",
     "UffdMessage",
     "UnmapEvent",
+    "UringBuffers",
     "Userfaultfd",
     "close_fds",
     "data_ranges",
@@ -77,6 +86,7 @@ __all__ = [
     "effective_uid",
     "feature_requirement",
     "file_id",
+    "io_uring_buffers",
     "map_shared",
     "mappers_of",
     "memfd_create",

@@ -1,4 +1,5 @@
-"""What ``/proc`` says about other processes' memory: pinned pages, mappings of a file.
+"""What ``/proc`` says about other processes' memory: pinned pages, io_uring buffers,
+mappings of a file.
 
 Read-only and policy-free.  Every function takes the proc root, so tests point
 it at a fixture tree.  Processes come and go while ``/proc`` is walked: one
@@ -17,8 +18,10 @@ from .errors import oserror
 __all__ = [
     "FileId",
     "Mapping",
+    "UringBuffers",
     "effective_uid",
     "file_id",
+    "io_uring_buffers",
     "mappers_of",
     "parse_maps",
     "pinned_bytes",
@@ -65,6 +68,100 @@ def pinned_bytes(pid: int, *, proc: Path = PROC) -> int:
                 raise ValueError(f"{path}: VmPin in unknown unit {unit!r}")
             return int(value) * 1024
     return 0  # a kernel thread, or a zombie: no mm
+
+
+@dataclass(frozen=True, slots=True)
+class UringBuffers:
+    """The buffers a process's io_uring instances registered (``IORING_REGISTER_BUFFERS``).
+
+    The kernel pins such a buffer's pages once, at registration, and later
+    reads and writes them without faulting: a punched page of one is written
+    where the guest never looks again.
+    """
+
+    spans: tuple[tuple[int, int], ...] = ()
+    """``(start, end)`` of every registered buffer whose address is known."""
+    unlisted: str | None = None
+    """Why some registered buffers' addresses are unknown; None if none is."""
+
+    def covered(self, start: int, size: int) -> int:
+        """How many bytes of ``[start, start + size)`` lie in a known buffer."""
+        end = start + size
+        covered, reached = 0, start
+        for span_start, span_end in sorted(self.spans):
+            lo, hi = max(span_start, reached), min(span_end, end)
+            if lo < hi:
+                covered += hi - lo
+                reached = hi
+        return covered
+
+
+_URING_INODE = "anon_inode:[io_uring]"
+
+
+def io_uring_buffers(pid: int, *, proc: Path = PROC) -> UringBuffers:
+    """The registered buffers of every io_uring instance ``pid`` has an fd of.
+
+    They are found in each ring's ``fdinfo``: a ``UserBufs:`` count, then one
+    ``<index>: 0x<address>/<length>`` line per buffer (``<none>`` for an empty
+    slot).  The kernel lists them only if it takes the ring's lock without
+    waiting, so a busy ring can show the count alone; ``unlisted`` then says
+    so.  A ring that was registered with ``IORING_REGISTER_RING_FDS`` and whose
+    fd was closed has no fd to find.  Reading another process's fds needs
+    ptrace read access (``CAP_SYS_PTRACE`` for another user's); without it
+    ``unlisted`` names the error.  Raises ``ProcessLookupError`` if ``pid`` is gone.
+    """
+    fd_dir = proc / str(pid) / "fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError as e:
+        raise ProcessLookupError(e.errno, f"no process {pid} ({fd_dir} is missing)") from e
+    except OSError as e:
+        return UringBuffers((), f"{fd_dir}: {e.strerror}")
+    spans: list[tuple[int, int]] = []
+    unlisted: list[str] = []
+    for name in names:
+        info = proc / str(pid) / "fdinfo" / name
+        try:
+            if os.readlink(fd_dir / name) != _URING_INODE:
+                continue
+            text = info.read_text()
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        except OSError as e:
+            unlisted.append(f"{info}: {e.strerror}")
+            continue
+        listed, problem = _ring_buffers(text)
+        spans += listed
+        if problem is not None:
+            unlisted.append(f"{info}: {problem}")
+    return UringBuffers(tuple(spans), "; ".join(unlisted) or None)
+
+
+def _ring_buffers(fdinfo: str) -> tuple[list[tuple[int, int]], str | None]:
+    """``(start, end)`` of each buffer an io_uring ``fdinfo`` lists, and why some
+    of its registered buffers are unknown (None: none is)."""
+    lines = iter(fdinfo.splitlines())
+    for line in lines:
+        if line.startswith("UserBufs:"):
+            count = int(line.partition(":")[2])
+            break
+    else:
+        return [], "no UserBufs line"
+    spans: list[tuple[int, int]] = []
+    slots = 0
+    for line in lines:
+        index, colon, value = line.strip().partition(": ")
+        if not (colon and index.isdigit()):
+            break
+        slots += 1
+        if value != "<none>":
+            address, _, length = value.partition("/")
+            start = int(address, 16)
+            spans.append((start, start + int(length)))
+    if slots < count:
+        return spans, f"{count - slots} of {count} registered buffers not listed (ring busy)"
+    return spans, None
 
 
 def effective_uid(pid: int, *, proc: Path = PROC) -> int:

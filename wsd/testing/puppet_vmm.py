@@ -134,7 +134,7 @@ class _Guest:
         self.map = mmap.mmap(self.memfd, size, flags=mmap.MAP_SHARED)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.versions = np.zeros(size // page_size, dtype=np.int64)
-        self.pinned: list[tuple[int, mmap.mmap]] = []
+        self.pinned: list[tuple[int, mmap.mmap | None]] = []
         self.moved: list[tuple[int, int, int]] = []  # (first page, count, new address)
         self.session: socket.socket | None = None
         if fill:
@@ -231,9 +231,16 @@ class _Guest:
         self.moved.append((first, count, new))
         return int(new)
 
-    def pin(self, nbytes: int, without_ipc_lock: bool = False) -> None:
-        """Pin ``nbytes`` of private memory long-term, as a DMA-capable VMM would:
-        io_uring registered buffers raise ``VmPin`` (``mm->pinned_vm``).
+    def pin(
+        self,
+        nbytes: int,
+        without_ipc_lock: bool = False,
+        guest_pages: tuple[int, int] | None = None,
+    ) -> None:
+        """Pin memory long-term with io_uring registered buffers, as a VMM doing
+        I/O straight into guest memory would: ``nbytes`` of private memory, or
+        ``guest_pages`` ``(first, count)`` of the guest's.  They raise ``VmPin``
+        (``mm->pinned_vm``).
 
         On Linux 7.3 they do only for a ring created without ``CAP_IPC_LOCK``
         (seen in the test VM: root's pins leave ``VmPin`` at 0), so
@@ -245,10 +252,18 @@ class _Guest:
         ring = _libc.syscall(_NR_IO_URING_SETUP, ctypes.c_uint(4), params)
         if ring < 0:
             raise OSError(ctypes.get_errno(), "io_uring_setup")
-        buf = mmap.mmap(-1, nbytes)
-        iov = (ctypes.c_void_p * 2)(ctypes.addressof(ctypes.c_char.from_buffer(buf)), nbytes)
+        buf: mmap.mmap | None = None
+        if guest_pages is None:
+            buf = mmap.mmap(-1, nbytes)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        else:
+            first, count = guest_pages
+            address, nbytes = self._addr(first), count * self.page_size
+        iov = (ctypes.c_void_p * 2)(address, nbytes)
         if _libc.syscall(_NR_IO_URING_REGISTER, ring, 0, iov, ctypes.c_uint(1)) < 0:
-            raise OSError(ctypes.get_errno(), "io_uring_register(IORING_REGISTER_BUFFERS)")
+            err = ctypes.get_errno()
+            os.close(ring)
+            raise OSError(err, "io_uring_register(IORING_REGISTER_BUFFERS)")
         self.pinned.append((ring, buf))
 
     def unpin(self) -> None:
@@ -347,7 +362,12 @@ def _child(a: argparse.Namespace) -> None:
             elif op == "discard":
                 guest.discard(req["pages"], req.get("how", "remove"))
             elif op == "pin":
-                guest.pin(req["bytes"], req.get("without_ipc_lock", False))
+                pages = req.get("guest_pages")
+                guest.pin(
+                    req.get("bytes", 0),
+                    req.get("without_ipc_lock", False),
+                    None if pages is None else (pages[0], pages[1]),
+                )
             elif op == "unpin":
                 guest.unpin()
             elif op == "move":

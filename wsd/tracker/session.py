@@ -116,6 +116,9 @@ class TrackedRegion:
     # Other processes that map this region's memfd (vhost-user backends,
     # virtiofsd), as of the last check; the evictor leaves the region alone.
     other_mappers: tuple[int, ...] = ()
+    # Bytes of the region in io_uring registered buffers of the VMM, as of the
+    # last check: the kernel writes them without faulting.
+    uring_bytes: int = 0
     # Pages a restored page map listed as evicted that the memfd holds (put
     # but never punched, or fetched back after the map was written): the
     # memfd wins, and their stored copies are stale (resume.adopt).  Taken
@@ -213,6 +216,8 @@ class VmTracker:
     removed_pages: int = 0  # discarded by the VMM (UFFD_EVENT_REMOVE)
     removed_evicted_pages: int = 0  # ... of which were evicted: their copies dropped
     pinned_bytes: int = 0  # the VMM's VmPin at the last check
+    # Why the VMM's io_uring buffers could not all be placed at the last check (None: all were).
+    uring_unlisted: str | None = None
     guards_checked_at: int | None = None  # the cycle of that check
     _in_window: bool = field(default=False, repr=False)
 
