@@ -108,6 +108,17 @@ _EVICTOR_COUNTERS: Final = (
         "Punched pages whose held bytes could not be read back: faults on them wait for a "
         "restart to put them back from the fd store.",
     ),
+    (
+        "punch_remnants",
+        "wsd_evict_punch_remnants",
+        "Punched pages left zeroed in the page cache (a shmem THP that did not split), "
+        "restored from storage on access or at the next prepare.",
+    ),
+    (
+        "remnants_restored",
+        "wsd_evict_punch_remnants_restored",
+        "Punch remnants restored at the prepare after their window, before any access.",
+    ),
 )
 
 # OpCounters field -> (metric name, help), per store and tier.

@@ -39,7 +39,7 @@ from wsd.testing.hammer import (
     start_guest,
 )
 from wsd.testing.hammer import hammer as run_hammer
-from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.puppet_vmm import PuppetVMM, page_pattern
 from wsd.testing.running import serving_faults
 from wsd.testing.thp import HPAGE, collapse, shmem_thp
 from wsd.tracker.mode import TrackingMode
@@ -426,6 +426,46 @@ async def test_a_punch_that_left_zeros_in_a_thp_is_restored_on_access(
                 versions = await asyncio.to_thread(p.call, "read", pages=victims.tolist())
             assert versions == [3, 3, 3]
             assert not unhandled and not t.remnants
+            assert not t.state.evicted_mask(victims).any()
+        finally:
+            tracker.close()
+            await store.close()
+
+
+async def test_a_punch_remnant_is_restored_at_the_next_prepare_untouched(
+    rwp_supported: Feature, tmp_path: Path
+) -> None:
+    """A remnant is known only to wsd's memory, so it does not wait for an access.
+
+    The same state by hand as above; then the next prepare writes the stored
+    bytes over the zeros: the memfd holds the guest's data again (what a
+    restarted wsd would keep), the page is resident, and the guest's next
+    access maps it (MINOR, resolved by the tracker).
+    """
+    store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+    with PuppetVMM.spawn(1 << 20) as p:
+        tracker = track_puppet(p, vm_id="remnant-prepare")
+        try:
+            t = tracker.regions[0]
+            ctx = VmContext("remnant-prepare", tracker, store, AGGRESSIVE)
+            faults = FaultService(ctx, asyncio.ensure_future)
+            ev = Evictor(ctx)
+            with serving_faults(tracker, faults) as unhandled:
+                await tracker.cycle()
+                victims = np.array([5, 6, 40], dtype=np.int64)
+                await asyncio.to_thread(p.call, "write", pages=victims.tolist(), version=3)
+                await tracker.cycle()
+                assert await ev.evict_batch(0, t, victims) == 3
+                at = t.region.offset + 6 * 4096
+                os.pwrite(t.memfd, bytes(4096), at)
+                t.remnants.add(6)
+                await ev.prepare()
+                assert not t.remnants and ctx.stats.remnants_restored == 1
+                assert os.pread(t.memfd, 4096, at) == page_pattern(6, 3, 4096)
+                assert t.state.evicted_mask(victims).tolist() == [True, False, True]
+                versions = await asyncio.to_thread(p.call, "read", pages=victims.tolist())
+            assert versions == [3, 3, 3]
+            assert not unhandled
             assert not t.state.evicted_mask(victims).any()
         finally:
             tracker.close()

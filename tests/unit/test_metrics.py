@@ -303,6 +303,8 @@ def test_evictor_counters(registry: CollectorRegistry) -> None:
         "wsd_evict_windows_total": CYCLES,
         "wsd_fetch_copy_races_total": 1,
         "wsd_evict_held_back_pages_total": 0,
+        "wsd_evict_punch_remnants_total": 0,
+        "wsd_evict_punch_remnants_restored_total": 0,
     }
     for name, want in expected.items():
         assert value(registry, name, vm_id="a") == want, name

@@ -31,6 +31,7 @@ class EvictorStats:
     poisoned_pages: int = 0
     copy_races: int = 0  # EEXIST on install: someone else populated the page
     punch_remnants: int = 0  # punched pages left zeroed in a THP (restored on access)
+    remnants_restored: int = 0  # ... restored by the prepare after their window, untouched
     # wp-async: pages written between their read and their punch, found by the
     # verified punch and put back with their final bytes (not evicted).
     raced_writes: int = 0

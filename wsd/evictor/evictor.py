@@ -50,6 +50,7 @@ from wsd.tracker.session import TrackedRegion, VmTracker
 
 from . import guards, held, pagemap
 from .context import VmContext
+from .faults import restore_remnant
 from .guards import guard_reason
 from .outage import StoreBackoff
 from .policy import pages_for_bytes, select
@@ -173,6 +174,7 @@ class Evictor:
         """Between windows: store the next pages to evict, for the next commit."""
         ctx = self.ctx
         cfg = ctx.config
+        await self.restore_remnants()
         if cfg.enabled and ctx.store is not None:
             await guards.check(self, unevictable_reason)  # pins and other mappers, every few cycles
         if not cfg.enabled or ctx.store is None or all(self.reasons):
@@ -196,6 +198,49 @@ class Evictor:
             await self._persist_prepared()
         elif self.map_dirty:
             await self.save_map()  # a removal's rewrite failed earlier: again
+
+    async def restore_remnants(self) -> None:
+        """Put the stored bytes back over the zeros of every punch remnant now,
+        rather than when the guest touches it.
+
+        A remnant is known only to this process (``TrackedRegion.remnants``): a
+        restarted wsd would find data in the memfd where it punched and keep
+        it, zeros and all, since the memfd wins.  Restoring it right after the
+        window that punched it narrows that exposure to one store read.  The
+        page is then resident again and its stored copy stale.  A fault's
+        restore of the same page may run meanwhile; whichever finds the page
+        still a remnant writes it.  A failing tier leaves the remnants to their
+        faults and to the next cycle.
+        """
+        ctx = self.ctx
+        if ctx.tier is None:
+            return
+        for i, t in enumerate(ctx.tracker.regions):
+            if not t.remnants:
+                continue
+            ps = t.region.page_size
+            gens = {p * ps: t.state.generation(p) for p in sorted(t.remnants)}
+            try:
+                got = await ctx.tier.get_many(ctx.namespaces[i], list(gens), generations=gens)
+            except StorageError as e:
+                log.warning(
+                    "restoring punch remnants failed; they wait for an access or the next cycle",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    pages=len(gens),
+                    error=str(e),
+                )
+                continue
+            restored = 0
+            for offset, stored in got.items():
+                p = offset // ps
+                if p in t.remnants and t.state.generation(p) == gens[offset]:
+                    restore_remnant(t, p, stored.data)
+                    t.state.note_fetched([p])
+                    ctx.discards[i].add(p)
+                    restored += 1
+            ctx.stats.remnants_restored += restored
+            log.info("punch remnants restored", vm_id=ctx.vm_id, region=i, pages=restored)
 
     async def prepare_idle(self, max_bytes: int | None = None) -> int:
         """Instead of :meth:`prepare`, once (an operator's ``wsd vm evict``): store
@@ -389,7 +434,8 @@ class Evictor:
             if t.minor:
                 # Only MINOR-registered regions can hold shmem THPs we punch
                 # into (others are 4 KiB-only or never evicted); there an
-                # access to a remnant traps as MINOR, so it can be repaired.
+                # access to a remnant traps as MINOR, so it can be repaired
+                # until the next prepare restores it (restore_remnants).
                 remnants = not_punched(t.memfd, t.region, keep)
                 if remnants:
                     t.remnants.update(remnants)

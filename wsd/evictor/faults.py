@@ -68,6 +68,18 @@ class _Removed(Exception):
     """The page being fetched was removed by the VMM: no stored copy applies any more."""
 
 
+def restore_remnant(t: TrackedRegion, page: int, data: bytes) -> None:
+    """Write an evicted page's bytes over the zeros a punch left in the page cache.
+
+    Safe without a window: the page is unmapped, so any access to it traps as
+    MINOR, and the tracker leaves it to :meth:`FaultService.on_minor` while it
+    is in ``t.remnants``; after this the tracker maps it like any other.
+    """
+    r = t.region
+    pwrite(t.memfd, data, r.offset + page * r.page_size)
+    t.remnants.discard(page)
+
+
 class FaultService:
     def __init__(self, ctx: VmContext, spawn: Spawn) -> None:
         self.ctx = ctx
@@ -347,7 +359,7 @@ class FaultService:
                     # Not a hole but the zeros a failed THP split left: ours win.
                     # Wake whatever the caller wanted: a thread blocked on it
                     # (a MINOR fault) re-faults and gets the page mapped.
-                    self.restore(t, page, data)
+                    restore_remnant(t, page, data)
                     self.ctx.tracker.uffd.wake(addr, r.page_size)
                     return True
                 # Only the VMM itself (writing through another mapping), or wsd
@@ -363,16 +375,6 @@ class FaultService:
                     raise
                 await asyncio.sleep(0.001)
         raise AssertionError("unreachable")
-
-    def restore(self, t: TrackedRegion, page: int, data: bytes) -> None:
-        """Write an evicted page's bytes over the zeros a punch left in the page cache.
-
-        Safe without a window: the page is unmapped, so any access to it traps
-        as MINOR until :meth:`on_minor` maps it, after this.
-        """
-        r = t.region
-        pwrite(t.memfd, data, r.offset + page * r.page_size)
-        t.remnants.discard(page)
 
     def on_minor(self, fault: PageFault, read_at: float | None = None) -> bool:
         """A MINOR fault the tracker left to us: a punch remnant; False if not one.
@@ -403,7 +405,7 @@ class FaultService:
                 return
             result = FaultResult.RACE
             if page in t.remnants:
-                self.restore(t, page, data)
+                restore_remnant(t, page, data)
                 t.state.note_page_fetched(page)
                 self.ctx.stats.fetched_pages += 1
                 self.ctx.stats.fetched_bytes += len(data)
