@@ -105,8 +105,8 @@ _EVICTOR_COUNTERS: Final = (
     (
         "held_back_pages",
         "wsd_evict_held_back_pages",
-        "Punched pages whose held bytes could not be read back: faults on them wait for a "
-        "restart to put them back from the fd store.",
+        "Punched pages whose held bytes could not be read back: faults on them wait until a "
+        "later prepare reads the pipes, or a restart puts them back from the fd store.",
     ),
     (
         "punch_remnants",

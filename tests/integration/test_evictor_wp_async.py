@@ -27,6 +27,7 @@ import pytest
 from wsd import fdstore, resume
 from wsd.daemon import Daemon
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor import held as evictor_held
 from wsd.evictor.drain import drain
 from wsd.kernel import HeldPages, KernelError, Userfaultfd, probe_kernel
 from wsd.storage import (
@@ -325,3 +326,43 @@ async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor
         assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
         assert resumed.regions[0].state.evicted_pages == 0
         await s.check_every_raced_write_is_back()
+
+
+async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without waiting for a restart: each prepare reads the pipes again, and
+    once they read, the waiting fault gets its page with its final bytes and
+    the pipes serve the next verified punch."""
+    vm_id = "wp-retry"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        pages, ctx, t = s.PAGES, s.ctx, s.tracker.regions[0]
+
+        def unreadable(*args: object, **kwargs: object) -> None:
+            raise KernelError(errno.EIO, "tee", detail="injected")
+
+        with monkeypatch.context() as m:
+            m.setattr(HeldPages, "read_into", unreadable)
+            assert await s.ev.evict_batch(0, t, pages) == 0
+        assert sorted(t.held_back) == pages.tolist()
+
+        faults = FaultService(ctx, asyncio.ensure_future)
+        with serving_faults(s.tracker, faults) as unhandled:
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(s.puppet.call, "read", pages=[s.RACED[0]])
+            )
+            with monkeypatch.context() as m:
+                m.setattr(evictor_held, "peek_pipe", unreadable)
+                s.ev.put_back_held()  # still unreadable: nothing changes
+            await asyncio.sleep(0.5)
+            assert not reading.done() and sorted(t.held_back) == pages.tolist()
+
+            s.ev.put_back_held()
+            assert not t.held_back and t.state.evicted_pages == 0
+            assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
+            await s.check_every_raced_write_is_back()
+            # The pipes are empty again: the next verified punch can use them.
+            assert await s.ev.evict_batch(0, t, pages) > 0
+            await s.check_every_raced_write_is_back()
+            await faults.close()
+        assert not unhandled

@@ -35,7 +35,7 @@ class EvictorStats:
     # wp-async: pages written between their read and their punch, found by the
     # verified punch and put back with their final bytes (not evicted).
     raced_writes: int = 0
-    held_back_pages: int = 0  # punched, bytes unread: faults wait for a restart
+    held_back_pages: int = 0  # punched, bytes unread: faults wait for a re-read or a restart
     # rwp: prepared pages whose bytes changed since their read although the
     # scan saw no access (an unmap of their PTE erased it): not evicted.
     unseen_writes: int = 0

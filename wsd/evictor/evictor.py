@@ -175,6 +175,7 @@ class Evictor:
         ctx = self.ctx
         cfg = ctx.config
         await self.restore_remnants()
+        self.put_back_held()
         if cfg.enabled and ctx.store is not None:
             await guards.check(self, unevictable_reason)  # pins and other mappers, every few cycles
         if not cfg.enabled or ctx.store is None or all(self.reasons):
@@ -241,6 +242,38 @@ class Evictor:
                     restored += 1
             ctx.stats.remnants_restored += restored
             log.info("punch remnants restored", vm_id=ctx.vm_id, region=i, pages=restored)
+
+    def put_back_held(self) -> None:
+        """Try again to put back the pages a verified punch held but could not
+        read (:meth:`_hold_back`), from the pipes that still hold them.
+
+        Their faults wait meanwhile, and verified punches cannot use the pipes,
+        so without this both would wait for a restart.  Runs on the loop with
+        no await, like the punch itself: no fault on those pages is served
+        in between.
+        """
+        ctx = self.ctx
+        parking = self.parking
+        if parking is None or not parking.available:
+            return  # the pipes died with their punch: only their faults' wait is left
+        if not any(t.held_back for t in ctx.tracker.regions):
+            return
+        wp = ctx.tracker.mode is TrackingMode.WP_ASYNC
+        back = held.retry(ctx.tracker, parking.pool, wp=wp)
+        if back is None:
+            return
+        i, pages = back
+        t = ctx.tracker.regions[i]
+        done = [p for p in pages.tolist() if t.held_back.pop(p, None) is not None]
+        t.state.note_fetched(done)
+        # Which of them raced a write is unknown: their stored copies may be stale.
+        ctx.discards[i].update(done)
+        log.warning(
+            "pages held across a punch put back from their pipes",
+            vm_id=ctx.vm_id,
+            region=i,
+            pages=len(done),
+        )
 
     async def prepare_idle(self, max_bytes: int | None = None) -> int:
         """Instead of :meth:`prepare`, once (an operator's ``wsd vm evict``): store
@@ -534,9 +567,10 @@ class Evictor:
         Which of them raced a write is unknown, so their stored copies may be
         stale, and as holes they would be zero-filled.  Counted as evicted
         (no zero fill) and held back (no fetch): their faults wait, like a
-        fetch from a dead tier, until a restart puts them back from the
-        parked pipes (:func:`.held.put_back`).  Without an fd store the pipes
-        die with wsd, and these pages with them.
+        fetch from a dead tier, until the pipes read at a later prepare
+        (:meth:`put_back_held`) or a restart puts them back from the parked
+        pipes (:func:`.held.put_back`).  Without an fd store the pipes die
+        with wsd, and these pages with them.
         """
         ctx = self.ctx
         t.state.note_evicted(e.pages)
@@ -545,8 +579,8 @@ class Evictor:
         )
         ctx.stats.held_back_pages += len(e.pages)
         log.error(
-            "punched pages' held bytes unreadable: their faults wait until a restart puts them "
-            "back from the fd store"
+            "punched pages' held bytes unreadable: their faults wait until the pipes read "
+            "again, or a restart puts them back from the fd store"
             if parked
             else "punched pages' held bytes unreadable and kept nowhere: their faults wait; "
             "their stored copies miss any write that raced the punch",

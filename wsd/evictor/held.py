@@ -36,7 +36,7 @@ import structlog
 
 from wsd import fdstore, sdnotify
 from wsd.kernel import KernelError, PipePool, close_fds, peek_pipe
-from wsd.tracker.session import VmTracker
+from wsd.tracker.session import TrackedRegion, VmTracker
 
 log = structlog.get_logger("wsd.evictor")
 
@@ -164,15 +164,47 @@ def put_back(tracker: VmTracker, held: Mapping[int, int], *, wp: bool) -> dict[i
     return done
 
 
+def retry(
+    tracker: VmTracker, pool: PipePool, *, wp: bool
+) -> tuple[int, npt.NDArray[np.int64]] | None:
+    """Put back a chunk whose pages could not be read after their punch, from
+    this wsd's own pipes (the pool of :class:`Parking`), as a restart would.
+
+    The pipes are read again without being emptied, and every labelled page
+    still a hole is installed.  Once every labelled page is resident, the
+    pool is emptied (so verified punches can use it again), and the chunk's
+    region and pages are returned; None while the pipes
+    cannot be read or a page could not be installed: call again later.
+    """
+    try:
+        chunk = parse(b"".join(peek_pipe(fd) for fd in pool.read_ends))
+        t = _region_of(tracker, chunk)
+    except (KernelError, HeldLabelError) as e:
+        log.warning("held pipes still cannot be put back", vm_id=tracker.vm_id, error=str(e))
+        return None
+    _install(tracker, chunk, wp=wp)
+    if not t.resident()[chunk.pages].all():
+        return None
+    pool.empty()
+    return chunk.region, chunk.pages
+
+
+def _region_of(tracker: VmTracker, chunk: HeldChunk) -> TrackedRegion:
+    if not 0 <= chunk.region < len(tracker.regions):
+        raise HeldLabelError(f"region {chunk.region} of {len(tracker.regions)}")
+    t = tracker.regions[chunk.region]
+    if chunk.page_size != t.region.page_size or (
+        len(chunk.pages) and chunk.pages.max() >= t.npages
+    ):
+        raise HeldLabelError(f"pages that are not region {chunk.region}'s")
+    return t
+
+
 def _install(tracker: VmTracker, chunk: HeldChunk, *, wp: bool) -> dict[int, list[int]]:
     done: dict[int, list[int]] = {}
     try:
-        if not 0 <= chunk.region < len(tracker.regions):
-            raise HeldLabelError(f"region {chunk.region} of {len(tracker.regions)}")
-        t = tracker.regions[chunk.region]
+        t = _region_of(tracker, chunk)
         ps = t.region.page_size
-        if chunk.page_size != ps or (len(chunk.pages) and chunk.pages.max() >= t.npages):
-            raise HeldLabelError(f"pages that are not region {chunk.region}'s")
         resident = t.resident()
         for k, page in enumerate(chunk.pages.tolist()):
             if resident[page]:

@@ -95,6 +95,13 @@ class PipePool:
             self._scratch = _Pipe()
         return self._scratch
 
+    def empty(self) -> None:
+        """Drop every reference the pipes hold: what a punch left in them after
+        reading it back failed, once it is put back some other way."""
+        for pipe in self.pipes:
+            _read_all(pipe.r)
+            pipe.held = 0
+
     def close(self) -> None:
         pipes, self.pipes = self.pipes, []
         if self._scratch is not None:
