@@ -106,12 +106,14 @@ def test_io_uring_buffers_come_from_each_rings_fdinfo(tmp_path: Path) -> None:
 def test_io_uring_buffers_a_busy_ring_does_not_list_are_unknown(tmp_path: Path) -> None:
     # The kernel lists the buffers only if it gets the ring's lock at once.
     busy = "UserFiles:\t0\nUserBufs:\t2\nPollList:\n"
-    _fds(tmp_path, 32, {7: (RING, busy), 8: (RING, "pos:\t0\n")})
+    garbled = "UserBufs:\t1\n    0: 0xzz/4096\n"
+    _fds(tmp_path, 32, {7: (RING, busy), 8: (RING, "pos:\t0\n"), 9: (RING, garbled)})
     reading = io_uring_buffers(32, proc=tmp_path)
     assert reading.spans == ()
     assert reading.unlisted is not None
     assert "fdinfo/7: 2 of 2 registered buffers not listed" in reading.unlisted
     assert "fdinfo/8: no UserBufs line" in reading.unlisted
+    assert "fdinfo/9: unreadable: invalid literal" in reading.unlisted
 
 
 def test_io_uring_buffers_cover_the_bytes_of_a_range_once() -> None:

@@ -240,8 +240,9 @@ class Evictor:
                     t.state.note_fetched([p])
                     ctx.discards[i].add(p)
                     restored += 1
-            ctx.stats.remnants_restored += restored
-            log.info("punch remnants restored", vm_id=ctx.vm_id, region=i, pages=restored)
+            if restored:
+                ctx.stats.remnants_restored += restored
+                log.info("punch remnants restored", vm_id=ctx.vm_id, region=i, pages=restored)
 
     def put_back_held(self) -> None:
         """Try again to put back the pages a verified punch held but could not

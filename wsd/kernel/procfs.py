@@ -131,7 +131,10 @@ def io_uring_buffers(pid: int, *, proc: Path = PROC) -> UringBuffers:
         except OSError as e:
             unlisted.append(f"{info}: {e.strerror}")
             continue
-        listed, problem = _ring_buffers(text)
+        try:
+            listed, problem = _ring_buffers(text)
+        except ValueError as e:
+            listed, problem = [], f"unreadable: {e}"
         spans += listed
         if problem is not None:
             unlisted.append(f"{info}: {problem}")
@@ -140,7 +143,8 @@ def io_uring_buffers(pid: int, *, proc: Path = PROC) -> UringBuffers:
 
 def _ring_buffers(fdinfo: str) -> tuple[list[tuple[int, int]], str | None]:
     """``(start, end)`` of each buffer an io_uring ``fdinfo`` lists, and why some
-    of its registered buffers are unknown (None: none is)."""
+    of its registered buffers are unknown (None: none is).  ``ValueError`` for a
+    line it cannot read."""
     lines = iter(fdinfo.splitlines())
     for line in lines:
         if line.startswith("UserBufs:"):
