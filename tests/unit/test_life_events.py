@@ -68,7 +68,10 @@ def test_vmpin_is_read_in_bytes(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError, match="no process 22"):
         pinned_bytes(22, proc=tmp_path)
     reading = read_guards(20, [], proc=tmp_path)
-    assert reading.pinned_bytes == 2 << 20
+    assert reading.pinned_bytes == 2 << 20 and reading.mappers == {}
+    # Between the walks for other mappers, only the pins are read.
+    reading = read_guards(20, None, proc=tmp_path)
+    assert reading.pinned_bytes == 2 << 20 and reading.mappers is None
 
 
 RING = "anon_inode:[io_uring]"

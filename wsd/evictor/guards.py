@@ -18,9 +18,13 @@
   evict any region of that memfd while one exists.  If pages were evicted
   before the mapper appeared, they are written back into the memfd at once.
 
-The ``/proc`` walk is slow, so it runs in a thread, before the session's
-first eviction and then every :data:`CHECK_EVERY_CYCLES` cycles.  A mapper
-that appears between two checks can see holes for up to that many intervals:
+The pins are read (in a thread) before each prepare: a few small files of
+the VMM's.  A pin that appears after that read can still meet the punch
+that follows it in wp-async mode, which has no sync window; in rwp mode the
+pin's GUP is an access that keeps its pages from that punch.  The ``/proc``
+walk for other mappers is slow, so it runs before the session's first
+eviction and then every :data:`CHECK_EVERY_CYCLES` cycles.  A mapper that
+appears between two walks can see holes for up to that many intervals:
 a VMM that starts a backend after the hand-off should hand off again, or set
 ``dma_pinned``/keep eviction off for that VM (docs/life-events.md).
 """
@@ -86,13 +90,16 @@ def guard_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
 @dataclass(frozen=True)
 class GuardReading:
     pinned_bytes: int
-    mappers: dict[FileId, set[int]]
+    mappers: dict[FileId, set[int]] | None
+    """None: not read this time."""
     uring: UringBuffers
 
 
-def read_guards(vmm_pid: int | None, files: Sequence[FileId], *, proc: Path = PROC) -> GuardReading:
-    """VmPin and io_uring buffers of the VMM, and the other mappers of ``files``
-    (blocking: run in a thread)."""
+def read_guards(
+    vmm_pid: int | None, files: Sequence[FileId] | None, *, proc: Path = PROC
+) -> GuardReading:
+    """VmPin and io_uring buffers of the VMM, and unless ``files`` is None the
+    other mappers of ``files`` (blocking: run in a thread)."""
     pinned = 0
     uring = UringBuffers()
     if vmm_pid is not None:
@@ -101,6 +108,8 @@ def read_guards(vmm_pid: int | None, files: Sequence[FileId], *, proc: Path = PR
             uring = io_uring_buffers(vmm_pid, proc=proc)
         except ProcessLookupError:
             pass  # the VMM is gone; the session ends on its own
+    if files is None:
+        return GuardReading(pinned, None, uring)
     exclude = {os.getpid()} | ({vmm_pid} if vmm_pid is not None else set())
     return GuardReading(pinned, mappers_of(files, exclude=exclude, proc=proc), uring)
 
@@ -108,10 +117,12 @@ def read_guards(vmm_pid: int | None, files: Sequence[FileId], *, proc: Path = PR
 async def check(
     evictor: Evictor, reason: Reason, *, proc: Path = PROC, force: bool = False
 ) -> None:
-    """Every :data:`CHECK_EVERY_CYCLES` cycles (and first thing): re-read pins and
-    mappers, then recompute which regions may be evicted, logging every change."""
+    """Re-read the VMM's pins, and every :data:`CHECK_EVERY_CYCLES` cycles (and
+    first thing) the other mappers; then recompute which regions may be
+    evicted, logging every change."""
     ctx = evictor.ctx
     tracker = ctx.tracker
+    ids = None
     if (
         force
         or tracker.guards_checked_at is None
@@ -119,12 +130,12 @@ async def check(
     ):
         tracker.guards_checked_at = tracker.cycles
         ids = [file_id(t.memfd) for t in tracker.regions]
-        try:
-            reading = await asyncio.to_thread(read_guards, tracker.pagemap.pid, ids, proc=proc)
-        except OSError as e:
-            log.warning("checking pins and other mappers failed", vm_id=ctx.vm_id, error=str(e))
-        else:
-            apply(evictor, reading, ids)
+    try:
+        reading = await asyncio.to_thread(read_guards, tracker.pagemap.pid, ids, proc=proc)
+    except OSError as e:
+        log.warning("checking pins and other mappers failed", vm_id=ctx.vm_id, error=str(e))
+    else:
+        apply(evictor, reading, ids)
     update_reasons(evictor, reason)
     if any(t.other_mappers and t.state.evicted_pages for t in tracker.regions):
         for i, t in enumerate(tracker.regions):
@@ -139,7 +150,7 @@ async def check(
                 await restore_to_memfd(ctx, i)
 
 
-def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId]) -> None:
+def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId] | None) -> None:
     """Record a reading on the tracker; log what changed."""
     ctx = evictor.ctx
     tracker = ctx.tracker
@@ -166,7 +177,7 @@ def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId]) -> Non
         else:
             log.info("the VMM's io_uring buffers can all be placed again", vm_id=ctx.vm_id)
         tracker.uring_unlisted = uring.unlisted
-    for i, (t, fid) in enumerate(zip(tracker.regions, ids, strict=True)):
+    for i, t in enumerate(tracker.regions):
         covered = uring.covered(t.region.host_virt_addr, t.region.size)
         if covered != t.uring_bytes:
             if covered:
@@ -184,6 +195,9 @@ def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId]) -> Non
                     region=i,
                 )
             t.uring_bytes = covered
+    if reading.mappers is None or ids is None:
+        return
+    for i, (t, fid) in enumerate(zip(tracker.regions, ids, strict=True)):
         pids = tuple(sorted(reading.mappers.get(fid, ())))
         if pids != t.other_mappers:
             if pids:
