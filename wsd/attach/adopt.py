@@ -17,6 +17,7 @@ import contextlib
 import os
 import platform
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ from wsd.kernel import FdKind, KernelError, close_fds, describe_fd, pidfd_getfd,
 from wsd.kernel.procfs import PROC, Mapping, read_maps
 from wsd.vmm.client import HandoffRefused, hand_off
 
-from .discover import GuestRam, NotAttachable, find_guest_ram, memfd_fds, parse_smaps
+from .discover import (
+    UFFD_FLAG_PREFIX,
+    GuestRam,
+    NotAttachable,
+    find_guest_ram,
+    memfd_fds,
+    parse_smaps,
+)
 from .inject import close_in_vmm, inject_userfaultfd
 
 __all__ = ["Attached", "Sources", "Taken", "attach", "handoff_message", "preflight", "take"]
@@ -226,6 +234,46 @@ class Attached:
             taken.close()
         self.conn.close()
         self.reply, self.conn = reply, conn
+
+    def close_uffd_once_released(self, timeout: float, *, proc: Path = PROC) -> str:
+        """After the session ended: close the VMM's copy of the injected uffd once no
+        mapping of its guest RAM is registered any more; what happened, in words.
+
+        wsd unregisters the RAM only when every evicted page is back.  Until then
+        the VMM's copy is what keeps a wsd crash from turning evicted pages into
+        zeros (RWP-FACTS fact 9), so it stays if the registration outlasts
+        ``timeout`` seconds (wsd keeps pages in storage, or is slow to put them
+        back).  The RAM was refused at attach if another uffd had registered it,
+        so every ``u*`` flag on it is this session's.
+        """
+        pid, fd = self.sources.pid, self.uffd_in_vmm
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                smaps = parse_smaps((proc / str(pid) / "smaps").read_bytes())
+            except FileNotFoundError:
+                return f"pid {pid} exited"
+            registered = any(
+                flag.startswith(UFFD_FLAG_PREFIX)
+                for start, info in smaps.items()
+                for r in self.ram.regions
+                if start < r.mapping.end and r.mapping.start < info.end
+                for flag in info.vmflags
+            )
+            if not registered:
+                break
+            if time.monotonic() >= deadline:
+                return (
+                    f"the guest RAM is still registered after {timeout:g} s (wsd is still "
+                    f"putting pages back, or keeps them in storage): the userfaultfd stays "
+                    f"open in the VMM as fd {fd}"
+                )
+            time.sleep(0.1)
+        try:
+            close_in_vmm(pid, fd)
+        except (KernelError, NotAttachable) as e:
+            return f"could not close the userfaultfd (fd {fd}) in the VMM: {e}"
+        return f"closed the userfaultfd (fd {fd}) in the VMM"
 
 
 def attach(

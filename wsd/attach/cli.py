@@ -20,6 +20,7 @@ from .discover import NotAttachable
 __all__ = ["add_parser"]
 
 RETRY_SECONDS = 1.0
+DETACH_WAIT_SECONDS = 60.0
 
 
 def add_parser(sub: Any) -> None:
@@ -51,6 +52,14 @@ def add_parser(sub: Any) -> None:
         "--no-reattach",
         action="store_true",
         help="exit when wsd closes the session, instead of handing it to a restarted wsd",
+    )
+    p.add_argument(
+        "--detach-wait",
+        type=float,
+        default=DETACH_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="when stopped, wait this long for wsd to put every evicted page back, then "
+        "close the userfaultfd it injected in QEMU (default: %(default)s; 0: leave it open)",
     )
     p.set_defaults(func=_attach)
 
@@ -87,19 +96,21 @@ def _attach(args: argparse.Namespace) -> int:
         f"{len(ram.regions)} region(s), mode {done.reply.get('mode')}; userfaultfd is fd "
         f"{done.uffd_in_vmm} in the VMM"
     )
-    return _hold(done, path, banner, reattach=not args.no_reattach)
+    return _hold(done, path, banner, reattach=not args.no_reattach, detach_wait=args.detach_wait)
 
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _hold(done: Attached, path: Path, banner: str, *, reattach: bool) -> int:
+def _hold(done: Attached, path: Path, banner: str, *, reattach: bool, detach_wait: float) -> int:
     """Hold the session's connection until the VMM exits or we are stopped.
 
     When wsd closes it without being asked, wsd died (or stopped): as a VMM
     must, give the session to the next wsd (``reattach``), retrying every
-    second, until one takes it or says there is nothing to take.
+    second, until one takes it or says there is nothing to take.  Stopped,
+    close the session and, once wsd has let go of the RAM, the uffd that was
+    injected into the VMM (``detach_wait``).
     """
     pid, vm_id = done.sources.pid, done.message["vm_id"]
     try:
@@ -134,6 +145,12 @@ def _hold(done: Attached, path: Path, banner: str, *, reattach: bool) -> int:
             _say(f"{vm_id}: reattached")
     except (KeyboardInterrupt, SystemExit) as e:
         _say(f"{vm_id}: detached; wsd puts the evicted pages back")
+        done.conn.close()
+        if detach_wait > 0:
+            try:
+                _say(f"{vm_id}: {done.close_uffd_once_released(detach_wait)}")
+            except KeyboardInterrupt:
+                _say(f"{vm_id}: the userfaultfd stays open in the VMM as fd {done.uffd_in_vmm}")
         return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
     finally:
         os.close(pidfd)

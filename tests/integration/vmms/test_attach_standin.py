@@ -72,11 +72,13 @@ def test_a_failing_injected_syscall_returns_its_errno(standin) -> None:
 
 def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd) -> None:
     s: StandIn = standin(LARGE_MIB, 64)
-    attach = Attach(s.pid, wsd.socket, "--vm-id", "standin")
+    detach_wait = ("--detach-wait", str(patient(240)))
+    attach = Attach(s.pid, wsd.socket, "--vm-id", "standin", *detach_wait)
     line = attach.first_line()
     assert f"standin: wsd tracks {LARGE_MIB}.0 MiB of pid" in line, line
     assert f"mode {choose_mode(probe_kernel()).mode}" in line, line
     assert s.userfaultfds() == 1  # the stand-in keeps its copy of the uffd
+    uffd_fd = int(line.rsplit("userfaultfd is fd ", 1)[1].split()[0])
     wait_for(lambda: s.resident() <= s.size // 2, "half the memory evicted", timeout=60)
     vm = wsd.vm("standin")
     assert vm is not None and vm["evicted_bytes"] >= s.size // 2
@@ -86,6 +88,9 @@ def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd
     assert fetched is not None and fetched["fetched_bytes_total"] > 0
     code, err = attach.stop()
     assert code == 130 and "detached; wsd puts the evicted pages back" in err
+    # It waited for wsd to let go of the RAM, then closed the uffd it injected.
+    assert f"closed the userfaultfd (fd {uffd_fd}) in the VMM" in err, err
+    assert s.userfaultfds() == 0
     wsd.wait_session_closed("standin")
     assert s.resident() == s.size  # every page is back in the memfd
     assert s.check() == s.ok
@@ -94,12 +99,12 @@ def test_wsd_attach_evicts_and_fetches_back_the_standin_memory(standin, wsd: Wsd
         f"stand-in: {s.size >> 20} MiB, {evicted_at_least >> 20} MiB evicted, "
         f"{fetched['fetched_bytes_total'] >> 20} MiB fetched back, data intact"
     )
-    # A second attach after the first session: the old uffd is left unregistered in
-    # the stand-in, and a new one is injected.
-    again = Attach(s.pid, wsd.socket, "--vm-id", "standin")
+    # A second attach after the first session injects a new uffd.
+    again = Attach(s.pid, wsd.socket, "--vm-id", "standin", *detach_wait)
     assert "standin: wsd tracks" in again.first_line()
-    assert s.userfaultfds() == 2
+    assert s.userfaultfds() == 1
     assert again.stop()[0] == 130
+    assert s.userfaultfds() == 0
     assert s.check() == s.ok and s.running()
 
 

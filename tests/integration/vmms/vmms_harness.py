@@ -101,7 +101,8 @@ class Attach:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            _, err = self.proc.communicate(timeout=patient(60))
+            # Stopped, it waits for wsd to put the pages back (--detach-wait).
+            _, err = self.proc.communicate(timeout=patient(300))
         except subprocess.TimeoutExpired:
             self.proc.kill()  # never left running after the test
             self.proc.communicate()
