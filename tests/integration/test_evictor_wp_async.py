@@ -175,6 +175,10 @@ async def test_nothing_lost_hugetlb_wp_async(huge_128m: None, tmp_path: Path) ->
     assert c["mode"] == "wp-async" and c["granularity"] == str(Granularity.HUGE_2M)
 
 
+def _unreadable(*args: object, **kwargs: object) -> None:
+    raise KernelError(errno.EIO, "tee", detail="injected")
+
+
 class Killed(BaseException):
     """Where wsd dies: nothing in wsd catches it, as nothing survives a SIGKILL."""
 
@@ -206,6 +210,14 @@ class ParkedSession:
         assert back is not None
         self.resumed = back.tracker
         return back.tracker
+
+    async def evict_with_unreadable_pipes(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Evict ``PAGES`` with their held bytes unreadable after the punch: all held back."""
+        t = self.tracker.regions[0]
+        with monkeypatch.context() as m:
+            m.setattr(HeldPages, "read_into", _unreadable)
+            assert await self.ev.evict_batch(0, t, self.PAGES) == 0
+        assert sorted(t.held_back) == self.PAGES.tolist()
 
     async def check_every_raced_write_is_back(self) -> None:
         versions = await asyncio.to_thread(self.puppet.call, "read", pages=self.PAGES.tolist())
@@ -291,15 +303,9 @@ async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor
     vm_id = "wp-unread"
     async with parked_session(tmp_path, monkeypatch, vm_id) as s:
         pages, ctx, t = s.PAGES, s.ctx, s.tracker.regions[0]
-
-        def unreadable(*args: object, **kwargs: object) -> None:
-            raise KernelError(errno.EIO, "tee", detail="injected")
-
-        with monkeypatch.context() as m:
-            m.setattr(HeldPages, "read_into", unreadable)
-            assert await s.ev.evict_batch(0, t, pages) == 0
+        await s.evict_with_unreadable_pipes(monkeypatch)
         assert not t.resident()[pages].any(), "not punched"
-        assert t.state.evicted_mask(pages).all() and sorted(t.held_back) == pages.tolist()
+        assert t.state.evicted_mask(pages).all()
         assert ctx.stats.held_back_pages == len(pages) and ctx.stats.evicted_pages == 0
 
         faults = FaultService(ctx, asyncio.ensure_future)
@@ -337,14 +343,7 @@ async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_rea
     vm_id = "wp-retry"
     async with parked_session(tmp_path, monkeypatch, vm_id) as s:
         pages, ctx, t = s.PAGES, s.ctx, s.tracker.regions[0]
-
-        def unreadable(*args: object, **kwargs: object) -> None:
-            raise KernelError(errno.EIO, "tee", detail="injected")
-
-        with monkeypatch.context() as m:
-            m.setattr(HeldPages, "read_into", unreadable)
-            assert await s.ev.evict_batch(0, t, pages) == 0
-        assert sorted(t.held_back) == pages.tolist()
+        await s.evict_with_unreadable_pipes(monkeypatch)
 
         faults = FaultService(ctx, asyncio.ensure_future)
         with serving_faults(s.tracker, faults) as unhandled:
@@ -352,7 +351,7 @@ async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_rea
                 asyncio.to_thread(s.puppet.call, "read", pages=[s.RACED[0]])
             )
             with monkeypatch.context() as m:
-                m.setattr(evictor_held, "peek_pipe", unreadable)
+                m.setattr(evictor_held, "peek_pipe", _unreadable)
                 s.ev.put_back_held()  # still unreadable: nothing changes
             await asyncio.sleep(0.5)
             assert not reading.done() and sorted(t.held_back) == pages.tolist()
