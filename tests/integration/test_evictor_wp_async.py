@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import errno
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from wsd.storage import (
 )
 from wsd.testing.arming import track_puppet
 from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, hammer, hammer_daemon
-from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.puppet_vmm import DISCARDED, PuppetVMM
 from wsd.testing.running import serving_faults
 from wsd.testing.supervisor import Supervisor
 from wsd.tracker.mode import TrackingMode
@@ -175,6 +175,9 @@ async def test_nothing_lost_hugetlb_wp_async(huge_128m: None, tmp_path: Path) ->
     assert c["mode"] == "wp-async" and c["granularity"] == str(Granularity.HUGE_2M)
 
 
+DISCARDED_PAGE = 10  # not one of ParkedSession.RACED
+
+
 def _unreadable(*args: object, **kwargs: object) -> None:
     raise KernelError(errno.EIO, "tee", detail="injected")
 
@@ -219,10 +222,13 @@ class ParkedSession:
             assert await self.ev.evict_batch(0, t, self.PAGES) == 0
         assert sorted(t.held_back) == self.PAGES.tolist()
 
-    async def check_every_raced_write_is_back(self) -> None:
+    async def check_every_raced_write_is_back(self, discarded: Sequence[int] = ()) -> None:
+        """Every raced write is back, every other page at version 0, but ``discarded``
+        pages (the VMM gave them back) read as zeros."""
         versions = await asyncio.to_thread(self.puppet.call, "read", pages=self.PAGES.tolist())
         assert [p for p, v in enumerate(versions) if v == 7] == self.RACED
-        assert all(v == 0 for p, v in enumerate(versions) if p not in self.RACED)
+        assert [p for p, v in enumerate(versions) if v == DISCARDED] == list(discarded)
+        assert all(v == 0 for p, v in enumerate(versions) if p not in {*self.RACED, *discarded})
 
 
 @contextlib.asynccontextmanager
@@ -339,14 +345,15 @@ async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_rea
 ) -> None:
     """Without waiting for a restart: each prepare reads the pipes again, and
     once they read, the waiting fault gets its page with its final bytes and
-    the pipes serve the next verified punch."""
+    the pipes serve the next verified punch.  A held-back page the VMM
+    discarded meanwhile stays discarded: it reads as zeros."""
     vm_id = "wp-retry"
     async with parked_session(tmp_path, monkeypatch, vm_id) as s:
         pages, ctx, t = s.PAGES, s.ctx, s.tracker.regions[0]
         await s.evict_with_unreadable_pipes(monkeypatch)
 
         faults = FaultService(ctx, asyncio.ensure_future)
-        with serving_faults(s.tracker, faults) as unhandled:
+        with serving_faults(s.tracker, faults, s.ev) as unhandled:
             reading = asyncio.ensure_future(
                 asyncio.to_thread(s.puppet.call, "read", pages=[s.RACED[0]])
             )
@@ -355,13 +362,14 @@ async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_rea
                 s.ev.put_back_held()  # still unreadable: nothing changes
             await asyncio.sleep(0.5)
             assert not reading.done() and sorted(t.held_back) == pages.tolist()
+            await asyncio.to_thread(s.puppet.call, "discard", pages=[DISCARDED_PAGE])
 
             s.ev.put_back_held()
             assert not t.held_back and t.state.evicted_pages == 0
             assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
-            await s.check_every_raced_write_is_back()
+            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
             # The pipes are empty again: the next verified punch can use them.
             assert await s.ev.evict_batch(0, t, pages) > 0
-            await s.check_every_raced_write_is_back()
+            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
             await faults.close()
         assert not unhandled

@@ -27,7 +27,7 @@ says so.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,10 +171,13 @@ def retry(
     this wsd's own pipes (the pool of :class:`Parking`), as a restart would.
 
     The pipes are read again without being emptied, and every labelled page
-    still a hole is installed.  Once every labelled page is resident, the
-    pool is emptied (so verified punches can use it again), and the chunk's
-    region and pages are returned; None while the pipes
-    cannot be read or a page could not be installed: call again later.
+    still held back (:meth:`TrackedRegion.is_held_back`) that is a hole is
+    installed.  A labelled page that is no longer held back was discarded by
+    the VMM since (a balloon's REMOVE): it stays a hole, to read as zeros.
+    Once every held-back page is resident, the pool is emptied (so verified
+    punches can use it again), and the chunk's region and pages are
+    returned; None while the pipes cannot be read or a page could not be
+    installed: call again later.
     """
     try:
         chunk = parse(b"".join(peek_pipe(fd) for fd in pool.read_ends))
@@ -182,8 +185,9 @@ def retry(
     except (KernelError, HeldLabelError) as e:
         log.warning("held pipes still cannot be put back", vm_id=tracker.vm_id, error=str(e))
         return None
-    _install(tracker, chunk, wp=wp)
-    if not t.resident()[chunk.pages].all():
+    held_back = [p for p in chunk.pages.tolist() if t.is_held_back(p)]
+    _install(tracker, chunk, wp=wp, only=set(held_back))
+    if not t.resident()[held_back].all():
         return None
     pool.empty()
     return chunk.region, chunk.pages
@@ -200,14 +204,17 @@ def _region_of(tracker: VmTracker, chunk: HeldChunk) -> TrackedRegion:
     return t
 
 
-def _install(tracker: VmTracker, chunk: HeldChunk, *, wp: bool) -> dict[int, list[int]]:
+def _install(
+    tracker: VmTracker, chunk: HeldChunk, *, wp: bool, only: Collection[int] | None = None
+) -> dict[int, list[int]]:
+    """Install the chunk's pages that are holes (of them, those in ``only``)."""
     done: dict[int, list[int]] = {}
     try:
         t = _region_of(tracker, chunk)
         ps = t.region.page_size
         resident = t.resident()
         for k, page in enumerate(chunk.pages.tolist()):
-            if resident[page]:
+            if resident[page] or (only is not None and page not in only):
                 continue
             try:
                 tracker.uffd.copy(t.region.host_virt_addr + page * ps, chunk.page(k), wp=wp)
