@@ -27,12 +27,12 @@ from wsd.kernel.procfs import PROC, Mapping, read_maps
 from wsd.vmm.client import HandoffRefused, hand_off
 
 from .discover import (
-    UFFD_FLAG_PREFIX,
     GuestRam,
     NotAttachable,
     find_guest_ram,
     memfd_fds,
     parse_smaps,
+    uffd_flags,
 )
 from .inject import close_in_vmm, inject_userfaultfd
 
@@ -253,14 +253,7 @@ class Attached:
                 smaps = parse_smaps((proc / str(pid) / "smaps").read_bytes())
             except FileNotFoundError:
                 return f"pid {pid} exited"
-            registered = any(
-                flag.startswith(UFFD_FLAG_PREFIX)
-                for start, info in smaps.items()
-                for r in self.ram.regions
-                if start < r.mapping.end and r.mapping.start < info.end
-                for flag in info.vmflags
-            )
-            if not registered:
+            if not any(uffd_flags(smaps, r.mapping.start, r.mapping.end) for r in self.ram.regions):
                 break
             if time.monotonic() >= deadline:
                 return (

@@ -27,6 +27,7 @@ __all__ = [
     "memfd_fds",
     "memfd_name",
     "parse_smaps",
+    "uffd_flags",
 ]
 
 MEMFD_PREFIX = "/memfd:"
@@ -80,6 +81,18 @@ def parse_smaps(data: bytes) -> dict[int, SmapsInfo]:
         (m,) = parse_maps(line.encode(errors="surrogateescape"))
         start, end, page_size = m.start, m.end, 4096
     return out
+
+
+def uffd_flags(smaps: dict[int, SmapsInfo], start: int, end: int) -> set[str]:
+    """The userfaultfd ``VmFlags`` of the mappings in ``smaps`` (:func:`parse_smaps`)
+    that overlap ``[start, end)``: empty when no uffd has any of it registered."""
+    return {
+        flag
+        for at, info in smaps.items()
+        if at < end and start < info.end
+        for flag in info.vmflags
+        if flag.startswith(UFFD_FLAG_PREFIX)
+    }
 
 
 @dataclass(frozen=True)

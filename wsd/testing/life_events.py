@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from wsd.attach.discover import UFFD_FLAG_PREFIX, parse_smaps
+from wsd.attach.discover import parse_smaps, uffd_flags
 from wsd.daemon import Settings
 from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
 from wsd.kernel import probe_kernel
@@ -113,11 +113,4 @@ async def wait_until(cond: Callable[[], object], what: str, timeout: float = 10.
 def uffd_vmflags(pid: int, start: int, length: int) -> set[str]:
     """The userfaultfd ``VmFlags`` (``um``, ``uw``, ...) of ``pid``'s mappings that
     overlap ``[start, start + length)``: empty once no uffd watches any of it."""
-    smaps = parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes())
-    return {
-        flag
-        for at, info in smaps.items()
-        if at < start + length and start < info.end
-        for flag in info.vmflags
-        if flag.startswith(UFFD_FLAG_PREFIX)
-    }
+    return uffd_flags(parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes()), start, start + length)
