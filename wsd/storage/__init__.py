@@ -8,6 +8,8 @@ Typical use::
     page = await store.get(ns, offset, generation=g)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from wsd.storage.config import (
     STORAGE_CONFIG,
     EncryptionConfig,
@@ -40,10 +42,24 @@ from wsd.storage.page import (
     StoreStats,
 )
 from wsd.storage.protocol import DemotionSource, InlineGet, PageStore
-from wsd.storage.redis_store import RedisStore
 from wsd.storage.registry import BACKENDS, OpenContext, open_backend
 from wsd.storage.tiered_store import TieredStore
 from wsd.storage.zstd_store import ZstdStore
+
+if TYPE_CHECKING:
+    from wsd.storage.redis_store import RedisStore
+
+
+def __getattr__(name: str) -> Any:
+    # redis-py is 74 of the 618 modules wsd's daemon imported, and 0.16 of
+    # its 0.9 s start-up on the development host: loaded only by a redis
+    # tier, or by asking for it.
+    if name == "RedisStore":
+        from wsd.storage.redis_store import RedisStore  # noqa: PLC0415
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

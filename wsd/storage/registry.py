@@ -22,7 +22,6 @@ from wsd.storage.file_store import FileStore
 from wsd.storage.keys import load_aes_key, read_secret
 from wsd.storage.page import BackendKind
 from wsd.storage.protocol import PageStore
-from wsd.storage.redis_store import RedisStore
 from wsd.storage.tiered_store import TieredStore
 from wsd.storage.zstd_store import ZstdStore
 
@@ -57,6 +56,8 @@ async def _open_zstd(config: ZstdStoreConfig, ctx: OpenContext) -> PageStore:
 
 
 async def _open_redis(config: RedisStoreConfig, ctx: OpenContext) -> PageStore:
+    from wsd.storage.redis_store import RedisStore  # noqa: PLC0415 (redis-py: see __init__)
+
     key = await _key(config.encryption, ctx)
     password = None
     if config.password is not None:
