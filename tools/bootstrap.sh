@@ -36,8 +36,8 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 # Reinstall only when the dependency list or the C extension changed (the
-# install compiles wsd._pages_native in place, see setup.py).
-want=$(cat pyproject.toml setup.py wsd/_pages_build.py | sha256sum | cut -d' ' -f1)
+# install builds wsd._pages_native and wsd.kernel._uapi in place, see setup.py).
+want=$(cat pyproject.toml setup.py wsd/_pages_build.py wsd/kernel/_uapi_build.py | sha256sum | cut -d' ' -f1)
 have=$(cat .venv/.wsd-deps 2>/dev/null || true)
 if [[ "$want" != "$have" ]]; then
     echo "bootstrap: installing Python packages into .venv"
