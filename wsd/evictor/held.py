@@ -150,7 +150,9 @@ def put_back(tracker: VmTracker, held: Mapping[int, int], *, wp: bool) -> dict[i
         chunk = None
     try:
         if chunk is not None:
-            done = _install(tracker, chunk, wp=wp)
+            done = _install(tracker, _region_of(tracker, chunk), chunk, wp=wp)
+    except HeldLabelError as e:
+        log.error("parked pipes name pages the session has not", vm_id=tracker.vm_id, error=str(e))
     finally:
         close_fds(fds)
     fdstore.remove_held(tracker.vm_id, max(held, default=-1) + 1)
@@ -186,7 +188,7 @@ def retry(
         log.warning("held pipes still cannot be put back", vm_id=tracker.vm_id, error=str(e))
         return None
     held_back = [p for p in chunk.pages.tolist() if t.is_held_back(p)]
-    _install(tracker, chunk, wp=wp, only=set(held_back))
+    _install(tracker, t, chunk, wp=wp, only=set(held_back))
     if not t.resident()[held_back].all():
         return None
     pool.empty()
@@ -205,31 +207,33 @@ def _region_of(tracker: VmTracker, chunk: HeldChunk) -> TrackedRegion:
 
 
 def _install(
-    tracker: VmTracker, chunk: HeldChunk, *, wp: bool, only: Collection[int] | None = None
+    tracker: VmTracker,
+    t: TrackedRegion,
+    chunk: HeldChunk,
+    *,
+    wp: bool,
+    only: Collection[int] | None = None,
 ) -> dict[int, list[int]]:
-    """Install the chunk's pages that are holes (of them, those in ``only``)."""
+    """Install the chunk's pages that are holes (of them, those in ``only``);
+    ``t``: the chunk's region, from :func:`_region_of`."""
     done: dict[int, list[int]] = {}
-    try:
-        t = _region_of(tracker, chunk)
-        ps = t.region.page_size
-        resident = t.resident()
-        for k, page in enumerate(chunk.pages.tolist()):
-            if resident[page] or (only is not None and page not in only):
-                continue
-            try:
-                tracker.uffd.copy(t.region.host_virt_addr + page * ps, chunk.page(k), wp=wp)
-            except FileExistsError:
-                continue  # filled behind the uffd since: newer than ours
-            except KernelError as e:
-                log.error(
-                    "a page held across a punch could not be put back",
-                    vm_id=tracker.vm_id,
-                    region=chunk.region,
-                    page=page,
-                    error=str(e),
-                )
-                continue
-            done.setdefault(chunk.region, []).append(page)
-    except HeldLabelError as e:
-        log.error("parked pipes name pages the session has not", vm_id=tracker.vm_id, error=str(e))
+    ps = t.region.page_size
+    resident = t.resident()
+    for k, page in enumerate(chunk.pages.tolist()):
+        if resident[page] or (only is not None and page not in only):
+            continue
+        try:
+            tracker.uffd.copy(t.region.host_virt_addr + page * ps, chunk.page(k), wp=wp)
+        except FileExistsError:
+            continue  # filled behind the uffd since: newer than ours
+        except KernelError as e:
+            log.error(
+                "a page held across a punch could not be put back",
+                vm_id=tracker.vm_id,
+                region=chunk.region,
+                page=page,
+                error=str(e),
+            )
+            continue
+        done.setdefault(chunk.region, []).append(page)
     return done
