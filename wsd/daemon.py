@@ -626,7 +626,7 @@ async def _linger(tracker: VmTracker, memfds: list[int]) -> None:
 
 async def _prepare(session: Session) -> None:
     """Between windows: the evictor's prepare, an operator's one-shot eviction
-    instead, or nothing while eviction is paused."""
+    instead, or while eviction is paused only the evictor's repairs."""
     request = session.eviction
     if request is not None and request.prepared:
         # The window that just closed committed it.
@@ -638,6 +638,8 @@ async def _prepare(session: Session) -> None:
             session.eviction = None
     elif not session.paused:
         await session.evictor.prepare()
+    else:
+        await session.evictor.repair()
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:

@@ -106,18 +106,18 @@ _EVICTOR_COUNTERS: Final = (
         "held_back_pages",
         "wsd_evict_held_back_pages",
         "Punched pages whose held bytes could not be read back: faults on them wait until a "
-        "later prepare reads the pipes, or a restart puts them back from the fd store.",
+        "later cycle reads the pipes, or a restart puts them back from the fd store.",
     ),
     (
         "punch_remnants",
         "wsd_evict_punch_remnants",
         "Punched pages left zeroed in the page cache (a shmem THP that did not split), "
-        "restored from storage on access or at the next prepare.",
+        "restored from storage on access or right after their window.",
     ),
     (
         "remnants_restored",
         "wsd_evict_punch_remnants_restored",
-        "Punch remnants restored at the prepare after their window, before any access.",
+        "Punch remnants restored right after their window, before any access.",
     ),
 )
 

@@ -174,8 +174,7 @@ class Evictor:
         """Between windows: store the next pages to evict, for the next commit."""
         ctx = self.ctx
         cfg = ctx.config
-        await self.restore_remnants()
-        self.put_back_held()
+        await self.repair()
         if cfg.enabled and ctx.store is not None:
             await guards.check(self, unevictable_reason)  # pins and other mappers, every few cycles
         if not cfg.enabled or ctx.store is None or all(self.reasons):
@@ -199,6 +198,13 @@ class Evictor:
             await self._persist_prepared()
         elif self.map_dirty:
             await self.save_map()  # a removal's rewrite failed earlier: again
+
+    async def repair(self) -> None:
+        """Mend what earlier windows left behind, before anything else this
+        cycle and whether or not it evicts (a paused VM's cycles included):
+        punch remnants get their bytes back, held-back pages their pipes'."""
+        await self.restore_remnants()
+        self.put_back_held()
 
     async def restore_remnants(self) -> None:
         """Put the stored bytes back over the zeros of every punch remnant now,
@@ -286,6 +292,7 @@ class Evictor:
         the host-wide cap.  Returns the bytes stored for the commit.
         """
         ctx = self.ctx
+        await self.repair()
         if ctx.store is not None:
             await guards.check(self, unevictable_reason, force=True)
         if ctx.store is None or all(self.reasons):
@@ -469,7 +476,7 @@ class Evictor:
                 # Only MINOR-registered regions can hold shmem THPs we punch
                 # into (others are 4 KiB-only or never evicted); there an
                 # access to a remnant traps as MINOR, so it can be repaired
-                # until the next prepare restores it (restore_remnants).
+                # until the repair after this window restores it (restore_remnants).
                 remnants = not_punched(t.memfd, t.region, keep)
                 if remnants:
                     t.remnants.update(remnants)
@@ -568,7 +575,7 @@ class Evictor:
         Which of them raced a write is unknown, so their stored copies may be
         stale, and as holes they would be zero-filled.  Counted as evicted
         (no zero fill) and held back (no fetch): their faults wait, like a
-        fetch from a dead tier, until the pipes read at a later prepare
+        fetch from a dead tier, until the pipes read at a later repair
         (:meth:`put_back_held`) or a restart puts them back from the parked
         pipes (:func:`.held.put_back`).  Without an fd store the pipes die
         with wsd, and these pages with them.

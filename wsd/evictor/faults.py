@@ -289,7 +289,7 @@ class FaultService:
             if t.is_held_back(page):
                 error: Exception = RuntimeError(
                     "its bytes are held in pipes that could not be read after its punch; "
-                    "the next prepare tries again, a restart puts it back from the fd store"
+                    "the next cycle tries again, a restart puts it back from the fd store"
                 )
             elif ctx.tier is None:
                 error = RuntimeError("no storage tier is configured")
