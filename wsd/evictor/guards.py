@@ -150,66 +150,67 @@ async def check(
                 await restore_to_memfd(ctx, i)
 
 
+def _log_change(appeared: object, warning: str, gone: str, **fields: object) -> None:
+    """A guard signal changed: a warning while it holds eviction back, info once it is gone."""
+    if appeared:
+        log.warning(warning, **fields)
+    else:
+        log.info(gone, **fields)
+
+
 def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId] | None) -> None:
     """Record a reading on the tracker; log what changed."""
     ctx = evictor.ctx
     tracker = ctx.tracker
+    pid = tracker.pagemap.pid
     if reading.pinned_bytes != tracker.pinned_bytes:
-        if reading.pinned_bytes:
-            log.warning(
-                "the VMM pins memory (VmPin): no page of this VM is evicted",
-                vm_id=ctx.vm_id,
-                pid=tracker.pagemap.pid,
-                pinned_bytes=reading.pinned_bytes,
-            )
-        else:
-            log.info("the VMM pins no memory any more (VmPin 0)", vm_id=ctx.vm_id)
+        _log_change(
+            reading.pinned_bytes,
+            "the VMM pins memory (VmPin): no page of this VM is evicted",
+            "the VMM pins no memory any more (VmPin 0)",
+            vm_id=ctx.vm_id,
+            pid=pid,
+            pinned_bytes=reading.pinned_bytes,
+        )
         tracker.pinned_bytes = reading.pinned_bytes
     uring = reading.uring
     if uring.unlisted != tracker.uring_unlisted:
-        if uring.unlisted is not None:
-            log.warning(
-                "the VMM's io_uring buffers cannot all be placed: no page of this VM is evicted",
-                vm_id=ctx.vm_id,
-                pid=tracker.pagemap.pid,
-                why=uring.unlisted,
-            )
-        else:
-            log.info("the VMM's io_uring buffers can all be placed again", vm_id=ctx.vm_id)
+        _log_change(
+            uring.unlisted is not None,
+            "the VMM's io_uring buffers cannot all be placed: no page of this VM is evicted",
+            "the VMM's io_uring buffers can all be placed again",
+            vm_id=ctx.vm_id,
+            pid=pid,
+            why=uring.unlisted,
+        )
         tracker.uring_unlisted = uring.unlisted
     for i, t in enumerate(tracker.regions):
         covered = uring.covered(t.region.host_virt_addr, t.region.size)
         if covered != t.uring_bytes:
-            if covered:
-                log.warning(
-                    "io_uring registered buffers of the VMM cover this region: not evicted "
-                    "while they do",
-                    vm_id=ctx.vm_id,
-                    region=i,
-                    covered_bytes=covered,
-                )
-            else:
-                log.info(
-                    "no io_uring buffer of the VMM covers this region now",
-                    vm_id=ctx.vm_id,
-                    region=i,
-                )
+            _log_change(
+                covered,
+                "io_uring registered buffers of the VMM cover this region: not evicted "
+                "while they do",
+                "no io_uring buffer of the VMM covers this region now",
+                vm_id=ctx.vm_id,
+                region=i,
+                covered_bytes=covered,
+            )
             t.uring_bytes = covered
     if reading.mappers is None or ids is None:
         return
     for i, (t, fid) in enumerate(zip(tracker.regions, ids, strict=True)):
         pids = tuple(sorted(reading.mappers.get(fid, ())))
         if pids != t.other_mappers:
-            if pids:
-                log.warning(
-                    "other processes map this region's memfd: not evicted while they do",
-                    vm_id=ctx.vm_id,
-                    region=i,
-                    memfd=str(fid),
-                    pids=list(pids),
-                )
-            else:
-                log.info("no other process maps this region's memfd now", vm_id=ctx.vm_id, region=i)
+            _log_change(
+                pids,
+                "other processes map this region's memfd: not evicted while they do",
+                "no other process maps this region's memfd now",
+                vm_id=ctx.vm_id,
+                region=i,
+                memfd=str(fid),
+                pids=list(pids),
+            )
             t.other_mappers = pids
 
 
