@@ -158,14 +158,15 @@ def adopt(
         vanished=record.vanished,
     )
     try:
+        listed = [_listed(vmap, i, t.region) for i, t in enumerate(tracker.regions)]
         if held:
             wp = record.mode is TrackingMode.WP_ASYNC
-            evictor_held.put_back(tracker, held, wp=wp)
+            evicted_now = [set(pages.tolist()) for pages, _ in listed]
+            evictor_held.put_back(tracker, held, wp=wp, listed=evicted_now)
             held = None
         evicted = stale = 0
-        for i, t in enumerate(tracker.regions):
-            listed, gens = _listed(vmap, i, t.region)
-            t.listed_resident = t.state.restore(t.resident(), listed, gens)
+        for t, (pages, gens) in zip(tracker.regions, listed, strict=True):
+            t.listed_resident = t.state.restore(t.resident(), pages, gens)
             evicted += t.state.evicted_pages
             stale += len(t.listed_resident)
     except BaseException:

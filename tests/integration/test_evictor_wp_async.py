@@ -340,6 +340,38 @@ async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor
         await s.check_every_raced_write_is_back()
 
 
+async def test_a_held_back_page_the_vmm_discarded_stays_discarded_across_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restart puts back from the parked pipes only pages the page map
+    still lists as evicted: one the VMM discarded after the punch (its
+    REMOVE seen and the map rewritten before wsd died) reads as zeros, not
+    as the bytes it had before the discard."""
+    vm_id = "wp-discarded"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        ctx, t = s.ctx, s.tracker.regions[0]
+        await s.evict_with_unreadable_pipes(monkeypatch)
+        faults = FaultService(ctx, asyncio.ensure_future)
+        with serving_faults(s.tracker, faults, s.ev) as unhandled:
+            await asyncio.to_thread(s.puppet.call, "discard", pages=[DISCARDED_PAGE])
+            assert not t.is_held_back(DISCARDED_PAGE)
+            await s.ev.save_map(force=True)
+            await faults.close()
+        assert not unhandled
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
+
+        resumed = await s.restart(tmp_path)
+        assert resumed.regions[0].state.evicted_pages == 0
+        # The discarded page is a hole that nothing lists: its fault gets zeros.
+        after = VmContext(vm_id, resumed, s.store, EvictorConfig())
+        faults = FaultService(after, asyncio.ensure_future)
+        with serving_faults(resumed, faults) as unhandled:
+            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
+            await faults.close()
+        assert not unhandled and after.stats.zero_fills == 1
+
+
 async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ says so.
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,12 +124,25 @@ class Parking:
         self.pool.close()
 
 
-def put_back(tracker: VmTracker, held: Mapping[int, int], *, wp: bool) -> dict[int, list[int]]:
+def put_back(
+    tracker: VmTracker,
+    held: Mapping[int, int],
+    *,
+    wp: bool,
+    listed: Sequence[Collection[int]],
+) -> dict[int, list[int]]:
     """Install the pages a killed wsd left in its parked pipes (``held``: part
     -> fd, owned and closed here) where their memfd offset is a hole; by
     region, the pages put back.  Runs before any fault is served.  The pipes
     are read without being emptied and leave the fd store only once done, so
-    a crash in here repeats it."""
+    a crash in here repeats it.
+
+    ``listed``: by region, the pages the page map lists as evicted.  Only
+    those are put back: a held-back page the VMM discarded later (a
+    balloon's ``MADV_REMOVE``) left the map when the dead wsd saw it go, and
+    stays a hole that reads as zeros, as the VMM asked.  A wsd killed
+    between that discard and the map's rewrite still puts its old bytes back.
+    """
     fds = [held[k] for k in sorted(held)]
     done: dict[int, list[int]] = {}
     try:
@@ -150,7 +163,8 @@ def put_back(tracker: VmTracker, held: Mapping[int, int], *, wp: bool) -> dict[i
         chunk = None
     try:
         if chunk is not None:
-            done = _install(tracker, _region_of(tracker, chunk), chunk, wp=wp)
+            t = _region_of(tracker, chunk)
+            done = _install(tracker, t, chunk, wp=wp, only=listed[chunk.region])
     except HeldLabelError as e:
         log.error("parked pipes name pages the session has not", vm_id=tracker.vm_id, error=str(e))
     finally:
