@@ -36,10 +36,14 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 # Reinstall only when the dependency list or the C extension changed (the
-# install builds wsd._pages_native and wsd.kernel._uapi in place, see setup.py).
+# install builds wsd._pages_native and wsd.kernel._uapi in place, see setup.py),
+# or when one of those built files is gone (a git clean that kept .venv).
 want=$(cat pyproject.toml setup.py wsd/_pages_build.py wsd/kernel/_uapi_build.py | sha256sum | cut -d' ' -f1)
 have=$(cat .venv/.wsd-deps 2>/dev/null || true)
-if [[ "$want" != "$have" ]]; then
+built=yes
+compgen -G 'wsd/_pages_native*.so' >/dev/null || built=
+[[ -f wsd/kernel/_uapi.py ]] || built=
+if [[ "$want" != "$have" || -z "$built" ]]; then
     echo "bootstrap: installing Python packages into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
