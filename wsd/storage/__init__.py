@@ -6,9 +6,10 @@ Typical use::
     await store.put(ns, {offset: page}, generation=g)
     await store.sync()          # only now may the page leave guest memory
     page = await store.get(ns, offset, generation=g)
-"""
 
-from typing import TYPE_CHECKING, Any
+``RedisStore`` is not exported here: redis-py is 74 of the 618 modules the
+daemon imported, so only a redis tier loads it (``wsd.storage.redis_store``).
+"""
 
 from wsd.storage.config import (
     STORAGE_CONFIG,
@@ -46,21 +47,6 @@ from wsd.storage.registry import BACKENDS, OpenContext, open_backend
 from wsd.storage.tiered_store import TieredStore
 from wsd.storage.zstd_store import ZstdStore
 
-if TYPE_CHECKING:
-    from wsd.storage.redis_store import RedisStore
-
-
-def __getattr__(name: str) -> Any:
-    # redis-py is 74 of the 618 modules wsd's daemon imported, and 0.16 of
-    # its 0.9 s start-up on the development host: loaded only by a redis
-    # tier, or by asking for it.
-    if name == "RedisStore":
-        from wsd.storage.redis_store import RedisStore  # noqa: PLC0415
-
-        return RedisStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "BACKENDS",
     "STORAGE_CONFIG",
@@ -79,7 +65,6 @@ __all__ = [
     "PageNotFound",
     "PageRef",
     "PageStore",
-    "RedisStore",
     "RedisStoreConfig",
     "SecretSource",
     "StorageConfig",

@@ -26,7 +26,6 @@ from wsd.storage import (
     PageNamespace,
     PageNotFound,
     PageStore,
-    RedisStore,
     RedisStoreConfig,
     SecretSource,
     TieredStore,
@@ -35,6 +34,7 @@ from wsd.storage import (
     ZstdStoreConfig,
 )
 from wsd.storage.conformance import CHECKS, Contract, sample_page
+from wsd.storage.redis_store import RedisStore
 
 Factory = Callable[[Path], Contract]
 

@@ -17,13 +17,13 @@ from wsd.storage import (
     IntegrityError,
     PageNamespace,
     PageNotFound,
-    RedisStore,
     RedisStoreConfig,
     StorageError,
     StorageFull,
     TierUnavailable,
 )
 from wsd.storage.record import SealedRecord, identity, payload_checksum
+from wsd.storage.redis_store import RedisStore
 from wsd.storage.redis_transport import ClusterTransport, group_by_slot, page_key, region_pattern
 
 NS = PageNamespace("vm1", 3)

@@ -17,7 +17,6 @@ from wsd.storage import (
     PageNamespace,
     PageNotFound,
     PageStore,
-    RedisStore,
     RedisStoreConfig,
     TieredStore,
     TieredStoreConfig,
@@ -25,6 +24,7 @@ from wsd.storage import (
     ZstdStore,
     ZstdStoreConfig,
 )
+from wsd.storage.redis_store import RedisStore
 from wsd.storage.zstd_store import RECORD_OVERHEAD
 
 NS = PageNamespace("vm1", 0)
