@@ -23,7 +23,7 @@ import pytest_asyncio
 from wsd.evictor import pagemap
 from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
-from wsd.kernel import Feature, pread
+from wsd.kernel import Feature, data_ranges, pread
 from wsd.storage import (
     FileStoreConfig,
     PageStore,
@@ -32,6 +32,7 @@ from wsd.storage import (
 from wsd.testing.arming import track_puppet
 from wsd.testing.flaky import FlakyStore
 from wsd.testing.life_events import (
+    EVICT_IDLE_FOR_ONE_CYCLE,
     call,
     evict,
     evicting_settings,
@@ -178,6 +179,36 @@ async def test_vmpin_stops_eviction_of_the_whole_vm(
     await call(puppet, "unpin")
     await check(ev, unevictable_reason, force=True)
     assert ev.reasons[0] is None
+
+
+async def test_a_pin_made_after_the_prepare_keeps_its_pages_from_the_punch(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore, tmp_path: Path
+) -> None:
+    """wp-async punches an interval after the prepare read the pins, with no
+    window in which a pin's GUP shows as an access.  The commit reads the pins
+    again: a daemon that trusted the prepare's reading would punch pages a
+    device may now be writing."""
+    state_dir = tmp_path / "state"
+    ctx, _, ev = evictor_session(tracker, file_store, state_dir, **EVICT_IDLE_FOR_ONE_CYCLE)
+    for _ in range(3):
+        await tracker.cycle()
+    await ev.prepare()
+    prepared = {p for batch in ev._prepared for p in batch.pages.tolist()}
+    assert len(prepared) == SIZE // 4096
+    await call(puppet, "pin", bytes=1 << 20)
+    await tracker.cycle(ev.commit)
+    assert ctx.stats.evicted_pages == 0
+    assert data_ranges(puppet.memfd, 0, SIZE) == [(0, SIZE)]
+    assert ev.reasons[0] is not None and "VmPin" in ev.reasons[0]
+    # Their stored copies go, and the map on disk no longer lists them.
+    assert prepared <= ctx.discards[0]
+    saved = pagemap.load(pagemap.path_for(state_dir, "life"))
+    assert not len(saved.regions[0].pages)
+    # Unpinned, the next prepare and commit evict again.
+    await call(puppet, "unpin")
+    await ev.prepare()
+    await tracker.cycle(ev.commit)
+    assert ctx.stats.evicted_pages == SIZE // 4096
 
 
 async def test_io_uring_buffers_over_guest_memory_are_placed_from_the_rings_fdinfo(

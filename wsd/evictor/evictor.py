@@ -167,8 +167,40 @@ class Evictor:
             if not tracker.in_window:
                 return  # not called by the cycle: nothing makes a punch safe now
             self.ctx.stats.windows += 1
+        elif prepared:
+            prepared = await self._still_evictable(prepared)
         for batch in prepared:
             await self._commit_in_chunks(batch, hot[batch.region])
+
+    async def _still_evictable(self, prepared: list[Prepared]) -> list[Prepared]:
+        """wp-async: read the VMM's pins again; the batches of regions that may
+        still be evicted.
+
+        The pins were read before the prepare, an interval ago, and without a
+        sync window nothing turns a pin made since into an access: a device
+        pinned meanwhile would go on writing a page this commit punches, and
+        the guest would later get the stored copy without that write.  The
+        other batches' pages stay resident; their stored copies are dropped.
+        """
+        ctx = self.ctx
+        await guards.check(self, unevictable_reason, pins_only=True)
+        kept = []
+        for batch in prepared:
+            if self.reasons[batch.region] is None:
+                kept.append(batch)
+                continue
+            ctx.discards[batch.region].update(batch.pages.tolist())
+            self.map_dirty = True  # the map on disk lists them as evicted
+            log.warning(
+                "prepared pages not punched: their region may not be evicted now",
+                vm_id=ctx.vm_id,
+                region=batch.region,
+                pages=len(batch.pages),
+                reason=self.reasons[batch.region],
+            )
+        if self.map_dirty:
+            await self.save_map()
+        return kept
 
     async def prepare(self) -> None:
         """Between windows: store the next pages to evict, for the next commit."""

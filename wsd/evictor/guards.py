@@ -19,9 +19,12 @@
   before the mapper appeared, they are written back into the memfd at once.
 
 The pins are read (in a thread) before each prepare: a few small files of
-the VMM's.  A pin that appears after that read can still meet the punch
-that follows it in wp-async mode, which has no sync window; in rwp mode the
-pin's GUP is an access that keeps its pages from that punch.  The ``/proc``
+the VMM's.  In rwp mode a pin that appears after that read is still safe: its
+GUP is an access, which keeps its pages from the punch in the window.
+wp-async has no window, and its punch comes an interval after the prepare, so
+there the pins are read once more right before the commit
+(``Evictor.commit``); only a pin made during the commit itself can still meet
+its punch.  The ``/proc``
 walk for other mappers is slow, so it runs before the session's first
 eviction and then every :data:`CHECK_EVERY_CYCLES` cycles.  A mapper that
 appears between two walks can see holes for up to that many intervals:
@@ -115,15 +118,20 @@ def read_guards(
 
 
 async def check(
-    evictor: Evictor, reason: Reason, *, proc: Path = PROC, force: bool = False
+    evictor: Evictor,
+    reason: Reason,
+    *,
+    proc: Path = PROC,
+    force: bool = False,
+    pins_only: bool = False,
 ) -> None:
     """Re-read the VMM's pins, and every :data:`CHECK_EVERY_CYCLES` cycles (and
-    first thing) the other mappers; then recompute which regions may be
-    evicted, logging every change."""
+    first thing, or with ``force``) the other mappers, never with ``pins_only``;
+    then recompute which regions may be evicted, logging every change."""
     ctx = evictor.ctx
     tracker = ctx.tracker
     ids = None
-    if (
+    if not pins_only and (
         force
         or tracker.guards_checked_at is None
         or (tracker.cycles - tracker.guards_checked_at >= CHECK_EVERY_CYCLES)
