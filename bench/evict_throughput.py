@@ -61,8 +61,9 @@ from fault_latency import (  # a sibling script, not a package
 )
 
 from wsd.collector import freeze_startup_objects
-from wsd.evictor import Evictor, VmContext
 from wsd.evictor import evictor as evictor_module
+from wsd.evictor.context import VmContext
+from wsd.evictor.evictor import Evictor
 from wsd.kernel import Feature, RegisterMode, Userfaultfd, data_ranges, probe_kernel
 from wsd.priority import raise_fault_service
 from wsd.tracker.mode import TrackingMode, choose_mode

@@ -76,10 +76,14 @@ import numpy.typing as npt
 import uvloop
 
 from wsd.collector import freeze_startup_objects
-from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import VmContext
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.kernel import Feature, PageFault, RegisterMode, Userfaultfd, probe_kernel
 from wsd.priority import raise_fault_service
-from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig, open_backend
+from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig
+from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_memory
 from wsd.testing.running import serving_faults
 from wsd.tracker.mode import choose_mode

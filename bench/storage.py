@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO / "tests" / "integration" / "storage"))
 
 from redis_server import RedisServer  # noqa: E402
 
-from wsd.storage import PageNamespace, PageStore, open_backend, parse_storage_config  # noqa: E402
+from wsd.storage import PageNamespace, PageStore, parse_storage_config  # noqa: E402
 from wsd.storage.conformance import sample_page  # noqa: E402
+from wsd.storage.registry import open_backend  # noqa: E402
 
 PAGE = 4096
 MB = 1e6

@@ -16,7 +16,7 @@ from wsd.access import AccessConfig
 from wsd.evictor import EvictorConfig
 from wsd.logs import LogFormat, LogLevel
 from wsd.storage import StorageConfig
-from wsd.tracker.mode import TrackingMode
+from wsd.tracker import TrackingMode
 from wsd.vmm.limits import HandoffLimits
 
 

@@ -32,11 +32,16 @@ from wsd import fdstore, recovery, resume, sdnotify
 from wsd.access import AccessPolicy
 from wsd.collector import freeze_startup_objects, thaw_startup_objects
 from wsd.config import MetricsSection, WsdConfig
-from wsd.control import ControlCommands, ControlServer, EvictionRequest
+from wsd.control.commands import ControlCommands
+from wsd.control.eviction import EvictionRequest
+from wsd.control.server import ControlServer
 from wsd.durations import CycleTimings
-from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
 from wsd.evictor.events import on_event
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.kernel import (
     KernelError,
     KernelFeatures,
@@ -48,7 +53,8 @@ from wsd.kernel import (
 from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
 from wsd.priority import raise_fault_service
 from wsd.recovery import RecoveryError
-from wsd.storage import PageStore, StorageConfig, StorageError, open_backend
+from wsd.storage import PageStore, StorageConfig, StorageError
+from wsd.storage.registry import open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.limits import HandoffLimits

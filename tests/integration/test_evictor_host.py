@@ -18,17 +18,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from wsd.evictor import Evictor, EvictorConfig, FaultService, OnDeadline, VmContext, pagemap
+from wsd.evictor import EvictorConfig, OnDeadline, pagemap
+from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.kernel import data_ranges
-from wsd.storage import (
-    FileStoreConfig,
-    PageNamespace,
-    PageStore,
-    TierUnavailable,
-    ZstdStoreConfig,
-    open_backend,
-)
+from wsd.storage import FileStoreConfig, PageNamespace, PageStore, TierUnavailable, ZstdStoreConfig
+from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.flaky import FlakyStore
 from wsd.testing.puppet_vmm import PuppetVMM

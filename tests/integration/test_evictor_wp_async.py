@@ -26,18 +26,15 @@ import pytest
 
 from wsd import fdstore, resume
 from wsd.daemon import Daemon
-from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor import EvictorConfig
 from wsd.evictor import held as evictor_held
+from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.kernel import HeldPages, KernelError, Userfaultfd, probe_kernel
-from wsd.storage import (
-    FileStoreConfig,
-    PageNamespace,
-    PageStore,
-    StorageConfig,
-    ZstdStoreConfig,
-    open_backend,
-)
+from wsd.storage import FileStoreConfig, PageNamespace, PageStore, StorageConfig, ZstdStoreConfig
+from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, hammer, hammer_daemon
 from wsd.testing.puppet_vmm import DISCARDED, PuppetVMM

@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from wsd.guest import GuestError, GuestProcess, HotSpec, Pattern, parse_hot, parse_size
+from wsd.guest import HotSpec, Pattern, parse_hot, parse_size
 from wsd.guest.cli import add_parser, config_from_args
 from wsd.guest.hotset import HotSets
 from wsd.guest.native import load_native
+from wsd.guest.process import GuestError, GuestProcess
 from wsd.guest.workload import describe_found
 from wsd.kernel import (
     FdKind,

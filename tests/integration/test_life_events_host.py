@@ -24,11 +24,8 @@ from wsd.evictor import pagemap
 from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
 from wsd.kernel import Feature, data_ranges, pread
-from wsd.storage import (
-    FileStoreConfig,
-    PageStore,
-    open_backend,
-)
+from wsd.storage import FileStoreConfig, PageStore
+from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.flaky import FlakyStore
 from wsd.testing.life_events import (

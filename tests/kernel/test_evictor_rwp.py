@@ -27,10 +27,14 @@ import numpy.typing as npt
 import pytest
 
 from wsd.daemon import Daemon, Session
-from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import VmContext
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.evictor.transaction import not_punched
 from wsd.kernel import Feature, data_ranges
-from wsd.storage import FileStoreConfig, StorageConfig, ZstdStoreConfig, open_backend
+from wsd.storage import FileStoreConfig, StorageConfig, ZstdStoreConfig
+from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.hammer import (
     AGGRESSIVE,

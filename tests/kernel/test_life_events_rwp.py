@@ -34,7 +34,8 @@ from wsd.evictor.guards import CHECK_EVERY_CYCLES
 from wsd.guest.process import GuestProcess
 from wsd.kernel import Feature, data_ranges, pinned_bytes, pread
 from wsd.snapshot import vm_snapshot
-from wsd.storage import FileStoreConfig, PageStore, open_backend
+from wsd.storage import FileStoreConfig, PageStore
+from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.life_events import (
     EVICT_IDLE_FOR_ONE_CYCLE,

@@ -17,21 +17,17 @@ import numpy as np
 import pytest
 
 from wsd.access import AccessPolicy
-from wsd.control import (
-    Command,
-    ControlCommands,
-    ControlError,
-    ControlServer,
-    ErrorCode,
-    EvictionRequest,
-    Request,
-)
+from wsd.control import Command, ControlError, ErrorCode, Request
 from wsd.control.client import ControlUnreachable, request
+from wsd.control.commands import ControlCommands
+from wsd.control.eviction import EvictionRequest
 from wsd.control.protocol import MAX_LINE_BYTES, encode, parse_reply, parse_request
 from wsd.control.render import format_bytes, format_duration, format_status
+from wsd.control.server import ControlServer
 from wsd.control.status import daemon_status
 from wsd.daemon import _prepare
-from wsd.evictor import EvictorConfig, EvictorStats
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import EvictorStats
 from wsd.evictor.policy import VmPolicy
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters

@@ -31,8 +31,10 @@ from hypothesis import strategies as st
 from test_control import fake_daemon, fake_session
 
 from wsd.access import AccessPolicy, PeerCred
-from wsd.control import Command, ControlCommands, ControlServer, ErrorCode
+from wsd.control import Command, ErrorCode
+from wsd.control.commands import ControlCommands
 from wsd.control.protocol import CONTROL_VERSION, parse_request
+from wsd.control.server import ControlServer
 from wsd.daemon import _prepare
 
 # No example database: CI runs are fresh, and the fuzz must not write into the tree.

@@ -18,7 +18,8 @@ import pytest
 import pytest_asyncio
 
 from wsd.access import AccessPolicy
-from wsd.control import ControlServer, Request
+from wsd.control import Request
+from wsd.control.server import ControlServer
 from wsd.vmm.limits import HandoffLimits
 
 TIMEOUT = 0.3

@@ -7,7 +7,8 @@ from typing import cast
 
 import numpy as np
 
-from wsd.evictor import EvictorConfig, VmContext
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import VmContext
 from wsd.tracker.session import TrackedRegion, VmTracker
 from wsd.tracker.state import Granularity, RegionState
 from wsd.vmm.protocol import Region

@@ -8,7 +8,7 @@ from typing import cast
 
 from structlog.testing import capture_logs
 
-from wsd.evictor import EvictorStats, VmContext
+from wsd.evictor.context import EvictorStats, VmContext
 from wsd.evictor.outage import MAX_BACKOFF_INTERVALS, StoreBackoff
 from wsd.storage import StorageFull, TierUnavailable
 

@@ -14,8 +14,9 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from wsd.evictor import EvictorConfig, FaultService, OnDeadline, VmContext
-from wsd.evictor.faults import FaultResult
+from wsd.evictor import EvictorConfig, OnDeadline
+from wsd.evictor.context import VmContext
+from wsd.evictor.faults import FaultResult, FaultService
 from wsd.kernel import PageFault
 from wsd.kernel.uffd import FaultFlag
 from wsd.storage import PageNamespace, StoredPage, TierUnavailable

@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from wsd import __version__
 from wsd.daemon import Daemon
 from wsd.durations import FAULT_BUCKETS, CycleTimings, LabelledDurations
-from wsd.evictor import EvictorConfig, EvictorStats
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import EvictorStats
 from wsd.evictor.faults import FaultResult
 from wsd.evictor.policy import VmPolicy
 from wsd.kernel import thread_nice

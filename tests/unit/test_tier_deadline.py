@@ -17,7 +17,8 @@ import pytest_asyncio
 from wsd import config
 from wsd.evictor import EvictorConfig
 from wsd.evictor.deadline import MAX_STUCK_CALLS, TierCalls
-from wsd.storage import PageNamespace, TierTimeout, ZstdStore, ZstdStoreConfig
+from wsd.storage import PageNamespace, TierTimeout, ZstdStoreConfig
+from wsd.storage.zstd_store import ZstdStore
 from wsd.testing.outage import HangingTier
 
 DEADLINE = 0.1

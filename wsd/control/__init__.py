@@ -3,19 +3,11 @@
 :mod:`.protocol` is the wire format (docs/control.md), :mod:`.server` serves
 it on the daemon's loop, :mod:`.commands` carries requests out against the
 daemon, :mod:`.client` and :mod:`.cli` are the command line's side.
+
+Only the wire format is exported here: the daemon's side is imported from
+its modules, so that ``wsd status`` does not load the daemon.
 """
 
-from .commands import ControlCommands
-from .eviction import EvictionRequest
 from .protocol import Command, ControlError, ErrorCode, Request
-from .server import ControlServer
 
-__all__ = [
-    "Command",
-    "ControlCommands",
-    "ControlError",
-    "ControlServer",
-    "ErrorCode",
-    "EvictionRequest",
-    "Request",
-]
+__all__ = ["Command", "ControlError", "ErrorCode", "Request"]

@@ -2,9 +2,9 @@
 
 The daemon's cycle task drives it, so it follows the evictor's own two
 phases and needs no extra safety argument: after a cycle, instead of the
-usual :meth:`~wsd.evictor.Evictor.prepare`, :meth:`EvictionRequest.prepare`
+usual :meth:`~wsd.evictor.evictor.Evictor.prepare`, :meth:`EvictionRequest.prepare`
 stores the pages idle in the last interval
-(:meth:`~wsd.evictor.Evictor.prepare_idle`); the next cycle's window commits
+(:meth:`~wsd.evictor.evictor.Evictor.prepare_idle`); the next cycle's window commits
 them as it commits any prepared batch; then :meth:`EvictionRequest.committed`
 answers with what that commit evicted.
 """
@@ -15,7 +15,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from wsd.evictor import Evictor, EvictorStats
+from wsd.evictor.context import EvictorStats
+from wsd.evictor.evictor import Evictor
 
 from .protocol import ControlError, ErrorCode
 

@@ -7,8 +7,11 @@ Typical use::
     await store.sync()          # only now may the page leave guest memory
     page = await store.get(ns, offset, generation=g)
 
-``RedisStore`` is not exported here: redis-py is 74 of the 618 modules the
-daemon imported, so only a redis tier loads it (``wsd.storage.redis_store``).
+This package exports the light part: configuration, errors, page types and
+the Protocol.  The backends and the registry that opens them (numpy, zstd,
+cryptography, redis-py) are imported from their modules, ``wsd.storage.registry``
+and ``wsd.storage.<kind>_store``, so that the command line's client commands,
+which read the configuration, do not load them.
 """
 
 from wsd.storage.config import (
@@ -34,7 +37,6 @@ from wsd.storage.errors import (
     TierTimeout,
     TierUnavailable,
 )
-from wsd.storage.file_store import FileStore
 from wsd.storage.page import (
     BackendKind,
     PageNamespace,
@@ -43,24 +45,18 @@ from wsd.storage.page import (
     StoreStats,
 )
 from wsd.storage.protocol import DemotionSource, InlineGet, PageStore
-from wsd.storage.registry import BACKENDS, OpenContext, open_backend
-from wsd.storage.tiered_store import TieredStore
-from wsd.storage.zstd_store import ZstdStore
 
 __all__ = [
-    "BACKENDS",
     "STORAGE_CONFIG",
     "BackendKind",
     "BudgetExceeded",
     "DemotionSource",
     "EncryptionConfig",
     "EncryptionKeyError",
-    "FileStore",
     "FileStoreConfig",
     "InlineGet",
     "IntegrityError",
     "InvalidPage",
-    "OpenContext",
     "PageNamespace",
     "PageNotFound",
     "PageRef",
@@ -75,10 +71,7 @@ __all__ = [
     "StoredPage",
     "TierTimeout",
     "TierUnavailable",
-    "TieredStore",
     "TieredStoreConfig",
-    "ZstdStore",
     "ZstdStoreConfig",
-    "open_backend",
     "parse_storage_config",
 ]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from wsd.daemon import Daemon, Settings
-from wsd.evictor import EvictorConfig, EvictorStats
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import EvictorStats
 from wsd.guest.process import GuestProcess
 from wsd.storage import StorageConfig
 from wsd.testing.running import running_daemon

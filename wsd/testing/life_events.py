@@ -17,7 +17,10 @@ import numpy as np
 
 from wsd.attach.discover import parse_smaps, uffd_flags
 from wsd.daemon import Settings
-from wsd.evictor import Evictor, EvictorConfig, FaultService, VmContext
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import VmContext
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.kernel import probe_kernel
 from wsd.storage import FileStoreConfig
 from wsd.testing.puppet_vmm import PuppetVMM

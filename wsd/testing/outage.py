@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from wsd.config import MetricsSection
 from wsd.daemon import Daemon, Session, Settings
-from wsd.evictor import EvictorConfig, EvictorStats
+from wsd.evictor import EvictorConfig
+from wsd.evictor.context import EvictorStats
 from wsd.evictor.faults import FaultResult
 from wsd.guest.process import GuestProcess
 from wsd.kernel import data_ranges

@@ -9,8 +9,9 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 
 from wsd.daemon import Daemon, Settings
-from wsd.evictor import Evictor, FaultService
 from wsd.evictor.events import on_event
+from wsd.evictor.evictor import Evictor
+from wsd.evictor.faults import FaultService
 from wsd.kernel import PageFault
 from wsd.tracker.session import VmTracker
 

@@ -14,18 +14,13 @@ them.  With no sync window, eviction verifies each punch instead
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from wsd.kernel import FeatureUnavailable, KernelFeatures, RegisterMode
 from wsd.kernel.uffd import Feature, Ioctl, feature_requirement
+from wsd.tracker import TrackingMode
 
 __all__ = ["ModeDecision", "TrackingMode", "choose_mode"]
-
-
-class TrackingMode(enum.StrEnum):
-    RWP = "rwp"
-    WP_ASYNC = "wp-async"
 
 
 # uffd features each mode cannot work without.  MISSING_SHMEM is for the

@@ -14,14 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_server import RedisServer
 
-from wsd.storage import (
-    PageNamespace,
-    PageNotFound,
-    PageStore,
-    open_backend,
-    parse_storage_config,
-)
+from wsd.storage import PageNamespace, PageNotFound, PageStore, parse_storage_config
 from wsd.storage.conformance import CHECKS, Contract, sample_page
+from wsd.storage.registry import open_backend
 
 pytestmark = pytest.mark.integration
 

@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from wsd.storage import (
-    FileStore,
-    FileStoreConfig,
-    PageNamespace,
-    PageNotFound,
-    StorageFull,
-)
+from wsd.storage import FileStoreConfig, PageNamespace, PageNotFound, StorageFull
+from wsd.storage.file_store import FileStore
 
 pytestmark = pytest.mark.integration
 

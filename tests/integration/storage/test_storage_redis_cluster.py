@@ -12,8 +12,9 @@ import pytest
 import redis
 from redis_server import RedisServer, free_cluster_port
 
-from wsd.storage import PageNamespace, PageStore, open_backend, parse_storage_config
+from wsd.storage import PageNamespace, PageStore, parse_storage_config
 from wsd.storage.conformance import CHECKS, Contract, sample_pages
+from wsd.storage.registry import open_backend
 
 pytestmark = pytest.mark.integration
 

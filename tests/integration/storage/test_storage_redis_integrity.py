@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer
 
-from wsd.storage import (
-    IntegrityError,
-    PageNamespace,
-    PageStore,
-    open_backend,
-    parse_storage_config,
-)
+from wsd.storage import IntegrityError, PageNamespace, PageStore, parse_storage_config
 from wsd.storage.record import SealedRecord, identity, payload_checksum
 from wsd.storage.redis_transport import page_key
+from wsd.storage.registry import open_backend
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from wsd.storage import (
     PageNotFound,
     PageStore,
     TierUnavailable,
-    open_backend,
     parse_storage_config,
 )
 from wsd.storage.conformance import sample_pages
+from wsd.storage.registry import open_backend
 
 pytestmark = pytest.mark.integration
 

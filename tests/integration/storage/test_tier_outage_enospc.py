@@ -23,7 +23,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from wsd.evictor.outage import MAX_BACKOFF_INTERVALS
-from wsd.storage import FileStore, FileStoreConfig, PageNamespace, StorageFull
+from wsd.storage import FileStoreConfig, PageNamespace, StorageFull
+from wsd.storage.file_store import FileStore
 from wsd.testing.outage import (
     INTERVAL,
     OUTAGE_EVICTOR,

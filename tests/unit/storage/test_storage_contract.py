@@ -19,7 +19,6 @@ from storage_fakes import FakeRedisServer, write_key
 
 from wsd.storage import (
     EncryptionConfig,
-    FileStore,
     FileStoreConfig,
     InlineGet,
     IntegrityError,
@@ -28,13 +27,14 @@ from wsd.storage import (
     PageStore,
     RedisStoreConfig,
     SecretSource,
-    TieredStore,
     TieredStoreConfig,
-    ZstdStore,
     ZstdStoreConfig,
 )
 from wsd.storage.conformance import CHECKS, Contract, sample_page
+from wsd.storage.file_store import FileStore
 from wsd.storage.redis_store import RedisStore
+from wsd.storage.tiered_store import TieredStore
+from wsd.storage.zstd_store import ZstdStore
 
 Factory = Callable[[Path], Contract]
 

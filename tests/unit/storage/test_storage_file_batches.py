@@ -15,16 +15,11 @@ from file_layout import flip, region_paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsd.storage import (
-    FileStore,
-    FileStoreConfig,
-    IntegrityError,
-    PageNamespace,
-    PageNotFound,
-)
+from wsd.storage import FileStoreConfig, IntegrityError, PageNamespace, PageNotFound
 from wsd.storage.conformance import sample_page, sample_pages
 from wsd.storage.file_codec import VECTOR_PAGES, FileCodec
 from wsd.storage.file_format import ENTRY_BYTES, ENTRY_FIELDS, INDEX_BASE, runs
+from wsd.storage.file_store import FileStore
 from wsd.storage.record import (
     MAGIC,
     VERSION,

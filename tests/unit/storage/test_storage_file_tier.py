@@ -14,7 +14,6 @@ from structlog.testing import capture_logs
 from wsd.storage import (
     BudgetExceeded,
     EncryptionKeyError,
-    FileStore,
     FileStoreConfig,
     IntegrityError,
     InvalidPage,
@@ -22,6 +21,7 @@ from wsd.storage import (
     StorageError,
 )
 from wsd.storage.file_format import ENTRY, ENTRY_BYTES, INDEX_BASE, runs
+from wsd.storage.file_store import FileStore
 from wsd.storage.record import SealedRecord, identity, payload_checksum
 
 NS = PageNamespace("vm1", 0)

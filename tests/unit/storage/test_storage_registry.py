@@ -10,18 +10,17 @@ import pytest
 from storage_fakes import FakeClock, write_key
 
 from wsd.storage import (
-    BACKENDS,
     BackendKind,
     EncryptionKeyError,
-    FileStore,
     PageNamespace,
-    TieredStore,
     TierUnavailable,
-    ZstdStore,
-    open_backend,
     parse_storage_config,
 )
 from wsd.storage.concurrency import OffsetGuard
+from wsd.storage.file_store import FileStore
+from wsd.storage.registry import BACKENDS, open_backend
+from wsd.storage.tiered_store import TieredStore
+from wsd.storage.zstd_store import ZstdStore
 
 NS = PageNamespace("vm1", 0)
 

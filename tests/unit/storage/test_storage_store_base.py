@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from wsd.storage import PageNamespace, StoreClosed, ZstdStore, ZstdStoreConfig
+from wsd.storage import PageNamespace, StoreClosed, ZstdStoreConfig
 from wsd.storage.store_base import StoreBase
+from wsd.storage.zstd_store import ZstdStore
 
 NS = PageNamespace("vm1", 0)
 P = 4096

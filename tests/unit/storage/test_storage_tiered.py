@@ -11,21 +11,20 @@ from storage_fakes import FakeClock, FakeRedisServer
 from zstd_layout import record_at, replace_record
 
 from wsd.storage import (
-    FileStore,
     FileStoreConfig,
     IntegrityError,
     PageNamespace,
     PageNotFound,
     PageStore,
     RedisStoreConfig,
-    TieredStore,
     TieredStoreConfig,
     TierUnavailable,
-    ZstdStore,
     ZstdStoreConfig,
 )
+from wsd.storage.file_store import FileStore
 from wsd.storage.redis_store import RedisStore
-from wsd.storage.zstd_store import RECORD_OVERHEAD
+from wsd.storage.tiered_store import TieredStore
+from wsd.storage.zstd_store import RECORD_OVERHEAD, ZstdStore
 
 NS = PageNamespace("vm1", 0)
 P = 4096

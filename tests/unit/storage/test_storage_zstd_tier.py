@@ -10,10 +10,10 @@ import pytest
 import zstandard
 from zstd_layout import record_at, replace_record
 
-from wsd.storage import BudgetExceeded, IntegrityError, PageNamespace, ZstdStore, ZstdStoreConfig
+from wsd.storage import BudgetExceeded, IntegrityError, PageNamespace, ZstdStoreConfig
 from wsd.storage.conformance import sample_pages
 from wsd.storage.record import PayloadKind
-from wsd.storage.zstd_store import RECORD_OVERHEAD
+from wsd.storage.zstd_store import RECORD_OVERHEAD, ZstdStore
 
 NS = PageNamespace("vm1", 0)
 P = 4096

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from wsd.storage import PageNamespace, ZstdStore
+from wsd.storage import PageNamespace
 from wsd.storage.record import SealedRecord
+from wsd.storage.zstd_store import ZstdStore
 
 
 def record_at(store: ZstdStore, ns: PageNamespace, offset: int) -> SealedRecord:
