@@ -1,4 +1,10 @@
-"""The ``wsd`` command line."""
+"""The ``wsd`` command line.
+
+Each command loads what it runs when it runs: the parser is built from light
+modules only, so that ``wsd status`` and ``wsd vm`` (a socket and a few
+pydantic models) do not pay for the daemon, numpy and the kernel layer.
+``tests/unit/test_cmdline.py`` keeps it so.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,17 @@ import json
 import sys
 from pathlib import Path
 
-from wsd import config, daemon, demo, kernel_info, logs
+from wsd import config, demo, logs
 from wsd.attach import cli as attach_cli
 from wsd.control import cli as control_cli
 from wsd.guest import cli as guest_cli
-from wsd.kernel import FeatureUnavailable, probe_kernel
-from wsd.tracker.mode import TrackingMode
+from wsd.tracker import TrackingMode
 
 
 def _kernel_info(args: argparse.Namespace) -> int:
+    from wsd import kernel_info  # noqa: PLC0415 (see the module docstring)
+    from wsd.kernel import probe_kernel  # noqa: PLC0415
+
     k = probe_kernel()
     if args.json:
         print(json.dumps(kernel_info.as_json(k), indent=2))
@@ -39,6 +47,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from wsd import daemon  # noqa: PLC0415 (see the module docstring)
+
     try:
         cfg = config.load(args.config) if args.config else config.WsdConfig()
     except config.ConfigError as e:
@@ -112,10 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _feature_unavailable(e: Exception) -> bool:
+    """Whether ``e`` is the kernel layer's FeatureUnavailable.  Only a command
+    that loaded that layer can raise it, so it is not loaded to find out."""
+    errors = sys.modules.get("wsd.kernel.errors")
+    return errors is not None and isinstance(e, errors.FeatureUnavailable)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except FeatureUnavailable as e:
+    except Exception as e:
+        if not _feature_unavailable(e):
+            raise
         print(f"wsd: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,15 +1,20 @@
-"""What ``wsd attach`` and ``wsd status`` / ``wsd vm`` share: the socket, the failures."""
+"""The command line: what ``wsd attach`` and ``wsd status`` / ``wsd vm`` share (the
+socket, the failures), and what the parser loads."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from wsd import kernel
 from wsd.cli import main
 from wsd.cmdline import Exit, attempt, socket_path
 from wsd.config import ConfigError
+from wsd.kernel import FeatureUnavailable
 
 
 def args(socket: Path | None = None, config: Path | None = None) -> argparse.Namespace:
@@ -62,3 +67,51 @@ def test_a_bad_config_file_is_exit_status_2_for_every_client(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(prefix) and "no_such_key" in err, err
+
+
+# What the daemon's side loads; a client command loads none of it (wsd.cli).
+HEAVY = (
+    "numpy",
+    "uvloop",
+    "prometheus_client",
+    "redis",
+    "zstandard",
+    "cryptography",
+    "wsd.daemon",
+    "wsd.kernel",
+    "wsd.evictor.evictor",
+    "wsd.storage.registry",
+    "wsd.attach.adopt",
+    "wsd.guest.process",
+)
+
+
+def test_the_command_line_loads_nothing_a_client_command_does_not_run() -> None:
+    code = f"import sys, wsd.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out
+
+
+def test_a_missing_kernel_feature_is_exit_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unavailable() -> None:
+        raise FeatureUnavailable("userfaultfd(2)", "CONFIG_USERFAULTFD=y")
+
+    monkeypatch.setattr(kernel, "probe_kernel", unavailable)
+    with pytest.raises(SystemExit) as e:
+        main(["kernel-info"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wsd: ") and "userfaultfd(2)" in err and "CONFIG_USERFAULTFD=y" in err
+
+
+def test_other_errors_of_a_command_are_not_turned_into_exit_statuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(kernel, "probe_kernel", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["kernel-info"])

@@ -4,8 +4,3 @@
 userfaultfd (ptrace, x86_64), ``adopt`` takes the fds and hands them to wsd,
 ``cli`` is the command.
 """
-
-from .adopt import Attached, attach
-from .discover import NotAttachable
-
-__all__ = ["Attached", "NotAttachable", "attach"]

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_SOCKET, GuestConfig, Pattern, Thp, parse_hot, parse_size
-from .run import EXIT_SETUP, run
 
 __all__ = ["add_parser", "config_from_args", "main"]
 
@@ -147,6 +146,8 @@ def config_from_args(args: argparse.Namespace) -> GuestConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .run import EXIT_SETUP, run  # noqa: PLC0415 (module docstring of wsd.cli)
+
     try:
         config = config_from_args(args)
     except ValueError as e:

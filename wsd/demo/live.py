@@ -1,12 +1,4 @@
-"""``wsd demo``: the daemon and a synthetic guest, live, in one command.
-
-wsd runs in this process, as ``wsd run`` would (uvloop, one root TaskGroup),
-with a file tier in a temporary directory, metrics on a free local port and a
-control socket.  ``wsd guest`` runs beside it as the VMM: self-checking pages,
-a hot set that moves every few seconds.  One line per second shows what wsd
-sees and does; at the end the guest stops, re-reads and checks every page,
-and the summary says whether any byte was lost.
-"""
+"""The live part of ``wsd demo``: the daemon, the guest and the view (:mod:`wsd.demo`)."""
 
 from __future__ import annotations
 
@@ -24,6 +16,7 @@ import uvloop
 from wsd import logs
 from wsd.config import MetricsSection
 from wsd.daemon import Daemon, Session, Settings
+from wsd.demo import DemoOptions
 from wsd.evictor import EvictorConfig
 from wsd.evictor.drain import drain
 from wsd.guest.process import GuestError, GuestProcess
@@ -55,16 +48,6 @@ SHOWN_METRICS = (
     "wsd_fetched_pages_total",
     "wsd_fault_latency_seconds_count",
 )
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    seconds: float = 30.0
-    size: str = "256M"
-    hot: str = "10%"
-    phase_seconds: float = 10.0
-    interval: float = 0.5
-    threads: int = 2
 
 
 def run(opts: DemoOptions) -> int:
