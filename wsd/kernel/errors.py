@@ -85,6 +85,13 @@ class FeatureUnavailable(KernelError):
         super().__init__(err, f"{feature} is not available", detail=f"needs {requirement}")
         self.feature = feature
         self.requirement = requirement
+        # Not OSError's "[Errno 95] ... failed: ...": nothing wsd attempted
+        # failed, the kernel lacks something.
+        reason = f"{errno_mod.errorcode.get(err, str(err))}: {os.strerror(err)}"
+        self._text = f"{feature} is not available ({reason}); needs {requirement}"
+
+    def __str__(self) -> str:
+        return self._text
 
 
 # The builtin OSError subclasses, as PEP 3151 maps errnos to them.
