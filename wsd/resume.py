@@ -17,6 +17,7 @@ fds out of the store and delete the description and the page map.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -159,14 +160,26 @@ def adopt(
     )
     try:
         listed = [_listed(vmap, i, t.region) for i, t in enumerate(tracker.regions)]
+        gone = [_logged_removed(vmap, i, pages, gens) for i, (pages, gens) in enumerate(listed)]
         if held:
             wp = record.mode is TrackingMode.WP_ASYNC
-            evicted_now = [set(pages.tolist()) for pages, _ in listed]
+            evicted_now = [
+                set(pages.tolist()).difference(g.tolist())
+                for (pages, _), g in zip(listed, gone, strict=True)
+            ]
             evictor_held.put_back(tracker, held, wp=wp, listed=evicted_now)
             held = None
-        evicted = stale = 0
-        for t, (pages, gens) in zip(tracker.regions, listed, strict=True):
+        evicted = stale = removed = 0
+        for t, (pages, gens), g in zip(tracker.regions, listed, gone, strict=True):
             t.listed_resident = t.state.restore(t.resident(), pages, gens)
+            if len(g):
+                # As the dead wsd did when it read their REMOVE: fresh pages
+                # (zeros at their next touch), their generation moved on, and
+                # their stored copies garbage.
+                holes = g[t.state.evicted_mask(g)]
+                t.state.note_removed(holes)
+                t.listed_resident = np.union1d(t.listed_resident, holes)
+                removed += len(holes)
             evicted += t.state.evicted_pages
             stale += len(t.listed_resident)
     except BaseException:
@@ -180,6 +193,7 @@ def adopt(
         mode=str(record.mode),
         evicted_pages=evicted,
         stale_copies=stale,
+        removed_before_the_restart=removed,
     )
     return tracker
 
@@ -202,9 +216,36 @@ def _load_map(state_dir: Path, vm_id: str) -> pagemap.VmMap | None:
     if not path.exists():
         return None  # nothing was ever evicted
     try:
-        return pagemap.load(path)
+        vmap = pagemap.load(path)
     except pagemap.PageMapError as e:
         raise RecoveryError(str(e)) from e
+    try:
+        removed = pagemap.load_removed(state_dir, vm_id)
+    except pagemap.PageMapError as e:
+        # Not a reason to give the session up: without the log, pages the VMM
+        # discarded just before wsd died get their old bytes back instead of zeros.
+        log.error("removals log ignored", vm_id=vm_id, error=str(e))
+        return vmap
+    return dataclasses.replace(vmap, removed=removed)
+
+
+def _logged_removed(
+    vmap: pagemap.VmMap | None,
+    i: int,
+    pages: npt.NDArray[np.int64],
+    gens: npt.NDArray[np.uint32],
+) -> npt.NDArray[np.int64]:
+    """The listed ``pages`` of region ``i`` that the VMM removed after the map was
+    written: logged at exactly the generation the map lists them at."""
+    if vmap is None or not len(vmap.removed):
+        return np.empty(0, np.int64)
+    logged = vmap.removed[vmap.removed["region"] == i]
+    maybe = np.flatnonzero(np.isin(pages, logged["page"].astype(np.int64)))
+    if not len(maybe):
+        return np.empty(0, np.int64)
+    pairs = set(zip(logged["page"].tolist(), logged["generation"].tolist(), strict=True))
+    hit = [k for k in maybe.tolist() if (int(pages[k]), int(gens[k])) in pairs]
+    return pages[hit]
 
 
 def _listed(

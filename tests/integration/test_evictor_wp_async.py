@@ -26,7 +26,7 @@ import pytest
 
 from wsd import fdstore, resume
 from wsd.daemon import Daemon
-from wsd.evictor import EvictorConfig
+from wsd.evictor import EvictorConfig, pagemap
 from wsd.evictor import held as evictor_held
 from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
@@ -367,6 +367,47 @@ async def test_a_held_back_page_the_vmm_discarded_stays_discarded_across_a_resta
             await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
             await faults.close()
         assert not unhandled and after.stats.zero_fills == 1
+
+
+async def test_a_page_the_vmm_discarded_stays_discarded_when_wsd_dies_before_the_map_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wsd reads a REMOVE of an evicted page and dies before the page map,
+    rewritten in a thread, drops the page.  The removal was logged beside the
+    map as it was read: the restarted wsd serves zeros there, not the bytes
+    the page had before the discard, and its first map write retires the log."""
+    vm_id = "wp-removed-log"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        ctx, t = s.ctx, s.tracker.regions[0]
+        assert await s.ev.evict_batch(0, t, s.PAGES) == len(s.PAGES) - len(s.RACED)
+        faults = FaultService(ctx, asyncio.ensure_future)
+
+        async def killed_first() -> None:
+            pass  # the rewrite the REMOVE spawns never runs: wsd is gone
+
+        with serving_faults(s.tracker, faults, s.ev) as unhandled, monkeypatch.context() as m:
+            m.setattr(s.ev, "save_map", killed_first)
+            await asyncio.to_thread(s.puppet.call, "discard", pages=[DISCARDED_PAGE])
+            assert not t.state.evicted_mask(np.array([DISCARDED_PAGE])).any()
+            await faults.close()
+        assert not unhandled
+        listed = pagemap.load(pagemap.path_for(tmp_path, vm_id)).regions[0].pages
+        assert DISCARDED_PAGE in listed.tolist(), "the map on disk still lists it"
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
+
+        resumed = await s.restart(tmp_path)
+        state = resumed.regions[0].state
+        assert state.evicted_pages == len(s.PAGES) - len(s.RACED) - 1
+        after = VmContext(vm_id, resumed, s.store, EvictorConfig())
+        assert DISCARDED_PAGE in after.discards[0], "its stored copy is garbage"
+        faults = FaultService(after, asyncio.ensure_future)
+        with serving_faults(resumed, faults) as unhandled:
+            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
+            await faults.close()
+        assert not unhandled and after.stats.zero_fills == 1
+        await Evictor(after, state_dir=tmp_path).save_map(force=True)
+        assert not pagemap.removed_path(tmp_path, vm_id).exists()
 
 
 async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_read(

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from wsd.evictor import EvictorConfig, pagemap
 from wsd.evictor.policy import RegionPolicy, VmPolicy, pages_for_bytes, select
 from wsd.evictor.transaction import runs
+from wsd.resume import _logged_removed
 from wsd.tracker.state import Granularity, RegionState
 
 N = 64
@@ -175,3 +176,40 @@ def test_page_map_round_trip_and_validation(tmp_path: Path) -> None:
     path.write_bytes(b"not a zip")
     with pytest.raises(pagemap.PageMapError, match=r"vm-1\.pagemap\.npz: unreadable"):
         pagemap.load(path)
+
+
+def test_the_removals_log_appends_reads_back_and_ignores_a_cut_record(tmp_path: Path) -> None:
+    assert not len(pagemap.load_removed(tmp_path, "vm-1"))
+    pagemap.append_removed(
+        tmp_path, "vm-1", 0, np.array([3, 9], np.int64), np.array([1, 7], np.uint32)
+    )
+    pagemap.append_removed(
+        tmp_path, "vm-1", 2, np.array([1 << 40], np.int64), np.array([0xFFFFFFFF], np.uint32)
+    )
+    path = pagemap.removed_path(tmp_path, "vm-1")
+    with path.open("ab") as f:
+        f.write(b"\x01\x02\x03")  # a record cut short by a crash
+    got = pagemap.load_removed(tmp_path, "vm-1")
+    assert [(int(r["region"]), int(r["page"]), int(r["generation"])) for r in got] == [
+        (0, 3, 1),
+        (0, 9, 7),
+        (2, 1 << 40, 0xFFFFFFFF),
+    ]
+    pagemap.remove(tmp_path, "vm-1")  # the session's state goes, the log with it
+    assert not path.exists()
+
+    path.write_bytes(b"PK\x03\x04 something else")
+    with pytest.raises(pagemap.PageMapError, match=r"vm-1\.removed: not a removals log"):
+        pagemap.load_removed(tmp_path, "vm-1")
+
+
+def test_a_restart_drops_a_listed_page_only_at_the_generation_its_removal_logged() -> None:
+    removed = np.array([(0, 1, 3), (0, 7, 9), (1, 4, 12)], dtype=pagemap.REMOVED_RECORD)
+    region = pagemap.RegionMap(
+        0, 16 * 4096, 4096, np.array([3, 9, 12], np.int64), np.array([1, 8, 4], np.uint32)
+    )
+    vmap = pagemap.VmMap("vm-1", (region,), removed=removed)
+    # 9 was evicted again since its removal (generation 8, not 7); the
+    # record for 12 is another region's.
+    assert _logged_removed(vmap, 0, region.pages, region.generations).tolist() == [3]
+    assert not len(_logged_removed(None, 0, region.pages, region.generations))

@@ -14,8 +14,9 @@ zaps the range.  For every page fully inside it:
   evicted, not resident, and its generation moves on;
 - the stored copies of the pages that were evicted are queued for discard,
   and prepared (stored, not yet punched) pages leave the evictor's batches;
-- the page map is rewritten soon (a task), so a restarted wsd does not bring
-  the removed pages back from storage.
+- the removal is logged beside the page map at once, and the map is
+  rewritten soon (a task), so a restarted wsd does not bring the removed
+  pages back from storage (the removals log: :mod:`.pagemap`).
 
 Why the generation (the ordering argument, docs/life-events.md): a fetch in
 flight for a removed page read the generation before its ``get``; it checks
@@ -103,6 +104,7 @@ def on_remove(faults: FaultService, evictor: Evictor, start: int, end: int) -> N
         if first >= last:
             continue
         pages = np.arange(first, last, dtype=np.int64)
+        listed_at = t.state.generations[pages]
         stale = t.state.note_removed(pages)
         if t.remnants:
             t.remnants.difference_update(range(first, last))
@@ -121,7 +123,13 @@ def on_remove(faults: FaultService, evictor: Evictor, start: int, end: int) -> N
             were_prepared=len(dropped),
         )
         if len(stale) or len(dropped):
-            # The map on disk lists them as evicted: rewrite it soon.
+            # The map on disk lists them as evicted (prepared ones at their next
+            # generation): log that now, and rewrite the map soon.
+            evictor.log_removed(
+                i,
+                np.concatenate((stale, dropped)),
+                np.concatenate((listed_at[stale - first], listed_at[dropped - first] + 1)),
+            )
             evictor.map_dirty = True
             faults.spawn(evictor.save_map())
 

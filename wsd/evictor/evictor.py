@@ -146,6 +146,10 @@ class Evictor:
         # it are serialised, so an older snapshot never replaces a newer one.
         self.map_dirty = False
         self._map_lock = asyncio.Lock()
+        # Removals logged (pagemap.append_removed), and how many of them the
+        # last map written holds.  -1: a log left by an earlier wsd may exist.
+        self._removals_logged = 0
+        self._removals_in_map = -1
         # Taken by worker threads writing state files, and by drop_state.
         self.state_lock = threading.Lock()
         self.state_dropped = False
@@ -691,6 +695,7 @@ class Evictor:
             if not (force or self.map_dirty):
                 return
             self.map_dirty = False
+            logged = self._removals_logged  # what the snapshot below includes
             try:
                 await asyncio.to_thread(
                     self.write_state, pagemap.save, self.state_dir, self._map_with_prepared()
@@ -700,6 +705,30 @@ class Evictor:
                 if force:
                     raise
                 log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
+                return
+            if logged == self._removals_logged and logged != self._removals_in_map:
+                # Nothing was logged since the snapshot: the map holds it all.
+                pagemap.clear_removed(self.state_dir, self.ctx.vm_id)
+                self._removals_in_map = logged
+
+    def log_removed(
+        self, i: int, pages: npt.NDArray[np.int64], listed_at: npt.NDArray[np.uint32]
+    ) -> None:
+        """Log that the VMM removed ``pages`` of region ``i``, which the map on disk
+        may list at ``listed_at``, until a map written after this holds it.
+
+        Called on the loop as the REMOVE is read, before any await: a restart
+        from then on finds it (:mod:`.pagemap`).  A failed write is logged; the
+        map's rewrite, a moment later, closes the gap as before.
+        """
+        if self.state_dir is None or self.state_dropped:
+            return
+        try:
+            pagemap.append_removed(self.state_dir, self.ctx.vm_id, i, pages, listed_at)
+        except OSError as e:
+            log.warning("logging removed pages failed", vm_id=self.ctx.vm_id, error=str(e))
+            return
+        self._removals_logged += 1
 
     def write_state(self, write: Callable[..., object], *args: Any, **kwargs: Any) -> None:
         """Run ``write(*args, **kwargs)`` (a state file write, in a worker thread) unless the

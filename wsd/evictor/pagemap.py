@@ -13,14 +13,28 @@ the memfd wherever it holds data and the map only for holes.
 
 One ``.npz`` per VM, replaced atomically (write, fsync, rename, fsync the
 directory).  Cost is proportional to the evicted pages (8 bytes each).
+
+Beside it, the *removals log* (``<vm>.removed``): evicted or prepared pages
+the VMM discarded (a balloon's ``MADV_REMOVE``) since the map was last
+written.  The map is rewritten soon after such a discard, but in a thread; a
+wsd killed before that would find the pages still listed, see holes and bring
+back their old bytes where the guest must read zeros.  So the removal is
+appended to the log on the event loop, before anything else runs, with a
+plain ``write`` (no fsync: the page cache outlives a wsd crash, and a host
+crash takes the VM with it).  Each record names the page and the generation
+the map lists it at: a restart drops a listed page only at exactly that
+generation, so a later eviction of the same page (a newer generation) is
+never taken for the removal.  A map written after the last append makes the
+log obsolete, and it is deleted.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +44,8 @@ import numpy.typing as npt
 from wsd.atomicfile import write_atomically
 
 FORMAT: Final = "wsd-pagemap-1"
+REMOVED_MAGIC: Final = b"wsdrm\x00\x00\x01"
+REMOVED_RECORD: Final = np.dtype([("region", "<u4"), ("generation", "<u4"), ("page", "<u8")])
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,8 @@ class RegionMap:
 class VmMap:
     vm_id: str
     regions: tuple[RegionMap, ...]
+    removed: npt.NDArray[np.void] = field(default_factory=lambda: np.empty(0, REMOVED_RECORD))
+    """Read back only: the removals logged since the map was written (``load_removed``)."""
 
 
 class PageMapError(Exception):
@@ -82,6 +100,65 @@ def save(state_dir: Path, vm: VmMap) -> Path:
 
 def remove(state_dir: Path, vm_id: str) -> None:
     path_for(state_dir, vm_id).unlink(missing_ok=True)
+    clear_removed(state_dir, vm_id)
+
+
+def removed_path(state_dir: Path, vm_id: str) -> Path:
+    return state_dir / f"{vm_id}.removed"
+
+
+def append_removed(
+    state_dir: Path,
+    vm_id: str,
+    region: int,
+    pages: npt.NDArray[np.int64],
+    generations: npt.NDArray[np.uint32],
+) -> None:
+    """Log that the VMM removed ``pages`` of ``region``, which the map on disk
+    may list at ``generations``.  Blocking, but one small write."""
+    records = np.empty(len(pages), dtype=REMOVED_RECORD)
+    records["region"] = region
+    records["generation"] = generations
+    records["page"] = pages
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(
+        removed_path(state_dir, vm_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        data = records.tobytes()
+        if os.fstat(fd).st_size == 0:
+            data = REMOVED_MAGIC + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def load_removed(state_dir: Path, vm_id: str) -> npt.NDArray[np.void]:
+    """The removals logged since the map was last written (``REMOVED_RECORD``s).
+
+    A record cut short by a crash in the middle of its write is ignored: its
+    removal never reached the log, as if wsd had died just before.
+    """
+    path = removed_path(state_dir, vm_id)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return np.empty(0, dtype=REMOVED_RECORD)
+    except OSError as e:
+        raise PageMapError(f"{path}: unreadable removals log: {e}") from e
+    if not data:
+        return np.empty(0, dtype=REMOVED_RECORD)
+    if not data.startswith(REMOVED_MAGIC):
+        raise PageMapError(f"{path}: not a removals log (it starts with {data[:8]!r})")
+    body = data[len(REMOVED_MAGIC) :]
+    whole = len(body) - len(body) % REMOVED_RECORD.itemsize
+    return np.frombuffer(body[:whole], dtype=REMOVED_RECORD).copy()
+
+
+def clear_removed(state_dir: Path, vm_id: str) -> None:
+    removed_path(state_dir, vm_id).unlink(missing_ok=True)
 
 
 def load(path: Path) -> VmMap:
