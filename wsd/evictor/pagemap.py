@@ -120,7 +120,8 @@ def append_removed(
     records["region"] = region
     records["generation"] = generations
     records["page"] = pages
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # No mkdir: this runs on the event loop, and the session's description
+    # was written into state_dir at its hand-off.
     fd = os.open(
         removed_path(state_dir, vm_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
     )

@@ -37,6 +37,11 @@ class AddressRange:
         return f"[{self.start:#x}, {self.end:#x})"
 
 
+def errno_text(err: int) -> str:
+    """``EINVAL: Invalid argument``: the errno's name, then what it means."""
+    return f"{errno_mod.errorcode.get(err, str(err))}: {os.strerror(err)}"
+
+
 class KernelError(OSError):
     """A syscall or ioctl failed; carries what was attempted on what."""
 
@@ -66,8 +71,7 @@ class KernelError(OSError):
         if detail:
             context.append(detail)
         where = f" ({', '.join(context)})" if context else ""
-        name = errno_mod.errorcode.get(err, str(err))
-        super().__init__(err, f"{op} failed: {name}: {os.strerror(err)}{where}")
+        super().__init__(err, f"{op} failed: {errno_text(err)}{where}")
         self.op = op
         self.range = range
         self.fd = fd
@@ -87,8 +91,7 @@ class FeatureUnavailable(KernelError):
         self.requirement = requirement
         # Not OSError's "[Errno 95] ... failed: ...": nothing wsd attempted
         # failed, the kernel lacks something.
-        reason = f"{errno_mod.errorcode.get(err, str(err))}: {os.strerror(err)}"
-        self._text = f"{feature} is not available ({reason}); needs {requirement}"
+        self._text = f"{feature} is not available ({errno_text(err)}); needs {requirement}"
 
     def __str__(self) -> str:
         return self._text
