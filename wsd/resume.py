@@ -17,7 +17,6 @@ fds out of the store and delete the description and the page map.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -212,21 +211,10 @@ def same_process(record: SessionRecord) -> bool:
 
 
 def _load_map(state_dir: Path, vm_id: str) -> pagemap.VmMap | None:
-    path = pagemap.path_for(state_dir, vm_id)
-    if not path.exists():
-        return None  # nothing was ever evicted
     try:
-        vmap = pagemap.load(path)
+        return pagemap.load_vm(state_dir, vm_id)  # None: nothing was ever evicted
     except pagemap.PageMapError as e:
         raise RecoveryError(str(e)) from e
-    try:
-        removed = pagemap.load_removed(state_dir, vm_id)
-    except pagemap.PageMapError as e:
-        # Not a reason to give the session up: without the log, pages the VMM
-        # discarded just before wsd died get their old bytes back instead of zeros.
-        log.error("removals log ignored", vm_id=vm_id, error=str(e))
-        return vmap
-    return dataclasses.replace(vmap, removed=removed)
 
 
 def _logged_removed(
@@ -235,8 +223,8 @@ def _logged_removed(
     pages: npt.NDArray[np.int64],
     gens: npt.NDArray[np.uint32],
 ) -> npt.NDArray[np.int64]:
-    """The listed ``pages`` of region ``i`` that the VMM removed after the map was
-    written: logged at exactly the generation the map lists them at."""
+    """The listed ``pages`` of region ``i`` that the VMM removed: journalled at
+    exactly the generation the map lists them at."""
     if vmap is None or not len(vmap.removed):
         return np.empty(0, np.int64)
     logged = vmap.removed[vmap.removed["region"] == i]

@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from wsd.evictor import EvictorConfig, OnDeadline, pagemap
+from wsd.evictor import evictor as evictor_module
 from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
 from wsd.evictor.evictor import Evictor
@@ -107,7 +108,8 @@ async def test_evicted_pages_come_back_intact_from_the_file_tier(
     await evict(ctx, cold, state_dir=tmp_path / "state")
     assert resident_bytes(puppet) == before - len(cold) * 4096
     assert state.evicted_pages == len(cold) and ctx.stats.evicted_pages == len(cold)
-    saved = pagemap.load(pagemap.path_for(tmp_path / "state", "host-evict"))
+    saved = pagemap.load_vm(tmp_path / "state", "host-evict")
+    assert saved is not None
     assert np.array_equal(saved.regions[0].pages, cold)
     assert (saved.regions[0].generations == 1).all()
     with serving_faults(tracker, faults) as unhandled:
@@ -115,6 +117,90 @@ async def test_evicted_pages_come_back_intact_from_the_file_tier(
     assert not unhandled
     assert ctx.stats.fetched_pages == len(cold) and state.evicted_pages == 0
     assert resident_bytes(puppet) == before
+
+
+async def test_the_page_map_journals_each_batch_and_compacts_now_and_then(
+    puppet: PuppetVMM,
+    tracker: VmTracker,
+    file_store: PageStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first batch writes a snapshot; later ones only append to the journal
+    (O(batch)); once the journal holds as many records as the threshold, the
+    next write is a snapshot again and the journals it holds go."""
+    ctx, faults = vm(tracker, file_store)
+    state_dir = tmp_path / "state"
+    await tracker.cycle()
+    ev = Evictor(ctx, state_dir=state_dir)
+    t = tracker.regions[0]
+    monkeypatch.setattr(evictor_module, "COMPACT_MIN_RECORDS", 3 * 256)
+    batches = [np.arange(k * 256, (k + 1) * 256, dtype=np.int64) for k in range(5)]
+
+    def on_disk() -> tuple[list[int], list[int], list[int]]:
+        snapshot = pagemap.load(pagemap.path_for(state_dir, "host-evict")).regions[0].pages
+        vm = pagemap.load_vm(state_dir, "host-evict")
+        assert vm is not None
+        return (
+            snapshot.tolist(),
+            vm.regions[0].pages.tolist(),
+            pagemap.journals(state_dir, "host-evict"),
+        )
+
+    assert await ev.evict_batch(0, t, batches[0]) == 256
+    snapshot, listed, journals = on_disk()
+    assert snapshot == listed == batches[0].tolist() and journals == []
+    for k in (1, 2, 3):
+        assert await ev.evict_batch(0, t, batches[k]) == 256
+    snapshot, listed, journals = on_disk()
+    assert snapshot == batches[0].tolist()
+    assert listed == np.concatenate(batches[:4]).tolist() and len(journals) == 1
+    # Fetched back: still listed until a snapshot, which drops them.
+    with serving_faults(tracker, faults) as unhandled:
+        assert await read(puppet, batches[0]) == [0] * 256
+    assert not unhandled
+    assert await ev.evict_batch(0, t, batches[4]) == 256  # 768 records: a snapshot
+    snapshot, listed, journals = on_disk()
+    assert snapshot == listed == np.concatenate(batches[1:]).tolist()
+    assert journals == []
+    assert await ev.evict_batch(0, t, batches[0]) == 256  # generation 2 now
+    now = pagemap.load_vm(state_dir, "host-evict")
+    assert now is not None and now.regions[0].generations[:256].tolist() == [2] * 256
+
+
+async def test_a_snapshot_written_during_a_commit_lists_the_pages_it_has_yet_to_punch(
+    puppet: PuppetVMM,
+    tracker: VmTracker,
+    file_store: PageStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit punches in chunks and serves the loop in between, where a
+    snapshot may be written (a REMOVE's, a detach's).  It must list the
+    batch's pages still to be punched: the journal that listed them goes with it."""
+    ctx, _ = vm(tracker, file_store)
+    state_dir = tmp_path / "state"
+    await tracker.cycle()
+    ev = Evictor(ctx, state_dir=state_dir)
+    t = tracker.regions[0]
+    assert await ev.evict_batch(0, t, np.arange(0, 8, dtype=np.int64)) == 8  # the first snapshot
+    snapshots: list[asyncio.Task[None]] = []
+    settle = ev._settle_listing
+
+    def settle_then_snapshot(batch: Any) -> None:
+        settle(batch)
+        if not snapshots:
+            ev.map_dirty = True
+            snapshots.append(asyncio.ensure_future(ev.save_map()))
+
+    monkeypatch.setattr(ev, "_settle_listing", settle_then_snapshot)
+    pages = np.arange(8, 8 + 4 * 128, dtype=np.int64)
+    assert await ev.evict_batch(0, t, pages) == len(pages)
+    await snapshots[0]
+    assert pagemap.journals(state_dir, "host-evict") == []  # the snapshot dropped them
+    saved = pagemap.load_vm(state_dir, "host-evict")
+    assert saved is not None
+    assert saved.regions[0].pages.tolist() == list(range(8 + len(pages)))
 
 
 async def test_a_rewritten_page_comes_back_at_its_latest_version(

@@ -391,7 +391,9 @@ async def test_a_page_the_vmm_discarded_stays_discarded_when_wsd_dies_before_the
             assert not t.state.evicted_mask(np.array([DISCARDED_PAGE])).any()
             await faults.close()
         assert not unhandled
-        listed = pagemap.load(pagemap.path_for(tmp_path, vm_id)).regions[0].pages
+        vm = pagemap.load_vm(tmp_path, vm_id)
+        assert vm is not None
+        listed = vm.regions[0].pages
         assert DISCARDED_PAGE in listed.tolist(), "the map on disk still lists it"
         assert s.ev.parking is not None
         s.ev.parking.close(unpark=False)
@@ -406,8 +408,46 @@ async def test_a_page_the_vmm_discarded_stays_discarded_when_wsd_dies_before_the
             await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
             await faults.close()
         assert not unhandled and after.stats.zero_fills == 1
-        await Evictor(after, state_dir=tmp_path).save_map(force=True)
-        assert not pagemap.removed_path(tmp_path, vm_id).exists()
+        # The new wsd's next snapshot holds the removal; the journals go.
+        ev = Evictor(after, state_dir=tmp_path)
+        ev.map_dirty = True
+        await ev.save_map()
+        vm = pagemap.load_vm(tmp_path, vm_id)
+        assert vm is not None and not len(vm.removed)
+        assert DISCARDED_PAGE not in vm.regions[0].pages.tolist()
+        assert pagemap.journals(tmp_path, vm_id) == []
+
+
+async def test_a_page_fetched_back_then_discarded_stays_discarded_across_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page evicted, fetched back, then discarded by the VMM: the map on disk
+    still lists it (only a snapshot drops fetched-back pages), and its stored
+    copy is still there.  The discard is journalled, so the restarted wsd
+    takes its hole for a fresh page and serves zeros, not the stored bytes."""
+    vm_id = "wp-fetched-removed"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        ctx, t = s.ctx, s.tracker.regions[0]
+        assert await s.ev.evict_batch(0, t, s.PAGES) == len(s.PAGES) - len(s.RACED)
+        faults = FaultService(ctx, asyncio.ensure_future)
+        with serving_faults(s.tracker, faults, s.ev) as unhandled:
+            await asyncio.to_thread(s.puppet.call, "read", pages=[DISCARDED_PAGE])
+            assert not t.state.evicted_mask(np.array([DISCARDED_PAGE])).any()
+            await asyncio.to_thread(s.puppet.call, "discard", pages=[DISCARDED_PAGE])
+            await faults.close()
+        assert not unhandled and ctx.stats.fetched_pages == 1
+        listed = pagemap.load_vm(tmp_path, vm_id)
+        assert listed is not None and DISCARDED_PAGE in listed.regions[0].pages.tolist()
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
+
+        resumed = await s.restart(tmp_path)
+        after = VmContext(vm_id, resumed, s.store, EvictorConfig())
+        faults = FaultService(after, asyncio.ensure_future)
+        with serving_faults(resumed, faults) as unhandled:
+            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
+            await faults.close()
+        assert not unhandled and after.stats.zero_fills == 1
 
 
 async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_read(

@@ -178,29 +178,83 @@ def test_page_map_round_trip_and_validation(tmp_path: Path) -> None:
         pagemap.load(path)
 
 
-def test_the_removals_log_appends_reads_back_and_ignores_a_cut_record(tmp_path: Path) -> None:
-    assert not len(pagemap.load_removed(tmp_path, "vm-1"))
-    pagemap.append_removed(
-        tmp_path, "vm-1", 0, np.array([3, 9], np.int64), np.array([1, 7], np.uint32)
-    )
-    pagemap.append_removed(
-        tmp_path, "vm-1", 2, np.array([1 << 40], np.int64), np.array([0xFFFFFFFF], np.uint32)
-    )
-    path = pagemap.removed_path(tmp_path, "vm-1")
-    with path.open("ab") as f:
-        f.write(b"\x01\x02\x03")  # a record cut short by a crash
-    got = pagemap.load_removed(tmp_path, "vm-1")
-    assert [(int(r["region"]), int(r["page"]), int(r["generation"])) for r in got] == [
-        (0, 3, 1),
-        (0, 9, 7),
-        (2, 1 << 40, 0xFFFFFFFF),
-    ]
-    pagemap.remove(tmp_path, "vm-1")  # the session's state goes, the log with it
-    assert not path.exists()
+def _journal(tmp: Path, seq: int, op: pagemap.JournalOp, pages: list[int], gens: list[int]) -> None:
+    records = pagemap.journal_records(op, 0, np.array(pages, np.int64), np.array(gens, np.uint32))
+    pagemap.append_journal(tmp, "vm-1", seq, records, durable=False)
 
+
+def _snapshot(tmp: Path, pages: list[int], gens: list[int], *, journal: int) -> None:
+    region = pagemap.RegionMap(
+        0, 64 * 4096, 4096, np.array(pages, np.int64), np.array(gens, np.uint32)
+    )
+    pagemap.save(tmp, pagemap.VmMap("vm-1", (region,), journal=journal))
+
+
+def _listing(vm: pagemap.VmMap | None) -> tuple[dict[int, int], dict[int, int]]:
+    assert vm is not None
+    (r,) = vm.regions
+    listed = dict(zip(r.pages.tolist(), r.generations.tolist(), strict=True))
+    gone = dict(zip(vm.removed["page"].tolist(), vm.removed["generation"].tolist(), strict=True))
+    return listed, gone
+
+
+def test_the_journal_replays_in_order_over_its_snapshot(tmp_path: Path) -> None:
+    assert pagemap.load_vm(tmp_path, "vm-1") is None  # nothing ever evicted
+    _snapshot(tmp_path, [1, 2, 3], [5, 5, 5], journal=4)
+    _journal(tmp_path, 3, pagemap.JournalOp.LISTED, [9], [1])  # an older journal: in the snapshot
+    _journal(tmp_path, 4, pagemap.JournalOp.LISTED, [4, 5, 6, 7], [1, 1, 1, 1])
+    _journal(tmp_path, 4, pagemap.JournalOp.UNLISTED, [5, 1], [1, 4])  # 1 is listed at 5, not 4
+    _journal(tmp_path, 4, pagemap.JournalOp.REMOVED, [2, 6], [5, 1])
+    _journal(tmp_path, 5, pagemap.JournalOp.UNLISTED, [3], [5])
+    _journal(tmp_path, 5, pagemap.JournalOp.LISTED, [6], [3])  # 6 evicted again after its removal
+    with pagemap.journal_path(tmp_path, "vm-1", 5).open("ab") as f:
+        f.write(b"\x01\x02\x03")  # a record cut short by a crash
+    listed, gone = _listing(pagemap.load_vm(tmp_path, "vm-1"))
+    assert listed == {1: 5, 2: 5, 4: 1, 6: 3, 7: 1}
+    assert gone == {2: 5}
+    assert pagemap.next_journal(tmp_path, "vm-1") == 6
+
+    pagemap.remove(tmp_path, "vm-1")  # the session's state goes, the journals with it
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replaying_in_order_tells_a_removal_from_an_eviction_at_a_reused_generation(
+    tmp_path: Path,
+) -> None:
+    # A restart lists the page at generation 0 again after it was unlisted;
+    # its next eviction reuses generation 1, at which it was removed once.
+    _snapshot(tmp_path, [], [], journal=0)
+    _journal(tmp_path, 0, pagemap.JournalOp.LISTED, [8], [1])
+    _journal(tmp_path, 0, pagemap.JournalOp.REMOVED, [8], [1])
+    _journal(tmp_path, 1, pagemap.JournalOp.LISTED, [8], [1])
+    assert _listing(pagemap.load_vm(tmp_path, "vm-1")) == ({8: 1}, {})
+
+
+def test_bad_journals_are_named(tmp_path: Path) -> None:
+    _snapshot(tmp_path, [], [], journal=0)
+    path = pagemap.journal_path(tmp_path, "vm-1", 0)
     path.write_bytes(b"PK\x03\x04 something else")
-    with pytest.raises(pagemap.PageMapError, match=r"vm-1\.removed: not a removals log"):
-        pagemap.load_removed(tmp_path, "vm-1")
+    with pytest.raises(pagemap.PageMapError, match=r"vm-1\.journal\.0: not a page map journal"):
+        pagemap.load_vm(tmp_path, "vm-1")
+    path.unlink()
+    _journal(tmp_path, 0, pagemap.JournalOp.LISTED, [64], [1])
+    with pytest.raises(pagemap.PageMapError, match=r"page index outside \[0, 64\)"):
+        pagemap.load_vm(tmp_path, "vm-1")
+    path.unlink()
+    records = pagemap.journal_records(
+        pagemap.JournalOp.LISTED, 0, np.array([1], np.int64), np.array([1], np.uint32)
+    )
+    records["op"] = 9
+    pagemap.append_journal(tmp_path, "vm-1", 0, records, durable=True)
+    with pytest.raises(pagemap.PageMapError, match="record 0 has an unknown operation"):
+        pagemap.load_vm(tmp_path, "vm-1")
+
+
+def test_a_removals_log_of_an_earlier_version_is_still_read(tmp_path: Path) -> None:
+    _snapshot(tmp_path, [3, 9], [1, 7], journal=0)
+    legacy = np.array([(0, 1, 3), (0, 6, 9)], dtype=pagemap.REMOVED_RECORD)
+    pagemap.removed_path(tmp_path, "vm-1").write_bytes(pagemap.REMOVED_MAGIC + legacy.tobytes())
+    assert _listing(pagemap.load_vm(tmp_path, "vm-1")) == ({3: 1, 9: 7}, {3: 1})
 
 
 def test_a_restart_drops_a_listed_page_only_at_the_generation_its_removal_logged() -> None:

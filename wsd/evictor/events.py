@@ -105,10 +105,15 @@ def on_remove(faults: FaultService, evictor: Evictor, start: int, end: int) -> N
             continue
         pages = np.arange(first, last, dtype=np.int64)
         listed_at = t.state.generations[pages]
+        # What the map on disk lists: evicted pages, and pages evicted once
+        # and fetched back since the last snapshot, whose holes a restart
+        # would take for evicted pages too.
+        listed = pages[evictor.listed[i][pages]]
         stale = t.state.note_removed(pages)
+        evictor.listed[i][pages] = False
         if t.remnants:
             t.remnants.difference_update(range(first, last))
-        dropped = evictor.forget_prepared(i, pages)
+        dropped = np.concatenate((evictor.forget_prepared(i, pages), evictor.committing(i, pages)))
         ctx.discards[i].update(stale.tolist())
         ctx.discards[i].update(dropped.tolist())
         tracker.removed_pages += last - first
@@ -122,16 +127,16 @@ def on_remove(faults: FaultService, evictor: Evictor, start: int, end: int) -> N
             were_evicted=len(stale),
             were_prepared=len(dropped),
         )
-        if len(stale) or len(dropped):
-            # The map on disk lists them as evicted (prepared ones at their next
-            # generation): log that now, and rewrite the map soon.
-            evictor.log_removed(
+        if len(listed) or len(dropped):
+            # Prepared pages, and those a commit has yet to settle, are listed
+            # at their next generation.
+            logged = evictor.log_removed(
                 i,
-                np.concatenate((stale, dropped)),
-                np.concatenate((listed_at[stale - first], listed_at[dropped - first] + 1)),
+                np.concatenate((listed, dropped)),
+                np.concatenate((listed_at[listed - first], listed_at[dropped - first] + 1)),
             )
-            evictor.map_dirty = True
-            faults.spawn(evictor.save_map())
+            if not logged:
+                faults.spawn(evictor.save_map())  # a snapshot holds it instead
 
 
 def on_unmap(faults: FaultService, evictor: Evictor, start: int, end: int) -> None:

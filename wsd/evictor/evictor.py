@@ -32,8 +32,9 @@ and puts back every page whose final bytes differ from what was stored.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ import structlog
 from wsd.kernel import KernelError, RegisterMode
 from wsd.storage import StorageError, TierTimeout
 from wsd.storage.concurrency import LifoPool
+from wsd.storage.fsops import fsync_dir
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
 
@@ -78,6 +80,10 @@ T = TypeVar("T")
 COMMIT_CHUNK = 128
 # wp-async: at most this many bytes held in pipes per step (a 2 MiB page is a step).
 VERIFIED_CHUNK_BYTES = 512 << 10
+# The page map's snapshot is rewritten once its journal holds this many
+# records, or as many as the snapshot lists pages if that is more: each
+# compaction costs O(guest pages), so this keeps it O(1) per page evicted.
+COMPACT_MIN_RECORDS = 1 << 16
 
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
@@ -138,18 +144,41 @@ class Evictor:
         self.host_room = host_room
         self.reasons = [unevictable_reason(ctx, t) for t in ctx.tracker.regions]
         self._prepared: list[Prepared] = []
+        self._committing: list[Prepared] = []  # what the commit under way has left
         self._scratch = bytearray()  # the bytes of the pages being punched, to compare
         # wp-async: a session that can survive a crash (it has state) keeps its
         # verified punches' pipes in the fd store (held.py).
         self.parking = held.Parking(ctx.vm_id) if state_dir is not None else None
-        # The page map must be rewritten (pages removed by the VMM); writes of
-        # it are serialised, so an older snapshot never replaces a newer one.
+        # The page map's snapshot must be rewritten (a journal write failed,
+        # a region was written back); writes of it are serialised, so an
+        # older snapshot never replaces a newer one.
         self.map_dirty = False
         self._map_lock = asyncio.Lock()
-        # Removals logged (pagemap.append_removed), and how many of them the
-        # last map written holds.  -1: a log left by an earlier wsd may exist.
-        self._removals_logged = 0
-        self._removals_in_map = -1
+        # Which pages the map on disk lists (snapshot and journal), outside
+        # the prepared batches, each at its generation in the tracker: a
+        # listed page the VMM discards must be journalled REMOVED, or a
+        # restart would take its hole for an evicted page.  A resumed
+        # session's listed pages are its evicted ones and those the context
+        # took as listed but resident (its discards, so far).
+        self.listed = [
+            _listed_now(t, d) for t, d in zip(ctx.tracker.regions, ctx.discards, strict=True)
+        ]
+        # The journal appended to, and how many records it and its
+        # predecessors since the snapshot hold; the snapshot's page count.
+        self._journal_seq: int | None = None
+        if state_dir is not None:
+            try:
+                self._journal_seq = pagemap.next_journal(state_dir, ctx.vm_id)
+            except pagemap.PageMapError as e:
+                # A snapshot that cannot be read is replaced by the first write.
+                log.warning("page map unreadable", vm_id=ctx.vm_id, error=str(e))
+                self._journal_seq = 1 + max(pagemap.journals(state_dir, ctx.vm_id), default=0)
+                self.map_dirty = True
+            if not pagemap.path_for(state_dir, ctx.vm_id).exists():
+                self.map_dirty = True  # journals count only after a snapshot
+        self._journal_dir_synced = False
+        self._journal_records = 0
+        self._snapshot_pages = sum(int(np.count_nonzero(x)) for x in self.listed)
         # Taken by worker threads writing state files, and by drop_state.
         self.state_lock = threading.Lock()
         self.state_dropped = False
@@ -167,14 +196,24 @@ class Evictor:
     async def commit(self, tracker: VmTracker, hot: list[npt.NDArray[np.bool_]]) -> None:
         """The tracker's window hook: punch what was prepared, minus what was touched."""
         prepared, self._prepared = self._prepared, []
-        if tracker.mode is TrackingMode.RWP:
-            if not tracker.in_window:
-                return  # not called by the cycle: nothing makes a punch safe now
-            self.ctx.stats.windows += 1
-        elif prepared:
-            prepared = await self._still_evictable(prepared)
-        for batch in prepared:
-            await self._commit_in_chunks(batch, hot[batch.region])
+        # Listed on disk until their commit settles them: a snapshot written
+        # meanwhile (a REMOVE's, a detach's) must list them too.
+        self._committing = prepared
+        try:
+            if tracker.mode is TrackingMode.RWP:
+                if not tracker.in_window:
+                    # Not called by the cycle: nothing makes a punch safe now.
+                    for batch in prepared:
+                        self.ctx.discards[batch.region].update(batch.pages.tolist())
+                        self._unlist(batch.region, batch.pages, _listed_at(batch, self.ctx))
+                    return
+                self.ctx.stats.windows += 1
+            elif prepared:
+                prepared = self._committing = await self._still_evictable(prepared)
+            for n, batch in enumerate(prepared):
+                await self._commit_in_chunks(batch, hot[batch.region], rest=prepared[n + 1 :])
+        finally:
+            self._committing = []
 
     async def _still_evictable(self, prepared: list[Prepared]) -> list[Prepared]:
         """wp-async: read the VMM's pins again; the batches of regions that may
@@ -194,7 +233,7 @@ class Evictor:
                 kept.append(batch)
                 continue
             ctx.discards[batch.region].update(batch.pages.tolist())
-            self.map_dirty = True  # the map on disk lists them as evicted
+            self._unlist(batch.region, batch.pages, _listed_at(batch, self.ctx))
             log.warning(
                 "prepared pages not punched: their region may not be evicted now",
                 vm_id=ctx.vm_id,
@@ -202,8 +241,6 @@ class Evictor:
                 pages=len(batch.pages),
                 reason=self.reasons[batch.region],
             )
-        if self.map_dirty:
-            await self.save_map()
         return kept
 
     async def prepare(self) -> None:
@@ -233,7 +270,7 @@ class Evictor:
         if self._prepared:
             await self._persist_prepared()
         elif self.map_dirty:
-            await self.save_map()  # a removal's rewrite failed earlier: again
+            await self.save_map()  # a journal write failed earlier: a snapshot now
 
     async def repair(self) -> None:
         """Mend what earlier windows left behind, before anything else this
@@ -453,7 +490,13 @@ class Evictor:
             return None
         return Prepared(i, pages, sums, (gens - 1).astype(np.uint32))
 
-    async def _commit_in_chunks(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
+    async def _commit_in_chunks(
+        self,
+        batch: Prepared,
+        hot: npt.NDArray[np.bool_] | None,
+        *,
+        rest: Sequence[Prepared] = (),
+    ) -> int:
         """Commit ``COMMIT_CHUNK`` pages at a time, serving faults in between.
 
         Each chunk's check and punch run with no await between them, which is
@@ -471,8 +514,24 @@ class Evictor:
                 await asyncio.sleep(0)
             gens = None if batch.generations is None else batch.generations[k : k + step]
             chunk = Prepared(batch.region, batch.pages[k : k + step], batch.stored, gens)
+            left = None if batch.generations is None else batch.generations[k:]
+            self._committing = [
+                Prepared(batch.region, batch.pages[k:], batch.stored, left),
+                *rest,
+            ]
             done += self._commit(chunk, hot)
+            self._settle_listing(chunk)
+        self._committing = list(rest)
         return done
+
+    def _settle_listing(self, batch: Prepared) -> None:
+        """After ``batch``'s commit: its evicted pages are listed at their
+        generation; the others are journalled as not listed after all."""
+        t = self.ctx.tracker.regions[batch.region]
+        evicted = t.state.evicted_mask(batch.pages)
+        self.listed[batch.region][batch.pages[evicted]] = True
+        if not evicted.all():
+            self._unlist(batch.region, batch.pages[~evicted], _listed_at(batch, self.ctx)[~evicted])
 
     def _commit(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
         """Punch the prepared pages nobody touched since they were read; how many."""
@@ -663,6 +722,12 @@ class Evictor:
                 return False
         return True
 
+    def committing(self, i: int, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Those of ``pages`` of region ``i`` that the commit under way has yet to
+        settle: the map on disk lists them at their next generation."""
+        out = [b.pages[np.isin(b.pages, pages)] for b in self._committing if b.region == i]
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
     def forget_prepared(self, i: int, pages: npt.NDArray[np.int64] | None) -> npt.NDArray[np.int64]:
         """Take ``pages`` of region ``i`` (None: all of them) out of the prepared
         batches; returns those that were prepared, whose stored copies are stale."""
@@ -683,52 +748,116 @@ class Evictor:
         return np.concatenate(out)
 
     async def save_map(self, *, force: bool = False) -> None:
-        """Write the page map (when ``map_dirty``, or ``force``), one write at a time.
+        """Bring the page map on disk up to date, one write at a time.
 
-        The snapshot is taken under the lock, so the file on disk always ends
-        up as the newest one.  Raises ``OSError`` only when ``force`` (a batch
-        must not be punched without its map); otherwise it logs and stays dirty.
+        ``force``: the prepared batches are about to be punched, so they must
+        be listed durably (a journal append and fdatasync: O(batch)), and an
+        ``OSError`` is raised if that fails.  A new snapshot is written instead
+        when one is due (``map_dirty``, or a journal grown as large as the
+        snapshot); otherwise, without ``force``, nothing is written.  A failed
+        snapshot is logged and tried again next time.
         """
         if self.state_dir is None:
             return
         async with self._map_lock:
-            if not (force or self.map_dirty):
-                return
-            self.map_dirty = False
-            logged = self._removals_logged  # what the snapshot below includes
-            try:
-                await asyncio.to_thread(
-                    self.write_state, pagemap.save, self.state_dir, self._map_with_prepared()
+            due = self._journal_records >= max(COMPACT_MIN_RECORDS, self._snapshot_pages)
+            if self.map_dirty or due:
+                await self._compact(force=force)
+            elif force and self._prepared:
+                await self._journal_prepared()
+
+    async def _compact(self, *, force: bool) -> None:
+        """Write a snapshot of the map, then drop the journals it holds."""
+        assert self.state_dir is not None and self._journal_seq is not None
+        self.map_dirty = False
+        vm, evicted = self._map_with_prepared()
+        seq = self._journal_seq + 1
+        vm = dataclasses.replace(vm, journal=seq)
+        # From here on, what changes goes to the new journal; the listing is
+        # the snapshot's (prepared pages apart, as always).
+        self._journal_seq, self._journal_dir_synced = seq, False
+        records, self._journal_records = self._journal_records, 0
+        listed, self.listed = self.listed, evicted
+        try:
+            await asyncio.to_thread(self.write_state, self._write_snapshot, vm)
+        except OSError as e:
+            # The old snapshot and every journal stay valid together.
+            self.map_dirty = True
+            self._journal_records += records
+            self.listed = [a | b for a, b in zip(listed, self.listed, strict=True)]
+            if force:
+                raise
+            log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
+            return
+        self._snapshot_pages = sum(len(r.pages) for r in vm.regions)
+
+    def _write_snapshot(self, vm: pagemap.VmMap) -> None:
+        assert self.state_dir is not None
+        pagemap.save(self.state_dir, vm)
+        pagemap.drop_journals(self.state_dir, vm.vm_id, below=vm.journal)
+        pagemap.clear_removed(self.state_dir, vm.vm_id)
+
+    async def _journal_prepared(self) -> None:
+        """List the prepared batches durably in the journal."""
+        assert self.state_dir is not None and self._journal_seq is not None
+        records = np.concatenate(
+            [
+                pagemap.journal_records(
+                    pagemap.JournalOp.LISTED, b.region, b.pages, _listed_at(b, self.ctx)
                 )
-            except OSError as e:
-                self.map_dirty = True
-                if force:
-                    raise
-                log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
-                return
-            if logged == self._removals_logged and logged != self._removals_in_map:
-                # Nothing was logged since the snapshot: the map holds it all.
-                pagemap.clear_removed(self.state_dir, self.ctx.vm_id)
-                self._removals_in_map = logged
+                for b in self._prepared
+            ]
+        )
+        seq, sync_dir = self._journal_seq, not self._journal_dir_synced
+        await asyncio.to_thread(self.write_state, self._append_durably, seq, records, sync_dir)
+        if seq == self._journal_seq:
+            self._journal_dir_synced = True
+        self._journal_records += len(records)
+
+    def _append_durably(self, seq: int, records: npt.NDArray[np.void], sync_dir: bool) -> None:
+        assert self.state_dir is not None
+        created = pagemap.append_journal(self.state_dir, self.ctx.vm_id, seq, records, durable=True)
+        if created or sync_dir:
+            fsync_dir(self.state_dir)
+
+    def _journal(self, records: npt.NDArray[np.void]) -> bool:
+        """Append ``records`` now, on the loop, without fsync; False if that failed
+        (then a snapshot is due, and holds what they said)."""
+        if self.state_dir is None or self.state_dropped:
+            return True
+        assert self._journal_seq is not None
+        try:
+            pagemap.append_journal(
+                self.state_dir, self.ctx.vm_id, self._journal_seq, records, durable=False
+            )
+        except OSError as e:
+            log.warning(
+                "appending to the page map journal failed", vm_id=self.ctx.vm_id, error=str(e)
+            )
+            self.map_dirty = True
+            return False
+        self._journal_records += len(records)
+        return True
+
+    def _unlist(
+        self, i: int, pages: npt.NDArray[np.int64], listed_at: npt.NDArray[np.uint32]
+    ) -> None:
+        """Prepared ``pages`` of region ``i``, listed at ``listed_at``, were not punched."""
+        self.listed[i][pages] = False
+        self._journal(pagemap.journal_records(pagemap.JournalOp.UNLISTED, i, pages, listed_at))
 
     def log_removed(
         self, i: int, pages: npt.NDArray[np.int64], listed_at: npt.NDArray[np.uint32]
-    ) -> None:
-        """Log that the VMM removed ``pages`` of region ``i``, which the map on disk
-        may list at ``listed_at``, until a map written after this holds it.
+    ) -> bool:
+        """Journal that the VMM removed ``pages`` of region ``i``, which the map
+        on disk lists at ``listed_at``; False if that failed (a snapshot is due).
 
         Called on the loop as the REMOVE is read, before any await: a restart
-        from then on finds it (:mod:`.pagemap`).  A failed write is logged; the
-        map's rewrite, a moment later, closes the gap as before.
+        from then on finds it (:mod:`.pagemap`).
         """
-        if self.state_dir is None or self.state_dropped:
-            return
-        try:
-            pagemap.append_removed(self.state_dir, self.ctx.vm_id, i, pages, listed_at)
-        except OSError as e:
-            log.warning("logging removed pages failed", vm_id=self.ctx.vm_id, error=str(e))
-            return
-        self._removals_logged += 1
+        return self._journal(
+            pagemap.journal_records(pagemap.JournalOp.REMOVED, i, pages, listed_at)
+        )
 
     def write_state(self, write: Callable[..., object], *args: Any, **kwargs: Any) -> None:
         """Run ``write(*args, **kwargs)`` (a state file write, in a worker thread) unless the
@@ -748,19 +877,35 @@ class Evictor:
             self.state_dropped = True
             drop()
 
-    def _map_with_prepared(self) -> pagemap.VmMap:
-        """The page map as it will be once every prepared batch is committed."""
+    def _map_with_prepared(self) -> tuple[pagemap.VmMap, list[npt.NDArray[np.bool_]]]:
+        """The page map as it will be once every prepared batch is committed, and
+        which pages are evicted now.  O(guest pages), on the loop."""
         out = []
+        now = []
         for i, t in enumerate(self.ctx.tracker.regions):
             evicted = t.state.evicted
+            now.append(evicted.copy())
             gens = t.state.generations.copy()
-            for batch in self._prepared:
+            for batch in (*self._prepared, *self._committing):
                 if batch.region == i:
                     evicted[batch.pages] = True
                     gens[batch.pages] += np.uint32(1)
             r = t.region
             out.append(pagemap.region_map(r.offset, r.size, r.page_size, evicted, gens))
-        return pagemap.VmMap(self.ctx.vm_id, tuple(out))
+        return pagemap.VmMap(self.ctx.vm_id, tuple(out)), now
+
+
+def _listed_now(t: TrackedRegion, listed_resident: set[int]) -> npt.NDArray[np.bool_]:
+    listed = t.state.evicted
+    listed[list(listed_resident)] = True
+    return listed
+
+
+def _listed_at(batch: Prepared, ctx: VmContext) -> npt.NDArray[np.uint32]:
+    """The generation the map lists ``batch``'s pages at: the one they are stored at."""
+    if batch.generations is not None:
+        return batch.generations + np.uint32(1)
+    return ctx.tracker.regions[batch.region].state.generations[batch.pages] + np.uint32(1)
 
 
 async def _in_background(fn: Callable[..., T], *args: object) -> T:

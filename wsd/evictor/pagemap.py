@@ -11,28 +11,46 @@ window) or that were fetched back since.  That is safe by construction: a page
 present in the memfd is always newer than any stored copy, so recovery trusts
 the memfd wherever it holds data and the map only for holes.
 
-One ``.npz`` per VM, replaced atomically (write, fsync, rename, fsync the
-directory).  Cost is proportional to the evicted pages (8 bytes each).
+The map is a *snapshot* and a *journal*.  The snapshot, one ``.npz`` per VM,
+is replaced atomically (write, fsync, rename, fsync the directory).  Writing
+it costs O(evicted pages), 12 bytes each, and building it on the event loop
+O(guest pages): 0.1 s of the loop and 25 MB written for a 16 GiB guest half
+evicted.  So it is written only now and then (a *compaction*), and what
+changes in between is appended to the journal, ``<vm>.journal.<seq>``, 16
+bytes per page: O(batch) per eviction.  Each snapshot names the first
+journal it does not hold (``journal`` in its header); loading replays the
+journals from that one on, in order:
 
-Beside it, the *removals log* (``<vm>.removed``): evicted or prepared pages
-the VMM discarded (a balloon's ``MADV_REMOVE``) since the map was last
-written.  The map is rewritten soon after such a discard, but in a thread; a
-wsd killed before that would find the pages still listed, see holes and bring
-back their old bytes where the guest must read zeros.  So the removal is
-appended to the log on the event loop, before anything else runs, with a
-plain ``write`` (no fsync: the page cache outlives a wsd crash, and a host
-crash takes the VM with it).  Each record names the page and the generation
-the map lists it at: a restart drops a listed page only at exactly that
-generation, so a later eviction of the same page (a newer generation) is
-never taken for the removal.  A map written after the last append makes the
-log obsolete, and it is deleted.
+* ``LISTED``: the page is evicted at this generation.  Appended and
+  fdatasynced before the batch is punched.
+* ``UNLISTED``: the page listed at this generation was finally not punched
+  (touched in the window, its region no longer evictable).
+* ``REMOVED``: the VMM discarded the page listed at this generation (a
+  balloon's ``MADV_REMOVE``).  Its next touch must read zeros, never the old
+  bytes; a restart finds it listed and marked removed, and treats it as the
+  dead wsd did (``resume.adopt``).
+
+``UNLISTED`` and ``REMOVED`` are plain writes on the event loop, made as the
+fact is known and before anything else runs (no fsync: the page cache
+outlives a wsd crash, and a host crash takes the VM with it).  Replaying in
+order is what keeps a later eviction of a removed page from being taken for
+the removal, even at a generation a restart reused.  A compaction takes a
+journal number above every journal on disk and deletes the older ones once
+its snapshot is written, so an earlier wsd's journals are never replayed
+over it.
+
+``<vm>.removed``, the removals log of earlier versions, is still read (after
+the snapshot, before the journals) and deleted by the next compaction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +64,17 @@ from wsd.atomicfile import write_atomically
 FORMAT: Final = "wsd-pagemap-1"
 REMOVED_MAGIC: Final = b"wsdrm\x00\x00\x01"
 REMOVED_RECORD: Final = np.dtype([("region", "<u4"), ("generation", "<u4"), ("page", "<u8")])
+JOURNAL_MAGIC: Final = b"wsdpj\x00\x00\x01"
+JOURNAL_RECORD: Final = np.dtype(
+    [("page", "<u8"), ("generation", "<u4"), ("region", "<u2"), ("op", "u1"), ("pad", "u1")]
+)
+_JOURNAL_NAME: Final = re.compile(r"\.journal\.(\d+)")
+
+
+class JournalOp(enum.IntEnum):
+    LISTED = 1
+    UNLISTED = 2
+    REMOVED = 3
 
 
 @dataclass(frozen=True)
@@ -64,7 +93,10 @@ class VmMap:
     vm_id: str
     regions: tuple[RegionMap, ...]
     removed: npt.NDArray[np.void] = field(default_factory=lambda: np.empty(0, REMOVED_RECORD))
-    """Read back only: the removals logged since the map was written (``load_removed``)."""
+    """Read back only: listed pages the VMM removed (``REMOVED_RECORD``s), each at the
+    generation it is listed at."""
+    journal: int = 0
+    """The first journal this snapshot does not hold."""
 
 
 class PageMapError(Exception):
@@ -81,6 +113,7 @@ def save(state_dir: Path, vm: VmMap) -> Path:
     header = {
         "format": FORMAT,
         "vm_id": vm.vm_id,
+        "journal": vm.journal,
         "regions": [
             {"offset": r.offset, "size": r.size, "page_size": r.page_size} for r in vm.regions
         ],
@@ -101,61 +134,41 @@ def save(state_dir: Path, vm: VmMap) -> Path:
 def remove(state_dir: Path, vm_id: str) -> None:
     path_for(state_dir, vm_id).unlink(missing_ok=True)
     clear_removed(state_dir, vm_id)
+    drop_journals(state_dir, vm_id, below=None)
 
 
 def removed_path(state_dir: Path, vm_id: str) -> Path:
     return state_dir / f"{vm_id}.removed"
 
 
-def append_removed(
-    state_dir: Path,
-    vm_id: str,
-    region: int,
-    pages: npt.NDArray[np.int64],
-    generations: npt.NDArray[np.uint32],
-) -> None:
-    """Log that the VMM removed ``pages`` of ``region``, which the map on disk
-    may list at ``generations``.  Blocking, but one small write."""
-    records = np.empty(len(pages), dtype=REMOVED_RECORD)
-    records["region"] = region
-    records["generation"] = generations
-    records["page"] = pages
-    # No mkdir: this runs on the event loop, and the session's description
-    # was written into state_dir at its hand-off.
-    fd = os.open(
-        removed_path(state_dir, vm_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-    )
-    try:
-        data = records.tobytes()
-        if os.fstat(fd).st_size == 0:
-            data = REMOVED_MAGIC + data
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
 def load_removed(state_dir: Path, vm_id: str) -> npt.NDArray[np.void]:
-    """The removals logged since the map was last written (``REMOVED_RECORD``s).
+    """The removals log of earlier versions (``REMOVED_RECORD``s).
 
     A record cut short by a crash in the middle of its write is ignored: its
     removal never reached the log, as if wsd had died just before.
     """
     path = removed_path(state_dir, vm_id)
+    if not path.exists():
+        return np.empty(0, dtype=REMOVED_RECORD)
+    return _read_records(path, REMOVED_MAGIC, REMOVED_RECORD, "removals log")
+
+
+def _read_records(
+    path: Path, magic: bytes, dtype: np.dtype[np.void], what: str
+) -> npt.NDArray[np.void]:
+    """The records of a file of ``magic`` then ``dtype`` records; a record cut
+    short by a crash in its write is ignored, as if wsd had died just before it."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        return np.empty(0, dtype=REMOVED_RECORD)
     except OSError as e:
-        raise PageMapError(f"{path}: unreadable removals log: {e}") from e
+        raise PageMapError(f"{path}: unreadable {what}: {e}") from e
     if not data:
-        return np.empty(0, dtype=REMOVED_RECORD)
-    if not data.startswith(REMOVED_MAGIC):
-        raise PageMapError(f"{path}: not a removals log (it starts with {data[:8]!r})")
-    body = data[len(REMOVED_MAGIC) :]
-    whole = len(body) - len(body) % REMOVED_RECORD.itemsize
-    return np.frombuffer(body[:whole], dtype=REMOVED_RECORD).copy()
+        return np.empty(0, dtype=dtype)
+    if not data.startswith(magic):
+        raise PageMapError(f"{path}: not a {what} (it starts with {data[:8]!r})")
+    body = data[len(magic) :]
+    whole = len(body) - len(body) % dtype.itemsize
+    return np.frombuffer(body[:whole], dtype=dtype).copy()
 
 
 def clear_removed(state_dir: Path, vm_id: str) -> None:
@@ -181,7 +194,8 @@ def load(path: Path) -> VmMap:
                 if len(pages) and (pages.min() < 0 or pages.max() >= npages):
                     raise PageMapError(f"{path}: region {i}: page index outside [0, {npages})")
                 regions.append(RegionMap(r["offset"], r["size"], r["page_size"], pages, gens))
-            return VmMap(header["vm_id"], tuple(regions))
+            journal = int(header.get("journal", 0))
+            return VmMap(header["vm_id"], tuple(regions), journal=journal)
     except PageMapError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -197,3 +211,165 @@ def region_map(
 ) -> RegionMap:
     pages = np.flatnonzero(evicted).astype(np.int64)
     return RegionMap(offset, size, page_size, pages, np.asarray(gens, dtype=np.uint32)[pages])
+
+
+# -- the journal ------------------------------------------------------------------
+
+
+def journal_path(state_dir: Path, vm_id: str, seq: int) -> Path:
+    return state_dir / f"{vm_id}.journal.{seq}"
+
+
+def journals(state_dir: Path, vm_id: str) -> list[int]:
+    """The numbers of ``vm_id``'s journals on disk, ascending."""
+    prefix = f"{vm_id}.journal."
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if name.startswith(prefix) and (m := _JOURNAL_NAME.fullmatch(name, len(vm_id))):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def next_journal(state_dir: Path, vm_id: str) -> int:
+    """A journal number above every journal on disk and the snapshot's own."""
+    path = path_for(state_dir, vm_id)
+    held = 0
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                held = int(json.loads(bytes(z["header"]).decode()).get("journal", 0))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PageMapError(f"{path}: unreadable page map: {e}") from e
+    return max([held, *(seq + 1 for seq in journals(state_dir, vm_id))])
+
+
+def drop_journals(state_dir: Path, vm_id: str, *, below: int | None) -> None:
+    """Delete ``vm_id``'s journals numbered below ``below`` (None: all of them)."""
+    for seq in journals(state_dir, vm_id):
+        if below is None or seq < below:
+            journal_path(state_dir, vm_id, seq).unlink(missing_ok=True)
+
+
+def journal_records(
+    op: JournalOp,
+    region: int,
+    pages: npt.NDArray[np.int64],
+    generations: npt.NDArray[np.uint32],
+) -> npt.NDArray[np.void]:
+    records = np.zeros(len(pages), dtype=JOURNAL_RECORD)
+    records["page"] = pages
+    records["generation"] = generations
+    records["region"] = region
+    records["op"] = op
+    return records
+
+
+def append_journal(
+    state_dir: Path, vm_id: str, seq: int, records: npt.NDArray[np.void], *, durable: bool
+) -> bool:
+    """Append ``records`` to journal ``seq``; whether the file was new.
+
+    ``durable``: fdatasync it before returning; the caller fsyncs the
+    directory the first time.  Blocking, but small.
+    """
+    fd = os.open(
+        journal_path(state_dir, vm_id, seq),
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+        0o600,
+    )
+    try:
+        data = records.tobytes()
+        created = os.fstat(fd).st_size == 0
+        if created:
+            data = JOURNAL_MAGIC + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return created
+
+
+def load_journal(state_dir: Path, vm_id: str, seq: int) -> npt.NDArray[np.void]:
+    """Journal ``seq``'s records (see :func:`_read_records`)."""
+    path = journal_path(state_dir, vm_id, seq)
+    records = _read_records(path, JOURNAL_MAGIC, JOURNAL_RECORD, "page map journal")
+    bad = ~np.isin(records["op"], [int(op) for op in JournalOp])
+    if bad.any():
+        raise PageMapError(f"{path}: record {int(np.argmax(bad))} has an unknown operation")
+    return records
+
+
+def replay(vm: VmMap, records: npt.NDArray[np.void], *, source: str) -> VmMap:
+    """``vm`` with journal ``records`` applied in order (see the module's docstring)."""
+    if not len(records):
+        return vm
+    regions = list(vm.regions)
+    removed = [vm.removed]
+    for i in np.unique(records["region"]).tolist():
+        if i >= len(regions):
+            raise PageMapError(f"{source}: a record names region {i}, the map has {len(regions)}")
+        r = regions[i]
+        mine = records[records["region"] == i]
+        npages = r.size // r.page_size
+        if int(mine["page"].max()) >= npages:
+            raise PageMapError(f"{source}: region {i}: page index outside [0, {npages})")
+        listed = dict(zip(r.pages.tolist(), r.generations.tolist(), strict=True))
+        earlier = vm.removed[vm.removed["region"] == i]
+        gone = dict(zip(earlier["page"].tolist(), earlier["generation"].tolist(), strict=True))
+        pages_, gens_, ops = (mine[k].tolist() for k in ("page", "generation", "op"))
+        steps = zip(pages_, gens_, ops, strict=True)
+        for page, gen, op in steps:
+            if op == JournalOp.LISTED:
+                listed[page] = gen
+                gone.pop(page, None)
+            elif listed.get(page) != gen:
+                continue  # about an older listing of the page
+            elif op == JournalOp.UNLISTED:
+                del listed[page]
+                gone.pop(page, None)
+            else:
+                gone[page] = gen
+        pages = np.array(sorted(listed), dtype=np.int64)
+        gens = np.array([listed[p] for p in pages.tolist()], dtype=np.uint32)
+        regions[i] = RegionMap(r.offset, r.size, r.page_size, pages, gens)
+        removed[0] = removed[0][removed[0]["region"] != i]
+        mark = np.empty(len(gone), dtype=REMOVED_RECORD)
+        mark["region"] = i
+        mark["page"] = list(gone)
+        mark["generation"] = list(gone.values())
+        removed.append(mark)
+    return dataclasses.replace(vm, regions=tuple(regions), removed=np.concatenate(removed))
+
+
+def load_vm(state_dir: Path, vm_id: str) -> VmMap | None:
+    """``vm_id``'s page map: the snapshot, then the removals log of earlier
+    versions, then the journals the snapshot does not hold, in order.  None if
+    no snapshot was ever written (nothing was evicted)."""
+    path = path_for(state_dir, vm_id)
+    if not path.exists():
+        return None
+    vm = load(path)
+    legacy = load_removed(state_dir, vm_id)
+    if len(legacy):
+        vm = replay(vm, _as_removals(legacy), source=str(removed_path(state_dir, vm_id)))
+    for seq in journals(state_dir, vm_id):
+        if seq >= vm.journal:
+            source = str(journal_path(state_dir, vm_id, seq))
+            vm = replay(vm, load_journal(state_dir, vm_id, seq), source=source)
+    return vm
+
+
+def _as_removals(legacy: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+    records = np.zeros(len(legacy), dtype=JOURNAL_RECORD)
+    records["page"] = legacy["page"]
+    records["generation"] = legacy["generation"]
+    records["region"] = legacy["region"]
+    records["op"] = JournalOp.REMOVED
+    return records

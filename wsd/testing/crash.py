@@ -76,10 +76,8 @@ class SoakResult:
 
 def evicted_in_map(state: Path, vm_id: str) -> int:
     """Pages the page map lists as evicted (some may have been fetched back since)."""
-    path = pagemap.path_for(state, vm_id)
-    if not path.exists():
-        return 0
-    return sum(len(r.pages) for r in pagemap.load(path).regions)
+    vm = pagemap.load_vm(state, vm_id)
+    return 0 if vm is None else sum(len(r.pages) for r in vm.regions)
 
 
 def crash_soak(
