@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -248,6 +248,61 @@ def test_bad_journals_are_named(tmp_path: Path) -> None:
     pagemap.append_journal(tmp_path, "vm-1", 0, records, durable=True)
     with pytest.raises(pagemap.PageMapError, match="record 0 has an unknown operation"):
         pagemap.load_vm(tmp_path, "vm-1")
+
+
+def _replay_one_by_one(
+    listed: dict[int, int], marked: dict[int, int], steps: list[tuple[int, int, int]]
+) -> tuple[dict[int, int], dict[int, int]]:
+    """The journal's meaning, record by record: what ``pagemap.replay`` vectorises."""
+    listed, marked = dict(listed), dict(marked)
+    for page, gen, op in steps:
+        if op == pagemap.JournalOp.LISTED:
+            listed[page] = gen
+            marked.pop(page, None)
+        elif listed.get(page) != gen:
+            continue  # about an older listing of the page
+        elif op == pagemap.JournalOp.UNLISTED:
+            del listed[page]
+            marked.pop(page, None)
+        else:
+            marked[page] = gen
+    return listed, marked
+
+
+_pages = st.integers(0, 7)
+_gens = st.integers(0, 3)
+
+
+@settings(max_examples=400)
+@given(
+    st.dictionaries(_pages, _gens),
+    st.lists(st.tuples(_pages, _gens, st.sampled_from(list(pagemap.JournalOp)))),
+    st.lists(st.tuples(_pages, _gens, st.sampled_from(list(pagemap.JournalOp)))),
+)
+def test_replay_means_applying_each_record_in_order(
+    snapshot: dict[int, int],
+    first: list[tuple[int, int, int]],
+    second: list[tuple[int, int, int]],
+) -> None:
+    def records(steps: list[tuple[int, int, int]]) -> np.ndarray:
+        out = np.zeros(len(steps), dtype=pagemap.JOURNAL_RECORD)
+        for n, (page, gen, op) in enumerate(steps):
+            out[n]["page"], out[n]["generation"], out[n]["op"] = page, gen, op
+        return out
+
+    pages = sorted(snapshot)
+    region = pagemap.RegionMap(
+        0,
+        8 * 4096,
+        4096,
+        np.array(pages, np.int64),
+        np.array([snapshot[p] for p in pages], np.uint32),
+    )
+    vm = pagemap.VmMap("vm-1", (region,))
+    # Two journals one after the other: the marks of the first carry over.
+    vm = pagemap.replay(vm, records(first), source="first")
+    vm = pagemap.replay(vm, records(second), source="second")
+    assert _listing(vm) == _replay_one_by_one(snapshot, {}, first + second)
 
 
 def test_a_removals_log_of_an_earlier_version_is_still_read(tmp_path: Path) -> None:

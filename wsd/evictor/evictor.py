@@ -81,9 +81,12 @@ COMMIT_CHUNK = 128
 # wp-async: at most this many bytes held in pipes per step (a 2 MiB page is a step).
 VERIFIED_CHUNK_BYTES = 512 << 10
 # The page map's snapshot is rewritten once its journal holds this many
-# records, or as many as the snapshot lists pages if that is more: each
-# compaction costs O(guest pages), so this keeps it O(1) per page evicted.
+# records, or a quarter as many as the snapshot lists pages if that is more:
+# each compaction costs O(guest pages), so this keeps it O(1) per page
+# evicted, and a restart's replay of the journal a fraction of its read of
+# the snapshot.
 COMPACT_MIN_RECORDS = 1 << 16
+COMPACT_SNAPSHOT_FRACTION = 4
 
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
@@ -753,14 +756,16 @@ class Evictor:
         ``force``: the prepared batches are about to be punched, so they must
         be listed durably (a journal append and fdatasync: O(batch)), and an
         ``OSError`` is raised if that fails.  A new snapshot is written instead
-        when one is due (``map_dirty``, or a journal grown as large as the
-        snapshot); otherwise, without ``force``, nothing is written.  A failed
+        when one is due (``map_dirty``, or a journal grown to a quarter of
+        the snapshot); otherwise, without ``force``, nothing is written.  A failed
         snapshot is logged and tried again next time.
         """
         if self.state_dir is None:
             return
         async with self._map_lock:
-            due = self._journal_records >= max(COMPACT_MIN_RECORDS, self._snapshot_pages)
+            due = self._journal_records >= max(
+                COMPACT_MIN_RECORDS, self._snapshot_pages // COMPACT_SNAPSHOT_FRACTION
+            )
             if self.map_dirty or due:
                 await self._compact(force=force)
             elif force and self._prepared:

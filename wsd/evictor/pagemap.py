@@ -307,7 +307,16 @@ def load_journal(state_dir: Path, vm_id: str, seq: int) -> npt.NDArray[np.void]:
 
 
 def replay(vm: VmMap, records: npt.NDArray[np.void], *, source: str) -> VmMap:
-    """``vm`` with journal ``records`` applied in order (see the module's docstring)."""
+    """``vm`` with journal ``records`` applied in order (see the module's docstring).
+
+    Vectorised, because a restart waits for it: a journal may hold as many
+    records as the snapshot lists pages, millions for a large guest.  Per
+    page, only the records from its last ``LISTED`` on count (or all of
+    them, over the snapshot's listing, if it has none): they cannot change
+    its generation, so an ``UNLISTED`` at that generation deletes the listing
+    and otherwise a ``REMOVED`` at it marks the page removed, whatever their
+    order.  A ``LISTED`` clears an earlier mark.
+    """
     if not len(records):
         return vm
     regions = list(vm.regions)
@@ -316,34 +325,45 @@ def replay(vm: VmMap, records: npt.NDArray[np.void], *, source: str) -> VmMap:
         if i >= len(regions):
             raise PageMapError(f"{source}: a record names region {i}, the map has {len(regions)}")
         r = regions[i]
-        mine = records[records["region"] == i]
         npages = r.size // r.page_size
+        mine = records[records["region"] == i]
         if int(mine["page"].max()) >= npages:
             raise PageMapError(f"{source}: region {i}: page index outside [0, {npages})")
-        listed = dict(zip(r.pages.tolist(), r.generations.tolist(), strict=True))
-        earlier = vm.removed[vm.removed["region"] == i]
-        gone = dict(zip(earlier["page"].tolist(), earlier["generation"].tolist(), strict=True))
-        pages_, gens_, ops = (mine[k].tolist() for k in ("page", "generation", "op"))
-        steps = zip(pages_, gens_, ops, strict=True)
-        for page, gen, op in steps:
-            if op == JournalOp.LISTED:
-                listed[page] = gen
-                gone.pop(page, None)
-            elif listed.get(page) != gen:
-                continue  # about an older listing of the page
-            elif op == JournalOp.UNLISTED:
-                del listed[page]
-                gone.pop(page, None)
-            else:
-                gone[page] = gen
-        pages = np.array(sorted(listed), dtype=np.int64)
-        gens = np.array([listed[p] for p in pages.tolist()], dtype=np.uint32)
-        regions[i] = RegionMap(r.offset, r.size, r.page_size, pages, gens)
+        # Marks from earlier replays come first, as the REMOVED records they were.
+        earlier = removed[0][removed[0]["region"] == i]
         removed[0] = removed[0][removed[0]["region"] != i]
-        mark = np.empty(len(gone), dtype=REMOVED_RECORD)
-        mark["region"] = i
-        mark["page"] = list(gone)
-        mark["generation"] = list(gone.values())
+        marks = np.zeros(len(earlier), dtype=JOURNAL_RECORD)
+        marks["page"], marks["generation"] = earlier["page"], earlier["generation"]
+        marks["op"] = JournalOp.REMOVED
+        mine = np.concatenate((marks, mine))
+        page = mine["page"].astype(np.int64)
+        gen, op = mine["generation"], mine["op"]
+        touched, k = np.unique(page, return_inverse=True)
+        order = np.arange(len(mine))
+        last = np.full(len(touched), -1, dtype=np.int64)
+        listing = op == JournalOp.LISTED
+        np.maximum.at(last, k[listing], order[listing])
+        at = np.minimum(np.searchsorted(r.pages, touched), max(len(r.pages) - 1, 0))
+        in_snapshot = (r.pages[at] == touched) if len(r.pages) else np.zeros(len(touched), bool)
+        relisted = last >= 0
+        base = np.where(
+            relisted, gen[np.maximum(last, 0)], r.generations[at] if len(r.pages) else 0
+        )
+        listed = relisted | in_snapshot
+        after = (order > last[k]) & (gen == base[k])
+        deleted = np.zeros(len(touched), bool)
+        deleted[k[after & (op == JournalOp.UNLISTED)]] = True
+        marked = np.zeros(len(touched), bool)
+        marked[k[after & (op == JournalOp.REMOVED)]] = True
+        listed &= ~deleted
+        marked &= listed
+        keep = ~np.isin(r.pages, touched)
+        pages = np.concatenate((r.pages[keep], touched[listed]))
+        gens = np.concatenate((r.generations[keep], base[listed].astype(np.uint32)))
+        sort = np.argsort(pages, kind="stable")
+        regions[i] = RegionMap(r.offset, r.size, r.page_size, pages[sort], gens[sort])
+        mark = np.empty(int(marked.sum()), dtype=REMOVED_RECORD)
+        mark["region"], mark["page"], mark["generation"] = i, touched[marked], base[marked]
         removed.append(mark)
     return dataclasses.replace(vm, regions=tuple(regions), removed=np.concatenate(removed))
 
