@@ -12,9 +12,14 @@ this times in one run:
 * **raw**: the same bytes written with ``os.write`` and fdatasynced, on the same
   filesystem, by this process (the baseline);
 * **snapshot**: a whole new snapshot (``Evictor._compact``), which wsd writes
-  once per as many journal records as the snapshot lists pages (at least
-  ``COMPACT_MIN_RECORDS``), and which every batch wrote before the journal:
-  its part on the event loop (``_map_with_prepared``, O(guest pages)) and in all.
+  once per a quarter as many journal records as the snapshot lists pages (at
+  least ``COMPACT_MIN_RECORDS``), and which every batch wrote before the
+  journal: its part on the event loop (``_map_with_prepared``, O(guest pages))
+  and in all;
+* **restart read**: ``pagemap.load`` of the snapshot alone (a restart's read
+  before the journal) and ``pagemap.load_vm`` with the longest journal the
+  threshold allows (**+journal**): a quarter as many records as the snapshot
+  lists pages, at least ``COMPACT_MIN_RECORDS``.
 
 The guest is a puppet process with a sparse memfd (nothing is populated or
 punched: the evictor's page states are set directly). Best of ``--rounds`` each.
@@ -33,7 +38,7 @@ import uvloop
 
 from wsd.evictor import EvictorConfig, pagemap
 from wsd.evictor.context import VmContext
-from wsd.evictor.evictor import Evictor, Prepared
+from wsd.evictor.evictor import COMPACT_MIN_RECORDS, COMPACT_SNAPSHOT_FRACTION, Evictor, Prepared
 from wsd.testing.arming import track_puppet
 from wsd.testing.puppet_vmm import PuppetVMM
 
@@ -86,7 +91,31 @@ async def measure(size: int, batch: int, rounds: int, root: Path) -> dict[str, f
                 start = time.perf_counter()
                 await ev._compact(force=True)
                 snapshot.append(time.perf_counter() - start)
+            # A restart's read of the map: the snapshot alone (what it read
+            # before the journal), and with the longest journal the
+            # threshold allows.
+            snapshot_now = pagemap.load(pagemap.path_for(state_dir, "bench"))
+            listed = len(snapshot_now.regions[0].pages)
+            longest = max(COMPACT_MIN_RECORDS, listed // COMPACT_SNAPSHOT_FRACTION)
+            again = snapshot_now.regions[0].pages[:longest]  # listed pages evicted again
+            tail = pagemap.journal_records(
+                pagemap.JournalOp.LISTED, 0, again, np.full(len(again), 9, dtype=np.uint32)
+            )
+            pagemap.append_journal(state_dir, "bench", snapshot_now.journal, tail, durable=False)
+            load_snapshot, load_all = [], []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                pagemap.load(pagemap.path_for(state_dir, "bench"))
+                load_snapshot.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                replayed = pagemap.load_vm(state_dir, "bench")
+                load_all.append(time.perf_counter() - start)
+                assert replayed is not None and (replayed.regions[0].generations == 9).sum() == len(
+                    again
+                )
             return {
+                "load_snapshot_ms": best(load_snapshot),
+                "load_journal_ms": best(load_all),
                 "journal_ms": best(journal),
                 "raw_ms": best(raw),
                 "snapshot_ms": best(snapshot),
@@ -101,7 +130,8 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="wsd-pagemap-", dir=args.dir) as tmp:
         print(
             f"{'guest':>6} {'journal ms':>11} {'raw ms':>8} {'journal/raw':>12} "
-            f"{'snapshot ms':>12} {'on loop ms':>11} {'snapshot MB':>12} {'snapshot/journal':>17}"
+            f"{'snapshot ms':>12} {'on loop ms':>11} {'snapshot MB':>12} {'snapshot/journal':>17} "
+            f"{'restart read ms':>16} {'+journal':>9}"
         )
         for text in args.sizes.split(","):
             r = await measure(parse_size(text), args.batch, args.rounds, Path(tmp))
@@ -109,7 +139,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"{text:>6} {r['journal_ms']:11.2f} {r['raw_ms']:8.2f} "
                 f"{r['journal_ms'] / r['raw_ms']:12.2f} {r['snapshot_ms']:12.1f} "
                 f"{r['snapshot_loop_ms']:11.1f} {r['snapshot_mb']:12.1f} "
-                f"{r['snapshot_ms'] / r['journal_ms']:17.0f}"
+                f"{r['snapshot_ms'] / r['journal_ms']:17.0f} "
+                f"{r['load_snapshot_ms']:16.1f} {r['load_journal_ms']:9.1f}"
             )
         print(
             f"half of each guest evicted; batches of {args.batch} pages; best of {args.rounds}; "
