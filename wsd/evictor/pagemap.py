@@ -14,10 +14,11 @@ the memfd wherever it holds data and the map only for holes.
 The map is a *snapshot* and a *journal*.  The snapshot, one ``.npz`` per VM,
 is replaced atomically (write, fsync, rename, fsync the directory).  Writing
 it costs O(evicted pages), 12 bytes each, and building it on the event loop
-O(guest pages): 0.1 s of the loop and 25 MB written for a 16 GiB guest half
-evicted.  So it is written only now and then (a *compaction*), and what
-changes in between is appended to the journal, ``<vm>.journal.<seq>``, 16
-bytes per page: O(batch) per eviction.  Each snapshot names the first
+O(guest pages): for a 16 GiB guest half evicted, 15 ms of the loop, then
+25 MB written and fsynced (0.14 s in all, ``bench/pagemap_write.py``).  So
+it is written only now and then (a *compaction*), and what changes in
+between is appended to the journal, ``<vm>.journal.<seq>``, 16 bytes per
+page: O(batch) per eviction.  Each snapshot names the first
 journal it does not hold (``journal`` in its header); loading replays the
 journals from that one on, in order:
 
@@ -34,10 +35,10 @@ journals from that one on, in order:
 fact is known and before anything else runs (no fsync: the page cache
 outlives a wsd crash, and a host crash takes the VM with it).  Replaying in
 order is what keeps a later eviction of a removed page from being taken for
-the removal, even at a generation a restart reused.  A compaction takes a
-journal number above every journal on disk and deletes the older ones once
-its snapshot is written, so an earlier wsd's journals are never replayed
-over it.
+the removal, even at a generation a restart reused.  Journal numbers only
+grow: a wsd starts above every journal on disk, and each compaction takes
+the next number and deletes the older journals once its snapshot is
+written, so an earlier wsd's journals are never replayed over it.
 
 ``<vm>.removed``, the removals log of earlier versions, is still read (after
 the snapshot, before the journals) and deleted by the next compaction.
@@ -65,6 +66,7 @@ FORMAT: Final = "wsd-pagemap-1"
 REMOVED_MAGIC: Final = b"wsdrm\x00\x00\x01"
 REMOVED_RECORD: Final = np.dtype([("region", "<u4"), ("generation", "<u4"), ("page", "<u8")])
 JOURNAL_MAGIC: Final = b"wsdpj\x00\x00\x01"
+# 16 bytes; a region number fits in 16 bits (protocol.MAX_REGIONS is 512).
 JOURNAL_RECORD: Final = np.dtype(
     [("page", "<u8"), ("generation", "<u4"), ("region", "<u2"), ("op", "u1"), ("pad", "u1")]
 )
