@@ -14,9 +14,8 @@ zaps the range.  For every page fully inside it:
   evicted, not resident, and its generation moves on;
 - the stored copies of the pages that were evicted are queued for discard,
   and prepared (stored, not yet punched) pages leave the evictor's batches;
-- the removal is logged beside the page map at once, and the map is
-  rewritten soon (a task), so a restarted wsd does not bring the removed
-  pages back from storage (the removals log: :mod:`.pagemap`).
+- the pages the page map on disk lists are journalled ``REMOVED`` at once,
+  so a restarted wsd does not bring them back from storage (:mod:`.pagemap`).
 
 Why the generation (the ordering argument, docs/life-events.md): a fetch in
 flight for a removed page read the generation before its ``get``; it checks
