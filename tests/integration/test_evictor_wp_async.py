@@ -227,6 +227,16 @@ class ParkedSession:
         assert [p for p, v in enumerate(versions) if v == DISCARDED] == list(discarded)
         assert all(v == 0 for p, v in enumerate(versions) if p not in {*self.RACED, *discarded})
 
+    async def read_back_after_restart(self, after: VmContext) -> None:
+        """Serve ``after``'s faults (the resumed session's context) while the guest
+        reads every page: raced writes back, ``DISCARDED_PAGE`` one zero fill."""
+        assert self.resumed is not None
+        faults = FaultService(after, asyncio.ensure_future)
+        with serving_faults(self.resumed, faults) as unhandled:
+            await self.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
+            await faults.close()
+        assert not unhandled and after.stats.zero_fills == 1
+
 
 @contextlib.asynccontextmanager
 async def parked_session(
@@ -362,11 +372,7 @@ async def test_a_held_back_page_the_vmm_discarded_stays_discarded_across_a_resta
         assert resumed.regions[0].state.evicted_pages == 0
         # The discarded page is a hole that nothing lists: its fault gets zeros.
         after = VmContext(vm_id, resumed, s.store, EvictorConfig())
-        faults = FaultService(after, asyncio.ensure_future)
-        with serving_faults(resumed, faults) as unhandled:
-            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
-            await faults.close()
-        assert not unhandled and after.stats.zero_fills == 1
+        await s.read_back_after_restart(after)
 
 
 async def test_a_page_the_vmm_discarded_stays_discarded_when_wsd_dies_before_the_map_rewrite(
@@ -403,11 +409,7 @@ async def test_a_page_the_vmm_discarded_stays_discarded_when_wsd_dies_before_the
         assert state.evicted_pages == len(s.PAGES) - len(s.RACED) - 1
         after = VmContext(vm_id, resumed, s.store, EvictorConfig())
         assert DISCARDED_PAGE in after.discards[0], "its stored copy is garbage"
-        faults = FaultService(after, asyncio.ensure_future)
-        with serving_faults(resumed, faults) as unhandled:
-            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
-            await faults.close()
-        assert not unhandled and after.stats.zero_fills == 1
+        await s.read_back_after_restart(after)
         # The new wsd's next snapshot holds the removal; the journals go.
         ev = Evictor(after, state_dir=tmp_path)
         ev.map_dirty = True
@@ -443,11 +445,7 @@ async def test_a_page_fetched_back_then_discarded_stays_discarded_across_a_resta
 
         resumed = await s.restart(tmp_path)
         after = VmContext(vm_id, resumed, s.store, EvictorConfig())
-        faults = FaultService(after, asyncio.ensure_future)
-        with serving_faults(resumed, faults) as unhandled:
-            await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
-            await faults.close()
-        assert not unhandled and after.stats.zero_fills == 1
+        await s.read_back_after_restart(after)
 
 
 async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_read(

@@ -815,8 +815,7 @@ class Evictor:
         )
         seq, sync_dir = self._journal_seq, not self._journal_dir_synced
         await asyncio.to_thread(self.write_state, self._append_durably, seq, records, sync_dir)
-        if seq == self._journal_seq:
-            self._journal_dir_synced = True
+        self._journal_dir_synced = True  # the map lock kept the journal from changing
         self._journal_records += len(records)
 
     def _append_durably(self, seq: int, records: npt.NDArray[np.void], sync_dir: bool) -> None:
