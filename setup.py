@@ -1,5 +1,15 @@
 # The package metadata is in pyproject.toml; setuptools takes cffi's
-# extension modules only through setup().
-from setuptools import setup
+# extension modules and plain C extensions only through setup().
+from setuptools import Extension, setup
 
-setup(cffi_modules=["wsd/_pages_build.py:ffi", "wsd/kernel/_uapi_build.py:ffi"])
+setup(
+    cffi_modules=["wsd/_pages_build.py:ffi", "wsd/kernel/_uapi_build.py:ffi"],
+    ext_modules=[
+        # xxh3 comes from xxhash.h (Debian: libxxhash-dev), inlined: nothing to link.
+        Extension(
+            "wsd._batch",
+            ["wsd/_batch.c"],
+            extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
+    ],
+)

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 # redis-server: the storage integration tests start a private one.  gcc: the
 # ABI test compiles the uapi headers to check wsd's cffi layouts; the attach
 # tests compile a stand-in VMM and the C hand-off example (contrib/).
-APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc)
+# libxxhash-dev: xxhash.h, for the per-page hashing in C (wsd/_batch.c).
+APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc libxxhash-dev)
 
 missing=()
 if [[ -z "${WSD_SKIP_APT:-}" ]]; then
@@ -36,12 +37,13 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 # Reinstall only when the dependency list or the C extension changed (the
-# install builds wsd._pages_native and wsd.kernel._uapi in place, see setup.py),
+# install builds wsd._pages_native, wsd._batch and wsd.kernel._uapi in place, see setup.py),
 # or when one of those built files is gone (a git clean that kept .venv).
-want=$(cat pyproject.toml setup.py wsd/_pages_build.py wsd/kernel/_uapi_build.py | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py wsd/_pages_build.py wsd/kernel/_uapi_build.py wsd/_batch.c | sha256sum | cut -d' ' -f1)
 have=$(cat .venv/.wsd-deps 2>/dev/null || true)
 built=yes
 compgen -G 'wsd/_pages_native*.so' >/dev/null || built=
+compgen -G 'wsd/_batch*.so' >/dev/null || built=
 [[ -f wsd/kernel/_uapi.py ]] || built=
 if [[ "$want" != "$have" || -z "$built" ]]; then
     echo "bootstrap: installing Python packages into .venv"

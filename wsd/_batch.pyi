@@ -1,0 +1,38 @@
+"""Per-page work on a batch of pages, in C without the GIL (_batch.c).
+
+xxh3_64 here is the same function as ``xxhash.xxh3_64_intdigest``; every u64 is
+native-endian (little endian on every platform wsd runs on).
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+from typing_extensions import Buffer
+
+_Bytes = Buffer | np.ndarray
+
+def fills(pages: Sequence[_Bytes], /) -> bytes:
+    """Per page an int16: the byte the page is made of, or -1 (data, or empty)."""
+
+def seeds(identities: _Bytes, length: int, /) -> bytes:
+    """xxh3_64 of each ``length``-byte identity of ``identities``, as u64s."""
+
+def sums(payloads: Sequence[_Bytes], seeds: _Bytes, /) -> bytes:
+    """xxh3_64 of each payload seeded with its u64 of ``seeds``, as u64s."""
+
+def digests128(pages: Sequence[_Bytes], /) -> bytes:
+    """``xxhash.xxh3_128_digest`` of each page, 16 bytes each, back to back."""
+
+def page_digests128(buffer: _Bytes, size: int, /) -> bytes:
+    """``digests128`` of each ``size``-byte page of ``buffer``."""
+
+def read_pages(
+    fd: int, offsets: _Bytes, size: int, seeds: _Bytes | None, zeros_past_end: bool, /
+) -> tuple[list[bytes], bytes]:
+    """A new ``size``-byte bytes of the file at each u64 offset, read with one
+    ``preadv`` per run of up to 32 consecutive pages; and with ``seeds``, the xxh3_64
+    of each page with its seed (u64s), else b"".
+
+    Past the end of the file a page reads as zeros with ``zeros_past_end``, else
+    the read fails with EIO. Raises OSError (errno and the pages of the failed
+    ``preadv``)."""
