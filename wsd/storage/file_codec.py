@@ -5,11 +5,14 @@ The file tier splits each sealed record (``record.py``): the page-sized part of 
 payload goes to the data file at the page's own offset, the header and the rest (the
 GCM tag, or the byte of a fill page) to the page's index entry (``file_format.py``).
 A put seals its whole batch here, and a get opens all the entries of its batch at
-once. Headers, identities and entries are handled as numpy arrays, and the per-page
-work is chained ``map``/``zip`` calls that run in C: reading a page, the two xxh3
-calls (the identity seed and the checksum), AES-GCM, and building the ``StoredPage``.
-On the 2-vCPU development VM a bare loop iteration takes about 50 ns, so a Python loop
-body of a few dozen bytecodes per page would cost more than all of that work.
+once. Headers, identities and entries are handled as numpy arrays. The per-page work
+that reads or hashes whole pages (finding fill pages, the two xxh3 of each record,
+reading pages) is one call per batch into ``_batch.c``, which lets the GIL go for it,
+so that an eviction's put does not keep the event loop thread from serving a fault.
+The rest is chained ``map``/``zip`` calls that run in C (AES-GCM, building the
+``StoredPage``): on the 2-vCPU development VM a bare loop iteration takes about 50 ns,
+so a Python loop body of a few dozen bytecodes per page would cost more than all of
+that work.
 
 Opening accepts on its own only what ``PageCodec.open_fields`` would accept: data and
 fill entries whose header is exactly what this module writes with the store's flags,
@@ -28,10 +31,10 @@ from itertools import repeat
 from typing import Final, NamedTuple
 
 import numpy as np
-import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from wsd import _batch
 from wsd.storage.errors import IntegrityError
 from wsd.storage.file_format import (
     EMPTY_ENTRY,
@@ -51,7 +54,6 @@ from wsd.storage.record import (
     PayloadKind,
     RecordFlag,
     check_header,
-    fill_byte,
     fill_page,
     identity_table,
 )
@@ -60,19 +62,16 @@ _DATA: Final = int(PayloadKind.DATA)
 _FILL: Final = int(PayloadKind.FILL)
 _ENCRYPTED: Final = int(RecordFlag.ENCRYPTED)
 _FILL_BYTES: Final = tuple(bytes((b,)) for b in range(256))
-_digest: Final = xxhash.xxh3_64_intdigest
 
 VECTOR_PAGES: Final = 8
 """Gets of fewer pages are opened entry by entry, without numpy: for a fault's single
 page the numpy calls would cost more than they save."""
 
-CHECK_CHUNK_BYTES: Final = 128 * 1024
-"""Page data is read and checksummed in chunks of at most this size, so that each page
-is still in the CPU cache (512 KiB of L2 on the development VM) when it is hashed."""
-
-ReadPages = Callable[[list[int]], list[bytes]]
-"""``read(offsets)``: the data file's bytes of the pages at these byte offsets, each
-exactly one page long (zeros past the end of the file), in the same order."""
+ReadPages = Callable[[np.ndarray, bytes | None], tuple[list[bytes], bytes]]
+"""``read(offsets, seeds)``: the data file's bytes of the pages at these byte offsets
+(u64), each exactly one page long (zeros past the end of the file), in the same order;
+and with ``seeds`` (a u64 per page) the xxh3_64 of each page with its seed, as u64s,
+else ``b""``."""
 
 
 class SealedBatch(NamedTuple):
@@ -108,7 +107,8 @@ class _Rows(NamedTuple):
     checksums: np.ndarray
     fill: np.ndarray
     identities: list[bytes]
-    """Each entry's identity, as a record with the store's flags."""
+    """Each entry's identity, as a record with the store's flags; only when the
+    store encrypts (the GCM associated data), else empty."""
     seeds: np.ndarray
     """xxh3_64 of each identity."""
     has_data: np.ndarray
@@ -148,8 +148,8 @@ class _Rows(NamedTuple):
         offsets = pages * np.uint64(ns.page_size)
         generations = table["generation"]
         table_bytes, length = identity_table(ns, offsets, generations, kinds, flags)
-        identities = _pieces(table_bytes, length)
-        seeds = np.fromiter(map(_digest, identities), dtype=np.uint64, count=len(positions))
+        identities = _pieces(table_bytes, length) if flags else []
+        seeds = np.frombuffer(_batch.seeds(table_bytes, length), dtype=np.uint64)
         if flags:
             # Any nonce; the tail holds the GCM tag, and for a fill page also its byte.
             data_head, fill_head = PLAIN_DATA_HEAD | flags << 32, PLAIN_FILL_HEAD | flags << 32
@@ -201,12 +201,11 @@ class FileCodec:
         count = len(offsets)
         plains = list(map(pages.__getitem__, offsets))
         gens = list(map(generations.__getitem__, offsets))
-        fills = list(map(fill_byte, plains))
-        is_data = np.fromiter(map(operator.is_, fills, repeat(None)), dtype=bool, count=count)
+        fills = np.frombuffer(_batch.fills(plains), dtype=np.int16)
+        is_data = fills < 0
         fill_rows = np.flatnonzero(~is_data).tolist()
         data_rows = np.flatnonzero(is_data).tolist()
-        fill_values = [fill for fill in fills if fill is not None]
-        for row, fill in zip(fill_rows, fill_values, strict=True):
+        for row, fill in zip(fill_rows, fills[~is_data].tolist(), strict=True):
             plains[row] = _FILL_BYTES[fill]  # a fill page's payload is its byte
         kinds = np.where(is_data, _DATA, _FILL).astype(np.uint8)
         aead = self._aead
@@ -215,7 +214,7 @@ class FileCodec:
         identities, length = identity_table(
             ns, offset_array, np.array(gens, dtype=np.uint64), kinds, flags
         )
-        seeds = map(_digest, _pieces(identities, length))
+        seeds = _batch.seeds(identities, length)
         nonces: list[bytes] | None = None
         if aead is None:
             payloads = plains
@@ -234,7 +233,7 @@ class FileCodec:
             for row in data_rows:
                 tails[row] = payloads[row][size:]
             data = [memoryview(payloads[row])[:size] for row in data_rows]
-        checksums = list(map(_digest, payloads, seeds))
+        checksums = np.frombuffer(_batch.sums(payloads, seeds), dtype=np.uint64)
         indexes = (offset_array // np.uint64(size)).tolist()
         entries = encode_entries(
             kinds,
@@ -275,7 +274,9 @@ class FileCodec:
                     entry = index[position * ENTRY_BYTES : (position + 1) * ENTRY_BYTES]
                     if entry != EMPTY_ENTRY:
                         offset = page_index * size
-                        page = read([offset])[0] if entry[3] == _DATA else None
+                        page = None
+                        if entry[3] == _DATA:
+                            page = read(np.array([offset], dtype=np.uint64), None)[0][0]
                         found[offset] = self.open_entry(ns, offset, entry, page, expected)
                     position += 1
             return
@@ -285,9 +286,8 @@ class FileCodec:
             return
         # Each page is read once, straight into the bytes returned, and (plaintext)
         # hashed while it is still in the cache.
-        data_offsets = rows.offsets[rows.has_data].tolist()
-        data_seeds = None if aead is not None else rows.seeds[rows.has_data].tolist()
-        pages, data_sums = self._read_pages(data_offsets, data_seeds, size, read)
+        data_seeds = None if aead is not None else rows.seeds[rows.has_data].tobytes()
+        pages, data_sums = read(rows.offsets[rows.has_data], data_seeds)
         offsets, generations = rows.offsets.tolist(), rows.generations.tolist()
         values = np.empty(len(offsets), dtype=object)
         values[rows.has_data] = np.array(pages, dtype=object)  # the bytes, not copies
@@ -295,13 +295,12 @@ class FileCodec:
             good = self._decrypt(aead, ns, rows, index, values)
         else:
             sums = np.zeros(len(offsets), dtype=np.uint64)
-            sums[rows.has_data] = data_sums
+            sums[rows.has_data] = np.frombuffer(data_sums, dtype=np.uint64)
             fills = rows.fill[rows.plain_fill].tolist()
-            fill_seeds = rows.seeds[rows.plain_fill].tolist()
-            sums[rows.plain_fill] = np.fromiter(
-                map(_digest, map(_FILL_BYTES.__getitem__, fills), fill_seeds),
-                dtype=np.uint64,
-                count=len(fills),
+            fill_seeds = rows.seeds[rows.plain_fill].tobytes()
+            fill_payloads = list(map(_FILL_BYTES.__getitem__, fills))
+            sums[rows.plain_fill] = np.frombuffer(
+                _batch.sums(fill_payloads, fill_seeds), dtype=np.uint64
             )
             good = (rows.plain_data | rows.plain_fill) & (sums == rows.checksums)
             fill_pages = {fill: fill_page(fill, size) for fill in set(fills)}
@@ -344,7 +343,7 @@ class FileCodec:
         tags = parts["tag"][rows.has_data].tolist()
         payloads[rows.has_data] = list(map(bytes.__add__, values[rows.has_data].tolist(), tags))
         payload_list = payloads.tolist()
-        sums = np.fromiter(map(_digest, payload_list, rows.seeds.tolist()), np.uint64, count)
+        sums = np.frombuffer(_batch.sums(payload_list, rows.seeds.tobytes()), dtype=np.uint64)
         if not (sums == rows.checksums).all():
             return none
         try:
@@ -356,23 +355,6 @@ class FileCodec:
         fills = map(operator.itemgetter(0), values[rows.plain_fill].tolist())
         values[rows.plain_fill] = list(map(fill_page, fills, repeat(ns.page_size)))
         return ~none
-
-    @staticmethod
-    def _read_pages(
-        offsets: list[int], seeds: list[int] | None, size: int, read: ReadPages
-    ) -> tuple[list[bytes], list[int]]:
-        """The pages at ``offsets`` and, with ``seeds``, their checksums, computed chunk
-        by chunk (CHECK_CHUNK_BYTES) right after the chunk is read."""
-        if seeds is None:
-            return read(offsets), []
-        pages: list[bytes] = []
-        sums: list[int] = []
-        per_chunk = max(1, CHECK_CHUNK_BYTES // size)
-        for start in range(0, len(offsets), per_chunk):
-            chunk = read(offsets[start : start + per_chunk])
-            pages += chunk
-            sums += map(_digest, chunk, seeds[start : start + per_chunk])
-        return pages, sums
 
     def open_entry(
         self,

@@ -220,7 +220,7 @@ def encode_entries(
     *,
     flags: int,
     generations: Sequence[int],
-    checksums: Sequence[int],
+    checksums: Sequence[int] | np.ndarray,
     nonces: Sequence[bytes] | None,
     tails: Sequence[bytes],
     stored_at: float,

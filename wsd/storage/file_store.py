@@ -38,6 +38,7 @@ import numpy as np
 import structlog
 import xxhash
 
+from wsd import _batch
 from wsd.storage.concurrency import Offload
 from wsd.storage.config import FileStoreConfig
 from wsd.storage.errors import (
@@ -642,19 +643,29 @@ class FileStore(StoreBase):
     ) -> ReadPages:
         """Reads pages of the data file (see ReadPages)."""
         fd, size = region.data_fd, region.ns.page_size
+        if pread is os.pread:
+            # The batch's reads and checksums in C, without the GIL: one preadv per
+            # run of pages, straight into the bytes returned, each page hashed while
+            # still in the cache.
+            def read_native(offsets: np.ndarray, seeds: bytes | None) -> tuple[list[bytes], bytes]:
+                return _batch.read_pages(fd, offsets, size, seeds, True)
 
-        def read(offsets: list[int]) -> list[bytes]:
-            # One pread per page, straight into the bytes returned: a single copy, as
-            # in a plain pread, where reading runs into a buffer and cutting it into
-            # pages copies every page twice. Past the end of the file a page reads as
-            # zeros, as in a hole.
+            return read_native
+
+        def read(offsets: np.ndarray, seeds: bytes | None) -> tuple[list[bytes], bytes]:
+            # Past the end of the file a page reads as zeros, as in a hole.
             count = len(offsets)
             pages = list(
-                map(pread, itertools.repeat(fd, count), itertools.repeat(size, count), offsets)
+                map(
+                    pread,
+                    itertools.repeat(fd, count),
+                    itertools.repeat(size, count),
+                    offsets.tolist(),
+                )
             )
             if min(map(len, pages), default=size) < size:
                 pages = [page.ljust(size, b"\0") for page in pages]
-            return pages
+            return pages, b"" if seeds is None else _batch.sums(pages, seeds)
 
         return read
 
