@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +27,7 @@ import numpy.typing as npt
 import xxhash
 from typing_extensions import Buffer
 
+from wsd import _batch
 from wsd.kernel import (
     HeldPages,
     KernelError,
@@ -35,6 +36,7 @@ from wsd.kernel import (
     data_ranges,
     map_shared,
     pread_into,
+    pread_pages,
     punch_hole,
     pwrite,
 )
@@ -54,17 +56,13 @@ def runs(pages: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
 def read_pages(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> dict[int, bytes]:
     """The bytes of ``pages`` (ascending), keyed by byte offset within the region.
 
-    Blocking: run it in a thread.  One ``pread`` per run of consecutive pages.
+    Blocking: run it in a thread.  The reads run without the GIL
+    (:func:`~wsd.kernel.pread_pages`), so the event loop serves faults meanwhile.
     """
     ps = region.page_size
-    out: dict[int, bytes] = {}
-    for first, count in runs(pages):
-        buf = bytearray(count * ps)
-        pread_into(memfd, buf, region.offset + first * ps)
-        view = memoryview(buf)
-        for k in range(count):
-            out[(first + k) * ps] = bytes(view[k * ps : (k + 1) * ps])
-    return out
+    offsets = pages.astype(np.uint64) * np.uint64(ps)
+    data = pread_pages(memfd, offsets + np.uint64(region.offset), ps)
+    return dict(zip(offsets.tolist(), data, strict=True))
 
 
 def punch_and_wake(
@@ -104,16 +102,18 @@ def changed_since_read(
     longest = max((count for _, count in spans), default=0) * ps
     if len(scratch) < longest:
         scratch.extend(bytes(longest - len(scratch)))  # before a view exports it
-    changed: list[bool] = []
+    changed = np.empty(len(pages), dtype=np.bool_)
+    done = 0
     with memoryview(scratch) as buf:
         for first, count in spans:
             length = count * ps
             view = buf[:length]
             pread_into(memfd, view, region.offset + first * ps)
-            at = first * ps
-            changed.extend(digest(view[j : j + ps]) != stored[at + j] for j in range(0, length, ps))
+            at = range(first * ps, first * ps + length, ps)
+            changed[done : done + count] = ~_same_as_stored(view, ps, at, stored)
+            done += count
             view.release()
-    return np.array(changed, dtype=np.bool_)
+    return changed
 
 
 def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> list[int]:
@@ -170,9 +170,24 @@ def digest(page: Buffer) -> bytes:
     return xxhash.xxh3_128_digest(page)
 
 
+_DIGEST = np.dtype((np.void, 16))
+
+
 def digests(data: Mapping[int, bytes]) -> dict[int, bytes]:
-    """:func:`digest` of every page of ``read_pages``' result (run it in a thread)."""
-    return {offset: digest(page) for offset, page in data.items()}
+    """:func:`digest` of every page of ``read_pages``' result (run it in a thread;
+    the hashing lets the GIL go)."""
+    raw = _batch.digests128(list(data.values()))
+    return dict(zip(data.keys(), np.frombuffer(raw, dtype=_DIGEST).tolist(), strict=True))
+
+
+def _same_as_stored(
+    view: memoryview, page_size: int, offsets: Iterable[int], stored: Mapping[int, bytes]
+) -> npt.NDArray[np.bool_]:
+    """Per page of ``view``: whether its :func:`digest` is the one stored for the
+    page at the same place in ``offsets``."""
+    now = np.frombuffer(_batch.page_digests128(view, page_size), dtype=_DIGEST)
+    was = np.frombuffer(b"".join(map(stored.__getitem__, offsets)), dtype=_DIGEST)
+    return now == was  # type: ignore[no-any-return]
 
 
 class PipeParking(Protocol):
@@ -258,14 +273,12 @@ def punch_verified(
         raise PunchedUnread(pages[punched], unread)
     if errors:
         punched = ~np.isin(pages, not_punched(memfd, region, pages))
-    same = np.zeros(len(pages), dtype=np.bool_)
-    for k, page in enumerate(pages.tolist()):
-        if not punched[k]:
-            continue
+    offsets = (pages * ps).tolist()
+    with memoryview(final) as view:
+        same = _same_as_stored(view[: len(pages) * ps], ps, offsets, stored)
+    for k in np.flatnonzero(punched & ~same).tolist():
+        page = int(pages[k])
         now = memoryview(final)[k * ps : (k + 1) * ps]
-        if digest(now) == stored[page * ps]:
-            same[k] = True
-            continue
         addr = region.host_virt_addr + page * ps
         try:
             uffd.copy(addr, now, wp=True)

@@ -8,7 +8,16 @@ Thin, typed and free of policy.  Failures raise :class:`KernelError` (an
 from .errors import AddressRange, FeatureUnavailable, KernelError, oserror
 from .fds import FdInfo, FdKind, OwnedFd, close_fds, describe_fd
 from .features import KernelFeatures, RegisterProbe, probe_kernel
-from .memfd import data_ranges, map_shared, memfd_create, pread, pread_into, punch_hole, pwrite
+from .memfd import (
+    data_ranges,
+    map_shared,
+    memfd_create,
+    pread,
+    pread_into,
+    pread_pages,
+    punch_hole,
+    pwrite,
+)
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
 from .pins import HeldPages, PipePool, peek_pipe
@@ -98,6 +107,7 @@ __all__ = [
     "pinned_bytes",
     "pread",
     "pread_into",
+    "pread_pages",
     "probe_api",
     "probe_kernel",
     "process_start_ticks",

@@ -12,7 +12,11 @@ import errno
 import mmap
 import os
 
+import numpy as np
+import numpy.typing as npt
 from typing_extensions import Buffer
+
+from wsd import _batch
 
 from ._ffi import ffi, libc
 from .errors import AddressRange, oserror
@@ -24,6 +28,7 @@ __all__ = [
     "memfd_create",
     "pread",
     "pread_into",
+    "pread_pages",
     "punch_hole",
     "pwrite",
 ]
@@ -100,6 +105,25 @@ def pread_into(fd: int, buf: Buffer, offset: int) -> None:
                 detail=f"end of file after {done} bytes",
             )
         done += n
+
+
+def pread_pages(fd: int, offsets: npt.NDArray[np.uint64], page_size: int) -> list[bytes]:
+    """A new ``page_size``-byte bytes of the file at each byte offset, in order.
+
+    One ``preadv`` per run of consecutive pages, straight into the pages
+    returned, all in C with the GIL released: a batch's read in a worker thread
+    leaves the event loop thread free.  Reading past the end of the file is an
+    error, as in :func:`pread_into`.
+    """
+    try:
+        pages, _ = _batch.read_pages(fd, offsets, page_size, None, False)
+    except OSError as e:
+        first, last = int(offsets.min()), int(offsets.max())  # not empty: it failed
+        span = last + page_size - first
+        raise oserror(
+            "pread", e.errno or errno.EIO, range=AddressRange(first, span), fd=fd, detail=e.strerror
+        ) from e
+    return pages
 
 
 def pread(fd: int, length: int, offset: int) -> bytearray:
