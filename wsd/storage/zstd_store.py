@@ -200,8 +200,7 @@ class ZstdStore(StoreBase):
     def _seal_batch(
         self, ns: PageNamespace, pages: Mapping[int, bytes], gens: Mapping[int, int]
     ) -> dict[int, SealedRecord]:
-        seal = self._codec.seal
-        return {offset: seal(ns, offset, gens[offset], data) for offset, data in pages.items()}
+        return self._codec.seal_many(ns, pages, gens)
 
     def _forget(self, key: tuple[str, int], offset: int, entry: _Entry) -> None:
         del self._age[(key, offset)]

@@ -17,6 +17,7 @@ from wsd.storage.record import (
     identity,
     payload_checksum,
 )
+from wsd.storage.zstd_store import _ThreadCompressor
 
 NS = PageNamespace("vm1", 2)
 KEY = bytes(range(32))
@@ -140,3 +141,35 @@ def test_malformed_blobs() -> None:
         codec.parse(NS, 0, bytes(blob))
     record = codec.seal(NS, 0, 1, os.urandom(4096))
     _assert_rejected(codec, record._replace(payload=record.payload[:-1]), "checksum")
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "zstd"])
+@pytest.mark.parametrize("key", [None, KEY], ids=["clear", "aes"])
+def test_seal_many_is_seal_of_each_page(compressed: bool, key: bytes | None) -> None:
+    """Fill pages of any byte, compressible and incompressible data, mixed generations."""
+    compressor = _ThreadCompressor(1) if compressed else None
+    nonces = iter(range(1000))
+    codec = PageCodec(
+        backend="t",
+        key=key,
+        compressor=compressor,
+        random_bytes=lambda n: next(nonces).to_bytes(n, "little"),
+    )
+    pages = {
+        0: bytes(4096),
+        4096: b"\x7f" * 4096,
+        8192: (b"text page " * 410)[:4096],
+        12288: os.urandom(4096),
+        16384: b"\x00" * 4095 + b"\x01",
+    }
+    generations = {offset: 3 + k for k, offset in enumerate(pages)}
+    many = codec.seal_many(NS, pages, generations)
+    nonces = iter(range(1000))  # the same nonces for the record-by-record seal
+    assert many == {o: codec.seal(NS, o, generations[o], d) for o, d in pages.items()}
+    assert [r.kind for r in many.values()] == [
+        PayloadKind.FILL,
+        PayloadKind.FILL,
+        PayloadKind.ZSTD if compressed else PayloadKind.DATA,
+        PayloadKind.DATA,
+        PayloadKind.ZSTD if compressed else PayloadKind.DATA,
+    ]
