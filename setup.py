@@ -5,10 +5,11 @@ from setuptools import Extension, setup
 setup(
     cffi_modules=["wsd/_pages_build.py:ffi", "wsd/kernel/_uapi_build.py:ffi"],
     ext_modules=[
-        # xxh3 comes from xxhash.h (Debian: libxxhash-dev), inlined: nothing to link.
+        # xxh3 comes from libxxhash (Debian: libxxhash-dev to build, libxxhash0 to run).
         Extension(
             "wsd._batch",
             ["wsd/_batch.c"],
+            libraries=["xxhash"],
             extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ],
