@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # redis-server: the storage integration tests start a private one.  gcc: the
 # ABI test compiles the uapi headers to check wsd's cffi layouts; the attach
 # tests compile a stand-in VMM and the C hand-off example (contrib/).
-# libxxhash-dev: xxhash.h, for the per-page hashing in C (wsd/_batch.c).
+# libxxhash-dev: xxhash.h and libxxhash, for the per-page hashing in C (wsd/_batch.c).
 APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc libxxhash-dev)
 
 missing=()
