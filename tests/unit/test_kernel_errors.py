@@ -41,6 +41,7 @@ def test_feature_unavailable_says_what_to_get() -> None:
         "userfaultfd RWP is not available (ENOTSUP: Operation not supported); "
         "needs Linux 7.3 with CONFIG_USERFAULTFD_RWP=y"
     )
+    assert e.strerror == str(e)
 
 
 def test_range_rejects_negative() -> None:

@@ -90,8 +90,10 @@ class FeatureUnavailable(KernelError):
         self.feature = feature
         self.requirement = requirement
         # Not OSError's "[Errno 95] ... failed: ...": nothing wsd attempted
-        # failed, the kernel lacks something.
+        # failed, the kernel lacks something.  strerror too, for code that
+        # reports an OSError by its errno and strerror.
         self._text = f"{feature} is not available ({errno_text(err)}); needs {requirement}"
+        self.strerror = self._text
 
     def __str__(self) -> str:
         return self._text
