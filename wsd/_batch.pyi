@@ -1,7 +1,8 @@
 """Per-page work on a batch of pages, in C without the GIL (_batch.c).
 
 xxh3_64 here is the same function as ``xxhash.xxh3_64_intdigest``; every u64 is
-native-endian (little endian on every platform wsd runs on).
+native-endian (little endian on every platform wsd runs on), and a buffer of u64s must
+be 8-byte aligned, as bytes objects and numpy arrays are.
 """
 
 from collections.abc import Sequence
