@@ -17,7 +17,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsd.evictor import pagemap
@@ -72,6 +72,16 @@ class SoakResult:
     stale_copies: int = 0
     """Pages the page map listed that a restart found resident: their stored copies
     were discarded (a kill after a put, before its punch, or after a fetch)."""
+    log_problems: list[str] = field(default_factory=list)
+    """wsd's error and warning lines and the starts of its tracebacks, at most 40: what
+    a failed soak prints, since its log dies with the test's temporary directory
+    (in the 7.3 VM, with the VM)."""
+
+
+def log_problems(text: str, limit: int = 40) -> list[str]:
+    """The lines of a wsd log that report an error or a warning, or start a traceback."""
+    marks = ('"level": "error"', '"level": "warning"', "Traceback", "[error", "[warning")
+    return [line[:500] for line in text.splitlines() if any(m in line for m in marks)][:limit]
 
 
 def evicted_in_map(state: Path, vm_id: str) -> int:
@@ -194,6 +204,7 @@ def crash_soak(
             stale_copies=sum(
                 int(n) for n in re.findall(r'stale_copies"?[:=]\s*(\d+)', log_path.read_text())
             ),
+            log_problems=log_problems(log_path.read_text()),
         )
     finally:
         sup.close()
