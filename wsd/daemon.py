@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -426,6 +427,7 @@ class Daemon:
                 session.owner_uid = effective_uid(tracker.pagemap.pid)
         self.sessions[vm_id] = session
         loop = asyncio.get_running_loop()
+        session.ctx.in_flight.serve = functools.partial(self._serve_fault, session)
         loop.add_reader(tracker.uffd.fd, self._on_uffd, session)
         session.task = tg.create_task(self._cycles(session))
         self._status()
@@ -503,29 +505,34 @@ class Daemon:
         # Faults are timed from here: the kernel's message carries no timestamp,
         # so how long one waited to be read is not known.
         read_at = self.clock()
+        waits = session.ctx.in_flight
         for msg in messages:
             if not isinstance(msg, PageFault):
                 # REMOVE, UNMAP, REMAP: the VMM's madvise/munmap/mremap waited
                 # for this read; the state changes now (docs/life-events.md).
                 on_event(session.faults, session.evictor, msg)
-                continue
-            # An RWP fault read after its window closed stalls nobody: going
-            # async released its vCPU.
-            stalled = tracker.in_window or not msg.is_rwp
-            try:
-                if tracker.on_fault(msg):
-                    if stalled:
-                        kind = "rwp" if msg.is_rwp else "minor"
-                        session.timings.stall.observe(kind, self.clock() - read_at)
-                    continue
-                if msg.is_missing:
-                    session.faults.on_missing(msg, read_at)
-                elif not (msg.is_minor and session.faults.on_minor(msg, read_at)):
-                    log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
-            except KernelError as e:  # e.g. the VMM exited under us
-                # Logged, and the rest of the batch (a life event, maybe) still
-                # handled.
-                log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
+            elif not (waits.busy and session.faults.waits_for_punch(msg, read_at)):
+                self._serve_fault(session, msg, read_at)
+
+    def _serve_fault(self, session: Session, msg: PageFault, read_at: float) -> None:
+        tracker = session.tracker
+        # An RWP fault read after its window closed stalls nobody: going
+        # async released its vCPU.
+        stalled = tracker.in_window or not msg.is_rwp
+        try:
+            if tracker.on_fault(msg):
+                if stalled:
+                    kind = "rwp" if msg.is_rwp else "minor"
+                    session.timings.stall.observe(kind, self.clock() - read_at)
+                return
+            if msg.is_missing:
+                session.faults.on_missing(msg, read_at)
+            elif not (msg.is_minor and session.faults.on_minor(msg, read_at)):
+                log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
+        except KernelError as e:  # e.g. the VMM exited under us
+            # Logged, and the rest of the batch (a life event, maybe) still
+            # handled.
+            log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
 
     def _host_room(self) -> int | None:
         """Bytes the host-wide evicted-fraction cap still allows."""

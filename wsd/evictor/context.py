@@ -11,6 +11,7 @@ from wsd.tracker.session import VmTracker
 
 from .config import EvictorConfig
 from .deadline import TierCalls
+from .inflight import InFlight
 from .policy import RegionPolicy, VmPolicy
 
 
@@ -61,6 +62,8 @@ class VmContext:
     # it puts anything, so a flush never races a newer copy of the same page.
     # A resumed session starts with the listed pages its memfd holds.
     discards: list[set[int]] = field(init=False)
+    # The chunk a verified punch works on off the loop; faults on it wait.
+    in_flight: InFlight = field(init=False, default_factory=InFlight)
 
     def __post_init__(self) -> None:
         regions = self.tracker.regions

@@ -248,6 +248,9 @@ async def _release(
 ) -> None:
     ctx = evictor.ctx
     t = ctx.tracker.regions[i]
+    # A verified punch in flight writes its pages back into the memfd once
+    # it sees the region detached; the registration must outlive that.
+    await ctx.in_flight.settled()
     try:
         written = await restore_to_memfd(ctx, i, faults.fetching)
     except StorageError as e:

@@ -24,15 +24,18 @@ check's ``pread`` from the page cache, and the punches, and
 In ``wp-async`` mode there is no window (``SET_MODE`` cannot toggle
 ``WP_ASYNC``, and there is no RWP), so nothing stops a write between the read
 and the punch.  The commit makes such a write impossible to lose instead of
-impossible to happen (:func:`~wsd.evictor.transaction.punch_verified`): it
+impossible to happen (:func:`~wsd.evictor.transaction.punch_held`): it
 takes references to the pages before punching, reads their final bytes after,
-and puts back every page whose final bytes differ from what was stored.
+and puts back every page whose final bytes differ from what was stored.  That
+work runs in a thread, and faults on the pages in flight wait for it
+(:mod:`.inflight`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,12 +60,14 @@ from .guards import guard_reason
 from .outage import StoreBackoff
 from .policy import pages_for_bytes, select
 from .transaction import (
+    HeldPunch,
     PunchedUnread,
     changed_since_read,
     digests,
     not_punched,
     punch_and_wake,
-    punch_verified,
+    punch_held,
+    put_back,
     read_pages,
 )
 
@@ -73,6 +78,10 @@ log = structlog.get_logger("wsd.evictor")
 # fault being served needs (wsd.priority).  Shared by every session; the
 # threads start on first use and never keep the process alive.
 _BACKGROUND = LifoPool(threads=2, name="wsd-evict", background=True)
+# wp-async's verified punches (transaction.punch_held).  Below the loop's
+# priority too: at its level a punch holds the loop's CPU for its whole
+# length, and fault service is back to waiting for it (docs/benchmarks.md).
+_PUNCH = LifoPool(threads=2, name="wsd-punch", background=True)
 
 T = TypeVar("T")
 
@@ -107,7 +116,7 @@ def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
 def content_checked(mode: TrackingMode, t: TrackedRegion) -> bool:
     """Whether the commit compares ``t``'s pages with their stored bytes before the punch.
 
-    wp-async: always (there is no window; :func:`.transaction.punch_verified`).
+    wp-async: always (there is no window; :func:`.transaction.punch_held`).
     rwp: on 4 KiB shmem regions.  There the scan can miss a write: whatever
     unmaps a shmem PTE (khugepaged collapsing the range into a THP, reclaim,
     ``MADV_PAGEOUT``) drops its RWP state with it, and an unmapped page reads
@@ -503,7 +512,9 @@ class Evictor:
         """Commit ``COMMIT_CHUNK`` pages at a time, serving faults in between.
 
         Each chunk's check and punch run with no await between them, which is
-        all the safety argument needs; between chunks the loop serves faults,
+        all the safety argument needs (wp-async's verified punch awaits its
+        thread instead, and faults on its pages wait: :mod:`.inflight`);
+        between chunks the loop serves faults,
         so a batch of scattered pages (one punch and one wake each) never
         stalls fault service for its whole length.
         """
@@ -522,7 +533,10 @@ class Evictor:
                 Prepared(batch.region, batch.pages[k:], batch.stored, left),
                 *rest,
             ]
-            done += self._commit(chunk, hot)
+            if batch.stored is not None and self.ctx.tracker.mode is TrackingMode.WP_ASYNC:
+                done += await self._commit_verified(chunk, hot)
+            else:
+                done += self._commit(chunk, hot)
             self._settle_listing(chunk)
         self._committing = list(rest)
         return done
@@ -536,14 +550,17 @@ class Evictor:
         if not evicted.all():
             self._unlist(batch.region, batch.pages[~evicted], _listed_at(batch, self.ctx)[~evicted])
 
-    def _commit(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
-        """Punch the prepared pages nobody touched since they were read; how many."""
+    def _untouched(
+        self, batch: Prepared, hot: npt.NDArray[np.bool_] | None
+    ) -> npt.NDArray[np.int64]:
+        """Those of ``batch``'s pages that may be punched now: not removed, touched
+        or unsettled since their read.  The stored copies of the others go."""
         ctx = self.ctx
         i, pages = batch.region, batch.pages
         t = ctx.tracker.regions[i]
         if t.vanished is not None:
             ctx.discards[i].update(pages.tolist())
-            return 0  # unmapped or moved since prepared: nothing to punch here
+            return pages[:0]  # unmapped or moved since prepared: nothing to punch here
         if batch.generations is not None:
             moved = t.state.generations[pages] != batch.generations
             if moved.any():
@@ -559,11 +576,17 @@ class Evictor:
             # Stored for nothing: left in the store, such copies of pages the
             # guest keeps touching would fill a small disk (tier outage tests).
             ctx.discards[i].update(np.setdiff1d(pages, keep).tolist())
+        return keep
+
+    def _commit(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
+        """Punch the prepared pages nobody touched since they were read; how many."""
+        ctx = self.ctx
+        i = batch.region
+        t = ctx.tracker.regions[i]
+        keep = self._untouched(batch, hot)
         if not len(keep):
             return 0
         if batch.stored is not None:
-            if ctx.tracker.mode is TrackingMode.WP_ASYNC:
-                return self._commit_verified(i, t, keep, batch.stored)
             keep = self._unchanged(i, t, keep, batch.stored)
             if not len(keep):
                 return 0
@@ -628,44 +651,90 @@ class Evictor:
         )
         return pages[~changed]
 
-    def _commit_verified(
-        self, i: int, t: TrackedRegion, pages: npt.NDArray[np.int64], stored: Mapping[int, bytes]
-    ) -> int:
-        """wp-async: punch ``pages``; put back any whose final bytes are not the stored ones.
+    async def _commit_verified(self, batch: Prepared, hot: npt.NDArray[np.bool_] | None) -> int:
+        """wp-async: punch the untouched pages of ``batch``; put back any whose final
+        bytes are not the stored ones; how many were evicted.
 
-        ``stored``: the digests of the bytes stored (:func:`~.transaction.digest`).
+        The punch and the reads and digests after it run in a thread
+        (:func:`~.transaction.punch_held`); faults on other pages are served
+        meanwhile, those on the chunk's pages wait (:mod:`.inflight`).  The
+        put-back and the page state run on the loop, with no await between.
+        A cancellation waits for the thread and the put-back first: the
+        thread's pages are holes that only the put-back or the page state can
+        account for.
         """
         ctx = self.ctx
+        i = batch.region
+        keep = self._untouched(batch, hot)
+        if not len(keep):
+            return 0
+        assert batch.stored is not None
+        t = ctx.tracker.regions[i]
+        generations = t.state.generations[keep].copy()
         parking = self.parking if self.parking is not None and self.parking.available else None
+        ctx.in_flight.hold(i, keep)
         try:
-            outcome = punch_verified(
+            job = functools.partial(
+                punch_held,
                 ctx.tracker.uffd,
                 t.memfd,
                 t.region,
-                pages,
-                stored,
+                keep,
+                batch.stored,
                 scratch=self._scratch,
                 parking=parking,
-                label=held.label(i, t.region.page_size, pages) if parking else b"",
+                label=held.label(i, t.region.page_size, keep) if parking else b"",
             )
-        except (KernelError, held.ParkingFailed) as e:
-            log.error("evicting pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
-            return 0
-        except PunchedUnread as e:
-            self._hold_back(i, t, e, parked=parking is not None)
-            return 0
+            work = asyncio.wrap_future(_PUNCH.submit(job))
+            cancelled = await _despite_cancellation(work)
+            try:
+                punched = work.result()
+            except (KernelError, held.ParkingFailed) as e:
+                log.error("evicting pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
+                punched = None
+            except PunchedUnread as e:
+                self._hold_back(i, t, e, parked=parking is not None)
+                punched = None
+            evicted = 0 if punched is None else self._settle_punch(i, t, punched, generations)
+        finally:
+            ctx.in_flight.release()
+        if cancelled:
+            raise asyncio.CancelledError
+        return evicted
+
+    def _settle_punch(
+        self, i: int, t: TrackedRegion, punched: HeldPunch, generations: npt.NDArray[np.uint32]
+    ) -> int:
+        """Put back a chunk's raced pages and record its evicted ones; how many."""
+        ctx = self.ctx
+        # Detached meanwhile (events.detach): the region's release waits for
+        # this, and every page goes back into the memfd.
+        outcome = put_back(
+            ctx.tracker.uffd, t.memfd, t.region, punched, detached=t.vanished is not None
+        )
         # The stored copies of pages kept resident are useless.
         ctx.discards[i].update(outcome.kept.tolist())
         if len(outcome.raced):
+            # Put back even if removed meanwhile (a REMOVE read while the thread
+            # worked): whether the removal came before the write (its bytes are
+            # the guest's) or after cannot be told, and keeping a discarded
+            # page's last bytes loses nothing.
             ctx.stats.raced_writes += len(outcome.raced)
+            t.state.note_populated(outcome.raced)  # resident again if removed meanwhile
             self._written_since_read(
                 i, t, outcome.raced, "writes raced an eviction, pages put back"
             )
         for error in outcome.errors:
             log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
-        if len(outcome.evicted):
-            self._mark_evicted(i, t, outcome.evicted)
-        return len(outcome.evicted)
+        evicted = outcome.evicted
+        if len(evicted):
+            # A page removed meanwhile is a hole with its stored copy dropped
+            # (events.on_remove): fresh, not evicted.
+            still = t.state.generations[evicted] == generations[np.isin(punched.pages, evicted)]
+            evicted = evicted[still]
+        if len(evicted):
+            self._mark_evicted(i, t, evicted)
+        return len(evicted)
 
     def _hold_back(self, i: int, t: TrackedRegion, e: PunchedUnread, *, parked: bool) -> None:
         """Punched pages whose final bytes could not be read: serve them from nowhere.
@@ -914,3 +983,14 @@ def _listed_at(batch: Prepared, ctx: VmContext) -> npt.NDArray[np.uint32]:
 
 async def _in_background(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.wrap_future(_BACKGROUND.submit(fn, *args))
+
+
+async def _despite_cancellation(work: asyncio.Future[T]) -> bool:
+    """Wait until ``work`` is done, even if cancelled; whether a cancellation came."""
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.wait((work,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled

@@ -102,6 +102,15 @@ class FaultService:
         if started is not None:
             self.latency.observe(self._latency_keys[result], self.ctx.clock() - started)
 
+    def waits_for_punch(self, fault: PageFault, read_at: float) -> bool:
+        """Whether ``fault`` is on a page a verified punch has in flight (:mod:`.inflight`):
+        then it is served once the punch is settled, not now."""
+        where = self.ctx.tracker.locate(fault.address)
+        if where is None or not self.ctx.in_flight.holds(where[0], where[2]):
+            return False
+        self.ctx.in_flight.wait(fault, read_at)
+        return True
+
     def on_missing(self, fault: PageFault, read_at: float | None = None) -> None:
         """Serve a MISSING fault; ``read_at``: when its message was read (default: now)."""
         ctx = self.ctx

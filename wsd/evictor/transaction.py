@@ -9,7 +9,8 @@
    sync window stays blocked forever without it.  Woken, it re-faults as
    MISSING and is served from storage.
 
-In ``wp-async`` mode step 4 is :func:`punch_verified`, which needs no window.
+In ``wp-async`` mode step 4 is :func:`punch_held` then :func:`put_back`, which
+need no window.
 In ``rwp`` mode on shmem, :func:`changed_since_read` goes right before step 4:
 the scan can miss a write there (:func:`wsd.evictor.evictor.content_checked`).
 """
@@ -137,7 +138,7 @@ class VerifiedPunch:
     raced: npt.NDArray[np.int64]
     """Written after they were read: put back in the memfd with their final bytes."""
     kept: npt.NDArray[np.int64]
-    """Not punched (the punch failed part way): resident and untouched."""
+    """Resident: not punched (the punch failed part way), or written back (detached)."""
     errors: tuple[str, ...] = ()
 
 
@@ -195,7 +196,26 @@ class PipeParking(Protocol):
         """Make sure every pipe of :attr:`pool` outlives wsd; raise if not."""
 
 
-def punch_verified(
+@dataclass
+class HeldPunch:
+    """A verified punch's first half: pages punched, their final bytes read and compared.
+
+    What :func:`put_back` needs to finish it.  Until then a raced page's final
+    bytes are only in :attr:`final` and in the pipes.
+    """
+
+    pages: npt.NDArray[np.int64]
+    punched: npt.NDArray[np.bool_]
+    same: npt.NDArray[np.bool_]
+    """Per page: its final bytes have the stored digest."""
+    final: bytearray
+    """The pages' final bytes, one after another (may be longer)."""
+    held: HeldPages
+    pooled: bool
+    errors: list[str]
+
+
+def punch_held(
     uffd: Userfaultfd,
     memfd: int,
     region: Region,
@@ -205,8 +225,8 @@ def punch_verified(
     scratch: bytearray | None = None,
     parking: PipeParking | None = None,
     label: bytes = b"",
-) -> VerifiedPunch:
-    """Punch ``pages`` (ascending) with no window, losing no write that races the punch.
+) -> HeldPunch:
+    """Punch ``pages`` (ascending) with no window, keeping every write that races the punch.
 
     Without a sync window nothing stops the guest writing a page between its
     read (``stored`` holds the :func:`digest` of the bytes stored, keyed by
@@ -214,21 +234,20 @@ def punch_verified(
     pages (:class:`~wsd.kernel.HeldPages`), punch, and read the held pages.
     Every write made before a page's PTE was zapped is in those bytes, and
     none can come after (the hole faults).  A page whose final bytes have the
-    stored digest is evicted; any other is put
-    back with ``UFFDIO_COPY`` (write-protected, so tracking goes on), which
-    also wakes a vCPU that faulted on the hole meanwhile.  The caller must not
-    serve MISSING faults on these pages until this returns: it runs on the
-    event loop with no await, so the fault service cannot.
+    stored digest may be served from storage; :func:`put_back` puts any other
+    back.  Between the punch and :func:`put_back` the caller must not serve
+    a MISSING fault on these pages: it would take a hole for a first touch.
 
+    No Python object it touches is shared, so it may run in a thread.
     ``scratch``, reused across calls, saves faulting in a fresh buffer each
     time; it grows as needed.
 
     From the punch until the put-back the final bytes of a raced page exist
     only in the pipes.  With ``parking`` the pipes come from its pool, which
     is parked before the punch; ``label`` goes first in them, to make them
-    readable alone, and they are read without being emptied.  They are
-    emptied after the last put-back; not on an error in between, where they
-    may hold all that is left.
+    readable alone, and they are read without being emptied.  :func:`put_back`
+    empties them; nothing does on an error in between, when they may hold all
+    that is left.
 
     Raises :class:`KernelError` if the references cannot be taken; then
     nothing was punched.  Raises :class:`PunchedUnread` if the held bytes
@@ -268,14 +287,39 @@ def punch_verified(
         raise PunchedUnread(pages[punched], unread)
     if errors:
         punched = ~np.isin(pages, not_punched(memfd, region, pages))
-    offsets = (pages * ps).tolist()
     with memoryview(final) as view:
-        same = _same_as_stored(view[: len(pages) * ps], ps, offsets, stored)
-    for k in np.flatnonzero(punched & ~same).tolist():
+        same = _same_as_stored(view[: len(pages) * ps], ps, (pages * ps).tolist(), stored)
+    return HeldPunch(pages, punched, same, final, held, pool is not None, errors)
+
+
+def put_back(
+    uffd: Userfaultfd,
+    memfd: int,
+    region: Region,
+    punch: HeldPunch,
+    *,
+    detached: bool = False,
+) -> VerifiedPunch:
+    """Finish ``punch``: put every punched page whose final bytes are not the
+    stored ones back in place, write-protected so tracking goes on; that also
+    wakes a vCPU that faulted on its hole meanwhile.  Then empty the pipes.
+
+    ``region`` is where the pages are now (a remap may have moved them).
+    ``detached``: the region is no longer the uffd's (:mod:`.events`), so
+    every punched page goes back, by ``pwrite`` into the memfd, and none
+    counts as evicted.
+    """
+    ps = region.page_size
+    pages, errors = punch.pages, list(punch.errors)
+    back = punch.punched if detached else punch.punched & ~punch.same
+    for k in np.flatnonzero(back).tolist():
         page = int(pages[k])
-        now = memoryview(final)[k * ps : (k + 1) * ps]
+        now = memoryview(punch.final)[k * ps : (k + 1) * ps]
         addr = region.host_virt_addr + page * ps
         try:
+            if detached:
+                _write_back(memfd, region.offset + page * ps, now)
+                continue
             uffd.copy(addr, now, wp=True)
         except BlockingIOError:
             # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it
@@ -294,14 +338,34 @@ def punch_verified(
             errors.append(f"page {page} was repopulated behind the uffd; kept as found")
         except KernelError as e:
             errors.append(f"page {page}: {e}")
-    if pool is not None:
-        held.release()
+    if punch.pooled:
+        punch.held.release()
+    if detached:
+        return VerifiedPunch(evicted=pages[:0], raced=pages[:0], kept=pages, errors=tuple(errors))
     return VerifiedPunch(
-        evicted=pages[punched & same],
-        raced=pages[punched & ~same],
-        kept=pages[~punched],
+        evicted=pages[punch.punched & punch.same],
+        raced=pages[punch.punched & ~punch.same],
+        kept=pages[~punch.punched],
         errors=tuple(errors),
     )
+
+
+def punch_verified(
+    uffd: Userfaultfd,
+    memfd: int,
+    region: Region,
+    pages: npt.NDArray[np.int64],
+    stored: Mapping[int, bytes],
+    *,
+    scratch: bytearray | None = None,
+    parking: PipeParking | None = None,
+    label: bytes = b"",
+) -> VerifiedPunch:
+    """:func:`punch_held` then :func:`put_back`, in one step."""
+    held = punch_held(
+        uffd, memfd, region, pages, stored, scratch=scratch, parking=parking, label=label
+    )
+    return put_back(uffd, memfd, region, held)
 
 
 def _write_back(memfd: int, offset: int, data: memoryview) -> None:

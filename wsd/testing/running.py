@@ -47,25 +47,37 @@ def serving_faults(
     loop = asyncio.get_running_loop()
     unhandled: list[PageFault] = []
 
+    def serve(msg: PageFault, read_at: float | None = None) -> None:
+        if tracker.on_fault(msg):
+            return
+        if msg.is_missing and faults is not None:
+            faults.on_missing(msg, read_at)
+        elif not (msg.is_minor and faults is not None and faults.on_minor(msg, read_at)):
+            unhandled.append(msg)
+
     def readable() -> None:
         for msg in tracker.uffd.read_messages():
-            if not isinstance(msg, PageFault) and faults is not None and evictor is not None:
-                on_event(faults, evictor, msg)
-                continue
-            if isinstance(msg, PageFault) and tracker.on_fault(msg):
-                continue
-            if isinstance(msg, PageFault) and msg.is_missing and faults is not None:
-                faults.on_missing(msg)
-                continue
-            if isinstance(msg, PageFault) and msg.is_minor and faults and faults.on_minor(msg):
-                continue
-            unhandled.append(msg)  # type: ignore[arg-type]
+            if not isinstance(msg, PageFault):
+                if faults is not None and evictor is not None:
+                    on_event(faults, evictor, msg)
+                else:
+                    unhandled.append(msg)  # type: ignore[arg-type]
+            elif not (
+                faults is not None
+                and faults.ctx.in_flight.busy
+                and faults.waits_for_punch(msg, faults.ctx.clock())
+            ):
+                serve(msg)
 
+    if faults is not None:
+        faults.ctx.in_flight.serve = serve
     loop.add_reader(tracker.uffd.fd, readable)
     try:
         yield unhandled
     finally:
         loop.remove_reader(tracker.uffd.fd)
+        if faults is not None:
+            faults.ctx.in_flight.serve = None
 
 
 def wsd_cli(*args: str, timeout: float = 120.0) -> str:

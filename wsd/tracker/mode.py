@@ -9,7 +9,7 @@ and ``PAGE_IS_WRITTEN`` see *writes only*: a page the guest only reads looks
 idle and may be evicted, then comes back through a MISSING fault.  It stays
 correct (no page is lost) but costs refaults; the policy learns hotness from
 them.  With no sync window, eviction verifies each punch instead
-(:func:`wsd.evictor.transaction.punch_verified`).
+(:func:`wsd.evictor.transaction.punch_held`).
 """
 
 from __future__ import annotations
