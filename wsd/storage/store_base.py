@@ -62,7 +62,11 @@ class StoreBase(abc.ABC):
         if isinstance(generation, int):  # one for the batch: check it once
             generations = dict.fromkeys(pages, generation_of(generation, next(iter(pages))))
         else:
-            generations = {offset: generation_of(generation, offset) for offset in pages}
+            # map rather than a loop: a batch is hundreds of pages, on the loop thread.
+            generations = dict(zip(pages, map(generation.__getitem__, pages), strict=True))
+            if not 0 <= min(generations.values()) <= max(generations.values()) < 1 << 64:
+                for offset in pages:
+                    generation_of(generation, offset)  # raises, naming the first bad one
         self.counters.puts += 1
         await self._store(ns, pages, generations)
         self.counters.pages_put += len(pages)

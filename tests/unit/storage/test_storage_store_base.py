@@ -28,6 +28,8 @@ async def test_a_generation_must_fit_in_64_bits(generation: int) -> None:
         await store.put(NS, {P: bytes(P), 2 * P: bytes(P)}, generation=generation)
     with pytest.raises(ValueError, match=f"of offset {2 * P:#x} must fit in 64 bits"):
         await store.put(NS, {P: bytes(P), 2 * P: bytes(P)}, generation={P: 1, 2 * P: generation})
+    with pytest.raises(KeyError):  # a caller's bug, not bad data
+        await store.put(NS, {P: bytes(P), 2 * P: bytes(P)}, generation={P: 1})
     assert not await store.get_many(NS, [P, 2 * P], missing_ok=True), "nothing stored"
     await store.close()
 
