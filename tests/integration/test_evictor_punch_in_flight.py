@@ -26,7 +26,7 @@ from wsd.kernel import pread
 from wsd.storage import FileStoreConfig, PageStore
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
-from wsd.testing.life_events import call, evictor_session, wait_until
+from wsd.testing.life_events import call, evictor_session, uffd_vmflags, wait_until
 from wsd.testing.puppet_vmm import DISCARDED, PuppetVMM, page_pattern
 from wsd.testing.running import serving_faults
 from wsd.tracker.mode import TrackingMode
@@ -153,7 +153,7 @@ async def test_a_region_partly_unmapped_while_in_flight_gets_every_page_back(
     pages back into the memfd instead of counting them evicted, before it
     unregisters what the VMM still maps: a guest thread waiting there is
     then woken onto its bytes, not onto a hole the kernel would fill with zeros."""
-    ctx, faults, ev = evictor_session(tracker, store)
+    _, faults, ev = evictor_session(tracker, store)
     t = tracker.regions[0]
     with serving_faults(tracker, faults, ev) as unhandled:
         commit = asyncio.ensure_future(ev.evict_batch(0, t, PAGES))
@@ -166,7 +166,9 @@ async def test_a_region_partly_unmapped_while_in_flight_gets_every_page_back(
         held_thread.let_go()
         assert await commit == 0
         assert await reading == [0, 0, 0]
-        await wait_until(lambda: not faults._tasks, "the detached region's release")
+        await wait_until(
+            lambda: not uffd_vmflags(puppet.pid, puppet.base, 4 << 20), "the unregistration"
+        )
     assert not unhandled and t.state.evicted_pages == 0
     for p in PAGES.tolist():
         assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096), p
