@@ -34,7 +34,6 @@ work runs in a thread, and faults on the pages in flight wait for it
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +51,7 @@ from wsd.storage.concurrency import LifoPool
 from wsd.storage.fsops import fsync_dir
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion, VmTracker
+from wsd.vmm.protocol import Region
 
 from . import guards, held, pagemap
 from .context import VmContext
@@ -844,15 +844,16 @@ class Evictor:
         """Write a snapshot of the map, then drop the journals it holds."""
         assert self.state_dir is not None and self._journal_seq is not None
         self.map_dirty = False
-        vm, evicted = self._map_with_prepared()
+        snapshot, evicted = self._snapshot_inputs()
         seq = self._journal_seq + 1
-        vm = dataclasses.replace(vm, journal=seq)
         # From here on, what changes goes to the new journal; the listing is
         # the snapshot's (prepared pages apart, as always).
         self._journal_seq, self._journal_dir_synced = seq, False
         records, self._journal_records = self._journal_records, 0
         listed, self.listed = self.listed, evicted
+        vm: pagemap.VmMap | None = None
         try:
+            vm = await asyncio.to_thread(_snapshot, self.ctx.vm_id, snapshot, seq)
             await asyncio.to_thread(self.write_state, self._write_snapshot, vm)
         except OSError as e:
             # The old snapshot and every journal stay valid together.
@@ -863,6 +864,7 @@ class Evictor:
                 raise
             log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
             return
+        assert vm is not None
         self._snapshot_pages = sum(len(r.pages) for r in vm.regions)
 
     def _write_snapshot(self, vm: pagemap.VmMap) -> None:
@@ -950,22 +952,44 @@ class Evictor:
             self.state_dropped = True
             drop()
 
-    def _map_with_prepared(self) -> tuple[pagemap.VmMap, list[npt.NDArray[np.bool_]]]:
-        """The page map as it will be once every prepared batch is committed, and
-        which pages are evicted now.  O(guest pages), on the loop."""
-        out = []
+    def _snapshot_inputs(self) -> tuple[list[_RegionSnapshot], list[npt.NDArray[np.bool_]]]:
+        """Copies of what the page map's snapshot is made of, taken in one step
+        on the loop (about 5 ms per 16 GiB of 4 KiB pages, of the 20 to 30 ms
+        a compaction takes; :func:`_snapshot` does the rest in a thread), and
+        which pages are evicted now."""
+        inputs = []
         now = []
         for i, t in enumerate(self.ctx.tracker.regions):
             evicted = t.state.evicted
             now.append(evicted.copy())
             gens = t.state.generations.copy()
-            for batch in (*self._prepared, *self._committing):
-                if batch.region == i:
-                    evicted[batch.pages] = True
-                    gens[batch.pages] += np.uint32(1)
-            r = t.region
-            out.append(pagemap.region_map(r.offset, r.size, r.page_size, evicted, gens))
-        return pagemap.VmMap(self.ctx.vm_id, tuple(out)), now
+            prepared = [b.pages for b in (*self._prepared, *self._committing) if b.region == i]
+            inputs.append(_RegionSnapshot(t.region, evicted, gens, prepared))
+        return inputs, now
+
+
+@dataclass(frozen=True)
+class _RegionSnapshot:
+    region: Region
+    evicted: npt.NDArray[np.bool_]
+    generations: npt.NDArray[np.uint32]
+    prepared: list[npt.NDArray[np.int64]]
+    """Pages stored and not yet punched: listed at their next generation."""
+
+
+def _snapshot(vm_id: str, regions: Sequence[_RegionSnapshot], journal: int) -> pagemap.VmMap:
+    """The page map as it will be once every prepared batch is committed.
+
+    O(guest pages), so in a thread; it owns (and changes) the arrays it is given.
+    """
+    out = []
+    for s in regions:
+        for pages in s.prepared:
+            s.evicted[pages] = True
+            s.generations[pages] += np.uint32(1)
+        r = s.region
+        out.append(pagemap.region_map(r.offset, r.size, r.page_size, s.evicted, s.generations))
+    return pagemap.VmMap(vm_id, tuple(out), journal=journal)
 
 
 def _listed_now(t: TrackedRegion, listed_resident: set[int]) -> npt.NDArray[np.bool_]:
