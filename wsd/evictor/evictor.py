@@ -87,8 +87,15 @@ T = TypeVar("T")
 
 # Pages punched per step of a commit; faults are served between steps.
 COMMIT_CHUNK = 128
-# wp-async: at most this many bytes held in pipes per step (a 2 MiB page is a step).
-VERIFIED_CHUNK_BYTES = 512 << 10
+# rwp on shmem: at most this many bytes read back per step, on the loop
+# (content_checked; a 2 MiB page is a step).
+CHECKED_CHUNK_BYTES = 512 << 10
+# wp-async: at most this many bytes per verified punch.  It runs in a thread,
+# so steps can be longer than on the loop: each one costs a thread round trip
+# and the page state's update on the loop, and 2 MiB evicted 8 to 12% more
+# MB/s than 512 KiB (docs/benchmarks.md).  The pages are held in pipes
+# meanwhile, and faults on them wait (inflight.py): about 3 ms.
+VERIFIED_CHUNK_BYTES = 2 << 20
 # The page map's snapshot is rewritten once its journal holds this many
 # records, or a quarter as many as the snapshot lists pages if that is more:
 # each compaction costs O(guest pages), so this keeps it O(1) per page
@@ -522,7 +529,10 @@ class Evictor:
         step = COMMIT_CHUNK
         if batch.stored is not None:
             ps = self.ctx.tracker.regions[batch.region].region.page_size
-            step = max(1, min(step, VERIFIED_CHUNK_BYTES // ps))
+            if self.ctx.tracker.mode is TrackingMode.WP_ASYNC:
+                step = max(1, VERIFIED_CHUNK_BYTES // ps)
+            else:
+                step = max(1, min(step, CHECKED_CHUNK_BYTES // ps))
         for k in range(0, len(batch.pages), step):
             if k:
                 await asyncio.sleep(0)
@@ -730,8 +740,8 @@ class Evictor:
         if len(evicted):
             # A page removed meanwhile is a hole with its stored copy dropped
             # (events.on_remove): fresh, not evicted.
-            still = t.state.generations[evicted] == generations[np.isin(punched.pages, evicted)]
-            evicted = evicted[still]
+            was = generations[punched.punched & punched.same]
+            evicted = evicted[t.state.generations[evicted] == was]
         if len(evicted):
             self._mark_evicted(i, t, evicted)
         return len(evicted)

@@ -3,10 +3,10 @@
 In wp-async mode a page written between its read and its punch has its final
 bytes only in the pipe that held it across the punch (:class:`HeldPages`),
 from the punch until :func:`~.transaction.put_back` puts it back with
-``UFFDIO_COPY``: about 0.6 ms per chunk, and the loop's turn after it.  A wsd
-killed there used to lose the write: its successor saw a hole listed as
-evicted and served the older stored copy (CI, 2026-11-26: "page 3487:
-expected version 22, found 21").
+``UFFDIO_COPY``: about 3 ms per 2 MiB chunk, the thread's work and the loop's
+turn after it.  A wsd killed there used to lose the write: its successor saw
+a hole listed as evicted and served the older stored copy (CI, 2026-11-26:
+"page 3487: expected version 22, found 21").
 
 So the pipes outlive wsd.  Each session takes them from its own
 :class:`PipePool`, parked in the fd store once, when the pool grows, rather
