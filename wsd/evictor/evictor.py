@@ -680,7 +680,7 @@ class Evictor:
             return 0
         assert batch.stored is not None
         t = ctx.tracker.regions[i]
-        generations = t.state.generations[keep].copy()
+        generations = t.state.generations[keep]
         parking = self.parking if self.parking is not None and self.parking.available else None
         ctx.in_flight.hold(i, keep)
         try:
@@ -861,7 +861,6 @@ class Evictor:
         self._journal_seq, self._journal_dir_synced = seq, False
         records, self._journal_records = self._journal_records, 0
         listed, self.listed = self.listed, evicted
-        vm: pagemap.VmMap | None = None
         try:
             vm = await asyncio.to_thread(_snapshot, self.ctx.vm_id, snapshot, seq)
             await asyncio.to_thread(self.write_state, self._write_snapshot, vm)
@@ -874,7 +873,6 @@ class Evictor:
                 raise
             log.warning("writing the page map failed", vm_id=self.ctx.vm_id, error=str(e))
             return
-        assert vm is not None
         self._snapshot_pages = sum(len(r.pages) for r in vm.regions)
 
     def _write_snapshot(self, vm: pagemap.VmMap) -> None:
