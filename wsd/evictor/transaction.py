@@ -131,7 +131,7 @@ def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> lis
 
 @dataclass(frozen=True)
 class VerifiedPunch:
-    """How :func:`punch_verified` left each page."""
+    """How a verified punch (:func:`punch_held`, :func:`put_back`) left each page."""
 
     evicted: npt.NDArray[np.int64]
     """Punched, and their final bytes were the stored ones."""
@@ -348,24 +348,6 @@ def put_back(
         kept=pages[~punch.punched],
         errors=tuple(errors),
     )
-
-
-def punch_verified(
-    uffd: Userfaultfd,
-    memfd: int,
-    region: Region,
-    pages: npt.NDArray[np.int64],
-    stored: Mapping[int, bytes],
-    *,
-    scratch: bytearray | None = None,
-    parking: PipeParking | None = None,
-    label: bytes = b"",
-) -> VerifiedPunch:
-    """:func:`punch_held` then :func:`put_back`, in one step."""
-    held = punch_held(
-        uffd, memfd, region, pages, stored, scratch=scratch, parking=parking, label=label
-    )
-    return put_back(uffd, memfd, region, held)
 
 
 def _write_back(memfd: int, offset: int, data: memoryview) -> None:
