@@ -13,6 +13,8 @@ fd store and the state directory empty.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import re
 import sys
@@ -79,9 +81,26 @@ class SoakResult:
 
 
 def log_problems(text: str, limit: int = 40) -> list[str]:
-    """The lines of a wsd log that report an error or a warning, or start a traceback."""
+    """The lines of a wsd log that report an error or a warning, or start a traceback.
+
+    A JSON line's ``exception`` (a whole traceback) is cut to its last three
+    lines, where the failing call and the exception are, and goes after the
+    line's other fields.
+    """
     marks = ('"level": "error"', '"level": "warning"', "Traceback", "[error", "[warning")
-    return [line[:500] for line in text.splitlines() if any(m in line for m in marks)][:limit]
+    out = []
+    for raw in text.splitlines():
+        if not any(m in raw for m in marks):
+            continue
+        line = raw
+        with contextlib.suppress(ValueError, AttributeError):
+            fields = json.loads(raw)
+            trace = str(fields.pop("exception", "")).strip().splitlines()
+            line = json.dumps(fields) + ("  ...  " + " | ".join(trace[-3:]) if trace else "")
+        out.append(line[:1000])
+        if len(out) == limit:
+            break
+    return out
 
 
 def evicted_in_map(state: Path, vm_id: str) -> int:
