@@ -255,8 +255,12 @@ def test_restore_trusts_the_memfd_and_returns_the_listed_pages_it_holds() -> Non
     assert s.resident_pages == 4 and s.evicted_pages == 2
     # Every listed page keeps its generation: the next eviction stores a newer one.
     assert s.generations[[2, 3, 5, 7]].tolist() == [4, 1, 2, 9]
-    with pytest.raises(ValueError, match="ascending and unique"):
+    with pytest.raises(ValueError, match=r"ascending and unique: .* first at \[\(5, 2\)\]"):
         s.restore(resident, np.array([5, 2], np.int64), np.array([1, 1], np.uint32))
+    with pytest.raises(
+        ValueError, match=r"3 listed, 2 distinct, 1 out of order, first at \[\(5, 5\)\]"
+    ):
+        s.restore(resident, np.array([2, 5, 5], np.int64), np.array([1, 1, 1], np.uint32))
 
 
 def test_evicting_an_evicted_page_raises_and_changes_nothing() -> None:

@@ -426,7 +426,13 @@ class RegionState:
             raise ValueError(f"{len(listed)} pages but {len(generations)} generations")
         idx = self._indices(listed)
         if len(idx) != len(listed) or not np.array_equal(idx, listed):
-            raise ValueError("page map pages must be ascending and unique")
+            # Named, for whoever must find which write of the map went wrong.
+            at = np.flatnonzero(np.diff(np.asarray(listed, dtype=np.int64)) <= 0)
+            pairs = [(int(listed[k]), int(listed[k + 1])) for k in at[:8].tolist()]
+            raise ValueError(
+                f"page map pages must be ascending and unique: {len(listed)} listed, "
+                f"{len(idx)} distinct, {len(at)} out of order, first at {pairs}"
+            )
         listed_resident = resident[idx]
         holes = idx[~listed_resident]
         self._flags[:] = np.where(resident, _RESIDENT, 0).astype(np.uint8)
