@@ -92,7 +92,7 @@ COMMIT_CHUNK = 128
 CHECKED_CHUNK_BYTES = 512 << 10
 # wp-async: at most this many bytes per verified punch.  It runs in a thread,
 # so steps can be longer than on the loop: each one costs a thread round trip
-# and the page state's update on the loop, and 2 MiB evicted 8 to 12% more
+# and the page state's update on the loop, and 2 MiB evicted 4 to 20% more
 # MB/s than 512 KiB (docs/benchmarks.md).  The pages are held in pipes
 # meanwhile, and faults on them wait (inflight.py): about 3 ms.
 VERIFIED_CHUNK_BYTES = 2 << 20
