@@ -505,13 +505,12 @@ class Daemon:
         # Faults are timed from here: the kernel's message carries no timestamp,
         # so how long one waited to be read is not known.
         read_at = self.clock()
-        waits = session.ctx.in_flight
         for msg in messages:
             if not isinstance(msg, PageFault):
                 # REMOVE, UNMAP, REMAP: the VMM's madvise/munmap/mremap waited
                 # for this read; the state changes now (docs/life-events.md).
                 on_event(session.faults, session.evictor, msg)
-            elif not (waits.busy and session.faults.waits_for_punch(msg, read_at)):
+            elif not session.faults.waits_for_punch(msg, read_at):
                 self._serve_fault(session, msg, read_at)
 
     def _serve_fault(self, session: Session, msg: PageFault, read_at: float) -> None:

@@ -527,9 +527,10 @@ class Evictor:
         """
         done = 0
         step = COMMIT_CHUNK
+        verified = batch.stored is not None and self.ctx.tracker.mode is TrackingMode.WP_ASYNC
         if batch.stored is not None:
             ps = self.ctx.tracker.regions[batch.region].region.page_size
-            if self.ctx.tracker.mode is TrackingMode.WP_ASYNC:
+            if verified:
                 step = max(1, VERIFIED_CHUNK_BYTES // ps)
             else:
                 step = max(1, min(step, CHECKED_CHUNK_BYTES // ps))
@@ -543,7 +544,7 @@ class Evictor:
                 Prepared(batch.region, batch.pages[k:], batch.stored, left),
                 *rest,
             ]
-            if batch.stored is not None and self.ctx.tracker.mode is TrackingMode.WP_ASYNC:
+            if verified:
                 done += await self._commit_verified(chunk, hot)
             else:
                 done += self._commit(chunk, hot)

@@ -105,6 +105,8 @@ class FaultService:
     def waits_for_punch(self, fault: PageFault, read_at: float) -> bool:
         """Whether ``fault`` is on a page a verified punch has in flight (:mod:`.inflight`):
         then it is served once the punch is settled, not now."""
+        if not self.ctx.in_flight.busy:
+            return False
         where = self.ctx.tracker.locate(fault.address)
         if where is None or not self.ctx.in_flight.holds(where[0], where[2]):
             return False

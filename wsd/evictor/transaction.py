@@ -238,9 +238,10 @@ def punch_held(
     back.  Between the punch and :func:`put_back` the caller must not serve
     a MISSING fault on these pages: it would take a hole for a first touch.
 
-    No Python object it touches is shared, so it may run in a thread.
-    ``scratch``, reused across calls, saves faulting in a fresh buffer each
-    time; it grows as needed.
+    It only reads ``stored`` and writes only ``scratch`` and the pipes, so it
+    may run in a thread while the caller leaves those alone.  ``scratch``,
+    reused across calls, saves faulting in a fresh buffer each time; it grows
+    as needed.
 
     From the punch until the put-back the final bytes of a raced page exist
     only in the pipes.  With ``parking`` the pipes come from its pool, which

@@ -75,7 +75,7 @@ class SoakResult:
     """Pages the page map listed that a restart found resident: their stored copies
     were discarded (a kill after a put, before its punch, or after a fetch)."""
     log_problems: list[str] = field(default_factory=list)
-    """wsd's error and warning lines and the starts of its tracebacks, at most 40: what
+    """wsd's error and warning lines, each traceback cut to its end, at most 40: what
     a failed soak prints, since its log dies with the test's temporary directory
     (in the 7.3 VM, with the VM)."""
 
@@ -207,6 +207,7 @@ def crash_soak(
         report = guest.report()
         if sup.stop() != 0:
             raise AssertionError("wsd did not stop cleanly")
+        log_text = log_path.read_text()
         return SoakResult(
             kills=len(in_storage),
             seconds=elapsed,
@@ -219,11 +220,9 @@ def crash_soak(
             unverified=report["unverified"],
             stored_after_stop=sup.stored_names(),
             state_left_after_stop=sorted(p.name for p in (tmp / "state").glob(f"{VM_ID}.*")),
-            punches_put_back=log_path.read_text().count("pages held across a punch"),
-            stale_copies=sum(
-                int(n) for n in re.findall(r'stale_copies"?[:=]\s*(\d+)', log_path.read_text())
-            ),
-            log_problems=log_problems(log_path.read_text()),
+            punches_put_back=log_text.count("pages held across a punch"),
+            stale_copies=sum(int(n) for n in re.findall(r'stale_copies"?[:=]\s*(\d+)', log_text)),
+            log_problems=log_problems(log_text),
         )
     finally:
         sup.close()

@@ -62,11 +62,7 @@ def serving_faults(
                     on_event(faults, evictor, msg)
                 else:
                     unhandled.append(msg)  # type: ignore[arg-type]
-            elif not (
-                faults is not None
-                and faults.ctx.in_flight.busy
-                and faults.waits_for_punch(msg, faults.ctx.clock())
-            ):
+            elif faults is None or not faults.waits_for_punch(msg, faults.ctx.clock()):
                 serve(msg)
 
     if faults is not None:
