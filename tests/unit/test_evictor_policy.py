@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,31 @@ def test_bad_journals_are_named(tmp_path: Path) -> None:
     pagemap.append_journal(tmp_path, "vm-1", 0, records, durable=True)
     with pytest.raises(pagemap.PageMapError, match="record 0 has an unknown operation"):
         pagemap.load_vm(tmp_path, "vm-1")
+
+
+def test_appenders_racing_to_create_a_journal_both_land_whole(tmp_path: Path) -> None:
+    # The loop and a worker thread may make the first two appends to a new journal.
+    start = threading.Barrier(2)
+    created: list[bool] = []
+
+    def append(seq: int, page: int) -> None:
+        records = pagemap.journal_records(
+            pagemap.JournalOp.LISTED, 0, np.array([page], np.int64), np.array([1], np.uint32)
+        )
+        start.wait()
+        created.append(pagemap.append_journal(tmp_path, "vm-1", seq, records, durable=False))
+
+    for seq in range(100):
+        threads = [threading.Thread(target=append, args=(seq, p)) for p in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(pagemap.load_journal(tmp_path, "vm-1", seq)["page"].tolist()) == [1, 2]
+    assert created.count(True) == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"vm-1.journal.{s}" for s in sorted(range(100), key=str)
+    ]
 
 
 def _replay_one_by_one(

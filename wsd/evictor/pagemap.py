@@ -52,6 +52,7 @@ import io
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,22 +274,24 @@ def journal_records(
 def append_journal(
     state_dir: Path, vm_id: str, seq: int, records: npt.NDArray[np.void], *, durable: bool
 ) -> bool:
-    """Append ``records`` to journal ``seq``; whether the file was new.
+    """Append ``records`` to journal ``seq``; whether this call created the file.
 
     ``durable``: fdatasync it before returning; the caller fsyncs the
-    directory the first time.  Blocking, but small.
+    directory the first time.  Blocking, but small.  The loop and a worker
+    thread may both append to the same journal (:class:`~wsd.evictor.evictor.Evictor`):
+    each ``O_APPEND`` write lands whole, and the file only ever appears with
+    its magic already in it (:func:`_create_journal`).
     """
-    fd = os.open(
-        journal_path(state_dir, vm_id, seq),
-        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-        0o600,
-    )
+    path = journal_path(state_dir, vm_id, seq)
+    created = False
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            break
+        except FileNotFoundError:
+            created = _create_journal(path) or created
     try:
-        data = records.tobytes()
-        created = os.fstat(fd).st_size == 0
-        if created:
-            data = JOURNAL_MAGIC + data
-        view = memoryview(data)
+        view = memoryview(records.tobytes())
         while view:
             view = view[os.write(fd, view) :]
         if durable:
@@ -296,6 +299,26 @@ def append_journal(
     finally:
         os.close(fd)
     return created
+
+
+def _create_journal(path: Path) -> bool:
+    """Create ``path`` holding just the journal magic, unless it exists; whether it did.
+
+    Written aside and linked into place: had two appenders each created the
+    file and written the magic, the second magic would sit between records
+    and shift every later one by 8 bytes.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.write(fd, JOURNAL_MAGIC)
+        os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
 
 
 def load_journal(state_dir: Path, vm_id: str, seq: int) -> npt.NDArray[np.void]:
