@@ -191,3 +191,18 @@ async def test_a_zero_fill_refused_while_a_life_event_is_pending_wakes_its_threa
     faults.on_missing(fault(0), read_at=clock.now)
     assert uffd.calls == [("wake", BASE)]
     assert faults.ctx.stats.zero_fills == 0 and observed(faults) == {}
+
+
+@pytest.mark.asyncio
+async def test_a_zero_fill_that_finds_the_page_populated_is_a_race_not_a_zero_fill() -> None:
+    clock = Clock()
+    faults = service(FakeStore(clock, get_seconds=0.0), clock)
+    uffd = faults.ctx.tracker.uffd
+
+    def populated(addr: int, size: int) -> None:
+        raise FileExistsError(17, "EEXIST")
+
+    uffd.zeropage = populated  # type: ignore[method-assign]
+    faults.on_missing(fault(0), read_at=clock.now)
+    assert uffd.calls == [("wake", BASE)]  # its filler may have woken nobody
+    assert faults.ctx.stats.zero_fills == 0 and observed(faults) == {("file", "race"): (1, 0.0)}

@@ -123,8 +123,8 @@ class FaultService:
             return
         i, t, page = where
         if not t.state.is_evicted(page):
-            if self._zero_fill(t, page):
-                self._timed(FaultResult.ZERO, started)
+            if (result := self._zero_fill(t, page)) is not None:
+                self._timed(result, started)
             return
         if (i, page) in self.fetching:
             self.waiters.add((i, page))  # the fetch in flight wakes this thread too
@@ -207,14 +207,16 @@ class FaultService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _zero_fill(self, t: TrackedRegion, page: int) -> bool:
+    def _zero_fill(self, t: TrackedRegion, page: int) -> FaultResult | None:
         """A page wsd never evicted: its first touch, and zeros are its true content.
 
-        False if it could not be done now (its thread was woken to fault again).
+        ZERO, or RACE if the page was populated meanwhile; None if it could not
+        be done now (its thread was woken to fault again).
         """
         r = t.region
         addr = r.host_virt_addr + page * r.page_size
         uffd = self.ctx.tracker.uffd
+        result = FaultResult.ZERO
         try:
             if r.page_size == 4096:
                 uffd.zeropage(addr, r.page_size)
@@ -225,16 +227,18 @@ class FaultService:
             # ZEROPAGE woke us too), or wsd wrote the page into the memfd (a
             # detached region's restore), which wakes nobody: wake it here.
             uffd.wake(addr, r.page_size)
+            result = FaultResult.RACE
         except BlockingIOError:
             # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued and not read
             # yet.  Wake the thread: it faults again, and that fault is served
             # once the event is read.  Dropping it would block it forever.
             uffd.wake(addr, r.page_size)
-            return False
+            return None
         t.state.note_populated([page])
         t.state.note_access([page])
-        self.ctx.stats.zero_fills += 1
-        return True
+        if result is FaultResult.ZERO:
+            self.ctx.stats.zero_fills += 1
+        return result
 
     async def _fetch(self, i: int, t: TrackedRegion, page: int, started: float | None) -> None:
         ctx = self.ctx
@@ -253,8 +257,8 @@ class FaultService:
                 if t.state.is_evicted(page):
                     # Removed, touched and evicted again meanwhile: that copy.
                     self._start_fetch(i, t, page, started)
-                elif self._zero_fill(t, page):
-                    self._timed(FaultResult.ZERO, started)
+                elif (result := self._zero_fill(t, page)) is not None:
+                    self._timed(result, started)
                 return
             if data is None:
                 self._timed(FaultResult.POISONED, started)
