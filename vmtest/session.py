@@ -6,6 +6,7 @@ import fcntl
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -83,9 +84,28 @@ def prepare(layout: Layout, *, refresh: bool = False) -> Prepared:
         vng = find_vng(layout, log)
         kernel = fetch_kernel(layout, log, refresh=refresh)
         image = install_kernel(layout, kernel, log)
+        build_guest_helper(layout)
     kvm = kvm_verdict(layout)
     log(f"accel: {'KVM' if kvm.use_kvm else 'TCG'} ({kvm.reason})")
     return Prepared(vng, kernel, image, kvm)
+
+
+def build_guest_helper(layout: Layout) -> None:
+    """Build ``wsd guest``'s C helper here if it is not built yet: the VM sees the
+    host's cache read-only, so a guest that had to build it would fail."""
+    code = "from wsd.guest.native import load_native; load_native()"
+    done = subprocess.run(
+        [str(layout.python), "-c", code],
+        check=False,
+        cwd=layout.repo,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise InfraError(
+            "build the guest helper", done.stderr.strip() or f"exit status {done.returncode}"
+        )
+    log("wsd guest's C helper: built")
 
 
 # --- booting ------------------------------------------------------------------------------
