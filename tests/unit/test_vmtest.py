@@ -340,6 +340,7 @@ def test_vng_command_tcg_with_exec() -> None:
         "--force-9p",
         "--rwdir=/c/runs/run-1",
         "--disable-kvm",
+        "--qemu-opts=-cpu max,-avx,-avx2",
         "--exec",
         "uname -r",
     ]
@@ -348,7 +349,7 @@ def test_vng_command_tcg_with_exec() -> None:
 def test_vng_command_kvm_shell() -> None:
     cfg = VmConfig(KERNEL, REPO, use_kvm=True, memory="1G", cpus=4)
     cmd = vng_command(Path("vng"), cfg)
-    assert "--disable-kvm" not in cmd
+    assert "--disable-kvm" not in cmd and not any(a.startswith("--qemu-opts") for a in cmd)
     assert "--exec" not in cmd
     assert cmd[2:4] == ["--memory=1G", "--cpus=4"]
 
