@@ -178,31 +178,27 @@ def test_every_result_is_a_distinct_label_value() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_zero_fill_refused_while_a_life_event_is_pending_wakes_its_thread() -> None:
-    """EAGAIN (a REMOVE/UNMAP/REMAP queued, not read): the thread must fault again, not wait."""
+@pytest.mark.parametrize(
+    ("error", "timed"),
+    [
+        # EAGAIN: a REMOVE/UNMAP/REMAP queued, not read.  The thread must fault
+        # again, not wait, and nothing is timed: its next fault is.
+        (BlockingIOError(11, "EAGAIN"), {}),
+        # EEXIST: populated meanwhile, perhaps by a write that woke nobody.
+        (FileExistsError(17, "EEXIST"), {("file", "race"): (1, 0.0)}),
+    ],
+)
+async def test_a_zero_fill_that_cannot_be_done_wakes_its_thread_and_counts_no_zero_fill(
+    error: OSError, timed: dict[tuple[str, str], tuple[int, float]]
+) -> None:
     clock = Clock()
     faults = service(FakeStore(clock, get_seconds=0.0), clock)
     uffd = faults.ctx.tracker.uffd
 
-    def busy(addr: int, size: int) -> None:
-        raise BlockingIOError(11, "EAGAIN")
+    def refused(addr: int, size: int) -> None:
+        raise error
 
-    uffd.zeropage = busy  # type: ignore[method-assign]
+    uffd.zeropage = refused  # type: ignore[method-assign]
     faults.on_missing(fault(0), read_at=clock.now)
     assert uffd.calls == [("wake", BASE)]
-    assert faults.ctx.stats.zero_fills == 0 and observed(faults) == {}
-
-
-@pytest.mark.asyncio
-async def test_a_zero_fill_that_finds_the_page_populated_is_a_race_not_a_zero_fill() -> None:
-    clock = Clock()
-    faults = service(FakeStore(clock, get_seconds=0.0), clock)
-    uffd = faults.ctx.tracker.uffd
-
-    def populated(addr: int, size: int) -> None:
-        raise FileExistsError(17, "EEXIST")
-
-    uffd.zeropage = populated  # type: ignore[method-assign]
-    faults.on_missing(fault(0), read_at=clock.now)
-    assert uffd.calls == [("wake", BASE)]  # its filler may have woken nobody
-    assert faults.ctx.stats.zero_fills == 0 and observed(faults) == {("file", "race"): (1, 0.0)}
+    assert faults.ctx.stats.zero_fills == 0 and observed(faults) == timed
