@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+
+def temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file (fd, path) beside ``path``, for writing its next version.
+
+    Named ``.<name>.<random>.tmp``, which :func:`remove_leftovers` recognises.
+    """
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def remove_leftovers(directory: Path, names: str) -> None:
+    """Delete the temporary files of writes that a crash cut short, beside the
+    files whose names the regular expression ``names`` matches whole.
+
+    A crash mid-write leaves one each time (a page map snapshot can be tens
+    of MB); call this only when nothing may be writing those files.
+    """
+    leftover = re.compile(rf"\.(?:{names})\.[a-z0-9_]+\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in entries:
+        if leftover.fullmatch(name):
+            (directory / name).unlink(missing_ok=True)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -13,7 +39,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     After a crash the file holds either the old or the new bytes, never a mix.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -12,12 +12,13 @@ pid recycled by another process is never taken for the VMM.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from wsd.atomicfile import write_atomically
+from wsd.atomicfile import remove_leftovers, write_atomically
 from wsd.tracker.mode import TrackingMode
 from wsd.vmm.protocol import Region
 
@@ -77,6 +78,12 @@ def load(state_dir: Path, vm_id: str) -> SessionRecord:
 
 def remove(state_dir: Path, vm_id: str) -> None:
     session_path(state_dir, vm_id).unlink(missing_ok=True)
+    remove_temporaries(state_dir, vm_id)
+
+
+def remove_temporaries(state_dir: Path, vm_id: str) -> None:
+    """What writes of ``vm_id``'s description left when a crash cut them short."""
+    remove_leftovers(state_dir, re.escape(session_path(state_dir, vm_id).name))
 
 
 def note_region_change(

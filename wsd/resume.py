@@ -116,6 +116,10 @@ async def resume(
         close_fds([stored.uffd, *memfds, *stored.held.values()])
         unpark(state_dir, vm_id, len(memfds), held=max(stored.held, default=-1) + 1)
         return None
+    # Nothing writes this session's files yet: what the dead wsd's cut-short
+    # writes left can go.
+    recovery.remove_temporaries(state_dir, vm_id)
+    pagemap.remove_temporaries(state_dir, vm_id)
     try:
         tracker = adopt(
             record, vmap, stored.uffd, memfds, kernel=kernel, clock=clock, held=stored.held

@@ -52,7 +52,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from wsd.atomicfile import write_atomically
+from wsd.atomicfile import remove_leftovers, temporary, write_atomically
 
 FORMAT: Final = "wsd-pagemap-1"
 REMOVED_MAGIC: Final = b"wsdrm\x00\x00\x01"
@@ -138,6 +137,12 @@ def remove(state_dir: Path, vm_id: str) -> None:
     path_for(state_dir, vm_id).unlink(missing_ok=True)
     clear_removed(state_dir, vm_id)
     drop_journals(state_dir, vm_id, below=None)
+    remove_temporaries(state_dir, vm_id)
+
+
+def remove_temporaries(state_dir: Path, vm_id: str) -> None:
+    """What writes of ``vm_id``'s snapshot or journals left when a crash cut them short."""
+    remove_leftovers(state_dir, rf"{re.escape(vm_id)}\.(?:pagemap\.npz|journal\.\d+)")
 
 
 def removed_path(state_dir: Path, vm_id: str) -> Path:
@@ -308,7 +313,7 @@ def _create_journal(path: Path) -> bool:
     file and written the magic, the second magic would sit between records
     and shift every later one by 8 bytes.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary(path)
     try:
         os.write(fd, JOURNAL_MAGIC)
         os.close(fd)

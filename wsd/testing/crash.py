@@ -193,7 +193,12 @@ def crash_soak(
                 expected = [] if reattach else [f"wsd.{VM_ID}.mem0", f"wsd.{VM_ID}.uffd"]
                 if [n for n in stored if n not in held] != expected or len(held) > 8:
                     raise AssertionError(f"fd store after a kill: {stored}")
+                # As a kill in the middle of writing the snapshot would leave it.
+                cut_short = tmp / "state" / f".{VM_ID}.pagemap.npz.{len(in_storage):08d}.tmp"
+                cut_short.write_bytes(b"PK\x03\x04")
                 restarted()
+                if not reattach and cut_short.exists():
+                    raise AssertionError(f"{cut_short.name} left after the session resumed")
             time.sleep(gap[1])
             if guest.proc.poll() is not None:
                 raise AssertionError(f"the guest died: {guest.stderr()}")
@@ -219,7 +224,9 @@ def crash_soak(
             verify_errors=report["verify_errors"],
             unverified=report["unverified"],
             stored_after_stop=sup.stored_names(),
-            state_left_after_stop=sorted(p.name for p in (tmp / "state").glob(f"{VM_ID}.*")),
+            state_left_after_stop=sorted(
+                p.name for p in (tmp / "state").iterdir() if p.name.lstrip(".").startswith(VM_ID)
+            ),
             punches_put_back=log_text.count("pages held across a punch"),
             stale_copies=sum(int(n) for n in re.findall(r'stale_copies"?[:=]\s*(\d+)', log_text)),
             log_problems=log_problems(log_text),
