@@ -315,8 +315,10 @@ def _create_journal(path: Path) -> bool:
     """
     fd, tmp = temporary(path)
     try:
-        os.write(fd, JOURNAL_MAGIC)
-        os.close(fd)
+        try:
+            os.write(fd, JOURNAL_MAGIC)
+        finally:
+            os.close(fd)
         try:
             os.link(tmp, path)
         except FileExistsError:
