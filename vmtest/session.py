@@ -105,7 +105,7 @@ def build_guest_helper(layout: Layout) -> None:
         raise InfraError(
             "build the guest helper", done.stderr.strip() or f"exit status {done.returncode}"
         )
-    log("wsd guest's C helper: built")
+    log("wsd guest's C helper: ready")
 
 
 # --- booting ------------------------------------------------------------------------------
