@@ -33,6 +33,30 @@ def remove_leftovers(directory: Path, names: str) -> None:
             (directory / name).unlink(missing_ok=True)
 
 
+def create_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data``, unless it exists; whether this call did.
+
+    Written aside and linked into place, so the file never exists without
+    ``data``: a writer that opens it after this returns finds ``data`` first.
+    Not synced: the caller syncs the file and the directory if it must.
+    """
+    fd, tmp = temporary(path)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
 

@@ -60,7 +60,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from wsd.atomicfile import remove_leftovers, temporary, write_atomically
+from wsd.atomicfile import create_new, remove_leftovers, write_atomically
 
 FORMAT: Final = "wsd-pagemap-1"
 REMOVED_MAGIC: Final = b"wsdrm\x00\x00\x01"
@@ -285,7 +285,7 @@ def append_journal(
     directory the first time.  Blocking, but small.  The loop and a worker
     thread may both append to the same journal (:class:`~wsd.evictor.evictor.Evictor`):
     each ``O_APPEND`` write lands whole, and the file only ever appears with
-    its magic already in it (:func:`_create_journal`).
+    its magic already in it.
     """
     path = journal_path(state_dir, vm_id, seq)
     created = False
@@ -294,7 +294,9 @@ def append_journal(
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             break
         except FileNotFoundError:
-            created = _create_journal(path) or created
+            # Never with O_CREAT: two appenders could each create the file and
+            # write the magic, and the second would shift every later record.
+            created = create_new(path, JOURNAL_MAGIC) or created
     try:
         view = memoryview(records.tobytes())
         while view:
@@ -304,28 +306,6 @@ def append_journal(
     finally:
         os.close(fd)
     return created
-
-
-def _create_journal(path: Path) -> bool:
-    """Create ``path`` holding just the journal magic, unless it exists; whether it did.
-
-    Written aside and linked into place: had two appenders each created the
-    file and written the magic, the second magic would sit between records
-    and shift every later one by 8 bytes.
-    """
-    fd, tmp = temporary(path)
-    try:
-        try:
-            os.write(fd, JOURNAL_MAGIC)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        os.unlink(tmp)
 
 
 def load_journal(state_dir: Path, vm_id: str, seq: int) -> npt.NDArray[np.void]:
