@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -187,6 +187,20 @@ class GuestProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """SIGSTOP the guest for the block, SIGCONT after: its pages go cold meanwhile.
+
+        What a test waits for under a running guest's writers (pages that stay
+        evicted, a tier that fills) otherwise depends on how fast they run.
+        """
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if self.proc.poll() is None:
+                os.kill(self.pid, signal.SIGCONT)
 
     def report(self) -> dict[str, Any]:
         """The report the guest wrote at exit (FileNotFoundError while it runs)."""

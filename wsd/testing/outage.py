@@ -280,9 +280,11 @@ async def until_evicted_now(
 ) -> None:
     """Wait until at least ``pages`` are evicted at this moment, to start an outage on.
 
-    The hammer's steep guest touches its whole memory within a second or so:
-    a pause of eviction (:func:`check_punched_pages_are_stored` makes one) can
-    leave no page evicted at all, and an outage that starts then sees no fault.
+    Call it with the guest :meth:`~GuestProcess.suspended`, and start the
+    outage before the guest continues: its faults then wait on the outage.
+    The hammer's steep guest touches its whole memory within a second or so,
+    so while it runs, how many pages stay evicted depends on the machine's
+    speed (in CI once, fewer than 100 for 30 s).
     """
     await wait_until(
         lambda: evicted_now(session) >= pages,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import suppress
@@ -161,8 +160,7 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                 # pages stay cold depends on how fast they go: on a quiet host, fewer
                 # than the old disk's 1,024 (4 failures in 4 runs, about 650 stored).
                 snapshot = d.metrics_state
-                os.kill(guest.pid, signal.SIGSTOP)
-                try:
+                with guest.suspended():
                     await wait_until(
                         lambda: (
                             snapshot.store_stats is not None
@@ -172,8 +170,6 @@ async def test_disk_full_stops_eviction_punches_nothing_unstored_and_resumes(
                         f"more than {SMALL} stored",
                         session=s,
                     )
-                finally:
-                    os.kill(guest.pid, signal.SIGCONT)
                 stored_after = await check_punched_pages_are_stored(d, VM)
                 m = await vm_metrics(d, VM)
                 assert m["wsd_evict_storage_failing"] == 0

@@ -77,18 +77,19 @@ async def test_a_hanging_tier_pauses_eviction_faults_wait_on_few_threads_and_not
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
                 # -- sync and reads hang: a batch is put but never acknowledged -----------
-                await until_evicted_now(s, guest)  # pages for the faults to wait on
-                # Not in an outage of its own (a slow fsync): the pause must be the hang's.
-                await wait_until(
-                    lambda: stats.storage_failing_since is None,
-                    30,
-                    "the tier working before the hang",
-                    guest=guest,
-                    session=s,
-                )
-                hung_at, logged_before = time.monotonic(), len(logs)
-                errors_at_hang = stats.fetch_errors
-                hung.hang({"sync", "get", "get_many"})
+                with guest.suspended():
+                    await until_evicted_now(s, guest)  # pages for the faults to wait on
+                    # Not in an outage of its own (a slow fsync): the pause must be the hang's.
+                    await wait_until(
+                        lambda: stats.storage_failing_since is None,
+                        30,
+                        "the tier working before the hang",
+                        guest=guest,
+                        session=s,
+                    )
+                    hung_at, logged_before = time.monotonic(), len(logs)
+                    errors_at_hang = stats.fetch_errors
+                    hung.hang({"sync", "get", "get_many"})
                 await wait_until(
                     lambda: stats.storage_failing_since is not None,
                     30,

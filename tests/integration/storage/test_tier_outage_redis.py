@@ -68,8 +68,9 @@ async def test_redis_down_pauses_eviction_faults_wait_and_nothing_is_lost(
                 stored_before = await check_punched_pages_are_stored(d, VM)
 
                 # -- redis dies --------------------------------------------------------
-                await until_evicted_now(s, guest)  # pages for the faults to wait on
-                await asyncio.to_thread(redis_server.stop, kill=True)
+                with guest.suspended():
+                    await until_evicted_now(s, guest)  # pages for the faults to wait on
+                    await asyncio.to_thread(redis_server.stop, kill=True)
                 await wait_until(
                     lambda: stats.storage_failing_since is not None,
                     30,
