@@ -354,6 +354,81 @@ async def test_a_failed_put_evicts_nothing(
     assert tracker.regions[0].state.evicted_pages == 0 and ctx.stats.failed_batches == 1
 
 
+async def test_a_failed_batch_starts_no_other_and_the_stored_ones_are_committed(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    puts: list[int] = []
+
+    class ThirdPutFails(FlakyStore):
+        async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
+            puts.append(len(pages))
+            if len(puts) == 3:
+                raise TierUnavailable("disk gone", backend="failing")
+            await self.inner.put(ns, pages, **kw)
+
+    ps = tracker.regions[0].region.page_size
+    ctx, faults = vm(tracker, ThirdPutFails(file_store, failures=0), batch_pages=16)
+    await tracker.cycle()
+    await tracker.cycle()
+    ev = Evictor(ctx)
+    stored = await ev.prepare_idle(256 * ps)
+    assert ctx.stats.failed_batches == 1
+    assert puts == [16] * 3
+    assert stored == 2 * 16 * ps
+    before = resident_bytes(puppet)
+    await tracker.cycle(ev.commit)
+    assert ctx.stats.evicted_pages * ps == stored
+    assert resident_bytes(puppet) == before - stored
+    with serving_faults(tracker, faults) as unhandled:
+        assert await read(puppet, range(puppet.npages)) == [0] * puppet.npages
+    assert not unhandled
+
+
+async def test_a_cancelled_prepare_starts_no_batch_after_it_returns(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """The put in flight finishes on its own (the tier's calls are never cancelled,
+    deadline.py), but nothing starts or goes on to its sync once the cancelled
+    prepare has returned."""
+    started = running = syncs = 0
+
+    class SlowPut(FlakyStore):
+        async def put(self, ns: PageNamespace, pages: Mapping[int, bytes], **kw: Any) -> None:
+            nonlocal started, running
+            started += 1
+            running += 1
+            try:
+                await asyncio.sleep(0.2)
+                await self.inner.put(ns, pages, **kw)
+            finally:
+                running -= 1
+
+        async def sync(self) -> None:
+            nonlocal syncs
+            syncs += 1
+            await self.inner.sync()
+
+    ps = tracker.regions[0].region.page_size
+    ctx, _ = vm(tracker, SlowPut(file_store, failures=0), batch_pages=16)
+    await tracker.cycle()
+    await tracker.cycle()
+    task = asyncio.create_task(Evictor(ctx).prepare_idle(256 * ps))
+    async with asyncio.timeout(10):
+        while not running:
+            await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started_at_return = started
+    assert syncs == 0
+    async with asyncio.timeout(10):
+        while running:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    assert started == started_at_return == 1
+    assert syncs == 0
+
+
 async def test_closing_the_fault_service_cancels_fetches_stuck_on_the_tier(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:
