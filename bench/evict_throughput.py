@@ -16,11 +16,15 @@ eviction is timed.  Runs are interleaved: raw, wsd-file, wsd-zstd, raw, ...
   memfd and one ``UFFDIO_WAKE`` of its range.  Timed by itself with
   ``CLOCK_MONOTONIC``.
 * ``wsd-file``, ``wsd-zstd``: a :class:`~wsd.tracker.session.VmTracker` on the guest
-  (``wp-async`` on a host without RWP), one tracking cycle, then
-  ``Evictor.evict_batch`` for every batch, on uvloop: ``pread`` in a worker, ``put``,
-  ``sync`` (for the file tier the ``fdatasync``\\ s of its data and index files), the
-  commit, punch and wake.  No page map (``state_dir`` unset).  Timed with
-  ``time.monotonic`` around the loop of batches.
+  (``wp-async`` on a host without RWP), one tracking cycle, then the daemon's own
+  path, on uvloop, as for ``wsd vm evict``: ``Evictor.prepare_idle`` stores every
+  page in batches of ``--batch`` (``pread`` in a worker, ``put``, ``sync``: for the
+  file tier the ``fdatasync``\\ s of its data and index files), two batches in
+  flight at a time; then one tracking cycle with ``Evictor.commit`` as its window
+  hook punches and wakes them.  No page map (``state_dir`` unset).  Timed with
+  ``time.monotonic`` around both.  Until 2026-11-28 these runs called
+  ``Evictor.evict_batch`` per batch instead (prepare and commit each batch, one at
+  a time), which tests use but the daemon does not.
 
 * ``wsd-file-unchecked``, ``wsd-zstd-unchecked`` (rwp only, not run by default): the
   same without the commit's content check (:func:`wsd.evictor.evictor.content_checked`
@@ -53,7 +57,6 @@ from fault_latency import (  # a sibling script, not a package
     PAGE,
     CGuest,
     build_c,
-    evict_range,
     fill,
     log,
     open_tier,
@@ -116,11 +119,15 @@ async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> f
         fill(g.memfd, 0, g.npages)
         tracker = start_tracker(g, f"bench-{tier}")
         store, cfg = await open_tier(tier, root / "pages", 2 * size)
+        cfg = cfg.model_copy(update={"batch_pages": batch, "max_pages_per_window": g.npages})
         ctx = VmContext(tracker.vm_id, tracker, store, cfg)
         await tracker.cycle()
         ev = Evictor(ctx)
         t0 = time.monotonic()
-        await evict_range(ev, tracker.regions[0], 0, g.npages, batch)
+        # The daemon's path, as for `wsd vm evict`: store every idle page, then
+        # punch them in the next window.
+        await ev.prepare_idle()
+        await tracker.cycle(ev.commit)
         seconds = time.monotonic() - t0
         if ctx.stats.evicted_pages != g.npages or resident(g.memfd, size):
             raise RuntimeError(f"wsd evicted {ctx.stats.evicted_pages} of {g.npages} pages")
