@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+# np.unique, which the page state runs on the fault path too, imports numpy.ma
+# the first time it is called (for np.ma.is_masked): 10 ms on the host, on the
+# event loop, with the first session's faults waiting.  Imported at start-up.
+import numpy.ma
 import numpy.typing as npt
 import structlog
 import uvloop

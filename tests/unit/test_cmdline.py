@@ -92,6 +92,13 @@ def test_the_command_line_loads_nothing_a_client_command_does_not_run() -> None:
     assert out.stdout.strip() == "[]", out
 
 
+def test_the_daemon_imports_what_numpy_would_import_on_the_loop_later() -> None:
+    """np.unique imports numpy.ma on its first call (a 10 ms stall of fault service)."""
+    code = "import sys, wsd.daemon; print('numpy.ma' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out
+
+
 def test_a_missing_kernel_feature_is_exit_status_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
