@@ -378,7 +378,7 @@ class Daemon:
                     ErrorCode.UNSUPPORTED, "wsd runs without a state_dir: nothing to reattach"
                 )
             try:
-                record, vmap = resume.load(state_dir, req.vm_id)
+                record, vmap, ceiling = resume.load(state_dir, req.vm_id)
             except RecoveryError as e:
                 raise HandoffError(
                     ErrorCode.NO_SESSION, f"no session of {req.vm_id!r} to reattach: {e}", "vm_id"
@@ -406,7 +406,13 @@ class Daemon:
             raise
         try:
             tracker = resume.adopt(
-                record, vmap, uffd_fd, memfds, kernel=self.kernel, clock=self.clock
+                record,
+                vmap,
+                uffd_fd,
+                memfds,
+                ceiling=ceiling,
+                kernel=self.kernel,
+                clock=self.clock,
             )
         except BaseException:
             close_fds(memfds)

@@ -48,7 +48,16 @@ def memfd_positions(regions: Sequence[Region]) -> list[int]:
 def park(
     state_dir: Path, vm_id: str, vmm_pid: int, tracker: VmTracker, memfds: Sequence[int]
 ) -> None:
-    """Persist the session's description, then put its fds in systemd's store."""
+    """Persist the session's description, then put its fds in systemd's store.
+
+    A VM seen before starts every page right below its generation ceiling: its
+    earlier sessions' records may still be about (:mod:`wsd.evictor.pagemap`).
+    """
+    ceiling = pagemap.load_ceiling(state_dir, vm_id)
+    if ceiling:
+        tracker.generation_ceiling = ceiling
+        for t in tracker.regions:
+            t.state.lift_generations(ceiling - 1)
     regions = [t.region for t in tracker.regions]
     record = SessionRecord(
         vm_id=vm_id,
@@ -100,7 +109,7 @@ async def resume(
         fdstore.remove(vm_id, len(memfds), held=max(stored.held, default=-1) + 1)
         return None
     try:
-        record, vmap = load(state_dir, vm_id)
+        record, vmap, ceiling = load(state_dir, vm_id)
         if len(memfds) != max(r.fd_index for r in record.regions) + 1:
             raise RecoveryError(f"{len(memfds)} memfds stored, the description uses more")
     except RecoveryError as e:
@@ -122,7 +131,14 @@ async def resume(
     pagemap.remove_temporaries(state_dir, vm_id)
     try:
         tracker = adopt(
-            record, vmap, stored.uffd, memfds, kernel=kernel, clock=clock, held=stored.held
+            record,
+            vmap,
+            stored.uffd,
+            memfds,
+            ceiling=ceiling,
+            kernel=kernel,
+            clock=clock,
+            held=stored.held,
         )
     except BaseException:
         close_fds(memfds)
@@ -136,12 +152,14 @@ def adopt(
     uffd: int,
     memfds: Sequence[int],
     *,
+    ceiling: int,
     kernel: KernelFeatures,
     clock: Callable[[], float] = time.monotonic,
     held: Mapping[int, int] | None = None,
 ) -> VmTracker:
     """Track ``record``'s session again with its uffd and memfds (owns the uffd).
 
+    ``ceiling``: the VM's generation ceiling (:mod:`wsd.evictor.pagemap`).
     ``held``: the session's verified-punch pipes from the fd store (part ->
     fd, owned here).  A chunk the previous wsd died in is put back before
     anything else reads the memfd, so that its pages count as resident.
@@ -173,14 +191,17 @@ def adopt(
             evictor_held.put_back(tracker, held, wp=wp, listed=evicted_now)
             held = None
         evicted = stale = removed = 0
+        tracker.generation_ceiling = ceiling
+        floor = max(ceiling - 1, 0)
         for t, (pages, gens), g in zip(tracker.regions, listed, gone, strict=True):
-            t.listed_resident = t.state.restore(t.resident(), pages, gens)
+            t.listed_resident = t.state.restore(t.resident(), pages, gens, floor=floor)
             if len(g):
                 # As the dead wsd did when it read their REMOVE: fresh pages
                 # (zeros at their next touch), their generation moved on, and
                 # their stored copies garbage.
                 holes = g[t.state.evicted_mask(g)]
                 t.state.note_removed(holes)
+                t.state.lift_generations(floor, holes)  # as for any page not listed
                 t.listed_resident = np.union1d(t.listed_resident, holes)
                 removed += len(holes)
             evicted += t.state.evicted_pages
@@ -201,9 +222,10 @@ def adopt(
     return tracker
 
 
-def load(state_dir: Path, vm_id: str) -> tuple[SessionRecord, pagemap.VmMap | None]:
-    """A parked session's description and page map; :class:`RecoveryError` says what is wrong."""
-    return recovery.load(state_dir, vm_id), _load_map(state_dir, vm_id)
+def load(state_dir: Path, vm_id: str) -> tuple[SessionRecord, pagemap.VmMap | None, int]:
+    """A parked session's description, page map and generation ceiling;
+    :class:`RecoveryError` says what is wrong."""
+    return recovery.load(state_dir, vm_id), _load_map(state_dir, vm_id), _ceiling(state_dir, vm_id)
 
 
 def same_process(record: SessionRecord) -> bool:
@@ -212,6 +234,13 @@ def same_process(record: SessionRecord) -> bool:
         return process_start_ticks(record.vmm_pid) == record.vmm_start_ticks
     except OSError:
         return False
+
+
+def _ceiling(state_dir: Path, vm_id: str) -> int:
+    try:
+        return pagemap.load_ceiling(state_dir, vm_id)
+    except pagemap.PageMapError as e:
+        raise RecoveryError(str(e)) from e
 
 
 def _load_map(state_dir: Path, vm_id: str) -> pagemap.VmMap | None:

@@ -448,6 +448,100 @@ async def test_a_page_fetched_back_then_discarded_stays_discarded_across_a_resta
         await s.read_back_after_restart(after)
 
 
+async def test_a_page_fetched_back_before_a_restart_is_never_stored_at_an_old_generation_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetched back, a page leaves the map at the next snapshot, and its generation
+    with it.  The restarted wsd starts it at the map's ceiling, above every
+    generation it was ever stored at, so a record kept from before (a replay
+    by whoever can write to the store) never passes for the current one."""
+    vm_id = "wp-ceiling"
+    page = 10
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        ctx, t = s.ctx, s.tracker.regions[0]
+        assert await s.ev.evict_batch(0, t, s.PAGES) == len(s.PAGES) - len(s.RACED)
+        ns = ctx.namespaces[0]
+        before = await s.store.get(ns, page * 4096)
+        faults = FaultService(ctx, asyncio.ensure_future)
+        with serving_faults(s.tracker, faults, s.ev) as unhandled:
+            await asyncio.to_thread(s.puppet.call, "read", pages=[page])
+            await faults.close()
+        assert not unhandled
+        s.ev.map_dirty = True
+        await s.ev.save_map()  # a snapshot: the page is listed no more
+        on_disk = pagemap.load_vm(tmp_path, vm_id)
+        assert on_disk is not None and page not in on_disk.regions[0].pages.tolist()
+        ceiling = pagemap.load_ceiling(tmp_path, vm_id)
+        assert ceiling > before.generation
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
+
+        resumed = await s.restart(tmp_path)
+        assert resumed.regions[0].state.generations[page] == ceiling - 1
+        after = VmContext(vm_id, resumed, s.store, EvictorConfig())
+        ev = Evictor(after, state_dir=tmp_path)
+        await resumed.cycle()
+        assert await ev.evict_batch(0, resumed.regions[0], np.array([page], np.int64)) == 1
+        again = await s.store.get(ns, page * 4096)
+        assert again.data == before.data
+        assert again.generation >= ceiling > before.generation
+        assert pagemap.load_ceiling(tmp_path, vm_id) > again.generation
+        assert ev.parking is not None
+        ev.parking.close(unpark=False)
+
+
+async def test_a_record_stored_but_never_listed_before_a_crash_is_never_current_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wsd dies between storing a batch and listing it: the map on disk does not
+    know the records' generation, but its ceiling is above it."""
+    vm_id = "wp-orphan"
+    pages = np.array([20, 21], np.int64)
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+
+        async def killed(*args: object, **kwargs: object) -> None:
+            raise Killed
+
+        with monkeypatch.context() as m:
+            m.setattr(Evictor, "save_map", killed)
+            with pytest.raises(Killed):
+                await s.ev.evict_batch(0, s.tracker.regions[0], pages)
+        stored = await s.store.get(s.ctx.namespaces[0], 20 * 4096)
+        assert pagemap.load_vm(tmp_path, vm_id) is None  # nothing listed, ever
+        ceiling = pagemap.load_ceiling(tmp_path, vm_id)
+        assert ceiling > stored.generation
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
+
+        resumed = await s.restart(tmp_path)
+        assert (resumed.regions[0].state.generations[pages] == ceiling - 1).all()
+
+
+async def test_the_next_session_of_a_vm_starts_above_every_generation_of_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm_id = "wp-next-session"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        t = s.tracker.regions[0]
+        assert await s.ev.evict_batch(0, t, np.array([8, 9], np.int64)) == 2
+        ceiling = pagemap.load_ceiling(tmp_path, vm_id)
+        assert ceiling > t.state.generations[8] > 0
+        assert s.ev.parking is not None
+        s.ev.parking.close(unpark=False)
+        resume.unpark(tmp_path, vm_id, 1)  # the session ends, its map with it
+        assert pagemap.load_vm(tmp_path, vm_id) is None
+
+        with PuppetVMM.spawn(4 << 20) as puppet:  # the VM again, a new hand-off
+            tracker = track_puppet(puppet, vm_id=vm_id)
+            try:
+                resume.park(tmp_path, vm_id, puppet.pid, tracker, [puppet.memfd])
+                assert tracker.generation_ceiling == ceiling
+                assert (tracker.regions[0].state.generations == ceiling - 1).all()
+            finally:
+                tracker.close()
+                resume.unpark(tmp_path, vm_id, 1)
+
+
 async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -231,6 +231,24 @@ def test_replaying_in_order_tells_a_removal_from_an_eviction_at_a_reused_generat
     assert _listing(pagemap.load_vm(tmp_path, "vm-1")) == ({8: 1}, {})
 
 
+def test_the_generation_ceiling_outlives_the_map_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    assert pagemap.load_ceiling(tmp_path, "vm-1") == 0  # never written
+    pagemap.save_ceiling(tmp_path, "vm-1", 1025)
+    _snapshot(tmp_path, [1], [3], journal=0)
+    pagemap.remove(tmp_path, "vm-1")  # the session ends: its ceiling stays
+    assert [p.name for p in tmp_path.iterdir()] == ["vm-1.ceiling"]
+    assert pagemap.load_ceiling(tmp_path, "vm-1") == 1025
+    with pytest.raises(ValueError, match="outside"):
+        pagemap.save_ceiling(tmp_path, "vm-1", 1 << 32)
+    for text, error in [
+        ("twelve\n", r"vm-1\.ceiling: not a generation ceiling: 'twelve\\n'"),
+        ("0\n", r"vm-1\.ceiling: generation ceiling 0 outside \[1, 4294967295\]"),
+    ]:
+        pagemap.ceiling_path(tmp_path, "vm-1").write_text(text)
+        with pytest.raises(pagemap.PageMapError, match=error):
+            pagemap.load_ceiling(tmp_path, "vm-1")
+
+
 def test_bad_journals_are_named(tmp_path: Path) -> None:
     _snapshot(tmp_path, [], [], journal=0)
     path = pagemap.journal_path(tmp_path, "vm-1", 0)

@@ -13,6 +13,7 @@ from wsd.evictor import pagemap
 CUT_SHORT = [  # each final name, as a write of it left its temporary file
     "vm-1.pagemap.npz",
     "vm-1.journal.7",
+    "vm-1.ceiling",
     "vm-1.session.json",
 ]
 OTHERS = [  # another VM's, and files that are not temporaries

@@ -263,6 +263,21 @@ def test_restore_trusts_the_memfd_and_returns_the_listed_pages_it_holds() -> Non
         s.restore(resident, np.array([2, 5, 5], np.int64), np.array([1, 1, 1], np.uint32))
 
 
+def test_restore_starts_every_page_the_map_does_not_list_at_the_floor() -> None:
+    s = state_4k(10)
+    resident = bits(10, {0, 1, 2, 5})
+    s.restore(resident, np.array([2, 3], np.int64), np.array([4, 1], np.uint32), floor=40)
+    # Listed pages keep theirs; the others' last generations are unknown.
+    assert s.generations.tolist() == [40, 40, 4, 1, 40, 40, 40, 40, 40, 40]
+    s.note_removed([3])
+    s.lift_generations(40, [3, 4])
+    assert s.generations[[2, 3, 4]].tolist() == [4, 40, 40]
+    s.lift_generations(7, [3])  # never lowers
+    assert s.generations[3] == 40
+    s.lift_generations(41)
+    assert s.generations.tolist() == [41] * 10
+
+
 def test_evicting_an_evicted_page_raises_and_changes_nothing() -> None:
     s = state_4k(10)
     Cycles(s).run(times=2)

@@ -103,6 +103,11 @@ VERIFIED_CHUNK_BYTES = 2 << 20
 # the snapshot.
 COMPACT_MIN_RECORDS = 1 << 16
 COMPACT_SNAPSHOT_FRACTION = 4
+# How far above the highest generation about to be stored the generation
+# ceiling is raised (pagemap.save_ceiling).  A restart or a new session of
+# the VM lifts every page the map does not list to it, so this is also what
+# each spends of the 2^32 generations.
+CEILING_STEP = 1 << 10
 
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
@@ -197,6 +202,9 @@ class Evictor:
                 self.map_dirty = True  # journals count only after a snapshot
         self._journal_dir_synced = False
         self._journal_records = 0
+        # The generation ceiling on disk: nothing is stored at or above it
+        # before it is raised.
+        self._ceiling = ctx.tracker.generation_ceiling
         self._snapshot_pages = sum(int(np.count_nonzero(x)) for x in self.listed)
         # Taken by worker threads writing state files, and by drop_state.
         self.state_lock = threading.Lock()
@@ -483,6 +491,8 @@ class Evictor:
         verify = content_checked(ctx.tracker.mode, t)
         sums: dict[int, bytes] | None = None
         try:
+            if self.state_dir is not None and len(gens):
+                await self._raise_ceiling(int(gens.max()))
             data = await _in_background(read_pages, t.memfd, t.region, pages)
             if verify:
                 sums = await _in_background(digests, data)
@@ -508,6 +518,27 @@ class Evictor:
             )
             return None
         return Prepared(i, pages, sums, (gens - 1).astype(np.uint32))
+
+    async def _raise_ceiling(self, top: int) -> None:
+        """Raise the generation ceiling on disk above ``top`` before anything is
+        stored at it (``pagemap.save_ceiling``); ``OSError`` if that failed.
+
+        A page fetched back leaves the map at its next snapshot, and a batch
+        stored right before a crash may never have been listed: neither
+        generation is on disk.  The ceiling bounds both, and a restart or the
+        VM's next session starts every page the map does not list right below
+        it (``resume``).
+        """
+        if top < self._ceiling or top >= pagemap.MAX_GENERATION:
+            return  # at the top, generations wrap: 2^32 stores of one page
+        assert self.state_dir is not None
+        async with self._map_lock:
+            if top < self._ceiling:
+                return
+            ceiling = min(top + CEILING_STEP, pagemap.MAX_GENERATION)
+            save = functools.partial(pagemap.save_ceiling, self.state_dir, self.ctx.vm_id, ceiling)
+            await asyncio.to_thread(self.write_state, save)
+            self._ceiling = ceiling
 
     async def _commit_in_chunks(
         self,

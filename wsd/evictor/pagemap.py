@@ -42,6 +42,15 @@ written, so an earlier wsd's journals are never replayed over it.
 
 ``<vm>.removed``, the removals log of earlier versions, is still read (after
 the snapshot, before the journals) and deleted by the next compaction.
+
+``<vm>.ceiling``, beside the map, holds the VM's *generation ceiling*: no page
+of the VM was ever stored at that generation or above it.  It is raised
+(replaced atomically) before anything is stored at it, and outlives the
+session: a restarted wsd, and the next session of the same VM, start every
+page the map does not list right below it.  A page's own last generation
+is on disk only while the map lists it, and a store may still hold, or an
+attacker have kept, a record at any generation the page was stored at: one
+that came round again would pass every check, encryption included.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ JOURNAL_RECORD: Final = np.dtype(
     [("page", "<u8"), ("generation", "<u4"), ("region", "<u2"), ("op", "u1"), ("pad", "u1")]
 )
 _JOURNAL_NAME: Final = re.compile(r"\.journal\.(\d+)")
+MAX_GENERATION: Final = 0xFFFFFFFF
 
 
 class JournalOp(enum.IntEnum):
@@ -134,6 +144,7 @@ def save(state_dir: Path, vm: VmMap) -> Path:
 
 
 def remove(state_dir: Path, vm_id: str) -> None:
+    """Delete the session's map (its ceiling stays, for the VM's next session)."""
     path_for(state_dir, vm_id).unlink(missing_ok=True)
     clear_removed(state_dir, vm_id)
     drop_journals(state_dir, vm_id, below=None)
@@ -142,7 +153,36 @@ def remove(state_dir: Path, vm_id: str) -> None:
 
 def remove_temporaries(state_dir: Path, vm_id: str) -> None:
     """What writes of ``vm_id``'s snapshot or journals left when a crash cut them short."""
-    remove_leftovers(state_dir, rf"{re.escape(vm_id)}\.(?:pagemap\.npz|journal\.\d+)")
+    remove_leftovers(state_dir, rf"{re.escape(vm_id)}\.(?:pagemap\.npz|journal\.\d+|ceiling)")
+
+
+def ceiling_path(state_dir: Path, vm_id: str) -> Path:
+    return state_dir / f"{vm_id}.ceiling"
+
+
+def load_ceiling(state_dir: Path, vm_id: str) -> int:
+    """``vm_id``'s generation ceiling; 0 if none was ever written."""
+    path = ceiling_path(state_dir, vm_id)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError) as e:
+        raise PageMapError(f"{path}: unreadable generation ceiling: {e}") from e
+    try:
+        ceiling = int(text)
+    except ValueError:
+        raise PageMapError(f"{path}: not a generation ceiling: {text[:40]!r}") from None
+    if not 0 < ceiling <= MAX_GENERATION:
+        raise PageMapError(f"{path}: generation ceiling {ceiling} outside [1, {MAX_GENERATION}]")
+    return ceiling
+
+
+def save_ceiling(state_dir: Path, vm_id: str, ceiling: int) -> None:
+    """Raise the ceiling durably (blocking: a thread's work)."""
+    if not 0 < ceiling <= MAX_GENERATION:
+        raise ValueError(f"generation ceiling {ceiling} outside [1, {MAX_GENERATION}]")
+    write_atomically(ceiling_path(state_dir, vm_id), f"{ceiling}\n".encode())
 
 
 def removed_path(state_dir: Path, vm_id: str) -> Path:

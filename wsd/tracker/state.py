@@ -412,6 +412,8 @@ class RegionState:
         resident: npt.NDArray[np.bool_],
         listed: npt.NDArray[np.int64],
         generations: npt.NDArray[np.uint32],
+        *,
+        floor: int = 0,
     ) -> npt.NDArray[np.int64]:
         """Resume from a persisted page map (a restarted wsd), before the first cycle.
 
@@ -419,8 +421,12 @@ class RegionState:
         written.  The memfd is newer than any map: a listed page holding data
         there is resident (it was never punched, or was fetched back since);
         only listed *holes* are evicted.  Every listed page keeps its
-        generation, so the next eviction stores a newer one.  Returns the
-        listed pages found resident.
+        generation, so the next eviction stores a newer one.  Every other
+        page starts at ``floor``, at least the highest generation any page of
+        the VM was stored at (right below the generation ceiling,
+        :mod:`wsd.evictor.pagemap`): its own last one is not known, and a
+        record of it at a generation it reached again would pass every check.
+        Returns the listed pages found resident.
         """
         if len(listed) != len(generations):
             raise ValueError(f"{len(listed)} pages but {len(generations)} generations")
@@ -437,7 +443,7 @@ class RegionState:
         holes = idx[~listed_resident]
         self._flags[:] = np.where(resident, _RESIDENT, 0).astype(np.uint8)
         self._flags[holes] = _EVICTED
-        self._generation[:] = 0
+        self._generation[:] = floor
         self._generation[idx] = generations
         self._resident_pages = int(np.count_nonzero(resident))
         self._evicted_pages = len(holes)
@@ -481,6 +487,13 @@ class RegionState:
         self._generation[idx] += np.uint32(1)
         self._version += 1
         return evicted
+
+    def lift_generations(self, floor: int, pages: PageIndices | None = None) -> None:
+        """Raise the generations of ``pages`` (None: every page) to ``floor`` where
+        below it (see :meth:`restore`)."""
+        idx = slice(None) if pages is None else self._indices(pages)
+        self._generation[idx] = np.maximum(self._generation[idx], np.uint32(floor))
+        self._version += 1
 
     def note_populated(self, pages: PageIndices) -> None:
         """Pages that became resident without an eviction round trip (a zero-filled

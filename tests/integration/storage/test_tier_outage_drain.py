@@ -90,11 +90,12 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                 closed = [e for e in logs if e["event"] == "session closed"]
                 assert not closed, "the session ended while its pages were unreachable"
                 # Parked meanwhile: its description and page map (a snapshot and
-                # maybe journals) stay in the state directory.
+                # maybe journals) stay in the state directory, beside the VM's
+                # generation ceiling.
                 names = {p.name for p in (tmp_path / "state").iterdir()}
-                assert {f"{VM}.pagemap.npz", f"{VM}.session.json"} <= names
+                assert {f"{VM}.pagemap.npz", f"{VM}.session.json", f"{VM}.ceiling"} <= names
                 assert all(
-                    re.fullmatch(rf"{VM}\.(pagemap\.npz|session\.json|journal\.\d+)", n)
+                    re.fullmatch(rf"{VM}\.(pagemap\.npz|session\.json|journal\.\d+|ceiling)", n)
                     for n in names
                 )
 
@@ -110,8 +111,8 @@ async def test_a_drain_waits_out_a_redis_outage_and_brings_every_page_back(
                     session=s,
                 )
                 assert all(t.state.evicted_pages == 0 for t in s.tracker.regions)
-                # Unparked: drained for good.
-                assert list((tmp_path / "state").iterdir()) == []
+                # Unparked: drained for good.  The ceiling stays, for the VM's next session.
+                assert [p.name for p in (tmp_path / "state").iterdir()] == [f"{VM}.ceiling"]
                 with redis_server.client() as client:
                     assert client.dbsize() == 0  # discarded, once every page was back
                 # The guest runs on without wsd: every page must be in its memory now.
