@@ -18,10 +18,10 @@ eviction is timed.  Runs are interleaved: raw, wsd-file, wsd-zstd, raw, ...
 * ``wsd-file``, ``wsd-zstd``: a :class:`~wsd.tracker.session.VmTracker` on the guest
   (``wp-async`` on a host without RWP), one tracking cycle, then the daemon's own
   path, on uvloop, as for ``wsd vm evict``: ``Evictor.prepare_idle`` stores every
-  page in batches of ``--batch`` (``pread`` in a worker, ``put``, ``sync``: for the
-  file tier the ``fdatasync``\\ s of its data and index files), two batches in
-  flight at a time; then one tracking cycle with ``Evictor.commit`` as its window
-  hook punches and wakes them.  No page map (``state_dir`` unset).  Timed with
+  page in batches of ``--batch``, one after the other (``pread`` in a worker,
+  ``put``, ``sync``: for the file tier the ``fdatasync``\\ s of its data and index
+  files); then one tracking cycle with ``Evictor.commit`` as its window hook
+  punches and wakes them.  No page map (``state_dir`` unset).  Timed with
   ``time.monotonic`` around both.  Until 2026-11-28 these runs called
   ``Evictor.evict_batch`` per batch instead (prepare and commit each batch, one at
   a time), which tests use but the daemon does not.

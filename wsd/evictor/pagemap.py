@@ -152,7 +152,7 @@ def remove(state_dir: Path, vm_id: str) -> None:
 
 
 def remove_temporaries(state_dir: Path, vm_id: str) -> None:
-    """What writes of ``vm_id``'s snapshot or journals left when a crash cut them short."""
+    """What writes of ``vm_id``'s snapshot, journals or ceiling left when a crash cut them short."""
     remove_leftovers(state_dir, rf"{re.escape(vm_id)}\.(?:pagemap\.npz|journal\.\d+|ceiling)")
 
 
