@@ -159,3 +159,31 @@ async def test_region_not_mapped_in_the_vmm_is_refused(daemon: Daemon) -> None:
     finally:
         os.close(memfd)
     assert "vm-hole" not in daemon.sessions
+
+
+async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Starting the VM's pages at 0 would let its earlier records replay (pagemap)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "vm-c.ceiling").write_text("garbage\n")
+    settings = Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL, state_dir=state)
+    async with running_daemon(settings) as d:
+        p = await spawn(d, "vm-c")
+        try:
+            err = (p.handoff_reply or {})["error"]
+            assert err["code"] == "internal", err
+            assert f"{state}/vm-c.ceiling: not a generation ceiling: 'garbage\\n'" in err["message"]
+            assert "vm-c" not in d.sessions
+            (state / "vm-c.ceiling").write_text("70000\n")
+            again = await spawn(d, "vm-c")
+            try:
+                assert again.handoff_reply and again.handoff_reply["type"] == "accepted"
+                tracker = d.sessions["vm-c"].tracker
+                assert tracker.generation_ceiling == 70000
+                assert (tracker.regions[0].state.generations == 69999).all()
+            finally:
+                again.close()
+        finally:
+            p.close()
