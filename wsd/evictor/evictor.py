@@ -202,9 +202,6 @@ class Evictor:
                 self.map_dirty = True  # journals count only after a snapshot
         self._journal_dir_synced = False
         self._journal_records = 0
-        # The generation ceiling on disk: nothing is stored at or above it
-        # before it is raised.
-        self._ceiling = ctx.tracker.generation_ceiling
         self._snapshot_pages = sum(int(np.count_nonzero(x)) for x in self.listed)
         # Taken by worker threads writing state files, and by drop_state.
         self.state_lock = threading.Lock()
@@ -487,7 +484,7 @@ class Evictor:
         ctx = self.ctx
         assert ctx.tier is not None
         t = ctx.tracker.regions[i]
-        gens = (t.state.generations[pages].astype(np.int64) + 1) & 0xFFFFFFFF
+        gens = (t.state.generations[pages].astype(np.int64) + 1) & pagemap.MAX_GENERATION
         verify = content_checked(ctx.tracker.mode, t)
         sums: dict[int, bytes] | None = None
         try:
@@ -529,16 +526,17 @@ class Evictor:
         VM's next session starts every page the map does not list right below
         it (``resume``).
         """
-        if top < self._ceiling or top >= pagemap.MAX_GENERATION:
+        tracker = self.ctx.tracker
+        if top < tracker.generation_ceiling or top >= pagemap.MAX_GENERATION:
             return  # at the top, generations wrap: 2^32 stores of one page
         assert self.state_dir is not None
         async with self._map_lock:
-            if top < self._ceiling:
+            if top < tracker.generation_ceiling:
                 return
             ceiling = min(top + CEILING_STEP, pagemap.MAX_GENERATION)
             save = functools.partial(pagemap.save_ceiling, self.state_dir, self.ctx.vm_id, ceiling)
             await asyncio.to_thread(self.write_state, save)
-            self._ceiling = ceiling
+            tracker.generation_ceiling = ceiling
 
     async def _commit_in_chunks(
         self,

@@ -219,9 +219,9 @@ class VmTracker:
     # Why the VMM's io_uring buffers could not all be placed at the last check (None: all were).
     uring_unlisted: str | None = None
     guards_checked_at: int | None = None  # the cycle of that check
-    # Every generation this VM's pages were ever stored at is below this, as
-    # far as the page map on disk knows (resume.adopt; 0 for a new session).
-    # The evictor raises it on disk before storing at it (pagemap's CEILING).
+    # Every generation this VM's pages were ever stored at is below this: the
+    # ceiling on disk (pagemap.load_ceiling, read by resume; 0 if none).  The
+    # evictor raises it there, then here, before storing at it.
     generation_ceiling: int = 0
     _in_window: bool = field(default=False, repr=False)
 
