@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 # redis-server: the storage integration tests start a private one.  gcc: the
 # ABI test compiles the uapi headers to check wsd's cffi layouts; the attach
 # tests compile a stand-in VMM and the C hand-off example (contrib/).
-# libxxhash-dev: xxhash.h and libxxhash, for the per-page hashing in C (wsd/_batch.c).
-APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc libxxhash-dev)
+# libxxhash-dev, libssl-dev: xxhash.h and libxxhash, OpenSSL's headers and libcrypto,
+# for the per-page hashing and AES-GCM in C (wsd/_batch.c).
+APT_PACKAGES=(qemu-system-x86 busybox-static kmod udev redis-server gcc libxxhash-dev libssl-dev)
 
 missing=()
 if [[ -z "${WSD_SKIP_APT:-}" ]]; then

@@ -1,6 +1,7 @@
 /*
  * wsd._batch: per-page work on a batch of pages in one call, without the GIL:
- * finding fill pages, xxh3 checksums and digests, reading pages into new bytes.
+ * finding fill pages, xxh3 checksums and digests, reading pages into new bytes,
+ * AES-256-GCM sealing and opening.
  * The signatures, typed, are in _batch.pyi; the callers say why.
  *
  * This is a CPython extension rather than a cffi module (like wsd._pages_native)
@@ -21,6 +22,8 @@
 #include <string.h>
 #include <sys/uio.h>
 
+#include <openssl/err.h>
+#include <openssl/evp.h>
 #include <xxhash.h>
 #if defined(__x86_64__) || defined(__i386__)
 /* Debian's libxxhash picks SSE2, AVX2 or AVX-512 at run time in its *_dispatch
@@ -345,6 +348,171 @@ done:
 	return result;
 }
 
+/* AES-256-GCM as cryptography's AESGCM does it: 12-byte nonces, 16-byte tags
+ * appended to the ciphertext.  One cipher context and key schedule for the whole
+ * batch: AESGCM.encrypt and .decrypt set both up for every call, which costs as
+ * much as sealing a 4 KiB page. */
+#define GCM_KEY_BYTES 32
+#define GCM_NONCE_BYTES 12
+#define GCM_TAG_BYTES 16
+
+typedef struct {
+	Py_buffer key;
+	Buffers nonces, inputs, aads;
+} GcmArgs;
+
+static void gcm_args_release(GcmArgs *a)
+{
+	buffers_release(&a->nonces);
+	buffers_release(&a->inputs);
+	buffers_release(&a->aads);
+	if (a->key.obj)
+		PyBuffer_Release(&a->key);
+}
+
+/* The key and the three same-length lists of buffers; -1 with an exception set. */
+static int gcm_args_get(PyObject *args, const char *inputs, GcmArgs *a)
+{
+	PyObject *nonces, *ins, *aads;
+	memset(a, 0, sizeof(*a));
+	if (!PyArg_ParseTuple(args, "y*OOO", &a->key, &nonces, &ins, &aads))
+		return -1;
+	if (a->key.len != GCM_KEY_BYTES) {
+		PyErr_Format(PyExc_ValueError, "an AES-256 key is %d bytes, not %zd", GCM_KEY_BYTES,
+			     a->key.len);
+		goto fail;
+	}
+	if (buffers_get(nonces, "nonces", &a->nonces) < 0 || buffers_get(ins, inputs, &a->inputs) < 0 ||
+	    buffers_get(aads, "aads", &a->aads) < 0)
+		goto fail;
+	if (a->nonces.n != a->inputs.n || a->aads.n != a->inputs.n) {
+		PyErr_Format(PyExc_ValueError, "%zd nonces, %zd %s and %zd aads", a->nonces.n, a->inputs.n,
+			     inputs, a->aads.n);
+		goto fail;
+	}
+	for (Py_ssize_t i = 0; i < a->nonces.n; i++)
+		if (a->nonces.views[i].len != GCM_NONCE_BYTES) {
+			PyErr_Format(PyExc_ValueError, "nonces[%zd] is %zd bytes, not %d", i,
+				     a->nonces.views[i].len, GCM_NONCE_BYTES);
+			goto fail;
+		}
+	for (Py_ssize_t i = 0; i < a->inputs.n; i++)
+		if (a->inputs.views[i].len > INT_MAX - GCM_TAG_BYTES || a->aads.views[i].len > INT_MAX) {
+			PyErr_Format(PyExc_OverflowError, "%s[%zd] is too long", inputs, i);
+			goto fail;
+		}
+	return 0;
+fail:
+	gcm_args_release(a);
+	return -1;
+}
+
+/* A list of n new bytes objects, input length + delta bytes each, and their buffers. */
+static PyObject *gcm_outputs(const Buffers *in, Py_ssize_t delta, unsigned char ***bufs)
+{
+	PyObject *out = PyList_New(in->n);
+	*bufs = PyMem_Malloc(in->n ? (size_t)in->n * sizeof(unsigned char *) : 1);
+	if (!out || !*bufs)
+		goto fail;
+	for (Py_ssize_t i = 0; i < in->n; i++) {
+		PyObject *b = PyBytes_FromStringAndSize(NULL, in->views[i].len + delta);
+		if (!b)
+			goto fail;
+		(*bufs)[i] = (unsigned char *)PyBytes_AS_STRING(b);
+		PyList_SET_ITEM(out, i, b);
+	}
+	return out;
+fail:
+	Py_XDECREF(out);
+	PyMem_Free(*bufs);
+	*bufs = NULL;
+	if (!PyErr_Occurred())
+		PyErr_NoMemory();
+	return NULL;
+}
+
+/* One record, the context's key already set.  1 on success, 0 if (opening) the
+ * record does not authenticate, -1 if OpenSSL fails. */
+static int gcm_one(EVP_CIPHER_CTX *ctx, int seal, const Py_buffer *nonce, const Py_buffer *aad,
+		   const unsigned char *in, int len, unsigned char *out)
+{
+	int n;
+	if (EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce->buf, seal) != 1)
+		return -1;
+	if (aad->len && EVP_CipherUpdate(ctx, NULL, &n, aad->buf, (int)aad->len) != 1)
+		return -1;
+	if (len && EVP_CipherUpdate(ctx, out, &n, in, len) != 1)
+		return -1;
+	if (seal)
+		return EVP_CipherFinal_ex(ctx, out + len, &n) == 1 &&
+				       EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, GCM_TAG_BYTES,
+							   out + len) == 1
+			       ? 1
+			       : -1;
+	if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, GCM_TAG_BYTES, (void *)(in + len)) != 1)
+		return -1;
+	/* A failed final is the tag not matching; the plaintext already written to
+	 * out is then dropped with the whole list. */
+	return EVP_CipherFinal_ex(ctx, out + len, &n) == 1 ? 1 : 0;
+}
+
+/* gcm_seal and gcm_open; opening returns None when a record fails to authenticate. */
+static PyObject *gcm_batch(PyObject *args, int seal)
+{
+	GcmArgs a;
+	if (gcm_args_get(args, seal ? "plains" : "payloads", &a) < 0)
+		return NULL;
+	if (!seal)
+		for (Py_ssize_t i = 0; i < a.inputs.n; i++)
+			if (a.inputs.views[i].len < GCM_TAG_BYTES) {
+				gcm_args_release(&a);
+				Py_RETURN_NONE; /* no room for a tag: cannot authenticate */
+			}
+	unsigned char **bufs;
+	PyObject *out = gcm_outputs(&a.inputs, seal ? GCM_TAG_BYTES : -GCM_TAG_BYTES, &bufs);
+	if (!out) {
+		gcm_args_release(&a);
+		return NULL;
+	}
+	int ok = -1;
+	Py_ssize_t i = 0;
+	Py_BEGIN_ALLOW_THREADS
+	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	if (ctx && EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, a.key.buf, NULL, seal) == 1 &&
+	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, GCM_NONCE_BYTES, NULL) == 1) {
+		for (ok = 1; i < a.inputs.n && ok == 1; i++) {
+			int len = (int)a.inputs.views[i].len - (seal ? 0 : GCM_TAG_BYTES);
+			ok = gcm_one(ctx, seal, &a.nonces.views[i], &a.aads.views[i], a.inputs.views[i].buf,
+				     len, bufs[i]);
+		}
+	}
+	EVP_CIPHER_CTX_free(ctx);
+	Py_END_ALLOW_THREADS
+	PyMem_Free(bufs);
+	gcm_args_release(&a);
+	if (ok == 1)
+		return out;
+	Py_DECREF(out);
+	ERR_clear_error(); /* this thread's OpenSSL error queue: nothing to report from it */
+	if (ok == 0)
+		Py_RETURN_NONE;
+	PyErr_Format(PyExc_RuntimeError, "OpenSSL failed to %s record %zd with AES-256-GCM",
+		     seal ? "seal" : "open", i > 0 ? i - 1 : 0);
+	return NULL;
+}
+
+/* gcm_seal(key, nonces, plains, aads) -> list[bytes] */
+static PyObject *batch_gcm_seal(PyObject *self, PyObject *args)
+{
+	return gcm_batch(args, 1);
+}
+
+/* gcm_open(key, nonces, payloads, aads) -> list[bytes] | None */
+static PyObject *batch_gcm_open(PyObject *self, PyObject *args)
+{
+	return gcm_batch(args, 0);
+}
+
 static PyMethodDef methods[] = {
 	{"fills", batch_fills, METH_O, NULL},
 	{"seeds", batch_seeds, METH_VARARGS, NULL},
@@ -352,6 +520,8 @@ static PyMethodDef methods[] = {
 	{"digests128", batch_digests128, METH_O, NULL},
 	{"page_digests128", batch_page_digests128, METH_VARARGS, NULL},
 	{"read_pages", batch_read_pages, METH_VARARGS, NULL},
+	{"gcm_seal", batch_gcm_seal, METH_VARARGS, NULL},
+	{"gcm_open", batch_gcm_open, METH_VARARGS, NULL},
 	{NULL, NULL, 0, NULL},
 };
 

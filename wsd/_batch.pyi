@@ -37,3 +37,16 @@ def read_pages(
     Past the end of the file a page reads as zeros with ``zeros_past_end``, else
     the read fails with EIO. Raises OSError (errno and the pages of the failed
     ``preadv``)."""
+
+def gcm_seal(
+    key: _Bytes, nonces: Sequence[_Bytes], plains: Sequence[_Bytes], aads: Sequence[_Bytes], /
+) -> list[bytes]:
+    """AES-256-GCM of each plain with its 12-byte nonce and associated data: the
+    ciphertext and its 16-byte tag back to back, exactly as ``AESGCM.encrypt``."""
+
+def gcm_open(
+    key: _Bytes, nonces: Sequence[_Bytes], payloads: Sequence[_Bytes], aads: Sequence[_Bytes], /
+) -> list[bytes] | None:
+    """The plaintext of each payload (ciphertext and tag, as ``gcm_seal`` returns), as
+    ``AESGCM.decrypt``; None if any payload fails to authenticate, without saying
+    which."""

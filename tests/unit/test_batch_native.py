@@ -1,4 +1,4 @@
-"""wsd._batch (C) against the Python it stands in for: xxhash, fill_byte, pread."""
+"""wsd._batch (C) against the Python it stands in for: xxhash, fill_byte, pread, AESGCM."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -155,3 +157,73 @@ def test_a_failed_read_names_errno_and_pages(tmp_path: Path) -> None:
         os.close(fd)
     assert info.value.errno == errno.EISDIR
     assert "preadv of 2 pages at 0x3000" in str(info.value)
+
+
+records = st.lists(
+    st.tuples(
+        st.binary(min_size=12, max_size=12),
+        st.one_of(page_like, st.just(b"")),
+        st.binary(max_size=70),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=32, max_size=32), records)
+def test_gcm_seal_and_open_are_aesgcm(key: bytes, items: list[tuple[bytes, bytes, bytes]]) -> None:
+    nonces, plains, aads = ([r[i] for r in items] for i in range(3))
+    reference = AESGCM(key)
+    sealed = _batch.gcm_seal(key, nonces, plains, aads)
+    assert sealed == list(map(reference.encrypt, nonces, plains, aads))
+    assert _batch.gcm_open(key, nonces, sealed, aads) == plains
+
+
+def flipped(value: bytes, bit: int) -> bytes:
+    """``value`` with one bit changed; an empty value gains a byte instead."""
+    if not value:
+        return b"\0"
+    at = bit % len(value)
+    return value[:at] + bytes((value[at] ^ 1 << bit % 8,)) + value[at + 1 :]
+
+
+@settings(max_examples=100)
+@given(
+    st.binary(min_size=32, max_size=32),
+    records.filter(bool),
+    st.integers(0, 7),
+    st.sampled_from(["nonce", "payload", "aad", "key"]),
+    st.integers(0, 2**16),
+)
+def test_gcm_open_refuses_a_batch_with_any_record_changed(
+    key: bytes, items: list[tuple[bytes, bytes, bytes]], row: int, field: str, bit: int
+) -> None:
+    nonces, plains, aads = ([r[i] for r in items] for i in range(3))
+    sealed = _batch.gcm_seal(key, nonces, plains, aads)
+    row %= len(items)
+    if field == "key":
+        key = flipped(key, bit)
+    else:
+        changed = {"nonce": nonces, "payload": sealed, "aad": aads}[field]
+        changed[row] = flipped(changed[row], bit)
+    with pytest.raises(InvalidTag):
+        AESGCM(key).decrypt(nonces[row], sealed[row], aads[row])
+    assert _batch.gcm_open(key, nonces, sealed, aads) is None
+
+
+def test_gcm_open_refuses_a_payload_too_short_for_its_tag() -> None:
+    key, nonce = bytes(32), bytes(12)
+    good = _batch.gcm_seal(key, [nonce], [b"page"], [b""])
+    assert _batch.gcm_open(key, [nonce, nonce], [good[0], good[0][:15]], [b"", b""]) is None
+
+
+def test_gcm_bad_arguments_are_named() -> None:
+    nonce = bytes(12)
+    with pytest.raises(ValueError, match="an AES-256 key is 32 bytes, not 16"):
+        _batch.gcm_seal(bytes(16), [nonce], [b"p"], [b""])
+    with pytest.raises(ValueError, match=r"nonces\[1\] is 8 bytes, not 12"):
+        _batch.gcm_seal(bytes(32), [nonce, bytes(8)], [b"p", b"q"], [b"", b""])
+    with pytest.raises(ValueError, match="1 nonces, 2 payloads and 2 aads"):
+        _batch.gcm_open(bytes(32), [nonce], [bytes(20), bytes(20)], [b"", b""])
+    with pytest.raises(TypeError, match=r"plains\[0\] is not a bytes-like object"):
+        _batch.gcm_seal(bytes(32), [nonce], [7], [b""])

@@ -6,11 +6,12 @@ payload goes to the data file at the page's own offset, the header and the rest 
 GCM tag, or the byte of a fill page) to the page's index entry (``file_format.py``).
 A put seals its whole batch here, and a get opens all the entries of its batch at
 once. Headers, identities and entries are handled as numpy arrays. The per-page work
-that reads or hashes whole pages (finding fill pages, the two xxh3 of each record,
-reading pages) is one call per batch into ``_batch.c``, which lets the GIL go for it,
-so that an eviction's put does not keep the event loop thread from serving a fault.
-The rest is chained ``map``/``zip`` calls that run in C (AES-GCM, building the
-``StoredPage``): on the 2-vCPU development VM a bare loop iteration takes about 50 ns,
+that reads, hashes or encrypts whole pages (finding fill pages, the two xxh3 of each
+record, reading pages, AES-GCM with one key schedule per batch) is one call per batch
+into ``_batch.c``, which lets the GIL go for it, so that an eviction's put does not
+keep the event loop thread from serving a fault. The rest is chained ``map``/``zip``
+calls that run in C (building the ``StoredPage``): on the 2-vCPU development VM a bare
+loop iteration takes about 50 ns,
 so a Python loop body of a few dozen bytecodes per page would cost more than all of
 that work.
 
@@ -31,8 +32,6 @@ from itertools import repeat
 from typing import Final, NamedTuple
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from wsd import _batch
 from wsd.storage.errors import IntegrityError
@@ -182,7 +181,7 @@ class FileCodec:
     ) -> None:
         self._backend = backend
         self._codec = PageCodec(backend=backend, key=key, random_bytes=random_bytes)
-        self._aead = AESGCM(key) if key is not None else None
+        self._key = key
         self._random_bytes = random_bytes
 
     # -- put ----------------------------------------------------------------------------
@@ -208,15 +207,15 @@ class FileCodec:
         for row, fill in zip(fill_rows, fills[~is_data].tolist(), strict=True):
             plains[row] = _FILL_BYTES[fill]  # a fill page's payload is its byte
         kinds = np.where(is_data, _DATA, _FILL).astype(np.uint8)
-        aead = self._aead
-        flags = int(RecordFlag.NONE if aead is None else RecordFlag.ENCRYPTED)
+        key = self._key
+        flags = int(RecordFlag.NONE if key is None else RecordFlag.ENCRYPTED)
         offset_array = np.array(offsets, dtype=np.uint64)
         identities, length = identity_table(
             ns, offset_array, np.array(gens, dtype=np.uint64), kinds, flags
         )
         seeds = _batch.seeds(identities, length)
         nonces: list[bytes] | None = None
-        if aead is None:
+        if key is None:
             payloads = plains
             tails = [b""] * count
             for row in fill_rows:
@@ -226,7 +225,7 @@ class FileCodec:
             # One read of the random source per batch; every record still gets its
             # own 96 random bits.
             nonces = _pieces(self._random_bytes(NONCE_BYTES * count), NONCE_BYTES)
-            payloads = list(map(aead.encrypt, nonces, plains, _pieces(identities, length)))
+            payloads = _batch.gcm_seal(key, nonces, plains, _pieces(identities, length))
             # The tag goes to the entry; the page-sized part of the ciphertext is
             # written from the payload itself, without another copy.
             tails = list(payloads)  # a fill page's whole payload: its byte and tag
@@ -280,19 +279,19 @@ class FileCodec:
                         found[offset] = self.open_entry(ns, offset, entry, page, expected)
                     position += 1
             return
-        aead = self._aead
-        rows = _Rows.of(ns, group, index, flags=0 if aead is None else _ENCRYPTED)
+        key = self._key
+        rows = _Rows.of(ns, group, index, flags=0 if key is None else _ENCRYPTED)
         if rows is None:
             return
         # Each page is read once, straight into the bytes returned, and (plaintext)
         # hashed while it is still in the cache.
-        data_seeds = None if aead is not None else rows.seeds[rows.has_data].tobytes()
+        data_seeds = None if key is not None else rows.seeds[rows.has_data].tobytes()
         pages, data_sums = read(rows.offsets[rows.has_data], data_seeds)
         offsets, generations = rows.offsets.tolist(), rows.generations.tolist()
         values = np.empty(len(offsets), dtype=object)
         values[rows.has_data] = np.array(pages, dtype=object)  # the bytes, not copies
-        if aead is not None:
-            good = self._decrypt(aead, ns, rows, index, values)
+        if key is not None:
+            good = self._decrypt(key, ns, rows, index, values)
         else:
             sums = np.zeros(len(offsets), dtype=np.uint64)
             sums[rows.has_data] = np.frombuffer(data_sums, dtype=np.uint64)
@@ -326,7 +325,7 @@ class FileCodec:
 
     @staticmethod
     def _decrypt(
-        aead: AESGCM, ns: PageNamespace, rows: _Rows, index: bytes, values: np.ndarray
+        key: bytes, ns: PageNamespace, rows: _Rows, index: bytes, values: np.ndarray
     ) -> np.ndarray:
         """Check and decrypt a batch of encrypted records at once, replacing each data
         page's ciphertext in ``values`` by the page; which rows are good.
@@ -346,9 +345,8 @@ class FileCodec:
         sums = np.frombuffer(_batch.sums(payload_list, rows.seeds.tobytes()), dtype=np.uint64)
         if not (sums == rows.checksums).all():
             return none
-        try:
-            plains = list(map(aead.decrypt, parts["nonce"].tolist(), payload_list, rows.identities))
-        except InvalidTag:
+        plains = _batch.gcm_open(key, parts["nonce"].tolist(), payload_list, rows.identities)
+        if plains is None:
             return none
         values[:] = plains
         # A fill page's plaintext is its one byte, now authenticated.
