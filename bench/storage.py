@@ -9,7 +9,9 @@ same process: ``os.pwrite``/``os.pread`` of every page on the same filesystem, r
 SET/GET pipelines against the same redis-server, and zstd level 1 on every page. For
 the file tier it also reports ``os.pread`` keeping each batch of pages until the batch
 is read, as ``get_many`` must (the baseline drops each page at once, which lets the
-allocator hand the same memory back for the next page).
+allocator hand the same memory back for the next page). For the file tier with
+AES-256-GCM it also reports the raw encrypted I/O: ``AESGCM.encrypt`` of every page
+then ``os.pwrite``, and ``os.pread`` keeping each batch then ``AESGCM.decrypt``.
 
 Each measurement is repeated ``--repeat`` times, alternating baseline and tier, and the
 best run of each is kept: on a shared machine the best run is the one least disturbed
@@ -35,6 +37,7 @@ from pathlib import Path
 import redis.asyncio
 import uvloop
 import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 REPO = Path(__file__).resolve().parent.parent
 # The redis-server launcher is shared with the integration tests.
@@ -64,6 +67,8 @@ class Result:
     stored_bytes: int | None = None
     base_stored_bytes: int | None = None
     base_kept_get_mbps: float | None = None
+    base_aes_put_mbps: float | None = None
+    base_aes_kept_get_mbps: float | None = None
 
 
 def make_pages(count: int, seed: int = 1) -> dict[int, bytes]:
@@ -144,6 +149,42 @@ def measure_files(
         os.close(fd)
         path.unlink()
     return (put, get, *percentiles(latencies)), kept_get
+
+
+def measure_files_aes(directory: Path, pages: dict[int, bytes], batch: int) -> tuple[float, float]:
+    """Raw encrypted file I/O (informational, not the baseline): put and kept-batch get
+    MB/s of ``AESGCM.encrypt`` (random nonce, the offset as associated data) and
+    ``os.pwrite`` of each page with its tag, then one ``os.fdatasync``; ``os.pread`` of
+    each batch, then ``AESGCM.decrypt`` of its pages. Every page is encrypted whole,
+    zero pages too, where the tier seals those as one byte."""
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    record = PAGE + 16
+    path = directory / "baseline-aes.raw"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        total = len(pages) * PAGE
+        nonces = {offset: os.urandom(12) for offset in pages}
+        start = time.perf_counter()
+        for offset, data in pages.items():
+            aad = offset.to_bytes(8, "little")
+            os.pwrite(fd, aead.encrypt(nonces[offset], data, aad), offset // PAGE * record)
+        os.fdatasync(fd)
+        put = total / (time.perf_counter() - start) / MB
+        offsets = list(pages)
+        start = time.perf_counter()
+        for i in range(0, len(offsets), batch):
+            chunk = offsets[i : i + batch]
+            sealed = [os.pread(fd, record, offset // PAGE * record) for offset in chunk]
+            kept = [
+                aead.decrypt(nonces[offset], data, offset.to_bytes(8, "little"))
+                for offset, data in zip(chunk, sealed, strict=True)
+            ]
+        del kept
+        get = total / (time.perf_counter() - start) / MB
+    finally:
+        os.close(fd)
+        path.unlink()
+    return put, get
 
 
 async def measure_redis(
@@ -238,12 +279,15 @@ async def run(args: argparse.Namespace) -> list[Result]:
             runs: list[tuple[float, float, float, float]] = []
             base_runs: list[tuple[float, float, float, float]] = []
             extras: list[float] = []
+            aes_runs: list[tuple[float, float]] = []
             stored = None
             for attempt in range(args.repeat):
                 base, extra = await measure_baseline(kind, args, server.unix_url, pages, samples)
                 base_runs.append(base)
                 if extra is not None:
                     extras.append(extra)
+                if name == "file+aes":
+                    aes_runs.append(measure_files_aes(work, pages, args.batch))
                 store = await open_backend(parse_storage_config(table_), environ={})
                 ns = PageNamespace(f"bench-{kind}-{attempt}", 0)
                 try:
@@ -257,6 +301,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 result.stored_bytes, result.base_stored_bytes = stored, int(extras[-1])
             if kind == "file":
                 result.base_kept_get_mbps = max(extras)
+            if aes_runs:
+                result.base_aes_put_mbps = max(put for put, _ in aes_runs)
+                result.base_aes_kept_get_mbps = max(get for _, get in aes_runs)
             results.append(result)
             if not args.json:
                 print(f"  measured {name}", file=sys.stderr)
@@ -286,6 +333,14 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
                 f"{r.name}: get {r.get_mbps:.0f} MB/s is {r.get_mbps / r.base_kept_get_mbps:.2f} "
                 f"of os.pread keeping each batch of {args.batch} pages "
                 f"({r.base_kept_get_mbps:.0f} MB/s), as a get_many must"
+            )
+    for r in results:
+        if r.base_aes_put_mbps and r.base_aes_kept_get_mbps:
+            lines.append(
+                f"{r.name}: put is {r.put_mbps / r.base_aes_put_mbps:.2f} of AESGCM.encrypt and "
+                f"os.pwrite per page ({r.base_aes_put_mbps:.0f} MB/s); get is "
+                f"{r.get_mbps / r.base_aes_kept_get_mbps:.2f} of os.pread keeping each batch "
+                f"then AESGCM.decrypt ({r.base_aes_kept_get_mbps:.0f} MB/s)"
             )
     for r in results:
         if r.stored_bytes and r.base_stored_bytes:
