@@ -128,7 +128,10 @@ class Session:
     ctx: VmContext
     faults: FaultService
     evictor: Evictor
-    last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    last_hot: list[npt.NDArray[np.uint8]] = field(default_factory=list)
+    """Per region, the pages the last scan found hot, as a packed bitmap
+    (``np.packbits``, 32 KiB per GiB of 4 KiB pages): a copy, since the next
+    scan rewrites the tracker's own bitmaps in a worker thread."""
     task: asyncio.Task[None] | None = None
     closed: bool = False
     paused: bool = False
@@ -139,6 +142,11 @@ class Session:
     owner_uid: int | None = None
     """The effective uid of the VMM process: that user may address the VM on the
     control socket.  None if the VMM was already gone at the start."""
+
+    def hot_pages(self, region: int) -> npt.NDArray[np.intp]:
+        """The pages of ``region`` the last scan found hot."""
+        count = self.tracker.regions[region].npages
+        return np.flatnonzero(np.unpackbits(self.last_hot[region], count=count))
 
 
 class Daemon:
@@ -500,7 +508,7 @@ class Daemon:
             timings.scan.observe(self.clock() - started)
             await session.evictor.commit(tracker, hot)
 
-        session.last_hot = await session.tracker.cycle(commit)
+        session.last_hot = [np.packbits(h) for h in await session.tracker.cycle(commit)]
         if session.tracker.mode is TrackingMode.RWP:
             timings.window.observe(self.clock() - started)
         await _prepare(session)

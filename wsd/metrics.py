@@ -36,7 +36,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import numpy as np
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -52,6 +51,7 @@ from wsd import __version__
 from wsd.durations import DurationHistogram
 from wsd.kernel import KernelError
 from wsd.priority import enter_background
+from wsd.snapshot import hot_count
 from wsd.storage import PageStore, StoreStats
 from wsd.tracker.mode import TrackingMode
 
@@ -372,7 +372,7 @@ def _vm_families(sessions: list[Session], now: float) -> list[Metric]:
             resident.add_metric(labels, state.resident_pages * page_size)
             evicted.add_metric(labels, state.evicted_pages * page_size)
             if i < len(session.last_hot):
-                hot.add_metric(labels, int(np.count_nonzero(session.last_hot[i])) * page_size)
+                hot.add_metric(labels, hot_count(session.last_hot[i]) * page_size)
             for h, estimate in state.working_set().items():
                 if estimate.bytes is not None:
                     wss.add_metric([*labels, str(h)], estimate.bytes)

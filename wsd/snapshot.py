@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 if TYPE_CHECKING:
     from wsd.daemon import Session
 
-__all__ = ["RegionSnapshot", "VmSnapshot", "WorkingSet", "vm_snapshot"]
+__all__ = ["RegionSnapshot", "VmSnapshot", "WorkingSet", "hot_count", "vm_snapshot"]
+
+
+def hot_count(packed: npt.NDArray[np.uint8]) -> int:
+    """How many pages a packed hot bitmap (``Session.last_hot``) marks hot."""
+    return int(np.bitwise_count(packed).sum())
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ def vm_snapshot(session: Session, now: float) -> VmSnapshot:
         state = t.state
         hot = None
         if i < len(session.last_hot):
-            hot = int(np.count_nonzero(session.last_hot[i])) * page_size
+            hot = hot_count(session.last_hot[i]) * page_size
         reasons = session.evictor.reasons
         regions.append(
             RegionSnapshot(

@@ -50,7 +50,7 @@ async def test_written_hot_set_matches_the_guest_exactly(daemon: Daemon) -> None
             target = s.tracker.cycles + 2
             while s.tracker.cycles < target:
                 await asyncio.sleep(0.05)
-            assert np.array_equal(np.flatnonzero(s.last_hot[0]), truth)
+            assert np.array_equal(s.hot_pages(0), truth)
     finally:
         # Off the loop: the guest's munmap at exit waits for wsd (this loop)
         # to read its UNMAP event.

@@ -56,7 +56,7 @@ async def test_hot_set_matches_the_guest_exactly(daemon: Daemon) -> None:
         s = daemon.sessions["g-uniform"]
         for _ in range(3):
             await next_cycle(s)
-            seen = np.flatnonzero(s.last_hot[0])
+            seen = s.hot_pages(0)
             assert len(seen) == len(truth) and np.array_equal(seen, np.sort(truth))
         wss = s.tracker.regions[0].state.working_set()
         assert wss[1].pages == len(truth)
@@ -84,7 +84,7 @@ async def test_wss_follows_a_phase_change(daemon: Daemon) -> None:
         wss1 = state.working_set()[1].pages
         assert wss1 is not None
         assert abs(wss1 - len(new.hot)) <= 0.01 * len(new.hot), (wss1, len(new.hot))
-        assert np.array_equal(np.flatnonzero(s.last_hot[0]), np.sort(new.hot))
+        assert np.array_equal(s.hot_pages(0), np.sort(new.hot))
     finally:
         await asyncio.to_thread(guest.stop)
         guest.close()

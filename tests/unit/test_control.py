@@ -172,7 +172,7 @@ def fake_session(
         tracker=tracker,
         ctx=ctx,
         evictor=FakeEvictor(ctx, [None] if reasons is None else reasons),
-        last_hot=[t.state.ages == 0 for t in regions],
+        last_hot=[np.packbits(t.state.ages == 0) for t in regions],
         paused=False,
         eviction=None,
         owner_uid=owner_uid,

@@ -51,7 +51,7 @@ class FakeSession:
     vm_id: str
     tracker: SimpleNamespace
     ctx: SimpleNamespace
-    last_hot: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    last_hot: list[npt.NDArray[np.uint8]] = field(default_factory=list)
     faults: SimpleNamespace = field(
         default_factory=lambda: SimpleNamespace(latency=LabelledDurations(FAULT_BUCKETS))
     )
@@ -116,7 +116,7 @@ def session(vm_id: str, *, cycles: int, granularities: list[Granularity]) -> Fak
     vm.threshold = 12
     vm.note_refaults(NOW - 30, 4)
     vm.early_refaults = 2
-    last_hot = [t.state.ages == 0 for t in regions] if cycles else []
+    last_hot = [np.packbits(t.state.ages == 0) for t in regions] if cycles else []
     tier = SimpleNamespace(timeouts=5, stuck=2)
     s = FakeSession(vm_id, tracker, SimpleNamespace(stats=stats, vm=vm, tier=tier), last_hot)
     if cycles:

@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from wsd.cancellation import despite_cancellation
 from wsd.kernel import KernelError, RegisterMode
 from wsd.storage import StorageError, TierTimeout
 from wsd.storage.concurrency import LifoPool
@@ -726,7 +727,7 @@ class Evictor:
                 label=held.label(i, t.region.page_size, keep) if parking else b"",
             )
             work = asyncio.wrap_future(_PUNCH.submit(job))
-            cancelled = await _despite_cancellation(work)
+            cancelled = await despite_cancellation(work)
             try:
                 punched = work.result()
             except (KernelError, held.ParkingFailed) as e:
@@ -1045,14 +1046,3 @@ def _listed_at(batch: Prepared, ctx: VmContext) -> npt.NDArray[np.uint32]:
 
 async def _in_background(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.wrap_future(_BACKGROUND.submit(fn, *args))
-
-
-async def _despite_cancellation(work: asyncio.Future[T]) -> bool:
-    """Wait until ``work`` is done, even if cancelled; whether a cancellation came."""
-    cancelled = False
-    while not work.done():
-        try:
-            await asyncio.wait((work,))
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled

@@ -25,11 +25,13 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
+from wsd.cancellation import despite_cancellation
 from wsd.kernel import (
     REGION_DTYPE,
     Feature,
@@ -47,6 +49,8 @@ from wsd.vmm.protocol import ErrorCode, HandoffError, Region, UffdSpec, UffdStat
 
 from .mode import ModeDecision, TrackingMode
 from .state import Granularity, RegionState
+
+T = TypeVar("T")
 
 # What wsd asks UFFDIO_API for, per mode.  Missing optional ones are fine.
 REQUIRED: dict[TrackingMode, Feature] = {
@@ -388,13 +392,33 @@ class VmTracker:
         delay = 0.001
         while True:
             try:
-                self.arm()
+                await self._off_loop(self.arm)
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
+
+    async def _off_loop(self, walk: Callable[[], T]) -> T:
+        """Run a walk of every region (a scan, an arm) in a worker thread.
+
+        Each costs milliseconds per GiB of guest, the kernel visiting every page
+        table entry, and the loop must serve faults meanwhile: in a sync window
+        those of the very vCPUs the window blocks.  The kernel orders a walk and
+        a fault's ioctl on the same page either way, as it would if the fault
+        were read just before or after the walk.  A walk uses only this
+        tracker's scan vectors and hot bitmaps, which nothing else touches
+        until it returns.  Cancelled, it waits for the walk to end: ending the
+        session closes the fds the walk uses.
+        """
+        work = asyncio.get_running_loop().run_in_executor(None, walk)
+        if await despite_cancellation(work):
+            raise asyncio.CancelledError
+        return work.result()
+
+    def _scan_all(self) -> list[npt.NDArray[np.bool_]]:
+        return [self._scan(t) for t in self.regions]
 
     def _scan(self, t: TrackedRegion) -> npt.NDArray[np.bool_]:
         r = t.region
@@ -446,7 +470,16 @@ class VmTracker:
             self.uffd.set_mode(disable=Feature.RWP_ASYNC)
             self._in_window = True
         try:
-            hot = [self._scan(t) for t in self.regions]
+            layout = self._layout()
+            hot = await self._off_loop(self._scan_all)
+            for i, (before, after) in enumerate(zip(layout, self._layout(), strict=True)):
+                if after != before:
+                    # Unmapped or moved while the thread walked it: the walk
+                    # saw another mapping or none.  Vanished regions count
+                    # nothing hot, as always; a moved one counts every page
+                    # hot this once, so nothing there looks colder than it is.
+                    t = self.regions[i]
+                    hot[i] = np.full(t.npages, not after[0], dtype=np.bool_)
             now = self.clock()
             for t, h in zip(self.regions, hot, strict=True):
                 if not t.vanished:
@@ -516,6 +549,10 @@ class VmTracker:
         t.touched.add(page)
         self.sync_faults += 1
         return True
+
+    def _layout(self) -> list[tuple[bool, int]]:
+        """Where each region is mapped, if still: what a life event can change."""
+        return [(bool(t.vanished), t.region.host_virt_addr) for t in self.regions]
 
     def relocate(self, index: int, host_virt_addr: int) -> None:
         """Region ``index`` moved, whole, to ``host_virt_addr`` (an ``mremap`` by the VMM).
