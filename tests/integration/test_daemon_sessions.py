@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,8 +18,9 @@ import pytest_asyncio
 from wsd.daemon import Daemon, Settings
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import Userfaultfd, memfd_create
-from wsd.testing.puppet_vmm import PuppetVMM
+from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
 from wsd.testing.running import running_daemon
+from wsd.tracker.session import VmTracker
 from wsd.vmm.client import HandoffRefused, hand_off
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -187,3 +191,81 @@ async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_namin
                 again.close()
         finally:
             p.close()
+
+
+class HeldStart:
+    """VmTracker.start held in its worker thread until released; the trackers it made."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.trackers: list[VmTracker] = []
+        start = VmTracker.start
+
+        def held(*args: object, **kw: object) -> VmTracker:
+            assert threading.current_thread() is not threading.main_thread()
+            self.entered.set()
+            assert self.release.wait(30)
+            tracker = start(*args, **kw)  # type: ignore[arg-type]
+            self.trackers.append(tracker)
+            return tracker
+
+        monkeypatch.setattr(VmTracker, "start", held)
+
+
+async def test_a_tracker_starts_off_the_loop_and_a_second_hand_off_of_its_vm_meanwhile_is_refused(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arming a guest walks all of its memory: other VMs' faults must not wait for it."""
+    held = HeldStart(monkeypatch)
+    first = asyncio.create_task(spawn(daemon, "vm-a"))
+    try:
+        assert await asyncio.to_thread(held.entered.wait, 30)
+        assert "vm-a" not in daemon.sessions  # the loop runs while the start is held
+        dup = await spawn(daemon, "vm-a")
+        try:
+            assert dup.handoff_reply and dup.handoff_reply["error"]["code"] == "duplicate_vm"
+        finally:
+            dup.close()
+    finally:
+        held.release.set()
+        a = await first
+    try:
+        assert a.handoff_reply and a.handoff_reply["type"] == "accepted"
+        assert daemon.sessions["vm-a"].tracker is held.trackers[0]
+    finally:
+        a.close()
+    await until(lambda: not daemon.sessions)
+
+
+async def test_a_hand_off_cut_short_by_a_stop_closes_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldStart(monkeypatch)
+    closed: list[VmTracker] = []
+    close = VmTracker.close
+
+    def spy(self: VmTracker) -> None:
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(VmTracker, "close", spy)
+    settings = Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL)
+    async with running_daemon(settings) as d:
+        vmm = asyncio.create_task(spawn(d, "vm-a"))
+        assert await asyncio.to_thread(held.entered.wait, 30)
+        d.stop()
+        await asyncio.sleep(0.2)
+        held.release.set()
+    assert not d.sessions
+    assert held.trackers and closed == held.trackers
+    # wsd closed the connection without a reply.  The puppet, failing, unmaps
+    # its guest memory, and that waits for the UNMAP event wsd negotiated to be
+    # read from the uffd, which only the puppet itself holds now: kill it.
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"wsd.testing.puppet_vmm" in cmdline and str(tmp_path).encode() in cmdline:
+                os.kill(int(pid), signal.SIGKILL)
+    with pytest.raises(PuppetError):
+        await vmm

@@ -468,6 +468,7 @@ class PuppetVMM:
         try:
             return cls(proc, ours)
         except BaseException:
+            ours.close()
             proc.kill()
             proc.wait()
             raise
