@@ -245,6 +245,28 @@ def test_evict_and_fetch_track_counts_and_generations() -> None:
     assert s.ages[4] == 0
 
 
+def test_a_walk_in_a_thread_keeps_the_state_for_pages_wsd_changed_meanwhile() -> None:
+    s = state_4k(10)
+    c = Cycles(s)
+    c.run(times=2)
+    s.note_evicted([1, 2, 3])
+    s.begin_walk()
+    # What the thread's walk found, page by page, while the loop went on:
+    # it passed page 1 (a hole) before its fetch-back, page 2 after it.
+    s.note_page_fetched(1)
+    s.note_fetched([2])
+    s.note_evicted([7])  # passed while still resident
+    s.note_removed([8])  # passed while still resident
+    walk = bits(10, set(range(10)) - {1, 3, 5})  # 5: punched by the VMM
+    fixed = s.walked(walk)
+    assert fixed is not None
+    assert fixed.tolist() == bits(10, {0, 1, 2, 4, 6, 9}).tolist()
+    assert s.walked(bits(10, ())) is not None and s.walked(None) is None  # no walk: no log
+    c.run(resident=fixed)
+    assert s.resident.tolist() == fixed.tolist()
+    assert s.evicted[[3, 7]].tolist() == [True, True]
+
+
 def test_restore_trusts_the_memfd_and_returns_the_listed_pages_it_holds() -> None:
     s = state_4k(10)
     resident = bits(10, {0, 1, 2, 5})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -417,8 +418,12 @@ class VmTracker:
             raise asyncio.CancelledError
         return work.result()
 
-    def _scan_all(self) -> list[npt.NDArray[np.bool_]]:
-        return [self._scan(t) for t in self.regions]
+    def _scan_all(
+        self, walk: bool
+    ) -> tuple[list[npt.NDArray[np.bool_]], list[npt.NDArray[np.bool_] | None]]:
+        """Each region's hot pages and, if ``walk``, the pages in its memfd."""
+        hot = [self._scan(t) for t in self.regions]
+        return hot, [t.resident() if walk and not t.vanished else None for t in self.regions]
 
     def _scan(self, t: TrackedRegion) -> npt.NDArray[np.bool_]:
         r = t.region
@@ -445,19 +450,6 @@ class VmTracker:
             res.mark(r.host_virt_addr, r.page_size, t.hot)
         return t.hot
 
-    def _resident(self, t: TrackedRegion) -> npt.NDArray[np.bool_]:
-        """Which pages are in the memfd.
-
-        wsd itself makes every change between walks (zero-fills, evictions,
-        fetch-backs) and records it in the state, so the memfd is walked with
-        SEEK_DATA/SEEK_HOLE only every ``resident_walk_every`` cycles, to catch
-        what others did (a VMM punching holes).  The walk costs tens of ns per
-        resident page: most of a cycle if done every time.
-        """
-        if self.cycles % self.resident_walk_every == 0:
-            return t.resident()
-        return t.state.resident
-
     async def cycle(self, hook: Hook | None = None) -> list[npt.NDArray[np.bool_]]:
         """End the current interval: scan the hot set, run ``hook``, start the next one.
 
@@ -469,9 +461,24 @@ class VmTracker:
                 t.touched.clear()
             self.uffd.set_mode(disable=Feature.RWP_ASYNC)
             self._in_window = True
+        # wsd itself makes every change of residency between walks (zero-fills,
+        # evictions, fetch-backs) and records it in the state, so the memfd is
+        # walked with SEEK_DATA/SEEK_HOLE only every resident_walk_every cycles,
+        # to catch what others did (a VMM punching holes).  The walk costs tens
+        # of ns per resident page, in the kernel: most of a cycle if done every
+        # time, and 20 ms for 4 GiB of it, so it runs in the thread too.
+        walk = self.cycles % self.resident_walk_every == 0
+        walked: list[npt.NDArray[np.bool_] | None] = [None] * len(self.regions)
         try:
+            if walk:
+                for t in self.regions:
+                    t.state.begin_walk()
             layout = self._layout()
-            hot = await self._off_loop(self._scan_all)
+            try:
+                hot, walked = await self._off_loop(functools.partial(self._scan_all, walk))
+            finally:
+                if walk:
+                    walked = [t.state.walked(w) for t, w in zip(self.regions, walked, strict=True)]
             for i, (before, after) in enumerate(zip(layout, self._layout(), strict=True)):
                 if after != before:
                     # Unmapped or moved while the thread walked it: the walk
@@ -481,9 +488,9 @@ class VmTracker:
                     t = self.regions[i]
                     hot[i] = np.full(t.npages, not after[0], dtype=np.bool_)
             now = self.clock()
-            for t, h in zip(self.regions, hot, strict=True):
+            for t, h, w in zip(self.regions, hot, walked, strict=True):
                 if not t.vanished:
-                    t.state.observe(h, self._resident(t), now)
+                    t.state.observe(h, t.state.resident if w is None else w, now)
             if hook is not None:
                 await hook(self, hot)
         finally:

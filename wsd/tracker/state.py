@@ -230,6 +230,8 @@ class RegionState:
             [started_at], maxlen=max(self.horizons, default=0) + 1
         )
         self._version = 0
+        # While a residency walk runs in a thread: the pages wsd changed meanwhile.
+        self._walk_changes: list[npt.NDArray[np.int64] | list[int]] | None = None
         self._counts: _IdleCounts | None = None
 
     # -- read-only views -------------------------------------------------------------
@@ -309,7 +311,8 @@ class RegionState:
         ``hot``: accessed during it (``PAGE_IS_ACCESSED``, or ``PAGE_IS_WRITTEN``
         in wp-async mode, where ages then count cycles since the last write).
         ``resident``: in the memfd now (``SEEK_DATA``/``SEEK_HOLE``), taken while
-        no eviction or fetch-back of this region is in flight.
+        no eviction or fetch-back of this region is in flight, or corrected by
+        :meth:`walked` for those that were.
         """
         for name, arr in (("hot", hot), ("resident", resident)):
             if not isinstance(arr, np.ndarray) or arr.dtype != np.bool_:
@@ -370,6 +373,8 @@ class RegionState:
                 self._resident_pages += 1
             self._flags[page] = _RESIDENT
             self._evicted_pages -= 1
+            if self._walk_changes is not None:
+                self._walk_changes.append([page])
         if self._per_granule > 1:
             first = page - page % self._per_granule
             self._age[first : first + self._per_granule] = 0
@@ -403,6 +408,7 @@ class RegionState:
             raise ValueError(f"pages already evicted: {again[:8].tolist()}")
         self._resident_pages -= int(np.count_nonzero(flags & _RESIDENT))
         self._flags[idx] = _EVICTED
+        self._walked_over(idx)
         self._generation[idx] += np.uint32(1)
         self._evicted_pages += len(idx)
         self._version += 1
@@ -462,6 +468,7 @@ class RegionState:
         self._resident_pages += int(np.count_nonzero((self._flags[back] & _RESIDENT) == 0))
         self._flags[back] = _RESIDENT
         self._evicted_pages -= len(back)
+        self._walked_over(back)
         self._version += 1
         if accessed:
             self.note_access(idx)
@@ -485,6 +492,7 @@ class RegionState:
         self._evicted_pages -= len(evicted)
         self._flags[idx] = 0
         self._generation[idx] += np.uint32(1)
+        self._walked_over(idx)
         self._version += 1
         return evicted
 
@@ -495,6 +503,25 @@ class RegionState:
         self._generation[idx] = np.maximum(self._generation[idx], np.uint32(floor))
         self._version += 1
 
+    def begin_walk(self) -> None:
+        """A residency walk (``SEEK_DATA``/``SEEK_HOLE``) starts in a worker thread:
+        note which pages wsd changes until :meth:`walked`."""
+        self._walk_changes = []
+
+    def walked(self, resident: npt.NDArray[np.bool_] | None) -> npt.NDArray[np.bool_] | None:
+        """The walk's ``resident`` (None: it did not finish), with the pages wsd
+        itself evicted, fetched, filled or saw removed while it ran as the state
+        has them: the walk may have passed a page before or after the change."""
+        changes, self._walk_changes = self._walk_changes, None
+        if resident is not None and changes:
+            idx = np.concatenate([np.asarray(c, dtype=np.int64) for c in changes])
+            resident[idx] = (self._flags[idx] & _RESIDENT) != 0
+        return resident
+
+    def _walked_over(self, idx: npt.NDArray[np.int64]) -> None:
+        if self._walk_changes is not None and len(idx):
+            self._walk_changes.append(idx)
+
     def note_populated(self, pages: PageIndices) -> None:
         """Pages that became resident without an eviction round trip (a zero-filled
         first touch).  Evicted pages are left alone: only a fetch-back settles them.
@@ -503,6 +530,7 @@ class RegionState:
         fresh = idx[self._flags[idx] == 0]
         self._flags[fresh] = _RESIDENT
         self._resident_pages += len(fresh)
+        self._walked_over(fresh)
         self._version += 1
 
     # -- what the evictor and the metrics read -------------------------------------
