@@ -165,10 +165,10 @@ class Daemon:
         self.started_at = clock()
         self.sessions: dict[str, Session] = {}
         self.draining: dict[str, Session] = {}
+        """Sessions that ended and are bringing their evicted pages back (still in status)."""
         # Hand-offs between their checks and their session's start: the
         # tracker is started in a worker thread meanwhile.
         self._starting: set[str] = set()
-        """Sessions that ended and are bringing their evicted pages back (still in status)."""
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
         self.metrics_server: MetricsServer | None = None
@@ -374,6 +374,11 @@ class Daemon:
             return work.result()  # or what it raised, having closed the fds
         if work.exception() is None:
             try:
+                if req.type == "handoff" and self.settings.state_dir is not None:
+                    # Parked, never started: nothing is evicted yet, and the next
+                    # wsd must not take it from the fd store.  A reattached
+                    # session stays parked: its pages may be in storage.
+                    resume.unpark(self.settings.state_dir, req.vm_id, len(memfds))
                 work.result().close()
             finally:
                 close_fds(memfds)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from wsd import recovery
 from wsd.daemon import Daemon, Settings
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import Userfaultfd, memfd_create
@@ -250,7 +251,8 @@ async def test_a_hand_off_cut_short_by_a_stop_closes_what_it_started(
         close(self)
 
     monkeypatch.setattr(VmTracker, "close", spy)
-    settings = Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL)
+    state = tmp_path / "state"
+    settings = Settings(socket=tmp_path / "wsd.sock", interval=INTERVAL, state_dir=state)
     async with running_daemon(settings) as d:
         vmm = asyncio.create_task(spawn(d, "vm-a"))
         assert await asyncio.to_thread(held.entered.wait, 30)
@@ -259,6 +261,7 @@ async def test_a_hand_off_cut_short_by_a_stop_closes_what_it_started(
         held.release.set()
     assert not d.sessions
     assert held.trackers and closed == held.trackers
+    assert not recovery.session_path(state, "vm-a").exists()  # parked, then unparked
     # wsd closed the connection without a reply.  The puppet, failing, unmaps
     # its guest memory, and that waits for the UNMAP event wsd negotiated to be
     # read from the uffd, which only the puppet itself holds now: kill it.
