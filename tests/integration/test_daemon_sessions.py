@@ -40,6 +40,14 @@ async def spawn(d: Daemon, vm_id: str, **kw: object) -> PuppetVMM:
     )
 
 
+async def refused_as_duplicate(d: Daemon, vm_id: str) -> None:
+    dup = await spawn(d, vm_id)
+    try:
+        assert dup.handoff_reply and dup.handoff_reply["error"]["code"] == "duplicate_vm"
+    finally:
+        dup.close()
+
+
 async def until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     for _ in range(int(timeout / 0.02)):
         if cond():
@@ -69,11 +77,7 @@ async def test_two_vms_tracked_and_torn_down(daemon: Daemon) -> None:
         timings = session.timings
         assert timings.scan.count >= 2 and timings.cycle.count >= 2
         assert 0 < timings.scan.sum <= timings.cycle.sum
-        dup = await spawn(daemon, "vm-a")
-        try:
-            assert dup.handoff_reply and dup.handoff_reply["error"]["code"] == "duplicate_vm"
-        finally:
-            dup.close()
+        await refused_as_duplicate(daemon, "vm-a")
     finally:
         a.close()
     await until(lambda: "vm-a" not in daemon.sessions)
@@ -223,11 +227,7 @@ async def test_a_tracker_starts_off_the_loop_and_a_second_hand_off_of_its_vm_mea
     try:
         assert await asyncio.to_thread(held.entered.wait, 30)
         assert "vm-a" not in daemon.sessions  # the loop runs while the start is held
-        dup = await spawn(daemon, "vm-a")
-        try:
-            assert dup.handoff_reply and dup.handoff_reply["error"]["code"] == "duplicate_vm"
-        finally:
-            dup.close()
+        await refused_as_duplicate(daemon, "vm-a")
     finally:
         held.release.set()
         a = await first

@@ -11,9 +11,8 @@ record, reading pages, AES-GCM with one key schedule per batch) is one call per 
 into ``_batch.c``, which lets the GIL go for it, so that an eviction's put does not
 keep the event loop thread from serving a fault. The rest is chained ``map``/``zip``
 calls that run in C (building the ``StoredPage``): on the 2-vCPU development VM a bare
-loop iteration takes about 50 ns,
-so a Python loop body of a few dozen bytecodes per page would cost more than all of
-that work.
+loop iteration takes about 50 ns, so a Python loop body of a few dozen bytecodes per
+page would cost more than all of that work.
 
 Opening accepts on its own only what ``PageCodec.open_fields`` would accept: data and
 fill entries whose header is exactly what this module writes with the store's flags,
