@@ -22,7 +22,7 @@ from wsd.storage import (
 )
 from wsd.storage.file_format import ENTRY, ENTRY_BYTES, INDEX_BASE, runs
 from wsd.storage.file_store import FileStore
-from wsd.storage.record import SealedRecord, identity, payload_checksum
+from wsd.storage.record import PayloadKind, SealedRecord, identity, payload_checksum
 
 NS = PageNamespace("vm1", 0)
 KEY = bytes(range(32))
@@ -259,6 +259,32 @@ async def test_max_bytes_budget_counts_data_pages_only(tmp_path: Path) -> None:
     await store.put(NS, {0: bytes(P)}, generation=3)  # zero page frees its data block
     await store.put(NS, {3 * P: os.urandom(P)}, generation=1)
     assert store.budget_usage() == (2 * P, 2 * P)
+    await store.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "aes"])
+async def test_a_lone_fill_page_between_data_pages_is_stored_as_data_unless_encrypted(
+    tmp_path: Path, key: bytes | None
+) -> None:
+    store = await _store(tmp_path, key)
+    data, zeros, ones = os.urandom(P), bytes(P), b"\1" * P
+    # 1: lone, between 0 and 2; 4 and 5: a hole of two pages; 8: lone but 7 is not in
+    # the batch; 11: lone, between 10 and 12, whose neighbours are fills.
+    pages = {0: data, 1: zeros, 2: data, 3: data, 4: zeros, 5: ones, 6: data, 8: zeros, 9: data}
+    pages |= {10: data, 11: ones, 12: data, 13: ones}
+    await store.put(NS, {n * P: page for n, page in pages.items()}, generation=1)
+    as_data = {1, 11} if key is None else set()
+    stored_data = {n for n in pages if pages[n] is data} | as_data
+    for n, page in pages.items():
+        record = _read_record(tmp_path, n * P)[0]
+        kind = PayloadKind.DATA if n in stored_data else PayloadKind.FILL
+        assert record.kind == kind, f"page {n}"
+        assert (await store.get(NS, n * P)).data == page
+    assert (await store.stats()).stored_bytes == len(stored_data) * P
+    await store.close()
+    store = await _store(tmp_path, key)
+    assert (await store.stats()).stored_bytes == len(stored_data) * P, "counted on reopen"
     await store.close()
 
 
