@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from wsd.kernel import Userfaultfd, memfd_create, send_with_fds
+from wsd.kernel import OpenFlag, Userfaultfd, memfd_create, send_with_fds
 from wsd.vmm.client import HandoffRefused, hand_off, read_reply
 from wsd.vmm.protocol import HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
@@ -218,6 +218,7 @@ async def test_bad_messages_get_a_precise_error(
 async def test_fd_problems(server, fds, tmp_path: Path) -> None:
     srv, sessions = server
     regular = os.open(tmp_path / "file", os.O_CREAT | os.O_RDWR)
+    blocking = Userfaultfd.create(OpenFlag.CLOEXEC)
     try:
         cases = [
             ([], "0 were attached"),
@@ -227,6 +228,7 @@ async def test_fd_problems(server, fds, tmp_path: Path) -> None:
             ([fds.memfd, fds.memfd], "uffd.fd_index 0 is a memfd"),
             ([fds.uffd.fd, fds.uffd.fd], "regions[0].fd_index 1 is a userfaultfd"),
             ([fds.uffd.fd, regular], "regions[0].fd_index 1 is a regular file"),
+            ([blocking.fd, fds.memfd], "uffd.fd_index 0 is a blocking userfaultfd"),
         ]
         for attached, text in cases:
             err = await refused(srv, message(), attached)
@@ -234,6 +236,7 @@ async def test_fd_problems(server, fds, tmp_path: Path) -> None:
             assert text in str(err)
     finally:
         os.close(regular)
+        blocking.close()
     assert not sessions.started
 
 

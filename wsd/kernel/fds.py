@@ -37,6 +37,7 @@ class FdInfo:
     size: int
     inode: int
     device: int
+    blocking: bool  # O_NONBLOCK clear on its open file description
 
 
 HUGETLBFS_MAGIC = 0x958458F6
@@ -56,6 +57,7 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
     try:
         st = os.fstat(fd)
         target = os.readlink(proc / "self" / "fd" / str(fd))
+        blocking = os.get_blocking(fd)
     except OSError as e:
         raise oserror("fstat", e.errno or errno.EBADF, fd=fd) from e
     if target == "anon_inode:[userfaultfd]":
@@ -70,7 +72,13 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
     else:
         kind = FdKind.OTHER
     return FdInfo(
-        fd=fd, kind=kind, target=target, size=st.st_size, inode=st.st_ino, device=st.st_dev
+        fd=fd,
+        kind=kind,
+        target=target,
+        size=st.st_size,
+        inode=st.st_ino,
+        device=st.st_dev,
+        blocking=blocking,
     )
 
 

@@ -35,6 +35,16 @@ def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
             "not a userfaultfd",
             "uffd.fd_index",
         )
+    if uffd.blocking:
+        # The event loop reads it until it is empty: on a blocking uffd that
+        # last read would wait, and every VM's faults with it.  Setting
+        # O_NONBLOCK here would change the VMM's copy too (one open file).
+        raise HandoffError(
+            ErrorCode.BAD_FDS,
+            f"uffd.fd_index {req.uffd.fd_index} is a blocking userfaultfd; create it with "
+            "O_NONBLOCK (userfaultfd(O_CLOEXEC | O_NONBLOCK))",
+            "uffd.fd_index",
+        )
     for i, r in enumerate(req.regions):
         info = infos[r.fd_index]
         where = f"regions[{i}]"
