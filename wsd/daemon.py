@@ -344,7 +344,7 @@ class Daemon:
             tracker = await self._tracker_off_loop(req, fds, memfds)
         finally:
             self._starting.discard(req.vm_id)
-        session = self._start_session(req.vm_id, tracker, memfds)
+        session = self._start_session(req.vm_id, tracker, memfds, new=req.type == "handoff")
         granularity = [str(t.state.granularity) for t in tracker.regions]
         if req.type == "reattach":
             evicted = sum(t.state.evicted_pages for t in tracker.regions)
@@ -373,18 +373,33 @@ class Daemon:
         if not cancelled and self._tg is not None:
             return work.result()  # or what it raised, having closed the fds
         if work.exception() is None:
-            try:
-                if req.type == "handoff" and self.settings.state_dir is not None:
-                    # Parked, never started: nothing is evicted yet, and the next
-                    # wsd must not take it from the fd store.  A reattached
-                    # session stays parked: its pages may be in storage.
-                    resume.unpark(self.settings.state_dir, req.vm_id, len(memfds))
-                work.result().close()
-            finally:
-                close_fds(memfds)
+            if req.type == "handoff":
+                self._drop_new_tracker(req.vm_id, work.result(), memfds)
+            else:
+                # A reattached session stays parked and registered: its pages
+                # may be in storage.
+                try:
+                    work.result().close()
+                finally:
+                    close_fds(memfds)
         if cancelled:
             raise asyncio.CancelledError
         raise HandoffError(ErrorCode.INTERNAL, "wsd is shutting down")
+
+    def _drop_new_tracker(self, vm_id: str, tracker: VmTracker, memfds: list[int]) -> None:
+        """Undo a hand-off's tracker that never served a fault: nothing is evicted.
+
+        The next wsd must not take it from the fd store, and the VMM gets its
+        memory back as it came (``VmTracker.abandon``).  Closes the memfds.
+        """
+        try:
+            if self.settings.state_dir is not None:
+                resume.unpark(self.settings.state_dir, vm_id, len(memfds))
+        finally:
+            try:
+                tracker.abandon()
+            finally:
+                close_fds(memfds)
 
     def _start_tracker(self, req: HandoffRequest, fds: list[int], memfds: list[int]) -> VmTracker:
         """A new or reattached tracker, parked if wsd keeps state; closes the fds on failure."""
@@ -411,8 +426,7 @@ class Daemon:
                 # Before anything is evicted: from here a wsd crash loses nothing.
                 resume.park(self.settings.state_dir, req.vm_id, req.vmm_pid, tracker, memfds)
         except BaseException:
-            tracker.close()
-            close_fds(memfds)
+            self._drop_new_tracker(req.vm_id, tracker, memfds)
             raise
         return tracker
 
@@ -471,8 +485,11 @@ class Daemon:
         fdstore.store(req.vm_id, tracker.uffd.fd, memfds)
         return tracker
 
-    def _start_session(self, vm_id: str, tracker: VmTracker, memfds: list[int]) -> Session:
-        """Serve faults and run cycles for a tracker (handed off or resumed); owns its fds."""
+    def _start_session(
+        self, vm_id: str, tracker: VmTracker, memfds: list[int], *, new: bool = False
+    ) -> Session:
+        """Serve faults and run cycles for a tracker (``new``ly handed off, or
+        reattached or resumed); owns its fds."""
         assert self._tg is not None
         tg = self._tg
         try:
@@ -480,8 +497,11 @@ class Daemon:
             ctx = VmContext(vm_id, tracker, self.store, evictor_config, self.clock)
             evictor = Evictor(ctx, state_dir=self.settings.state_dir, host_room=self._host_room)
         except BaseException:
-            tracker.close()
-            close_fds(memfds)
+            if new:
+                self._drop_new_tracker(vm_id, tracker, memfds)
+            else:
+                tracker.close()
+                close_fds(memfds)
             raise
         session = Session(vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor)
         if tracker.pagemap.pid is not None:

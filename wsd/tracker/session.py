@@ -198,6 +198,17 @@ def _tracked_regions(
     ]
 
 
+def _unregister(uffd: Userfaultfd, regions: Sequence[Region]) -> None:
+    """``UFFDIO_UNREGISTER`` each region, then read and drop what is queued (see
+    :meth:`VmTracker.release`).  Fails harmlessly if the VMM is gone."""
+    for r in regions:
+        with contextlib.suppress(KernelError):
+            uffd.unregister(r.host_virt_addr, r.size)
+    with contextlib.suppress(KernelError):
+        while uffd.read_messages():
+            pass
+
+
 def _names(mode: RegisterMode) -> set[str]:
     return {m.name or "" for m in RegisterMode if m in mode}
 
@@ -258,6 +269,7 @@ class VmTracker:
         """
         supported = kernel.features
         uffd = Userfaultfd(uffd_fd)
+        registered: list[Region] = []
         try:
             for i, (r, _) in enumerate(regions):
                 if r.page_size not in (4096, 2 << 20):
@@ -284,6 +296,7 @@ class VmTracker:
                         raise HandoffError(
                             ErrorCode.BAD_REGION, f"regions[{i}]: {e}", f"regions[{i}]"
                         ) from e
+                    registered.append(r)
             else:
                 have = Feature(spec.features or 0)
                 if need & ~have:
@@ -305,14 +318,17 @@ class VmTracker:
                 minor = ["MINOR" in (spec.register_mode or [])] * len(regions)
             pagemap = Pagemap.open(vmm_pid)
         except BaseException:
-            uffd.close()
+            try:
+                _unregister(uffd, registered)
+            finally:
+                uffd.close()
             raise
         tracked = _tracked_regions(regions, minor, kernel, clock())
         tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
         try:
             tracker.arm()
         except KernelError as e:
-            tracker.close()
+            tracker.abandon()
             # With a pre-registered uffd this is where a false claim shows.
             raise HandoffError(ErrorCode.UNSUPPORTED, f"cannot arm tracking: {e}") from e
         return tracker
@@ -596,11 +612,17 @@ class VmTracker:
         if self.mode is TrackingMode.RWP:
             with contextlib.suppress(KernelError):
                 self.uffd.set_mode(enable=Feature.RWP_ASYNC)
-        for t in self.regions:
-            if t.vanished is None:
-                with contextlib.suppress(KernelError):
-                    self.uffd.unregister(t.region.host_virt_addr, t.region.size)
-        self.discard_pending()
+        _unregister(self.uffd, [t.region for t in self.regions if t.vanished is None])
+
+    def abandon(self) -> None:
+        """:meth:`release`, then :meth:`close`: for a hand-off that never became a
+        session, so nothing is evicted.  Without the release, the VMM's copy of
+        the uffd would keep wsd's registration, and its ``munmap`` of guest
+        memory would wait for good on an UNMAP event nobody reads."""
+        try:
+            self.release()
+        finally:
+            self.close()
 
     def discard_pending(self) -> None:
         """Read and drop every queued message (after :meth:`release`)."""
