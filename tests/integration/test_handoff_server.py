@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from wsd.kernel import OpenFlag, Userfaultfd, memfd_create, send_with_fds
+from wsd.kernel.fds import F_SEAL_FUTURE_WRITE
 from wsd.vmm.client import HandoffRefused, hand_off, read_reply
 from wsd.vmm.protocol import HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
@@ -219,6 +221,10 @@ async def test_fd_problems(server, fds, tmp_path: Path) -> None:
     srv, sessions = server
     regular = os.open(tmp_path / "file", os.O_CREAT | os.O_RDWR)
     blocking = Userfaultfd.create(OpenFlag.CLOEXEC)
+    read_only = os.open(f"/proc/self/fd/{fds.memfd}", os.O_RDONLY)
+    sealed = os.memfd_create("sealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(sealed, 4 * MIB)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
     try:
         cases = [
             ([], "0 were attached"),
@@ -229,6 +235,8 @@ async def test_fd_problems(server, fds, tmp_path: Path) -> None:
             ([fds.uffd.fd, fds.uffd.fd], "regions[0].fd_index 1 is a userfaultfd"),
             ([fds.uffd.fd, regular], "regions[0].fd_index 1 is a regular file"),
             ([blocking.fd, fds.memfd], "uffd.fd_index 0 is a blocking userfaultfd"),
+            ([fds.uffd.fd, read_only], "fd_index 1 is a memfd not open for reading and writing"),
+            ([fds.uffd.fd, sealed], "regions[0].fd_index 1 is a memfd sealed against writes"),
         ]
         for attached, text in cases:
             err = await refused(srv, message(), attached)
@@ -237,6 +245,8 @@ async def test_fd_problems(server, fds, tmp_path: Path) -> None:
     finally:
         os.close(regular)
         blocking.close()
+        os.close(read_only)
+        os.close(sealed)
     assert not sessions.started
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -37,10 +38,25 @@ class FdInfo:
     size: int
     inode: int
     device: int
-    blocking: bool  # O_NONBLOCK clear on its open file description
+    flags: int  # F_GETFL: the open file description's access mode and status flags
+    seals: int  # F_GET_SEALS of a memfd (F_SEAL_*), else 0
+
+    @property
+    def blocking(self) -> bool:
+        return not self.flags & os.O_NONBLOCK
+
+    @property
+    def read_write(self) -> bool:
+        return self.flags & os.O_ACCMODE == os.O_RDWR
+
+    @property
+    def write_sealed(self) -> bool:
+        """Sealed against writes: ``fallocate(PUNCH_HOLE)`` fails with EPERM."""
+        return bool(self.seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))
 
 
 HUGETLBFS_MAGIC = 0x958458F6
+F_SEAL_FUTURE_WRITE = 0x0010  # <linux/fcntl.h>, Linux 5.1; not in Python's fcntl
 
 
 def fs_type(fd: int) -> int:
@@ -57,9 +73,10 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
     try:
         st = os.fstat(fd)
         target = os.readlink(proc / "self" / "fd" / str(fd))
-        blocking = os.get_blocking(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as e:
         raise oserror("fstat", e.errno or errno.EBADF, fd=fd) from e
+    seals = 0
     if target == "anon_inode:[userfaultfd]":
         kind = FdKind.USERFAULTFD
     elif target.startswith("/memfd:"):
@@ -67,6 +84,10 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
         # filesystem type tells them apart: st_blksize is 2 MiB for both when
         # shmem THP is enabled.
         kind = FdKind.MEMFD_HUGETLB if fs_type(fd) == HUGETLBFS_MAGIC else FdKind.MEMFD
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError as e:
+            raise oserror("fcntl(F_GET_SEALS)", e.errno or errno.EINVAL, fd=fd) from e
     elif stat.S_ISREG(st.st_mode):
         kind = FdKind.REGULAR
     else:
@@ -78,7 +99,8 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
         size=st.st_size,
         inode=st.st_ino,
         device=st.st_dev,
-        blocking=blocking,
+        flags=flags,
+        seals=seals,
     )
 
 

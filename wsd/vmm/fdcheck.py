@@ -54,6 +54,16 @@ def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
                 f"{where}.fd_index {r.fd_index} is a {info.kind} ({info.target}), not a memfd",
                 f"{where}.fd_index",
             )
+        if not info.read_write or info.write_sealed:
+            # wsd reads pages through the memfd and punches evicted ones out of it.
+            why = "sealed against writes" if info.read_write else "not open for reading and writing"
+            raise HandoffError(
+                ErrorCode.BAD_FDS,
+                f"{where}.fd_index {r.fd_index} is a memfd {why}; wsd reads pages through it "
+                "and punches evicted ones out, so it must be O_RDWR without F_SEAL_WRITE or "
+                "F_SEAL_FUTURE_WRITE",
+                f"{where}.fd_index",
+            )
         if r.offset + r.size > info.size:
             raise HandoffError(
                 ErrorCode.BAD_REGION,
