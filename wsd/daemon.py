@@ -390,11 +390,14 @@ class Daemon:
         """Undo a hand-off's tracker that never served a fault: nothing is evicted.
 
         The next wsd must not take it from the fd store, and the VMM gets its
-        memory back as it came (``VmTracker.abandon``).  Closes the memfds.
+        memory back as it came (``VmTracker.abandon``).  Closes the memfds.  A
+        failed unpark is logged: the caller is reporting what failed first.
         """
         try:
             if self.settings.state_dir is not None:
                 resume.unpark(self.settings.state_dir, vm_id, len(memfds))
+        except Exception:
+            log.exception("unparking a hand-off that never started failed", vm_id=vm_id)
         finally:
             try:
                 tracker.abandon()

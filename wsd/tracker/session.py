@@ -204,6 +204,11 @@ def _unregister(uffd: Userfaultfd, regions: Sequence[Region]) -> None:
     for r in regions:
         with contextlib.suppress(KernelError):
             uffd.unregister(r.host_virt_addr, r.size)
+    _drain(uffd)
+
+
+def _drain(uffd: Userfaultfd) -> None:
+    """Read and drop every queued message."""
     with contextlib.suppress(KernelError):
         while uffd.read_messages():
             pass
@@ -626,9 +631,7 @@ class VmTracker:
 
     def discard_pending(self) -> None:
         """Read and drop every queued message (after :meth:`release`)."""
-        with contextlib.suppress(KernelError):
-            while self.uffd.read_messages():
-                pass
+        _drain(self.uffd)
 
     def close(self) -> None:
         """Unprotect and drop our fds.  The VMM keeps its uffd copy and memory."""
