@@ -65,6 +65,7 @@ from wsd.storage.registry import open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.limits import HandoffLimits
+from wsd.vmm.mappings import check_mappings
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
 
@@ -406,6 +407,15 @@ class Daemon:
 
     def _start_tracker(self, req: HandoffRequest, fds: list[int], memfds: list[int]) -> VmTracker:
         """A new or reattached tracker, parked if wsd keeps state; closes the fds on failure."""
+        # The server checked on_behalf ones (forbidden if they differ).  A reattach
+        # must name the regions first handed off, which may have moved or gone
+        # since: resume.adopt finds those.
+        if req.type == "handoff" and not req.on_behalf:
+            try:
+                check_mappings(req, fds, code=ErrorCode.BAD_REGION)
+            except BaseException:
+                close_fds(fds)
+                raise
         uffd_fd = fds[req.uffd.fd_index]
         if req.type == "reattach":
             return self._reattach(req, uffd_fd, memfds)

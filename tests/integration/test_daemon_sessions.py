@@ -166,42 +166,61 @@ async def test_region_not_mapped_in_the_vmm_is_refused(daemon: Daemon) -> None:
             }
             with pytest.raises(HandoffRefused) as exc:
                 await asyncio.to_thread(hand_off, daemon.settings.socket, msg, [uffd.fd, memfd])
-        assert exc.value.code == "bad_region" and "UFFDIO_REGISTER" in str(exc.value)
+        assert exc.value.code == "bad_region" and exc.value.field == "regions[0]"
+        assert f"pid {os.getpid()} does not map its memfd" in str(exc.value)
+        assert "nothing is mapped at 0x10000000000" in str(exc.value)
     finally:
         os.close(memfd)
     assert "vm-hole" not in daemon.sessions
 
 
+async def test_a_region_mapped_from_another_memfd_is_refused_naming_it(daemon: Daemon) -> None:
+    """Tracking one memfd's mapping while punching another's pages would lose them."""
+    mapped, other = memfd_create("mapped", size=1 << 20), memfd_create("other", size=1 << 20)
+    base = _mmap(1 << 20, mmap.PROT_READ | mmap.PROT_WRITE, mapped)
+    region = {"guest_phys_addr": 0, "host_virt_addr": base, "size": 1 << 20, "fd_index": 1}
+    msg = {"type": "handoff", "version": 1, "vm_id": "vm-mixed", "vmm_pid": os.getpid()}
+    msg["regions"] = [region]
+    try:
+        with Userfaultfd.create() as uffd, pytest.raises(HandoffRefused) as exc:
+            await asyncio.to_thread(hand_off, daemon.settings.socket, msg, [uffd.fd, other])
+        assert exc.value.code == "bad_region" and exc.value.field == "regions[0]"
+        assert f"{base:#x} maps another file (/memfd:mapped (deleted))" in str(exc.value)
+    finally:
+        _libc.munmap(base, 1 << 20)
+        os.close(mapped)
+        os.close(other)
+    assert "vm-mixed" not in daemon.sessions
+
+
 async def test_a_refused_hand_off_leaves_no_registration_behind(daemon: Daemon) -> None:
-    """Region 0 is registered before region 1's UFFDIO_REGISTER fails.  The VMM
-    keeps its copy of the uffd, with the UNMAP events wsd negotiated: had wsd
-    left region 0 registered, the VMM's munmap of it would wait for good on an
-    event nobody reads."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
-    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    """Region 0 is registered before region 1's UFFDIO_REGISTER fails (EPERM: the
+    VMM maps it read-only, so its mapping may never write).  The VMM keeps its
+    copy of the uffd, with the UNMAP events wsd negotiated: had wsd left region 0
+    registered, the VMM's munmap of it would wait for good on an event nobody
+    reads."""
     size = 1 << 20
     memfd = memfd_create("guest", size=2 * size)
-    base = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, memfd, 0)
-    assert base not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    read_only = os.open(f"/proc/self/fd/{memfd}", os.O_RDONLY)
+    base = _mmap(size, mmap.PROT_READ | mmap.PROT_WRITE, memfd)
+    second = _mmap(size, mmap.PROT_READ, read_only, offset=size)
     region = {"guest_phys_addr": 0, "host_virt_addr": base, "size": size, "fd_index": 1}
-    unmapped = {"guest_phys_addr": size, "host_virt_addr": 0x10000000000, "size": size}
-    unmapped |= {"fd_index": 1, "offset": size}
+    read_only_region = {"guest_phys_addr": size, "host_virt_addr": second, "size": size}
+    read_only_region |= {"fd_index": 1, "offset": size}
     msg = {
         "type": "handoff",
         "version": 1,
         "vm_id": "vm-half",
         "vmm_pid": os.getpid(),
-        "regions": [region, unmapped],
+        "regions": [region, read_only_region],
     }
     try:
         with Userfaultfd.create() as uffd:
             with pytest.raises(HandoffRefused) as exc:
                 await asyncio.to_thread(hand_off, daemon.settings.socket, msg, [uffd.fd, memfd])
             assert exc.value.code == "bad_region" and "regions[1]" in str(exc.value)
-            unmap = asyncio.ensure_future(asyncio.to_thread(libc.munmap, base, size))
+            assert "UFFDIO_REGISTER" in str(exc.value)
+            unmap = asyncio.ensure_future(asyncio.to_thread(_libc.munmap, base, size))
             done, _ = await asyncio.wait([unmap], timeout=5)
             if not done:
                 while not unmap.done():  # let the munmap finish, then fail
@@ -210,8 +229,25 @@ async def test_a_refused_hand_off_leaves_no_registration_behind(daemon: Daemon) 
             assert done, "munmap waited on an UNMAP event: region 0 is still registered"
             assert unmap.result() == 0
     finally:
+        _libc.munmap(second, size)
+        os.close(read_only)
         os.close(memfd)
     assert "vm-half" not in daemon.sessions
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+_libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _mmap(size: int, prot: int, fd: int, offset: int = 0) -> int:
+    """A MAP_SHARED mapping of ``fd``, as a VMM maps guest memory; its address."""
+    addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    return int(addr)
 
 
 async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_naming_it(

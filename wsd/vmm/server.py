@@ -34,6 +34,7 @@ from wsd.kernel.procfs import PROC
 
 from .fdcheck import check_fds
 from .limits import HandoffLimits, check_request
+from .mappings import check_mappings
 from .onbehalf import check_on_behalf
 from .protocol import (
     MAX_FDS,
@@ -214,7 +215,9 @@ class HandoffServer:
                 )
             check_fds(req, fds)
             if req.on_behalf:
-                check_on_behalf(req, fds, peer, self.access, proc=self.proc)
+                # The daemon checks a VMM's own hand-off against its mappings.
+                check_on_behalf(req, peer, self.access)
+                check_mappings(req, fds, code=ErrorCode.FORBIDDEN, proc=self.proc)
         except BaseException:
             close_fds(fds)
             raise
