@@ -171,6 +171,19 @@ def test_wss_counts_pages_evicted_after_recent_access() -> None:
     assert s.working_set()[1].pages == 2
 
 
+@settings(max_examples=30, deadline=None)
+@given(phases=st.lists(st.tuples(st.integers(0, 299), st.integers(1, 9)), max_size=8))
+def test_one_horizon_alone_agrees_with_the_whole_estimate(phases: list[tuple[int, int]]) -> None:
+    s = state_4k(300)
+    c = Cycles(s)
+    for first, times in phases:
+        c.run(hot=range(first, min(first + 40, 300)), times=times)
+        counted = [s.working_set_pages(h) for h in s.horizons]  # the ages changed: counted
+        whole = [s.working_set()[h].pages for h in s.horizons]
+        cached = [s.working_set_pages(h) for h in s.horizons]  # from working_set()'s counts
+        assert counted == whole == cached
+
+
 # -- histogram ---------------------------------------------------------------------------
 
 

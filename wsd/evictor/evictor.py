@@ -283,7 +283,7 @@ class Evictor:
         if not await self._flush_discards():
             return
         now = ctx.clock()
-        wss = sum(t.state.working_set()[1].pages or 0 for t in ctx.tracker.regions)
+        wss = sum(t.state.working_set_pages(1) or 0 for t in ctx.tracker.regions)
         threshold = ctx.vm.adapt(now, wss)
         budget = ctx.vm.byte_budget(now)
         room = self.host_room() if self.host_room is not None else None

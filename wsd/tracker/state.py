@@ -584,6 +584,26 @@ class RegionState:
             )
         return out
 
+    def working_set_pages(self, horizon: int) -> int | None:
+        """``working_set()[horizon].pages`` alone, for the evictor's every cycle.
+
+        One pass over the ages where ``working_set`` makes one per horizon and
+        age edge (13, 3.5 ms for 8 GiB on the development VM), on the loop that
+        serves faults, and redone each cycle since each cycle changes the ages.
+        """
+        if self.cycles < horizon:
+            return None
+        counts = self._counts
+        if counts is not None and counts.version == self._version and horizon in self.horizons:
+            return self.npages - int(counts.pages_at_least_horizon[self.horizons.index(horizon)])
+        idle = 0
+        ge = np.empty(min(self.npages, _CHUNK), dtype=np.bool_)
+        for sl in _chunks(self.npages):
+            n = sl.stop - sl.start
+            np.greater_equal(self._age[sl], horizon, out=ge[:n])
+            idle += int(np.count_nonzero(ge[:n]))
+        return self.npages - idle
+
     def age_histogram(self) -> AgeHistogram:
         """Resident pages by idle age, for cold-memory reporting."""
         counts = self._idle_counts()
