@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,7 @@ from wsd.kernel import thread_nice
 from wsd.metrics import MetricsState, WsdCollector, make_registry, serve_metrics
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters
+from wsd.tracker import state as state_module
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion
 from wsd.tracker.state import Granularity, RegionState
@@ -387,6 +388,34 @@ async def test_a_scrape_from_another_thread_reads_on_the_loop() -> None:
     families = await asyncio.to_thread(lambda: list(collector.collect()))
     assert any(f.name == "wsd_sessions" for f in families)
     assert seen == [threading.current_thread()]
+
+
+@pytest.mark.asyncio
+async def test_a_scrape_counts_idle_ages_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = fake_daemon()
+    state = daemon.sessions["a"].tracker.regions[0].state
+    state.note_access([0, 1, 2])  # a new version: the counts are no longer cached
+    counted: list[threading.Thread] = []
+    count = state_module._count_idle
+
+    def spy(*args: Any) -> Any:
+        counted.append(threading.current_thread())
+        return count(*args)
+
+    monkeypatch.setattr(state_module, "_count_idle", spy)
+    collector = WsdCollector(daemon, MetricsState())  # made on the loop: bound to it
+    families = await asyncio.to_thread(lambda: list(collector.collect()))
+    assert counted and threading.main_thread() not in counted
+    wss = {
+        sample.labels["horizon_intervals"]: sample.value
+        for family in families
+        if family.name == "wsd_working_set_bytes"
+        for sample in family.samples
+        if (sample.labels["vm_id"], sample.labels["region"]) == ("a", "0")
+    }
+    monkeypatch.undo()
+    want = {str(h): e.bytes for h, e in state.working_set().items() if e.bytes is not None}
+    assert wss == want and want
 
 
 @pytest.mark.asyncio

@@ -184,6 +184,21 @@ def test_one_horizon_alone_agrees_with_the_whole_estimate(phases: list[tuple[int
         assert counted == whole == cached
 
 
+def test_usage_taken_before_a_change_estimates_as_of_when_it_was_taken() -> None:
+    s = state_4k(300)
+    c = Cycles(s)
+    c.run(hot=range(40), times=20)
+    s.note_evicted(range(100, 150))
+    fresh = s.usage()  # not counted yet: a copy of the ages and flags
+    wanted = s.working_set(), s.age_histogram()
+    cached = s.usage()  # now counted: the counts themselves
+    c.run(hot=range(200, 300), times=5)
+    s.note_fetched(range(100, 120))
+    assert (fresh.working_set(), fresh.age_histogram()) == wanted
+    assert (cached.working_set(), cached.age_histogram()) == wanted
+    assert s.working_set() != wanted[0]
+
+
 # -- histogram ---------------------------------------------------------------------------
 
 
