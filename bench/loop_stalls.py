@@ -14,10 +14,16 @@ that grow with its guest:
   its memfds;
 * **end**: closing the guest's memfds, which frees its memory once the VMM is gone.
 
+and one that is not kernel work but grows with the guest too:
+
+* **scrape**: a Prometheus scrape's working-set estimates and idle-age histogram,
+  which count every page's age.
+
 The baseline is that work alone, bare, in this process: on a second puppet VMM
 of the same size, the arming ioctl and one scan through ``wsd.kernel`` (one ioctl
 each, no tracker); on a memfd of the same size, populated with ``fallocate``, the
-``SEEK_DATA``/``SEEK_HOLE`` walk and the ``close``.  Then a daemon runs in this
+``SEEK_DATA``/``SEEK_HOLE`` walk and the ``close``; on a ``RegionState`` of the
+same size, ``working_set()`` and ``age_histogram()``.  Then a daemon runs in this
 process on uvloop, and a puppet VMM (``wsd.testing.puppet_vmm``, guest filled)
 hands its memory over; a task on the daemon's loop sleeps 1 ms at a time and
 records how late it wakes.  The worst lateness in each phase is the longest a
@@ -26,8 +32,11 @@ near 1 means the loop waited for the kernel work; near 0, that the work ran
 beside it.
 
 Phases: hand-off, from the puppet's start until its session exists; cycles,
-``--seconds`` of tracking (interval 0.25 s) with no eviction; end, from the
-puppet's exit until wsd has closed everything (2 s of lingering included).
+``--seconds`` of tracking (interval 0.25 s) with no eviction; scrape, ``--scrapes``
+scrapes from another thread, each after a cycle (so nothing is cached), of which
+the longest time the collector held the loop is reported (the sleeper would see
+the cycles' stalls too); end, from the puppet's exit until wsd has closed
+everything (2 s of lingering included).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import uvloop
@@ -57,12 +67,15 @@ from wsd.kernel import (
     memfd_create,
     probe_kernel,
 )
+from wsd.metrics import MetricsState, WsdCollector
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.testing.running import running_daemon
 from wsd.tracker.mode import TrackingMode, choose_mode
 from wsd.tracker.session import REQUIRED
+from wsd.tracker.state import Granularity, RegionState
 
 INTERVAL = 0.25
+PAGE = 4096
 
 
 @dataclass
@@ -73,8 +86,10 @@ class Result:
     scan_ms: float
     walk_ms: float
     close_ms: float
+    count_ms: float
     handoff_stall_ms: float
     cycle_stall_ms: float
+    scrape_hold_ms: float
     end_stall_ms: float
     cycles: int
 
@@ -128,6 +143,15 @@ def raw_kernel_work(size: int) -> tuple[float, float, float, float]:
     return arm_ms, scan_ms, walk_ms, close_ms
 
 
+def raw_count(size: int) -> float:
+    """ms of ``working_set()`` and ``age_histogram()`` of a fresh state of ``size``."""
+    state = RegionState(size // PAGE, Granularity.PAGE_4K, started_at=0.0)
+    start = time.perf_counter()
+    state.working_set()
+    state.age_histogram()
+    return (time.perf_counter() - start) * 1e3
+
+
 class Lateness:
     """The loop's worst lateness since the last :meth:`take`, from a 1 ms sleeper."""
 
@@ -145,7 +169,9 @@ class Lateness:
         return worst
 
 
-async def measure_daemon(size: int, seconds: float) -> tuple[str, float, float, float, int]:
+async def measure_daemon(
+    size: int, seconds: float, scrapes: int
+) -> tuple[str, float, float, float, float, int]:
     work = Path(tempfile.mkdtemp(prefix="wsd-bench-"))
     async with running_daemon(Settings(socket=work / "wsd.sock", interval=INTERVAL)) as d:
         lateness = Lateness()
@@ -161,6 +187,24 @@ async def measure_daemon(size: int, seconds: float) -> tuple[str, float, float, 
         await asyncio.sleep(seconds)
         cycles = session.tracker.cycles - first
         cycle = lateness.take()
+        collector = WsdCollector(d, MetricsState())  # made on the loop: reads on it
+        held: list[float] = []
+        read = collector._families
+
+        def timed() -> Any:
+            start = time.perf_counter()
+            try:
+                return read()
+            finally:
+                held.append((time.perf_counter() - start) * 1e3)
+
+        collector._families = timed  # type: ignore[method-assign]
+        for _ in range(scrapes):
+            seen = session.tracker.cycles
+            while session.tracker.cycles == seen:  # a cycle changed the ages: nothing cached
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(lambda: list(collector.collect()))
+        lateness.take()
         await asyncio.to_thread(p.close)
         while d.sessions or d.draining:
             await asyncio.sleep(0.02)
@@ -168,28 +212,32 @@ async def measure_daemon(size: int, seconds: float) -> tuple[str, float, float, 
         end = lateness.take()
         ticker.cancel()
     os.rmdir(work)
-    return mode, handoff, cycle, end, cycles
+    return mode, handoff, cycle, max(held), end, cycles
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="4G", help="guest size (default 4G)")
     parser.add_argument("--seconds", type=float, default=5.0, help="of tracking cycles")
+    parser.add_argument("--scrapes", type=int, default=10, help="scrapes, each after a cycle")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     size = parse_size(args.size)
     arm, scan, walk, close = raw_kernel_work(size)
-    mode, handoff, cycle, end, cycles = uvloop.run(measure_daemon(size, args.seconds))
-    r = Result(mode, size, arm, scan, walk, close, handoff, cycle, end, cycles)
+    count = raw_count(size)
+    run = measure_daemon(size, args.seconds, args.scrapes)
+    mode, handoff, cycle, scrape, end, cycles = uvloop.run(run)
+    r = Result(mode, size, arm, scan, walk, close, count, handoff, cycle, scrape, end, cycles)
     if args.json:
         print(json.dumps(asdict(r), indent=2))
         return 0
     print(f"{mode}, guest {args.size}, {cycles} cycles in {args.seconds:g} s")
-    print(f"{'phase':<9} {'kernel op, bare':<22} {'loop stall max':>15} {'stall / op':>11}")
+    print(f"{'phase':<9} {'op, bare':<22} {'loop stall max':>15} {'stall / op':>11}")
     for phase, op, ms, stall in (
         ("hand-off", "arm", arm, handoff),
         ("cycles", "scan", scan, cycle),
         ("", "walk", walk, cycle),
+        ("scrape", "count", count, scrape),
         ("end", "close", close, end),
     ):
         print(f"{phase:<9} {op:<6} {ms:9.1f} ms      {stall:12.1f} ms {stall / ms:11.2f}")
