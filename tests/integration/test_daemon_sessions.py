@@ -58,6 +58,21 @@ async def until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped
     raise AssertionError("condition not reached")
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+_libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _mmap(size: int, prot: int, fd: int, offset: int = 0) -> int:
+    """A MAP_SHARED mapping of ``fd``, as a VMM maps guest memory; its address."""
+    addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    return int(addr)
+
+
 async def test_two_vms_tracked_and_torn_down(daemon: Daemon) -> None:
     a = await spawn(daemon, "vm-a")
     b = await spawn(daemon, "vm-b")
@@ -233,21 +248,6 @@ async def test_a_refused_hand_off_leaves_no_registration_behind(daemon: Daemon) 
         os.close(read_only)
         os.close(memfd)
     assert "vm-half" not in daemon.sessions
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
-_libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-
-def _mmap(size: int, prot: int, fd: int, offset: int = 0) -> int:
-    """A MAP_SHARED mapping of ``fd``, as a VMM maps guest memory; its address."""
-    addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap")
-    return int(addr)
 
 
 async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_naming_it(
