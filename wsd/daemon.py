@@ -374,34 +374,33 @@ class Daemon:
         if not cancelled and self._tg is not None:
             return work.result()  # or what it raised, having closed the fds
         if work.exception() is None:
-            if req.type == "handoff":
-                self._drop_new_tracker(req.vm_id, work.result(), memfds)
-            else:
-                # A reattached session stays parked and registered: its pages
-                # may be in storage.
-                try:
-                    work.result().close()
-                finally:
-                    close_fds(memfds)
+            self._drop_tracker(req.vm_id, work.result(), memfds, new=req.type == "handoff")
         if cancelled:
             raise asyncio.CancelledError
         raise HandoffError(ErrorCode.INTERNAL, "wsd is shutting down")
 
-    def _drop_new_tracker(self, vm_id: str, tracker: VmTracker, memfds: list[int]) -> None:
-        """Undo a hand-off's tracker that never served a fault: nothing is evicted.
+    def _drop_tracker(
+        self, vm_id: str, tracker: VmTracker, memfds: list[int], *, new: bool
+    ) -> None:
+        """Let go of a tracker whose session never started, and close the memfds.
 
-        The next wsd must not take it from the fd store, and the VMM gets its
-        memory back as it came (``VmTracker.abandon``).  Closes the memfds.  A
-        failed unpark is logged: the caller is reporting what failed first.
+        A ``new`` hand-off has evicted nothing: the next wsd must not take it
+        from the fd store, and the VMM gets its memory back as it came
+        (``VmTracker.abandon``).  A failed unpark is logged: the caller is
+        reporting what failed first.  A reattached or resumed session stays
+        parked and registered: its pages may be in storage.
         """
         try:
-            if self.settings.state_dir is not None:
+            if new and self.settings.state_dir is not None:
                 resume.unpark(self.settings.state_dir, vm_id, len(memfds))
         except Exception:
             log.exception("unparking a hand-off that never started failed", vm_id=vm_id)
         finally:
             try:
-                tracker.abandon()
+                if new:
+                    tracker.abandon()
+                else:
+                    tracker.close()
             finally:
                 close_fds(memfds)
 
@@ -439,7 +438,7 @@ class Daemon:
                 # Before anything is evicted: from here a wsd crash loses nothing.
                 resume.park(self.settings.state_dir, req.vm_id, req.vmm_pid, tracker, memfds)
         except BaseException:
-            self._drop_new_tracker(req.vm_id, tracker, memfds)
+            self._drop_tracker(req.vm_id, tracker, memfds, new=True)
             raise
         return tracker
 
@@ -510,11 +509,7 @@ class Daemon:
             ctx = VmContext(vm_id, tracker, self.store, evictor_config, self.clock)
             evictor = Evictor(ctx, state_dir=self.settings.state_dir, host_room=self._host_room)
         except BaseException:
-            if new:
-                self._drop_new_tracker(vm_id, tracker, memfds)
-            else:
-                tracker.close()
-                close_fds(memfds)
+            self._drop_tracker(vm_id, tracker, memfds, new=new)
             raise
         session = Session(vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor)
         if tracker.pagemap.pid is not None:

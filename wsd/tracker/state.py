@@ -583,8 +583,8 @@ class RegionState:
         """
         if self.cycles < horizon:
             return None
-        counts = self._counts
-        if counts is not None and counts.version == self._version and horizon in self.horizons:
+        counts = self._fresh_counts()
+        if counts is not None and horizon in self.horizons:
             return self.npages - int(counts.pages_at_least_horizon[self.horizons.index(horizon)])
         idle = 0
         ge = np.empty(min(self.npages, _CHUNK), dtype=np.bool_)
@@ -604,10 +604,7 @@ class RegionState:
         (3.9 to 5.3 ms for 8 GiB on the development VM) would hold up the loop that
         serves faults.  Taken here, on the loop: the counts if cached, else a
         copy of the ages and flags (2 bytes a page, 1.1 to 1.5 ms for 8 GiB)."""
-        counts = self._counts
-        return RegionUsage(
-            self, counts if counts is not None and counts.version == self._version else None
-        )
+        return RegionUsage(self, self._fresh_counts())
 
     # -- internals -------------------------------------------------------------------
 
@@ -630,11 +627,18 @@ class RegionState:
 
     def _idle_counts(self) -> _IdleCounts:
         """Pages idle for at least each horizon, resident pages for each edge; cached."""
-        if self._counts is None or self._counts.version != self._version:
-            self._counts = _count_idle(
+        counts = self._fresh_counts()
+        if counts is None:
+            counts = _count_idle(
                 self._version, self._age, self._flags, self.horizons, self.age_edges
             )
-        return self._counts
+            self._counts = counts
+        return counts
+
+    def _fresh_counts(self) -> _IdleCounts | None:
+        """The cached counts, if the state has not changed since they were made."""
+        counts = self._counts
+        return counts if counts is not None and counts.version == self._version else None
 
 
 class RegionUsage:
