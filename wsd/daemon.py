@@ -65,7 +65,7 @@ from wsd.storage.registry import open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.limits import HandoffLimits
-from wsd.vmm.mappings import check_mappings
+from wsd.vmm.mappings import check_mappings, check_registered
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
 from wsd.vmm.server import Accepted, HandoffServer, PeerCred, accepted_reply
 
@@ -434,6 +434,7 @@ class Daemon:
             close_fds(memfds)
             raise
         try:
+            check_registered(req)
             if self.settings.state_dir is not None:
                 # Before anything is evicted: from here a wsd crash loses nothing.
                 resume.park(self.settings.state_dir, req.vm_id, req.vmm_pid, tracker, memfds)

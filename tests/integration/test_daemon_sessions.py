@@ -9,6 +9,7 @@ import functools
 import mmap
 import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from wsd import recovery
 from wsd.daemon import Daemon, Settings
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import Userfaultfd, memfd_create
+from wsd.testing.life_events import uffd_vmflags
 from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
 from wsd.testing.running import running_daemon
 from wsd.tracker.session import VmTracker
@@ -248,6 +250,45 @@ async def test_a_refused_hand_off_leaves_no_registration_behind(daemon: Daemon) 
         os.close(read_only)
         os.close(memfd)
     assert "vm-half" not in daemon.sessions
+
+
+async def test_a_uffd_made_by_another_process_is_refused_naming_it(daemon: Daemon) -> None:
+    """A child the VMM forks after mapping guest memory has it at the same
+    addresses, so the uffd the child makes registers there without an error, but
+    in the child.  Had wsd taken it, the VMM's accesses would go untrapped and its
+    first touch of an evicted page would read zeros."""
+    size = 1 << 20
+    memfd = memfd_create("guest", size=size)
+    base = _mmap(size, mmap.PROT_READ | mmap.PROT_WRITE, memfd)
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:  # makes a uffd, hands it over, and lives until told to go
+        try:
+            socket.send_fds(theirs, [b"u"], [Userfaultfd.create().fd])
+            theirs.recv(1)
+        finally:
+            os._exit(0)
+    try:
+        _, (uffd_fd,), _, _ = socket.recv_fds(ours, 1, 1)
+        region = {"guest_phys_addr": 0, "host_virt_addr": base, "size": size, "fd_index": 1}
+        msg = {"type": "handoff", "version": 1, "vm_id": "vm-forked", "vmm_pid": os.getpid()}
+        with pytest.raises(HandoffRefused) as exc:
+            await asyncio.to_thread(
+                hand_off, daemon.settings.socket, msg | {"regions": [region]}, [uffd_fd, memfd]
+            )
+        assert exc.value.code == "bad_fds", exc.value
+        assert f"register pid {os.getpid()}'s mapping at {base:#x}" in str(exc.value)
+        assert "another process's address space" in str(exc.value)
+        assert uffd_vmflags(child, base, size) == set(), "wsd left the child's mapping registered"
+        os.close(uffd_fd)
+    finally:
+        ours.send(b"x")
+        os.waitpid(child, 0)
+        ours.close()
+        theirs.close()
+        _libc.munmap(base, size)
+        os.close(memfd)
+    assert "vm-forked" not in daemon.sessions
 
 
 async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_naming_it(

@@ -13,14 +13,12 @@ import pytest
 from wsd.attach.adopt import handoff_message, preflight
 from wsd.attach.discover import (
     NotAttachable,
-    SmapsInfo,
     find_guest_ram,
     memfd_name,
-    parse_smaps,
 )
 from wsd.attach.inject import why_ptrace_failed, why_userfaultfd_failed
 from wsd.kernel import FileId, oserror
-from wsd.kernel.procfs import parse_maps
+from wsd.kernel.procfs import SmapsInfo, parse_maps, parse_smaps
 from wsd.vmm.protocol import parse_request
 
 # What QEMU 8.2 with -object memory-backend-memfd,id=mem,size=64M,share=on maps

@@ -1,11 +1,12 @@
-"""A region must be covered by shared mappings of its memfd at the offsets it implies."""
+"""A region must be covered by shared mappings of its memfd at the offsets it implies,
+every one of them registered with the handed-off uffd once wsd has registered it."""
 
 from __future__ import annotations
 
 import pytest
 
-from wsd.kernel.procfs import FileId, Mapping
-from wsd.vmm.mappings import _mismatch
+from wsd.kernel.procfs import FileId, Mapping, SmapsInfo
+from wsd.vmm.mappings import _first_unregistered, _mismatch
 from wsd.vmm.protocol import Region
 
 MEMFD = FileId(1, 100)
@@ -71,3 +72,24 @@ def test_the_first_address_mapped_otherwise_is_named(
         assert found is None
     else:
         assert found is not None and found.startswith(problem), found
+
+
+def smaps(*spans: tuple[int, int, str]) -> dict[int, SmapsInfo]:
+    return {start: SmapsInfo(4096, frozenset(flags.split()), end) for start, end, flags in spans}
+
+
+@pytest.mark.parametrize(
+    ("spans", "unregistered"),
+    [
+        ([(BASE - MIB, BASE, "rd wr"), (BASE, BASE + 4 * MIB, "rd wr sh um uw")], None),
+        ([(BASE, BASE + MIB, "rd sh um"), (BASE + MIB, BASE + 4 * MIB, "rd wr sh um")], None),
+        ([(BASE - MIB, BASE + 8 * MIB, "rd wr sh")], BASE),
+        ([(BASE, BASE + MIB, "rd sh um"), (BASE + MIB, BASE + 4 * MIB, "rd wr sh")], BASE + MIB),
+        ([(BASE - MIB, BASE, "rd wr sh um"), (BASE, BASE + 4 * MIB, "rd wr sh")], BASE),
+    ],
+    ids=["registered", "split", "none", "half", "only-the-neighbour"],
+)
+def test_the_first_mapping_the_uffd_did_not_register_is_named(
+    spans: list[tuple[int, int, str]], unregistered: int | None
+) -> None:
+    assert _first_unregistered(region(), smaps(*spans)) == unregistered

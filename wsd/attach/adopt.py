@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wsd.kernel import FdKind, KernelError, close_fds, describe_fd, pidfd_getfd, pidfd_open
-from wsd.kernel.procfs import PROC, Mapping, read_maps
+from wsd.kernel.procfs import PROC, Mapping, read_maps, read_smaps, uffd_flags
 from wsd.vmm.client import HandoffRefused, hand_off
 
 from .discover import (
@@ -31,8 +31,6 @@ from .discover import (
     NotAttachable,
     find_guest_ram,
     memfd_fds,
-    parse_smaps,
-    uffd_flags,
 )
 from .inject import close_in_vmm, inject_userfaultfd
 
@@ -98,8 +96,7 @@ def discover(
     pid: int, *, proc: Path = PROC, name: str | None = None
 ) -> tuple[GuestRam, list[Mapping]]:
     maps = read_maps(pid, proc=proc)
-    smaps = parse_smaps((proc / str(pid) / "smaps").read_bytes())
-    return find_guest_ram(pid, maps, smaps, name=name), maps
+    return find_guest_ram(pid, maps, read_smaps(pid, proc=proc), name=name), maps
 
 
 @dataclass
@@ -250,8 +247,8 @@ class Attached:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                smaps = parse_smaps((proc / str(pid) / "smaps").read_bytes())
-            except FileNotFoundError:
+                smaps = read_smaps(pid, proc=proc)
+            except ProcessLookupError:
                 return f"pid {pid} exited"
             if not any(uffd_flags(smaps, r.mapping.start, r.mapping.end) for r in self.ram.regions):
                 break

@@ -16,26 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsd.kernel import FileId
-from wsd.kernel.procfs import PROC, Mapping, parse_maps
+from wsd.kernel.procfs import PROC, Mapping, SmapsInfo, uffd_flags
 
 __all__ = [
     "GuestRam",
     "NotAttachable",
     "RamRegion",
-    "SmapsInfo",
     "find_guest_ram",
     "memfd_fds",
     "memfd_name",
-    "parse_smaps",
-    "uffd_flags",
 ]
 
 MEMFD_PREFIX = "/memfd:"
 DELETED = " (deleted)"
-# smaps VmFlags of a VMA registered with a userfaultfd: um (MISSING), uw
-# (WP), ui (MINOR); RWP registrations on 7.3 show another u* flag.  No other
-# flag starts with "u".
-UFFD_FLAG_PREFIX = "u"
 
 
 class NotAttachable(Exception):
@@ -47,52 +40,6 @@ def memfd_name(path: str) -> str | None:
     if not path.startswith(MEMFD_PREFIX):
         return None
     return path[len(MEMFD_PREFIX) :].removesuffix(DELETED)
-
-
-@dataclass(frozen=True)
-class SmapsInfo:
-    """What ``smaps`` adds to a maps line (page size and VMA flags), with the
-    mapping's end, so that one read of ``smaps`` describes whole mappings."""
-
-    page_size: int
-    vmflags: frozenset[str]
-    end: int
-
-
-def parse_smaps(data: bytes) -> dict[int, SmapsInfo]:
-    """``KernelPageSize``, ``VmFlags`` and end of every mapping in an ``smaps`` file,
-    by start."""
-    out: dict[int, SmapsInfo] = {}
-    start: int | None = None
-    end = 0
-    page_size = 4096
-    for line in data.decode(errors="surrogateescape").splitlines():
-        key, sep, value = line.partition(":")
-        if sep and " " not in key:  # "KernelPageSize:    4 kB", "VmFlags: rd wr sh"
-            if key == "KernelPageSize":
-                number, _, unit = value.strip().partition(" ")
-                if unit != "kB":
-                    raise ValueError(f"smaps: KernelPageSize in unknown unit {unit!r}")
-                page_size = int(number) * 1024
-            elif key == "VmFlags" and start is not None:
-                out[start] = SmapsInfo(page_size, frozenset(value.split()), end)
-            continue
-        # A mapping's header line: the same format as a maps line.
-        (m,) = parse_maps(line.encode(errors="surrogateescape"))
-        start, end, page_size = m.start, m.end, 4096
-    return out
-
-
-def uffd_flags(smaps: dict[int, SmapsInfo], start: int, end: int) -> set[str]:
-    """The userfaultfd ``VmFlags`` of the mappings in ``smaps`` (:func:`parse_smaps`)
-    that overlap ``[start, end)``: empty when no uffd has any of it registered."""
-    return {
-        flag
-        for at, info in smaps.items()
-        if at < end and start < info.end
-        for flag in info.vmflags
-        if flag.startswith(UFFD_FLAG_PREFIX)
-    }
 
 
 @dataclass(frozen=True)
@@ -146,7 +93,7 @@ def find_guest_ram(
         info = smaps.get(m.start)
         if info is None:
             raise NotAttachable(f"pid {pid}: no smaps entry for the mapping at {m.start:#x}")
-        registered = sorted(f for f in info.vmflags if f.startswith(UFFD_FLAG_PREFIX))
+        registered = sorted(uffd_flags(smaps, m.start, m.end))
         if registered:
             raise NotAttachable(
                 f"pid {pid}: its guest RAM at [{m.start:#x}, {m.end:#x}) is already registered "

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from wsd.attach.discover import parse_smaps, uffd_flags
 from wsd.daemon import Settings
 from wsd.evictor import EvictorConfig
 from wsd.evictor.context import VmContext
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
 from wsd.kernel import probe_kernel
+from wsd.kernel.procfs import read_smaps, uffd_flags
 from wsd.storage import FileStoreConfig
 from wsd.testing.puppet_vmm import PuppetVMM
 from wsd.tracker.mode import choose_mode
@@ -116,4 +116,4 @@ async def wait_until(cond: Callable[[], object], what: str, timeout: float = 10.
 def uffd_vmflags(pid: int, start: int, length: int) -> set[str]:
     """The userfaultfd ``VmFlags`` (``um``, ``uw``, ...) of ``pid``'s mappings that
     overlap ``[start, start + length)``: empty once no uffd watches any of it."""
-    return uffd_flags(parse_smaps(Path(f"/proc/{pid}/smaps").read_bytes()), start, start + length)
+    return uffd_flags(read_smaps(pid), start, start + length)
