@@ -2,14 +2,16 @@
 
 ``wsd status`` reports these numbers; they are the same ones the Prometheus
 collector reads (``RegionState``, ``EvictorStats``, ``VmPolicy``), computed
-the same way, so the two never disagree.  Read them on the daemon's event
-loop: ``RegionState`` and ``VmPolicy`` are not safe to read from another
-thread (see :mod:`wsd.metrics`).
+the same way, so the two never disagree.  Take a snapshot on the daemon's
+event loop: ``RegionState`` and ``VmPolicy`` are not safe to read from another
+thread (see :mod:`wsd.metrics`).  Its working sets are counted when first
+asked for, from what :meth:`RegionState.usage` took, in whichever thread
+asks: a thread other than the loop, which serves faults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +19,7 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:
     from wsd.daemon import Session
+    from wsd.tracker.state import RegionUsage
 
 __all__ = ["RegionSnapshot", "VmSnapshot", "WorkingSet", "hot_count", "vm_snapshot"]
 
@@ -47,9 +50,16 @@ class RegionSnapshot:
     evicted_bytes: int
     hot_bytes: int | None
     """Accessed in the last interval scanned; None before the first scan."""
-    working_set: tuple[WorkingSet, ...]
     not_evicted_because: str | None
     """Why no page of this region is ever evicted, or None."""
+    usage: RegionUsage = field(repr=False, compare=False)
+
+    def working_set(self) -> tuple[WorkingSet, ...]:
+        """By horizon; counts every page of the region the first time."""
+        return tuple(
+            WorkingSet(h, e.bytes, e.window_seconds)
+            for h, e in sorted(self.usage.working_set().items())
+        )
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class VmSnapshot:
     def working_set(self) -> tuple[WorkingSet, ...]:
         """Per horizon, over all regions (bytes None unless every region has it)."""
         out = []
-        by_region = [r.working_set for r in self.regions]
+        by_region = [r.working_set() for r in self.regions]
         for estimates in zip(*by_region, strict=True):
             sizes = [e.bytes for e in estimates]
             windows = [e.window_seconds for e in estimates if e.window_seconds is not None]
@@ -91,7 +101,7 @@ class VmSnapshot:
 
 
 def vm_snapshot(session: Session, now: float) -> VmSnapshot:
-    """``session`` as of ``now`` (the daemon's clock)."""
+    """``session`` as of ``now`` (the daemon's clock), taken on the event loop."""
     tracker, ctx = session.tracker, session.ctx
     regions = []
     for i, t in enumerate(tracker.regions):
@@ -110,11 +120,8 @@ def vm_snapshot(session: Session, now: float) -> VmSnapshot:
                 resident_bytes=state.resident_pages * page_size,
                 evicted_bytes=state.evicted_pages * page_size,
                 hot_bytes=hot,
-                working_set=tuple(
-                    WorkingSet(h, e.bytes, e.window_seconds)
-                    for h, e in sorted(state.working_set().items())
-                ),
                 not_evicted_because=reasons[i] if i < len(reasons) else None,
+                usage=state.usage(),
             )
         )
     return VmSnapshot(

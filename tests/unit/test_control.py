@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,13 +25,14 @@ from wsd.control.eviction import EvictionRequest
 from wsd.control.protocol import MAX_LINE_BYTES, encode, parse_reply, parse_request
 from wsd.control.render import format_bytes, format_duration, format_status
 from wsd.control.server import ControlServer
-from wsd.control.status import daemon_status
+from wsd.control.status import take_status
 from wsd.daemon import _prepare
 from wsd.evictor import EvictorConfig
 from wsd.evictor.context import EvictorStats
 from wsd.evictor.policy import VmPolicy
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters
+from wsd.tracker import state as state_module
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion
 from wsd.tracker.state import Granularity, RegionState
@@ -207,7 +209,7 @@ def fake_daemon(*sessions: SimpleNamespace) -> SimpleNamespace:
 def test_status_reports_each_vm_from_its_live_state() -> None:
     b = fake_session("b")
     b.paused = True
-    status = daemon_status(fake_daemon(b, fake_session("a")), pid=42)
+    status = take_status(fake_daemon(b, fake_session("a")), pid=42)()
     d = status["daemon"]
     assert d["pid"] == 42 and d["uptime_seconds"] == 25.0
     assert d["config"] == "/etc/wsd/wsd.toml" and d["kernel"] == "6.18.0-test"
@@ -234,10 +236,34 @@ def test_status_reports_each_vm_from_its_live_state() -> None:
     json.dumps(status)  # all of it serialisable
 
 
+@pytest.mark.asyncio
+async def test_the_status_command_counts_working_sets_off_the_loop_as_of_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    session = fake_session("a")
+    state = session.tracker.regions[0].state
+    state.note_access([100, 101, 102])  # idle pages, hot now: the counts are not cached
+    counted: list[threading.Thread] = []
+    count = state_module._count_idle
+
+    def spy(*args: Any) -> Any:
+        counted.append(threading.current_thread())
+        return count(*args)
+
+    monkeypatch.setattr(state_module, "_count_idle", spy)
+    reply = ControlCommands(fake_daemon(session))(Request(Command.STATUS))  # type: ignore[arg-type]
+    task = asyncio.ensure_future(reply)
+    await asyncio.sleep(0)  # the daemon is read: a change from here on is not in the reply
+    state.note_access(range(110, 200))
+    (vm,) = (await task)["vms"]
+    assert counted and threading.main_thread() not in counted
+    assert vm["working_set"][0]["bytes"] == (64 + 3) * 4096
+
+
 def test_status_says_why_a_vm_does_not_evict() -> None:
     off = fake_session("off", reasons=["wp-async tracking has no sync window"])
     none = fake_session("none", store=None)
-    vms = daemon_status(fake_daemon(off, none), pid=1)["vms"]
+    vms = take_status(fake_daemon(off, none), pid=1)()["vms"]
     assert [(v["eviction"], v["eviction_off_because"]) for v in vms] == [
         ("off", "no storage configured"),
         ("off", "wp-async tracking has no sync window"),
@@ -248,7 +274,7 @@ def test_a_failing_store_shows_as_failing_with_how_long() -> None:
     failing = fake_session("failing")
     failing.ctx.stats.storage_failing_since = 10.0
     failing.ctx.clock = lambda: 42.0
-    status = daemon_status(fake_daemon(failing), pid=1)
+    status = take_status(fake_daemon(failing), pid=1)()
     (vm,) = status["vms"]
     assert vm["eviction"] == "failing"
     assert vm["eviction_off_because"] == (
@@ -259,7 +285,7 @@ def test_a_failing_store_shows_as_failing_with_how_long() -> None:
 
 def test_a_vm_whose_session_ended_shows_as_draining_until_its_pages_are_back() -> None:
     ending = fake_session("ending", closed=True)
-    status = daemon_status(fake_daemon(fake_session("live"), ending), pid=1)
+    status = take_status(fake_daemon(fake_session("live"), ending), pid=1)()
     assert [(v["vm_id"], v["eviction"]) for v in status["vms"]] == [
         ("ending", "draining"),
         ("live", "active"),
@@ -269,7 +295,7 @@ def test_a_vm_whose_session_ended_shows_as_draining_until_its_pages_are_back() -
 
 def test_the_table_shows_every_vm_and_the_store() -> None:
     off = fake_session("vm-2", reasons=["no window"])
-    text = format_status(daemon_status(fake_daemon(fake_session("vm-1"), off), pid=7))
+    text = format_status(take_status(fake_daemon(fake_session("vm-1"), off), pid=7)())
     lines = text.splitlines()
     assert lines[0] == "wsd 0.1.0, pid 7, up 25s, mode wp-async, kernel 6.18.0-test"
     assert lines[1] == "config /etc/wsd/wsd.toml, interval 1 s, storage file"

@@ -16,7 +16,7 @@ import structlog
 
 from .eviction import EvictionRequest
 from .protocol import Command, ControlError, ErrorCode, Request
-from .status import daemon_status
+from .status import take_status
 
 if TYPE_CHECKING:
     from wsd.daemon import Daemon, Session
@@ -34,7 +34,7 @@ class ControlCommands:
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         if request.command is Command.STATUS:
-            return daemon_status(self.daemon, pid=os.getpid())
+            return await asyncio.to_thread(take_status(self.daemon, pid=os.getpid()))
         session = self._session(request.vm_id)
         if request.command is Command.PAUSE:
             return self._set_paused(session, True)

@@ -3,10 +3,16 @@
 The VM numbers come from :func:`wsd.snapshot.vm_snapshot` and the store's
 from the snapshot the daemon refreshes for the metrics (``MetricsState``), so
 status and metrics report the same values.  docs/control.md lists the fields.
+
+:func:`take_status` reads the daemon on its event loop and returns what
+builds the reply, to be called in another thread: the working sets count
+every page of every region (milliseconds for a large guest), which would hold
+up the loop's fault service.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +23,11 @@ from wsd.storage import StoreStats
 if TYPE_CHECKING:
     from wsd.daemon import Daemon, Session
 
-__all__ = ["daemon_status", "eviction_state"]
+__all__ = ["eviction_state", "take_status"]
 
 
-def daemon_status(daemon: Daemon, *, pid: int) -> dict[str, Any]:
+def take_status(daemon: Daemon, *, pid: int) -> Callable[[], dict[str, Any]]:
+    """Read ``daemon`` (on its event loop); the returned function builds the reply."""
     now = daemon.clock()
     settings = daemon.settings
     state = daemon.metrics_state
@@ -29,7 +36,12 @@ def daemon_status(daemon: Daemon, *, pid: int) -> dict[str, Any]:
         store = _store(state.store_stats)
         if state.store_stats_at is not None:
             store["age_seconds"] = max(0.0, now - state.store_stats_at)
-    return {
+    vms = [
+        (vm_snapshot(session, now), *eviction_state(session))
+        # A VM whose session ended shows until its pages are back.
+        for _, session in sorted({**daemon.draining, **daemon.sessions}.items())
+    ]
+    head = {
         "daemon": {
             "version": __version__,
             "pid": pid,
@@ -45,12 +57,8 @@ def daemon_status(daemon: Daemon, *, pid: int) -> dict[str, Any]:
             "storage": None if daemon.store is None else daemon.store.name,
         },
         "store": store,
-        "vms": [
-            _vm(vm_snapshot(session, now), *eviction_state(session))
-            # A VM whose session ended shows until its pages are back.
-            for _, session in sorted({**daemon.draining, **daemon.sessions}.items())
-        ],
     }
+    return lambda: head | {"vms": [_vm(*vm) for vm in vms]}
 
 
 def eviction_state(session: Session) -> tuple[str, str | None]:
@@ -107,7 +115,7 @@ def _region(r: RegionSnapshot) -> dict[str, Any]:
         "resident_bytes": r.resident_bytes,
         "evicted_bytes": r.evicted_bytes,
         "hot_bytes": r.hot_bytes,
-        "working_set": [_working_set(w) for w in r.working_set],
+        "working_set": [_working_set(w) for w in r.working_set()],
         "not_evicted_because": r.not_evicted_because,
     }
 
