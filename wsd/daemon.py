@@ -479,6 +479,7 @@ class Daemon:
                     f"{recovery.session_path(state_dir, req.vm_id)})",
                     "regions",
                 )
+            resume.remove_temporaries(state_dir, req.vm_id)
         except BaseException:
             close_fds([uffd_fd, *memfds])
             raise

@@ -125,10 +125,7 @@ async def resume(
         close_fds([stored.uffd, *memfds, *stored.held.values()])
         unpark(state_dir, vm_id, len(memfds), held=max(stored.held, default=-1) + 1)
         return None
-    # Nothing writes this session's files yet: what the dead wsd's cut-short
-    # writes left can go.
-    recovery.remove_temporaries(state_dir, vm_id)
-    pagemap.remove_temporaries(state_dir, vm_id)
+    remove_temporaries(state_dir, vm_id)
     try:
         tracker = adopt(
             record,
@@ -226,6 +223,14 @@ def load(state_dir: Path, vm_id: str) -> tuple[SessionRecord, pagemap.VmMap | No
     """A parked session's description, page map and generation ceiling;
     :class:`RecoveryError` says what is wrong."""
     return recovery.load(state_dir, vm_id), _load_map(state_dir, vm_id), _ceiling(state_dir, vm_id)
+
+
+def remove_temporaries(state_dir: Path, vm_id: str) -> None:
+    """What the cut-short writes of a dead wsd left of ``vm_id``'s files.  Call it
+    before the session is taken back (from the fd store, or reattached by its
+    VMM): until then nothing writes them."""
+    recovery.remove_temporaries(state_dir, vm_id)
+    pagemap.remove_temporaries(state_dir, vm_id)
 
 
 def same_process(record: SessionRecord) -> bool:
