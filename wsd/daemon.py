@@ -144,6 +144,8 @@ class Session:
     owner_uid: int | None = None
     """The effective uid of the VMM process: that user may address the VM on the
     control socket.  None if the VMM was already gone at the start."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the session has ended and wound up (``Daemon._end``)."""
 
     def hot_pages(self, region: int) -> npt.NDArray[np.intp]:
         """The pages of ``region`` the last scan found hot."""
@@ -342,6 +344,7 @@ class Daemon:
             raise problem
         self._starting.add(req.vm_id)
         try:
+            await self._after_last_session(req.vm_id, fds)
             tracker = await self._tracker_off_loop(req, fds, memfds)
         finally:
             self._starting.discard(req.vm_id)
@@ -355,6 +358,38 @@ class Daemon:
         else:
             reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
         return Accepted(reply, lambda: self._end_soon(session))
+
+    async def _after_last_session(self, vm_id: str, fds: list[int]) -> None:
+        """Wait until the VM's last session has ended, if it is still winding up.
+
+        Both sessions would share the VM's storage namespaces (vm_id and
+        region index) and state files.  The new one's evictions overwrite the
+        pages the last one has yet to bring back (its drain then finds a
+        newer generation and cannot), and the last one's end discards the
+        namespaces and deletes the state files under the new one.  A VM
+        restarted by its manager (same name, new VMM) hands off again at
+        once; its last VMM is usually gone, so that drain ends quickly.
+        Closes the fds if it gives up.
+        """
+        last = self.draining.get(vm_id)
+        if last is None:
+            return
+        try:
+            async with asyncio.timeout(LAST_SESSION_WAIT_SECONDS):
+                await last.ended.wait()
+        except TimeoutError:
+            close_fds(fds)
+            left = sum(t.state.evicted_pages for t in last.tracker.regions)
+            raise HandoffError(
+                ErrorCode.DUPLICATE,
+                f"vm_id {vm_id!r}: its last session ended and is still bringing its evicted "
+                f"pages back ({left} left) after {LAST_SESSION_WAIT_SECONDS:g} s; hand off "
+                "again once it is done (wsd status shows it as draining)",
+                "vm_id",
+            ) from None
+        except BaseException:
+            close_fds(fds)
+            raise
 
     async def _tracker_off_loop(
         self, req: HandoffRequest, fds: list[int], memfds: list[int]
@@ -654,6 +689,17 @@ class Daemon:
         session.closed = True
         self.sessions.pop(session.vm_id, None)
         self.draining[session.vm_id] = session
+        try:
+            await self._wind_up(session)
+        finally:
+            # From here a new hand-off of this vm_id may start (handoff waits).
+            if self.draining.get(session.vm_id) is session:
+                del self.draining[session.vm_id]
+            session.ended.set()
+
+    async def _wind_up(self, session: Session) -> None:
+        """Bring an ended session's pages back, let go of its memory, and drop its
+        state if nothing is left in storage."""
         if session.eviction is not None:
             session.eviction.abandon(
                 f"VM {session.vm_id!r}'s session ended before the eviction was committed"
@@ -667,8 +713,6 @@ class Daemon:
             # Faults keep being served while the pages come back.
             done = await drain(session.ctx, session.faults)
         finally:
-            if self.draining.get(session.vm_id) is session:
-                del self.draining[session.vm_id]
             await session.faults.close()
             if session.evictor.parking is not None:
                 # No punch is in flight between steps.  Parked sessions keep
@@ -710,6 +754,8 @@ class Daemon:
 
 # How long a released uffd is still read (see VmTracker.release).
 LINGER_SECONDS = 2.0
+# How long a hand-off waits for the last session of its vm_id to end.
+LAST_SESSION_WAIT_SECONDS = 10.0
 
 
 async def _linger(tracker: VmTracker, memfds: list[int]) -> None:

@@ -13,16 +13,18 @@ import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import pytest_asyncio
 
+from wsd import daemon as daemon_module
 from wsd import recovery
 from wsd.daemon import Daemon, Settings
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import Userfaultfd, memfd_create
-from wsd.testing.life_events import uffd_vmflags
+from wsd.testing.life_events import evicting_settings, uffd_vmflags
 from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
 from wsd.testing.running import running_daemon
 from wsd.tracker.session import VmTracker
@@ -317,6 +319,92 @@ async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_namin
                 again.close()
         finally:
             p.close()
+
+
+class HeldDrain:
+    """The daemon's store holds every ``get_many`` (so every drain) until released."""
+
+    def __init__(self, d: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = asyncio.Event()
+        assert d.store is not None
+        get_many = d.store.get_many
+
+        async def held(*args: Any, **kw: Any) -> Any:
+            await self.release.wait()
+            return await get_many(*args, **kw)
+
+        monkeypatch.setattr(d.store, "get_many", held)
+
+
+async def evicted(d: Daemon, vm_id: str, pages: int) -> None:
+    state = d.sessions[vm_id].tracker.regions[0].state
+    await until(lambda: state.evicted_pages >= pages, timeout=30)
+
+
+async def test_a_vm_handed_off_again_while_its_last_session_drains_waits_for_the_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both would share the VM's storage namespaces and state files (keyed by vm_id).
+    Without the wait, the new session's evictions overwrote the pages the old one
+    was bringing back (its drain: "stale or unexpected generation"), and the old
+    VMM's read of them never finished."""
+    settings = evicting_settings(tmp_path, INTERVAL)
+    async with running_daemon(settings) as d:
+        first = await spawn(d, "vm-again")
+        second = None
+        try:
+            await evicted(d, "vm-again", 64)
+            drain = HeldDrain(d, monkeypatch)
+            await asyncio.to_thread(first.call, "hang_up")
+            await until(lambda: "vm-again" in d.draining)
+            starting = asyncio.ensure_future(spawn(d, "vm-again"))
+            await asyncio.sleep(1.0)
+            assert not starting.done(), "a new session started while the last one drained"
+            drain.release.set()
+            second = await starting
+            assert second.handoff_reply and second.handoff_reply["type"] == "accepted"
+            assert "vm-again" not in d.draining
+            record = recovery.load(settings.state_dir, "vm-again")  # type: ignore[arg-type]
+            assert record.vmm_pid == second.pid
+            await evicted(d, "vm-again", 64)
+            versions = await asyncio.to_thread(
+                second.call, "read", pages=list(range(second.npages))
+            )
+            assert versions == [0] * second.npages
+            versions = await asyncio.to_thread(first.call, "read", pages=list(range(first.npages)))
+            assert versions == [0] * first.npages
+        finally:
+            first.close()
+            if second is not None:
+                second.close()
+
+
+async def test_a_vm_handed_off_again_is_refused_when_its_last_session_drains_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon_module, "LAST_SESSION_WAIT_SECONDS", 0.5)
+    async with running_daemon(evicting_settings(tmp_path, INTERVAL)) as d:
+        first = await spawn(d, "vm-slow")
+        try:
+            await evicted(d, "vm-slow", 64)
+            drain = HeldDrain(d, monkeypatch)
+            await asyncio.to_thread(first.call, "hang_up")
+            await until(lambda: "vm-slow" in d.draining)
+            refused = await spawn(d, "vm-slow")
+            refused.close()
+            err = (refused.handoff_reply or {})["error"]
+            assert err["code"] == "duplicate_vm", err
+            assert (
+                "its last session ended and is still bringing its evicted pages back"
+                in (err["message"])
+            )
+            drain.release.set()
+            await until(lambda: "vm-slow" not in d.draining)
+            again = await spawn(d, "vm-slow")
+            again.close()
+            assert again.handoff_reply and again.handoff_reply["type"] == "accepted"
+        finally:
+            first.close()
 
 
 class HeldStart:

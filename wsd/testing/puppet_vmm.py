@@ -373,6 +373,12 @@ def _child(a: argparse.Namespace) -> None:
             elif op == "move":
                 first, count = req.get("pages") or (0, len(guest.versions))
                 result = guest.move(first, count)
+            elif op == "hang_up":
+                # The hand-off connection closed with the VMM alive: its session
+                # ends, and wsd brings its evicted pages back.
+                if guest.session is not None:
+                    guest.session.close()
+                    guest.session = None
             elif op == "unmap":
                 # Guest memory unplugged (all of it, or ``pages`` [first, count]
                 # of it: a DIMM or virtio-mem block): the UNMAP event waits for
