@@ -17,7 +17,8 @@ that grow with its guest:
 and one that is not kernel work but grows with the guest too:
 
 * **scrape**: a Prometheus scrape's working-set estimates and idle-age histogram,
-  which count every page's age.
+  which count every page's age;
+* **status**: a ``wsd status`` request, whose working sets count them too.
 
 The baseline is that work alone, bare, in this process: on a second puppet VMM
 of the same size, the arming ioctl and one scan through ``wsd.kernel`` (one ioctl
@@ -35,8 +36,9 @@ Phases: hand-off, from the puppet's start until its session exists; cycles,
 ``--seconds`` of tracking (interval 0.25 s) with no eviction; scrape, ``--scrapes``
 scrapes from another thread, each after a cycle (so nothing is cached), of which
 the longest time the collector held the loop is reported (the sleeper would see
-the cycles' stalls too); end, from the puppet's exit until wsd has closed
-everything (2 s of lingering included).
+the cycles' stalls too); status, as many ``status`` requests to the control
+commands, each after a cycle, and the longest time one held the loop; end, from
+the puppet's exit until wsd has closed everything (2 s of lingering included).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,9 @@ from typing import Any
 import numpy as np
 import uvloop
 
+from wsd.control import Command, Request
+from wsd.control import commands as control_commands
+from wsd.control import status as control_status
 from wsd.daemon import Settings
 from wsd.kernel import (
     REGION_DTYPE,
@@ -90,6 +96,7 @@ class Result:
     handoff_stall_ms: float
     cycle_stall_ms: float
     scrape_hold_ms: float
+    status_hold_ms: float
     end_stall_ms: float
     cycles: int
 
@@ -169,9 +176,31 @@ class Lateness:
         return worst
 
 
+async def after_each_cycle(session: Any, times: int) -> AsyncIterator[None]:
+    """``times`` times, right after a cycle changed the ages (so nothing is cached)."""
+    for _ in range(times):
+        seen = session.tracker.cycles
+        while session.tracker.cycles == seen:
+            await asyncio.sleep(0.01)
+        yield
+
+
+def timed(fn: Callable[..., Any], held: list[float]) -> Callable[..., Any]:
+    """``fn``, appending each call's milliseconds to ``held``."""
+
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            held.append((time.perf_counter() - start) * 1e3)
+
+    return wrapper
+
+
 async def measure_daemon(
     size: int, seconds: float, scrapes: int
-) -> tuple[str, float, float, float, float, int]:
+) -> tuple[str, float, float, float, float, float, int]:
     work = Path(tempfile.mkdtemp(prefix="wsd-bench-"))
     async with running_daemon(Settings(socket=work / "wsd.sock", interval=INTERVAL)) as d:
         lateness = Lateness()
@@ -188,22 +217,19 @@ async def measure_daemon(
         cycles = session.tracker.cycles - first
         cycle = lateness.take()
         collector = WsdCollector(d, MetricsState())  # made on the loop: reads on it
-        held: list[float] = []
-        read = collector._families
-
-        def timed() -> Any:
-            start = time.perf_counter()
-            try:
-                return read()
-            finally:
-                held.append((time.perf_counter() - start) * 1e3)
-
-        collector._families = timed  # type: ignore[method-assign]
-        for _ in range(scrapes):
-            seen = session.tracker.cycles
-            while session.tracker.cycles == seen:  # a cycle changed the ages: nothing cached
-                await asyncio.sleep(0.01)
+        scrape_held: list[float] = []
+        collector._families = timed(collector._families, scrape_held)  # type: ignore[method-assign]
+        async for _ in after_each_cycle(session, scrapes):
             await asyncio.to_thread(lambda: list(collector.collect()))
+        status_held: list[float] = []
+        take = control_status.take_status  # commands.py calls it by its own name
+        control_commands.take_status = timed(take, status_held)  # type: ignore[attr-defined]
+        try:
+            commands = control_commands.ControlCommands(d)
+            async for _ in after_each_cycle(session, scrapes):
+                await commands(Request(Command.STATUS))
+        finally:
+            control_commands.take_status = take  # type: ignore[attr-defined]
         lateness.take()
         await asyncio.to_thread(p.close)
         while d.sessions or d.draining:
@@ -212,22 +238,26 @@ async def measure_daemon(
         end = lateness.take()
         ticker.cancel()
     os.rmdir(work)
-    return mode, handoff, cycle, max(held), end, cycles
+    return mode, handoff, cycle, max(scrape_held), max(status_held), end, cycles
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="4G", help="guest size (default 4G)")
     parser.add_argument("--seconds", type=float, default=5.0, help="of tracking cycles")
-    parser.add_argument("--scrapes", type=int, default=10, help="scrapes, each after a cycle")
+    parser.add_argument(
+        "--scrapes", type=int, default=10, help="scrapes and status requests, each after a cycle"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     size = parse_size(args.size)
     arm, scan, walk, close = raw_kernel_work(size)
     count = raw_count(size)
     run = measure_daemon(size, args.seconds, args.scrapes)
-    mode, handoff, cycle, scrape, end, cycles = uvloop.run(run)
-    r = Result(mode, size, arm, scan, walk, close, count, handoff, cycle, scrape, end, cycles)
+    mode, handoff, cycle, scrape, status, end, cycles = uvloop.run(run)
+    r = Result(
+        mode, size, arm, scan, walk, close, count, handoff, cycle, scrape, status, end, cycles
+    )
     if args.json:
         print(json.dumps(asdict(r), indent=2))
         return 0
@@ -238,6 +268,7 @@ def main() -> int:
         ("cycles", "scan", scan, cycle),
         ("", "walk", walk, cycle),
         ("scrape", "count", count, scrape),
+        ("status", "count", count, status),
         ("end", "close", close, end),
     ):
         print(f"{phase:<9} {op:<6} {ms:9.1f} ms      {stall:12.1f} ms {stall / ms:11.2f}")
