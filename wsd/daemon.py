@@ -444,12 +444,14 @@ class Daemon:
         # The server checked on_behalf ones (forbidden if they differ).  A reattach
         # must name the regions first handed off, which may have moved or gone
         # since: resume.adopt finds those.
-        if req.type == "handoff" and not req.on_behalf:
-            try:
+        try:
+            if req.type == "handoff" and not req.on_behalf:
                 check_mappings(req, fds, code=ErrorCode.BAD_REGION)
-            except BaseException:
-                close_fds(fds)
-                raise
+            if req.type == "handoff" and self.settings.state_dir is not None:
+                self._take_over(self.settings.state_dir, req.vm_id)
+        except BaseException:
+            close_fds(fds)
+            raise
         uffd_fd = fds[req.uffd.fd_index]
         if req.type == "reattach":
             return self._reattach(req, uffd_fd, memfds)
@@ -477,6 +479,20 @@ class Daemon:
             self._drop_tracker(req.vm_id, tracker, memfds, new=True)
             raise
         return tracker
+
+    @staticmethod
+    def _take_over(state_dir: Path, vm_id: str) -> None:
+        """Unpark what an earlier session of ``vm_id`` left (``resume.take_over``),
+        or refuse the hand-off while that session's VMM runs."""
+        parked = resume.take_over(state_dir, vm_id)
+        if parked is not None:
+            raise HandoffError(
+                ErrorCode.DUPLICATE,
+                f"vm_id {vm_id!r} has a parked session of pid {parked.vmm_pid}, which still "
+                "runs: its evicted pages are in storage and only that VMM can take them back, "
+                f"with a reattach.  Hand {vm_id!r} off anew once that process has exited",
+                "vm_id",
+            )
 
     def _reattach(self, req: HandoffRequest, uffd_fd: int, memfds: list[int]) -> VmTracker:
         """A VMM hands back the uffd of a session a wsd that died had (no systemd fd store).

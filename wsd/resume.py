@@ -13,6 +13,10 @@ Faults that queued while no wsd ran are then read and served like any others.
 
 **Unpark** when a session ends for good (drained, or its VMM gone): take the
 fds out of the store and delete the description and the page map.
+
+**Take over** (before a new hand-off of a VM parks its session): what an
+earlier session of the same ``vm_id`` left parked is unparked, unless that
+session's VMM still runs.
 """
 
 from __future__ import annotations
@@ -77,6 +81,41 @@ def park(
             "no systemd fd store: this session does not survive a wsd crash",
             vm_id=vm_id,
         )
+
+
+def take_over(state_dir: Path, vm_id: str) -> SessionRecord | None:
+    """Make way for a new session of ``vm_id``: unpark what an earlier one left
+    (a wsd that died without an fd store, a session whose pages could not all
+    come back), keeping the generation ceiling.  Returns that session's record
+    instead, and changes nothing, if its VMM still runs: its evicted pages are
+    in storage and only that VMM can take them back (a reattach).
+
+    An earlier session's page map lists pages of its own memfd.  Left in
+    place, the new session's journals would be replayed over it after a
+    crash, and the holes of the new memfd at those pages taken for evicted
+    ones: the new guest would read the old one's bytes from storage.
+    Blocking (file I/O): a worker thread's job.
+    """
+    record = None
+    try:
+        record = recovery.load(state_dir, vm_id)
+    except RecoveryError as e:
+        if recovery.session_path(state_dir, vm_id).exists():
+            log.warning("an earlier session's description is unusable", vm_id=vm_id, error=str(e))
+    if record is not None and same_process(record):
+        return record
+    if record is None and not (
+        pagemap.path_for(state_dir, vm_id).exists() or pagemap.journals(state_dir, vm_id)
+    ):
+        return None
+    log.warning(
+        "dropping what an earlier session of the VM left parked",
+        vm_id=vm_id,
+        vmm_pid=None if record is None else record.vmm_pid,
+    )
+    memfds = 0 if record is None else max(r.fd_index for r in record.regions) + 1
+    unpark(state_dir, vm_id, memfds)
+    return None
 
 
 def unpark(state_dir: Path, vm_id: str, memfds: int, *, held: int = 0) -> None:

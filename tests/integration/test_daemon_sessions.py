@@ -20,10 +20,12 @@ import pytest
 import pytest_asyncio
 
 from wsd import daemon as daemon_module
-from wsd import recovery
+from wsd import recovery, resume
 from wsd.daemon import Daemon, Settings
+from wsd.evictor import pagemap
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import Userfaultfd, memfd_create
+from wsd.storage import StorageError
 from wsd.testing.life_events import evicting_settings, uffd_vmflags
 from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
 from wsd.testing.running import running_daemon
@@ -405,6 +407,55 @@ async def test_a_vm_handed_off_again_is_refused_when_its_last_session_drains_too
             assert again.handoff_reply and again.handoff_reply["type"] == "accepted"
         finally:
             first.close()
+
+
+async def test_a_vm_parked_with_pages_in_storage_is_handed_off_anew_only_once_its_vmm_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose pages could not all come back stays parked.  While its VMM
+    runs, only that VMM may take the pages back (a reattach); once it is gone, a
+    new session of the VM unparks it, or its page map would be replayed over the
+    new session's after a crash and the new memfd's holes served the old bytes."""
+    deadlines = {"fetch_deadline_seconds": 1.0, "tier_call_deadline_seconds": 0.5}
+    settings = evicting_settings(tmp_path, INTERVAL, **deadlines)
+    state_dir = settings.state_dir
+    assert state_dir is not None
+    async with running_daemon(settings) as d:
+        first = await spawn(d, "vm-parked")
+        try:
+            await evicted(d, "vm-parked", 64)
+            assert d.store is not None
+            get_many = d.store.get_many
+
+            async def failing(*args: Any, **kw: Any) -> Any:
+                raise StorageError("the tier is down (test)", backend="file")
+
+            monkeypatch.setattr(d.store, "get_many", failing)
+            await asyncio.to_thread(first.call, "hang_up")
+            await until(lambda: "vm-parked" in d.draining)
+            await until(lambda: "vm-parked" not in d.draining, timeout=30)
+            assert recovery.load(state_dir, "vm-parked").vmm_pid == first.pid
+            listed = pagemap.load_vm(state_dir, "vm-parked")
+            assert listed is not None and sum(len(r.pages) for r in listed.regions) >= 64
+            monkeypatch.setattr(d.store, "get_many", get_many)
+
+            refused = await spawn(d, "vm-parked", fill=False)
+            refused.close()
+            err = (refused.handoff_reply or {})["error"]
+            assert err["code"] == "duplicate_vm", err
+            assert f"has a parked session of pid {first.pid}, which still runs" in err["message"]
+            assert recovery.load(state_dir, "vm-parked").vmm_pid == first.pid
+        finally:
+            first.close()
+        second = await spawn(d, "vm-parked", fill=False)
+        try:
+            assert second.handoff_reply and second.handoff_reply["type"] == "accepted"
+            # What a reattach after a crash would load: the new session's alone.
+            record, vmap, _ = resume.load(state_dir, "vm-parked")
+            assert record.vmm_pid == second.pid
+            assert vmap is None or not any(len(r.pages) for r in vmap.regions)
+        finally:
+            second.close()
 
 
 class HeldStart:
