@@ -64,6 +64,7 @@ from wsd.storage import PageStore, StorageConfig, StorageError
 from wsd.storage.registry import open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
+from wsd.vmm.claims import Claim, check_unclaimed
 from wsd.vmm.limits import HandoffLimits
 from wsd.vmm.mappings import check_mappings, check_registered
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
@@ -146,6 +147,8 @@ class Session:
     control socket.  None if the VMM was already gone at the start."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the session has ended and wound up (``Daemon._end``)."""
+    claim: Claim | None = None
+    """Its uffd and guest memory, which no other session may hand off meanwhile."""
 
     def hot_pages(self, region: int) -> npt.NDArray[np.intp]:
         """The pages of ``region`` the last scan found hot."""
@@ -172,6 +175,9 @@ class Daemon:
         # Hand-offs between their checks and their session's start: the
         # tracker is started in a worker thread meanwhile.
         self._starting: set[str] = set()
+        # The uffds and guest memory of every session, and of hand-offs on their
+        # way to one, until the session has wound up.
+        self._claims: list[Claim] = []
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
         self.metrics_server: MetricsServer | None = None
@@ -343,12 +349,20 @@ class Daemon:
             close_fds(fds)
             raise problem
         self._starting.add(req.vm_id)
+        claim = None
         try:
             await self._after_last_session(req.vm_id, fds)
+            claim = self._claim(req, fds)
             tracker = await self._tracker_off_loop(req, fds, memfds)
+            session = self._start_session(
+                req.vm_id, tracker, memfds, new=req.type == "handoff", claim=claim
+            )
+        except BaseException:
+            if claim is not None:
+                self._claims.remove(claim)
+            raise
         finally:
             self._starting.discard(req.vm_id)
-        session = self._start_session(req.vm_id, tracker, memfds, new=req.type == "handoff")
         granularity = [str(t.state.granularity) for t in tracker.regions]
         if req.type == "reattach":
             evicted = sum(t.state.evicted_pages for t in tracker.regions)
@@ -390,6 +404,20 @@ class Daemon:
         except BaseException:
             close_fds(fds)
             raise
+
+    def _claim(self, req: HandoffRequest, fds: list[int]) -> Claim:
+        """Hold the hand-off's uffd and memory ranges, unless a session, or a hand-off
+        on its way, holds any of them already (``wsd.vmm.claims``).  Closes the fds
+        if it refuses."""
+        try:
+            uffd = fds[req.uffd.fd_index]
+            claim = Claim.take(req.vm_id, uffd, [(r, fds[r.fd_index]) for r in req.regions])
+            check_unclaimed(claim, self._claims)
+        except BaseException:
+            close_fds(fds)
+            raise
+        self._claims.append(claim)
+        return claim
 
     async def _tracker_off_loop(
         self, req: HandoffRequest, fds: list[int], memfds: list[int]
@@ -551,10 +579,17 @@ class Daemon:
         return tracker
 
     def _start_session(
-        self, vm_id: str, tracker: VmTracker, memfds: list[int], *, new: bool = False
+        self,
+        vm_id: str,
+        tracker: VmTracker,
+        memfds: list[int],
+        *,
+        new: bool = False,
+        claim: Claim | None = None,
     ) -> Session:
         """Serve faults and run cycles for a tracker (``new``ly handed off, or
-        reattached or resumed); owns its fds."""
+        reattached or resumed); owns its fds.  ``claim``: what the hand-off
+        holds (None: a resumed session, whose claim is taken here)."""
         assert self._tg is not None
         tg = self._tg
         try:
@@ -564,7 +599,12 @@ class Daemon:
         except BaseException:
             self._drop_tracker(vm_id, tracker, memfds, new=new)
             raise
+        if claim is None:
+            regions = [(t.region, t.memfd) for t in tracker.regions]
+            claim = Claim.take(vm_id, tracker.uffd.fd, regions)
+            self._claims.append(claim)
         session = Session(vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor)
+        session.claim = claim
         if tracker.pagemap.pid is not None:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 session.owner_uid = effective_uid(tracker.pagemap.pid)
@@ -711,6 +751,8 @@ class Daemon:
             # From here a new hand-off of this vm_id may start (handoff waits).
             if self.draining.get(session.vm_id) is session:
                 del self.draining[session.vm_id]
+            if session.claim in self._claims:
+                self._claims.remove(session.claim)
             session.ended.set()
 
     async def _wind_up(self, session: Session) -> None:

@@ -295,6 +295,81 @@ async def test_a_uffd_made_by_another_process_is_refused_naming_it(daemon: Daemo
     assert "vm-forked" not in daemon.sessions
 
 
+def _handoff(vm_id: str, *regions: tuple[int, int, int]) -> dict[str, Any]:
+    """A hand-off of 1 MiB regions (address, fd_index, offset) of this process."""
+    return {
+        "type": "handoff",
+        "version": 1,
+        "vm_id": vm_id,
+        "vmm_pid": os.getpid(),
+        "regions": [
+            {"guest_phys_addr": k << 20, "host_virt_addr": a, "size": 1 << 20}
+            | {"fd_index": fd, "offset": offset}
+            for k, (a, fd, offset) in enumerate(regions)
+        ],
+    }
+
+
+async def test_guest_memory_or_a_uffd_another_session_holds_is_refused_naming_it(
+    daemon: Daemon,
+) -> None:
+    """Two regions on one memfd range would each be evicted by their own mapping's
+    accesses, and the other's next touch of a punched page would read zeros; two
+    sessions on one uffd would each drop the other's fault messages."""
+    size = 1 << 20
+    memfd = memfd_create("guest", size=2 * size)
+    again = os.dup(memfd)
+    rw = mmap.PROT_READ | mmap.PROT_WRITE
+    first, second, third = (
+        _mmap(size, rw, memfd),
+        _mmap(size, rw, memfd),
+        _mmap(size, rw, memfd, size),
+    )
+    sock = None
+    try:
+        with Userfaultfd.create() as uffd, Userfaultfd.create() as other:
+
+            async def refused(msg: dict[str, Any], fds: list[int]) -> str:
+                with pytest.raises(HandoffRefused) as exc:
+                    await asyncio.to_thread(hand_off, daemon.settings.socket, msg, fds)
+                assert exc.value.code == "bad_fds", exc.value
+                return str(exc.value)
+
+            # One hand-off, one range of a memfd sent under two fd_indexes.
+            message = await refused(
+                _handoff("vm-twice", (first, 1, 0), (second, 2, 0)), [uffd.fd, memfd, again]
+            )
+            assert "regions[1] and regions[0] are backed by the same range of one memfd" in message
+            reply, sock = await asyncio.to_thread(
+                hand_off, daemon.settings.socket, _handoff("vm-1", (first, 1, 0)), [uffd.fd, memfd]
+            )
+            assert reply["type"] == "accepted"
+            message = await refused(_handoff("vm-2", (second, 1, 0)), [other.fd, again])
+            assert "regions[0]: its memfd" in message
+            assert "is guest memory of VM 'vm-1' too (its regions[0])" in message
+            message = await refused(_handoff("vm-3", (third, 1, size)), [uffd.fd, memfd])
+            assert "the uffd is the one VM 'vm-1''s session reads" in message
+            assert set(daemon.sessions) == {"vm-1"}
+            # Another range of the same memfd is another VM's memory.
+            reply, sock2 = await asyncio.to_thread(
+                hand_off,
+                daemon.settings.socket,
+                _handoff("vm-4", (third, 1, size)),
+                [other.fd, memfd],
+            )
+            sock2.close()
+            assert reply["type"] == "accepted"
+            sock.close()
+            await until(lambda: not daemon.sessions and not daemon.draining)
+    finally:
+        if sock is not None:
+            sock.close()
+        for base in (first, second, third):  # may wait on the daemon: not on its loop
+            await asyncio.to_thread(_libc.munmap, base, size)
+        os.close(again)
+        os.close(memfd)
+
+
 async def test_a_hand_off_over_an_unreadable_generation_ceiling_is_refused_naming_it(
     tmp_path: Path,
 ) -> None:
