@@ -32,7 +32,6 @@ from wsd.evictor.context import EvictorStats
 from wsd.evictor.policy import VmPolicy
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters
-from wsd.tracker import state as state_module
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion
 from wsd.tracker.state import Granularity, RegionState
@@ -238,25 +237,17 @@ def test_status_reports_each_vm_from_its_live_state() -> None:
 
 @pytest.mark.asyncio
 async def test_the_status_command_counts_working_sets_off_the_loop_as_of_the_request(
-    monkeypatch: pytest.MonkeyPatch,
+    idle_counting_threads: list[threading.Thread],
 ) -> None:
     session = fake_session("a")
     state = session.tracker.regions[0].state
     state.note_access([100, 101, 102])  # idle pages, hot now: the counts are not cached
-    counted: list[threading.Thread] = []
-    count = state_module._count_idle
-
-    def spy(*args: Any) -> Any:
-        counted.append(threading.current_thread())
-        return count(*args)
-
-    monkeypatch.setattr(state_module, "_count_idle", spy)
     reply = ControlCommands(fake_daemon(session))(Request(Command.STATUS))  # type: ignore[arg-type]
     task = asyncio.ensure_future(reply)
     await asyncio.sleep(0)  # the daemon is read: a change from here on is not in the reply
     state.note_access(range(110, 200))
     (vm,) = (await task)["vms"]
-    assert counted and threading.main_thread() not in counted
+    assert idle_counting_threads and threading.main_thread() not in idle_counting_threads
     assert vm["working_set"][0]["bytes"] == (64 + 3) * 4096
 
 

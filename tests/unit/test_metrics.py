@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +34,6 @@ from wsd.kernel import thread_nice
 from wsd.metrics import MetricsState, WsdCollector, make_registry, serve_metrics
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters
-from wsd.tracker import state as state_module
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import TrackedRegion
 from wsd.tracker.state import Granularity, RegionState
@@ -391,21 +390,15 @@ async def test_a_scrape_from_another_thread_reads_on_the_loop() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_scrape_counts_idle_ages_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_scrape_counts_idle_ages_off_the_loop(
+    idle_counting_threads: list[threading.Thread], monkeypatch: pytest.MonkeyPatch
+) -> None:
     daemon = fake_daemon()
     state = daemon.sessions["a"].tracker.regions[0].state
     state.note_access([0, 1, 2])  # a new version: the counts are no longer cached
-    counted: list[threading.Thread] = []
-    count = state_module._count_idle
-
-    def spy(*args: Any) -> Any:
-        counted.append(threading.current_thread())
-        return count(*args)
-
-    monkeypatch.setattr(state_module, "_count_idle", spy)
     collector = WsdCollector(daemon, MetricsState())  # made on the loop: bound to it
     families = await asyncio.to_thread(lambda: list(collector.collect()))
-    assert counted and threading.main_thread() not in counted
+    assert idle_counting_threads and threading.main_thread() not in idle_counting_threads
     wss = {
         sample.labels["horizon_intervals"]: sample.value
         for family in families
