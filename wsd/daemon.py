@@ -351,8 +351,12 @@ class Daemon:
         self._starting.add(req.vm_id)
         claim = None
         try:
-            await self._after_last_session(req.vm_id, fds)
-            claim = self._claim(req, fds)
+            try:
+                await self._after_last_session(req.vm_id)
+                claim = self._claim(req, fds)
+            except BaseException:
+                close_fds(fds)  # ours until the tracker's start takes them
+                raise
             tracker = await self._tracker_off_loop(req, fds, memfds)
             session = self._start_session(
                 req.vm_id, tracker, memfds, new=req.type == "handoff", claim=claim
@@ -373,7 +377,7 @@ class Daemon:
             reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
         return Accepted(reply, lambda: self._end_soon(session))
 
-    async def _after_last_session(self, vm_id: str, fds: list[int]) -> None:
+    async def _after_last_session(self, vm_id: str) -> None:
         """Wait until the VM's last session has ended, if it is still winding up.
 
         Both sessions would share the VM's storage namespaces (vm_id and
@@ -383,7 +387,6 @@ class Daemon:
         namespaces and deletes the state files under the new one.  A VM
         restarted by its manager (same name, new VMM) hands off again at
         once; its last VMM is usually gone, so that drain ends quickly.
-        Closes the fds if it gives up.
         """
         last = self.draining.get(vm_id)
         if last is None:
@@ -392,7 +395,6 @@ class Daemon:
             async with asyncio.timeout(LAST_SESSION_WAIT_SECONDS):
                 await last.ended.wait()
         except TimeoutError:
-            close_fds(fds)
             left = sum(t.state.evicted_pages for t in last.tracker.regions)
             raise HandoffError(
                 ErrorCode.DUPLICATE,
@@ -401,21 +403,13 @@ class Daemon:
                 "again once it is done (wsd status shows it as draining)",
                 "vm_id",
             ) from None
-        except BaseException:
-            close_fds(fds)
-            raise
 
     def _claim(self, req: HandoffRequest, fds: list[int]) -> Claim:
         """Hold the hand-off's uffd and memory ranges, unless a session, or a hand-off
-        on its way, holds any of them already (``wsd.vmm.claims``).  Closes the fds
-        if it refuses."""
-        try:
-            uffd = fds[req.uffd.fd_index]
-            claim = Claim.take(req.vm_id, uffd, [(r, fds[r.fd_index]) for r in req.regions])
-            check_unclaimed(claim, self._claims)
-        except BaseException:
-            close_fds(fds)
-            raise
+        on its way, holds any of them already (``wsd.vmm.claims``)."""
+        uffd = fds[req.uffd.fd_index]
+        claim = Claim.take(req.vm_id, uffd, [(r, fds[r.fd_index]) for r in req.regions])
+        check_unclaimed(claim, self._claims)
         self._claims.append(claim)
         return claim
 
@@ -596,13 +590,13 @@ class Daemon:
             evictor_config = self.settings.evictor_for(vm_id)
             ctx = VmContext(vm_id, tracker, self.store, evictor_config, self.clock)
             evictor = Evictor(ctx, state_dir=self.settings.state_dir, host_room=self._host_room)
+            if claim is None:
+                regions = [(t.region, t.memfd) for t in tracker.regions]
+                claim = Claim.take(vm_id, tracker.uffd.fd, regions)
+                self._claims.append(claim)
         except BaseException:
             self._drop_tracker(vm_id, tracker, memfds, new=new)
             raise
-        if claim is None:
-            regions = [(t.region, t.memfd) for t in tracker.regions]
-            claim = Claim.take(vm_id, tracker.uffd.fd, regions)
-            self._claims.append(claim)
         session = Session(vm_id, tracker, memfds, ctx, FaultService(ctx, tg.create_task), evictor)
         session.claim = claim
         if tracker.pagemap.pid is not None:
