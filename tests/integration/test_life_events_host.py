@@ -162,6 +162,33 @@ async def test_another_mapper_of_the_memfd_stops_eviction_and_gets_pages_back(
     assert ev.reasons[0] is None and tracker.regions[0].other_mappers == ()
 
 
+async def test_a_second_mapping_in_the_vmm_stops_eviction_and_gets_pages_back(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
+) -> None:
+    """The VMM's own second mapping of guest memory is registered with no uffd: a
+    punched page read there would be a fresh zero page."""
+    ctx, faults, ev = evictor_session(tracker, file_store, min_idle_cycles=1)
+    await tracker.cycle()
+    await evict(ev, range(0, 32))
+    at = await call(puppet, "map_again")
+    with serving_faults(tracker, faults, ev):
+        await check(ev, unevictable_reason, force=True)
+    reason = ev.reasons[0]
+    assert reason is not None and f"a second time, at {at:#x}" in reason
+    assert tracker.regions[0].aliased_at == at
+    # The pages evicted before it are back in the memfd, where the alias reads.
+    assert tracker.regions[0].state.evicted_pages == 0
+    for p in (0, 17, 31):
+        assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
+    for _ in range(3):
+        await tracker.cycle()
+    await ev.prepare()
+    assert not ev._prepared and ctx.stats.evicted_pages == 32
+    await call(puppet, "unmap_again", address=at)
+    await check(ev, unevictable_reason, force=True)
+    assert ev.reasons[0] is None and tracker.regions[0].aliased_at is None
+
+
 async def test_vmpin_stops_eviction_of_the_whole_vm(
     puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore
 ) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from wsd.evictor.guards import guard_reason, read_guards
+from wsd.evictor.guards import aliases, guard_reason, read_guards
 from wsd.kernel import FileId, UringBuffers, io_uring_buffers, mappers_of, pinned_bytes
+from wsd.kernel.procfs import Mapping
 from wsd.tracker.state import Granularity, RegionState
 from wsd.vmm.protocol import Region
 
@@ -137,9 +138,14 @@ def _fakes(
     mappers: tuple[int, ...] = (),
     uring_bytes: int = 0,
     uring_unlisted: str | None = None,
+    aliased_at: int | None = None,
 ) -> Any:
     t = SimpleNamespace(
-        region=region, vanished=None, other_mappers=mappers, uring_bytes=uring_bytes
+        region=region,
+        vanished=None,
+        other_mappers=mappers,
+        uring_bytes=uring_bytes,
+        aliased_at=aliased_at,
     )
     ctx = SimpleNamespace(
         tracker=SimpleNamespace(pinned_bytes=pinned, uring_unlisted=uring_unlisted)
@@ -157,6 +163,31 @@ def test_guard_reasons_name_what_blocks_eviction() -> None:
     assert "io_uring registered buffers of the VMM cover 8 KiB" in why
     why = guard_reason(*_fakes(_region(), uring_unlisted="fdinfo/7: busy")) or ""
     assert "cannot place (fdinfo/7: busy)" in why
+    why = guard_reason(*_fakes(_region(), aliased_at=0x7F0000000000)) or ""
+    assert "the VMM maps this region's pages a second time, at 0x7f0000000000" in why
     ctx, t = _fakes(_region())
     t.vanished = "unmapped by the VMM"
     assert guard_reason(ctx, t) == "region unmapped by the VMM"
+
+
+def _mapping(start: int, size: int, offset: int, file: FileId, perms: str = "rw-s") -> Mapping:
+    return Mapping(start, start + size, perms, offset, file, "/memfd:guest (deleted)")
+
+
+def test_the_vmm_s_aliases_of_a_region_are_found_and_its_own_mapping_is_not() -> None:
+    memfd, other = FileId(1, 100), FileId(1, 200)
+    mib = 1 << 20
+    region = _region(offset=mib)  # the memfd's [1, 2) MiB at 1 GiB
+    own = _mapping(1 << 30, mib, mib, memfd)
+    assert aliases([own], [(memfd, region)]) == {}
+    # Its own mapping may be larger (it maps offset 0 right below the region).
+    assert aliases([_mapping((1 << 30) - mib, 3 * mib, 0, memfd)], [(memfd, region)]) == {}
+    # Other offsets of the memfd elsewhere, or another file at the same offsets.
+    elsewhere = [_mapping(0x7F0000000000, mib, 0, memfd), _mapping(0x7F1000000000, mib, mib, other)]
+    assert aliases([own, *elsewhere], [(memfd, region)]) == {}
+    # Half of the region's pages again, shared or private.
+    for perms in ("rw-s", "r--p"):
+        alias = _mapping(0x7F2000000000, mib, mib + mib // 2, memfd, perms)
+        assert aliases([own, alias], [(memfd, region)]) == {0: 0x7F2000000000}
+    half = _mapping(0x7F3000000000, mib, mib // 2, memfd)  # the region's first half MiB
+    assert aliases([half], [(memfd, region)]) == {0: 0x7F3000000000 + mib // 2}

@@ -17,6 +17,9 @@
   scanning ``/proc/*/maps`` for the memfd's device and inode, and refuses to
   evict any region of that memfd while one exists.  If pages were evicted
   before the mapper appeared, they are written back into the memfd at once.
+- **Aliases in the VMM itself**: a second mapping of a region's pages
+  elsewhere in the VMM (shared or private) is just as unregistered.  The same
+  walk reads the VMM's own ``maps`` and keeps such a region from eviction.
 
 The pins are read (in a thread) before each prepare: a few small files of
 the VMM's.  In rwp mode a pin that appears after that read is still safe: its
@@ -35,6 +38,7 @@ a VMM that starts a backend after the hand-off should hand off again, or set
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +48,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from wsd.kernel import FileId, UringBuffers, file_id, io_uring_buffers, mappers_of, pinned_bytes
+from wsd.kernel.procfs import Mapping, read_maps
 from wsd.tracker.session import TrackedRegion
+from wsd.vmm.protocol import Region
 
 from .drain import restore_to_memfd
 
@@ -87,6 +93,11 @@ def guard_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
             f"other processes map this region's memfd (pids {pids}): after a punch they "
             "would read zeros"
         )
+    if t.aliased_at is not None:
+        return (
+            f"the VMM maps this region's pages a second time, at {t.aliased_at:#x}, where no "
+            "uffd traps its accesses: after a punch it would read zeros there"
+        )
     return None
 
 
@@ -96,13 +107,20 @@ class GuardReading:
     mappers: dict[FileId, set[int]] | None
     """None: not read this time."""
     uring: UringBuffers
+    aliases: dict[int, int] | None = None
+    """Regions (by index) the VMM also maps elsewhere: the address of such a
+    mapping.  None: not read this time."""
 
 
 def read_guards(
-    vmm_pid: int | None, files: Sequence[FileId] | None, *, proc: Path = PROC
+    vmm_pid: int | None,
+    regions: Sequence[tuple[FileId, Region]] | None,
+    *,
+    proc: Path = PROC,
 ) -> GuardReading:
-    """VmPin and io_uring buffers of the VMM, and unless ``files`` is None the
-    other mappers of ``files`` (blocking: run in a thread)."""
+    """VmPin and io_uring buffers of the VMM, and unless ``regions`` (each
+    region with its memfd) is None their memfds' other mappers and the VMM's
+    aliases of them (blocking: run in a thread)."""
     pinned = 0
     uring = UringBuffers()
     if vmm_pid is not None:
@@ -111,10 +129,32 @@ def read_guards(
             uring = io_uring_buffers(vmm_pid, proc=proc)
         except ProcessLookupError:
             pass  # the VMM is gone; the session ends on its own
-    if files is None:
+    if regions is None:
         return GuardReading(pinned, None, uring)
     exclude = {os.getpid()} | ({vmm_pid} if vmm_pid is not None else set())
-    return GuardReading(pinned, mappers_of(files, exclude=exclude, proc=proc), uring)
+    mappers = mappers_of([file for file, _ in regions], exclude=exclude, proc=proc)
+    found: dict[int, int] = {}
+    if vmm_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            found = aliases(read_maps(vmm_pid, proc=proc), regions)
+    return GuardReading(pinned, mappers, uring, found)
+
+
+def aliases(
+    mappings: Sequence[Mapping], regions: Sequence[tuple[FileId, Region]]
+) -> dict[int, int]:
+    """The regions (by index) whose pages ``mappings`` also map at other addresses
+    (a region is ``(memfd, region)``): the first such address of each."""
+    out: dict[int, int] = {}
+    for m in mappings:
+        for i, (file, r) in enumerate(regions):
+            if i in out or m.file != file:
+                continue
+            low, high = max(m.offset, r.offset), min(m.offset + m.size, r.offset + r.size)
+            # The same offset at another address: not the region's own mapping.
+            if low < high and m.start - m.offset != r.host_virt_addr - r.offset:
+                out[i] = m.start + (low - m.offset)
+    return out
 
 
 async def check(
@@ -130,7 +170,7 @@ async def check(
     then recompute which regions may be evicted, logging every change."""
     ctx = evictor.ctx
     tracker = ctx.tracker
-    ids = None
+    ids = regions = None
     if not pins_only and (
         force
         or tracker.guards_checked_at is None
@@ -138,24 +178,25 @@ async def check(
     ):
         tracker.guards_checked_at = tracker.cycles
         ids = [file_id(t.memfd) for t in tracker.regions]
+        regions = [(fid, t.region) for fid, t in zip(ids, tracker.regions, strict=True)]
     try:
-        reading = await asyncio.to_thread(read_guards, tracker.pagemap.pid, ids, proc=proc)
+        reading = await asyncio.to_thread(read_guards, tracker.pagemap.pid, regions, proc=proc)
     except OSError as e:
         log.warning("checking pins and other mappers failed", vm_id=ctx.vm_id, error=str(e))
     else:
         apply(evictor, reading, ids)
     update_reasons(evictor, reason)
-    if any(t.other_mappers and t.state.evicted_pages for t in tracker.regions):
-        for i, t in enumerate(tracker.regions):
-            if t.other_mappers and t.state.evicted_pages:
-                log.warning(
-                    "another process maps evicted memory: writing it back into the memfd",
-                    vm_id=ctx.vm_id,
-                    region=i,
-                    pages=t.state.evicted_pages,
-                    pids=list(t.other_mappers),
-                )
-                await restore_to_memfd(ctx, i)
+    for i, t in enumerate(tracker.regions):
+        if (t.other_mappers or t.aliased_at is not None) and t.state.evicted_pages:
+            log.warning(
+                "evicted memory is mapped where no uffd traps it: writing it back into the memfd",
+                vm_id=ctx.vm_id,
+                region=i,
+                pages=t.state.evicted_pages,
+                pids=list(t.other_mappers),
+                vmm_alias=None if t.aliased_at is None else hex(t.aliased_at),
+            )
+            await restore_to_memfd(ctx, i)
 
 
 def _log_change(appeared: object, warning: str, gone: str, **fields: object) -> None:
@@ -220,6 +261,18 @@ def apply(evictor: Evictor, reading: GuardReading, ids: Sequence[FileId] | None)
                 pids=list(pids),
             )
             t.other_mappers = pids
+    for i, t in enumerate(tracker.regions):
+        at = (reading.aliases or {}).get(i)
+        if at != t.aliased_at:
+            _log_change(
+                at is not None,
+                "the VMM maps this region's pages a second time: not evicted while it does",
+                "the VMM maps this region's pages once now",
+                vm_id=ctx.vm_id,
+                region=i,
+                alias=None if at is None else hex(at),
+            )
+            t.aliased_at = at
 
 
 def update_reasons(evictor: Evictor, reason: Reason) -> None:

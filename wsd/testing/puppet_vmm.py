@@ -137,6 +137,7 @@ class _Guest:
         self.pinned: list[tuple[int, mmap.mmap | None]] = []
         self.moved: list[tuple[int, int, int]] = []  # (first page, count, new address)
         self.session: socket.socket | None = None
+        self.aliases: dict[int, mmap.mmap] = {}  # a second mapping of the memfd, by address
         if fill:
             npages = size // page_size
             step = max(1, (64 << 20) // page_size)
@@ -373,6 +374,13 @@ def _child(a: argparse.Namespace) -> None:
             elif op == "move":
                 first, count = req.get("pages") or (0, len(guest.versions))
                 result = guest.move(first, count)
+            elif op == "map_again":
+                # A second mapping of all of guest memory, which no uffd registers.
+                alias = mmap.mmap(guest.memfd, guest.size, flags=mmap.MAP_SHARED)
+                result = ctypes.addressof(ctypes.c_char.from_buffer(alias))
+                guest.aliases[result] = alias
+            elif op == "unmap_again":
+                guest.aliases.pop(req["address"]).close()
             elif op == "hang_up":
                 # The hand-off connection closed with the VMM alive: its session
                 # ends, and wsd brings its evicted pages back.

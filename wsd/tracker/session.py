@@ -121,6 +121,9 @@ class TrackedRegion:
     # Other processes that map this region's memfd (vhost-user backends,
     # virtiofsd), as of the last check; the evictor leaves the region alone.
     other_mappers: tuple[int, ...] = ()
+    # Where the VMM maps this region's pages a second time, outside the
+    # registered range, as of the last check (None: it does not).
+    aliased_at: int | None = None
     # Bytes of the region in io_uring registered buffers of the VMM, as of the
     # last check: the kernel writes them without faulting.
     uring_bytes: int = 0
