@@ -144,7 +144,10 @@ def crash_soak(
             deadline = time.monotonic() + ready_timeout
             while resumed() < len(in_storage):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"no reattach within {ready_timeout:g} s")
+                    raise AssertionError(
+                        f"no reattach within {ready_timeout:g} s; the guest's exit status "
+                        f"{guest.proc.poll()}, its stderr: {guest.stderr()[-3000:]}"
+                    )
                 time.sleep(0.1)
 
     rng = random.Random()
