@@ -196,25 +196,30 @@ def adopt(
     """Track ``record``'s session again with its uffd and memfds (owns the uffd).
 
     ``ceiling``: the VM's generation ceiling (:mod:`wsd.evictor.pagemap`).
-    ``held``: the session's verified-punch pipes from the fd store (part ->
-    fd, owned here).  A chunk the previous wsd died in is put back before
+    ``held``: the session's verified-punch pipes from the fd store or the
+    VMM (part -> fd, owned here).  A chunk the previous wsd died in is put back before
     anything else reads the memfd, so that its pages count as resident.
     """
     decision = ModeDecision(
         record.mode, REGISTER[record.mode], "resumed from a previous wsd", LIMITATIONS[record.mode]
     )
-    tracker = VmTracker.adopt(
-        record.vm_id,
-        vmm_pid=record.vmm_pid,
-        uffd_fd=uffd,
-        features=Feature(record.features),
-        regions=[(r, memfds[r.fd_index]) for r in record.regions],
-        minor=record.minor,
-        decision=decision,
-        kernel=kernel,
-        clock=clock,
-        vanished=record.vanished,
-    )
+    try:
+        tracker = VmTracker.adopt(
+            record.vm_id,
+            vmm_pid=record.vmm_pid,
+            uffd_fd=uffd,
+            features=Feature(record.features),
+            regions=[(r, memfds[r.fd_index]) for r in record.regions],
+            minor=record.minor,
+            decision=decision,
+            kernel=kernel,
+            clock=clock,
+            vanished=record.vanished,
+        )
+    except BaseException:
+        if held:
+            close_fds(list(held.values()))
+        raise
     try:
         listed = [_listed(vmap, i, t.region) for i, t in enumerate(tracker.regions)]
         gone = [_logged_removed(vmap, i, pages, gens) for i, (pages, gens) in enumerate(listed)]
