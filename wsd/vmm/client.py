@@ -22,13 +22,18 @@ class HandoffRefused(RuntimeError):
 
 
 def read_reply(sock: socket.socket) -> dict[str, Any]:
+    """The reply line, and not a byte more: ``keep`` lines may follow with
+    pipes attached, which a ``recv`` past the newline would close (:mod:`wsd.vmm.kept`)."""
     buf = b""
-    while b"\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
+    while True:
+        ahead = sock.recv(65536, socket.MSG_PEEK)
+        if not ahead:
             raise ConnectionError("wsd closed the connection without a reply")
-        buf += chunk
-    reply: dict[str, Any] = json.loads(buf.partition(b"\n")[0])
+        end = ahead.find(b"\n")
+        buf += sock.recv(len(ahead) if end < 0 else end + 1)
+        if end >= 0:
+            break
+    reply: dict[str, Any] = json.loads(buf)
     return reply
 
 
