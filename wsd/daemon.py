@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from wsd.storage.registry import open_backend
 from wsd.tracker.mode import ModeDecision, TrackingMode, choose_mode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.claims import Claim, check_unclaimed
+from wsd.vmm.kept import VmmKeeper
 from wsd.vmm.limits import HandoffLimits
 from wsd.vmm.mappings import check_mappings, check_registered
 from wsd.vmm.protocol import ErrorCode, HandoffError, HandoffRequest
@@ -375,7 +377,17 @@ class Daemon:
             )
         else:
             reply = accepted_reply(req, str(tracker.mode), granularity=granularity)
-        return Accepted(reply, lambda: self._end_soon(session))
+        return Accepted(
+            reply, lambda: self._end_soon(session), functools.partial(self._vmm_keeps, session)
+        )
+
+    @staticmethod
+    def _vmm_keeps(session: Session, conn: socket.socket) -> None:
+        """Without an fd store, the VMM keeps the session's verified-punch pipes
+        across a wsd crash (:mod:`wsd.vmm.kept`)."""
+        parking = session.evictor.parking
+        if parking is not None and not parking.systemd and not session.closed:
+            parking.vmm = VmmKeeper(session.vm_id, conn)
 
     async def _after_last_session(self, vm_id: str) -> None:
         """Wait until the VM's last session has ended, if it is still winding up.
@@ -476,7 +488,8 @@ class Daemon:
             raise
         uffd_fd = fds[req.uffd.fd_index]
         if req.type == "reattach":
-            return self._reattach(req, uffd_fd, memfds)
+            held = {k: fds[index] for k, index in enumerate(req.held)}
+            return self._reattach(req, uffd_fd, memfds, held)
         try:
             # From here the tracker owns the uffd fd (and closes it if it fails).
             tracker = VmTracker.start(
@@ -516,8 +529,11 @@ class Daemon:
                 "vm_id",
             )
 
-    def _reattach(self, req: HandoffRequest, uffd_fd: int, memfds: list[int]) -> VmTracker:
-        """A VMM hands back the uffd of a session a wsd that died had (no systemd fd store).
+    def _reattach(
+        self, req: HandoffRequest, uffd_fd: int, memfds: list[int], held: dict[int, int]
+    ) -> VmTracker:
+        """A VMM hands back the uffd of a session a wsd that died had (no systemd fd store),
+        and the pipes that wsd gave it to keep (``held``, by part).
 
         Same checks as a resume from the fd store, and the regions must be
         the ones handed off the first time.  Closes the fds if it refuses.
@@ -554,7 +570,7 @@ class Daemon:
                 )
             resume.remove_temporaries(state_dir, req.vm_id)
         except BaseException:
-            close_fds([uffd_fd, *memfds])
+            close_fds([uffd_fd, *memfds, *held.values()])
             raise
         try:
             tracker = resume.adopt(
@@ -565,6 +581,7 @@ class Daemon:
                 ceiling=ceiling,
                 kernel=self.kernel,
                 clock=self.clock,
+                held=held,
             )
         except BaseException:
             close_fds(memfds)

@@ -17,7 +17,8 @@ only copy of writes that raced it (:mod:`wsd.evictor.held`).  systemd reads
 its notify socket before it handles a service's death (src/core/manager.c
 gives the notify event source a higher priority than SIGCHLD "so that we can
 still identify to which service an exit message belongs"), so an
-``FDSTORE=1`` sent before a SIGKILL counts.
+``FDSTORE=1`` sent before a SIGKILL counts.  Without systemd the VMM keeps
+those pipes instead (:mod:`wsd.vmm.kept`).
 """
 
 from __future__ import annotations

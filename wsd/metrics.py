@@ -108,7 +108,7 @@ _EVICTOR_COUNTERS: Final = (
         "held_back_pages",
         "wsd_evict_held_back_pages",
         "Punched pages whose held bytes could not be read back: faults on them wait until a "
-        "later cycle reads the pipes, or a restart puts them back from the fd store.",
+        "later cycle reads the pipes, or a restart puts them back from the fd store or the VMM.",
     ),
     (
         "punch_remnants",

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from wsd.testing.supervisor import Supervisor
 from wsd.tracker.mode import TrackingMode
 from wsd.tracker.session import VmTracker
 from wsd.tracker.state import Granularity
+from wsd.vmm.kept import KeptPipes, VmmKeeper
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 INTERVAL = 0.2
@@ -195,6 +197,10 @@ class ParkedSession:
     ctx: VmContext
     ev: Evictor
     resumed: VmTracker | None = None
+    memfd_copy: int = -1
+    vmm_end: socket.socket | None = None
+    """Without an fd store: the VMM's end of the connection the pipes go to."""
+    wsd_end: socket.socket | None = None
 
     RACED: ClassVar[list[int]] = [3, 4, 40]
     PAGES: ClassVar[npt.NDArray[np.int64]] = np.arange(0, 64, dtype=np.int64)
@@ -210,6 +216,43 @@ class ParkedSession:
         assert back is not None
         self.resumed = back.tracker
         return back.tracker
+
+    def reattach(self, tmp_path: Path) -> VmTracker:
+        """wsd died; take the session back as ``Daemon._reattach`` does, with the
+        VMM's copies of the uffd and memfd and the pipes it kept."""
+        assert self.vmm_end is not None and self.ev.parking is not None
+        self.ev.parking.close(unpark=False)  # what wsd's death closes
+        assert self.wsd_end is not None
+        self.wsd_end.close()
+        kept = KeptPipes()
+        while kept.receive(self.vmm_end):
+            pass
+        record, vmap, ceiling = resume.load(tmp_path, self.tracker.vm_id)
+        held, kept.parts = dict(enumerate(kept.parts)), []
+        self.resumed = resume.adopt(
+            record,
+            vmap,
+            os.dup(self.tracker.uffd.fd),
+            [self.memfd_copy],
+            ceiling=ceiling,
+            kernel=probe_kernel(),
+            held=held,
+        )
+        return self.resumed
+
+    async def die_after_the_punch(
+        self, monkeypatch: pytest.MonkeyPatch, dies_in: tuple[type, str]
+    ) -> None:
+        """Evict ``PAGES``, with wsd killed in ``dies_in`` (class, method) after the punch."""
+
+        def killed(*args: object, **kwargs: object) -> None:
+            raise Killed
+
+        with monkeypatch.context() as m:
+            m.setattr(*dies_in, killed)
+            with pytest.raises(Killed):
+                await self.ev.evict_batch(0, self.tracker.regions[0], self.PAGES)
+        assert not self.tracker.regions[0].resident()[self.PAGES].any(), "not punched"
 
     async def evict_with_unreadable_pipes(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Evict ``PAGES`` with their held bytes unreadable after the punch: all held back."""
@@ -240,10 +283,15 @@ class ParkedSession:
 
 @contextlib.asynccontextmanager
 async def parked_session(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm_id: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm_id: str, *, kept_by_vmm: bool = False
 ) -> AsyncIterator[ParkedSession]:
+    """``kept_by_vmm``: no fd store; the pipes go to the VMM on a connection."""
     sup = Supervisor([], tmp_path)  # only its notify socket and fd store
-    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
+    if kept_by_vmm:
+        monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    else:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
+    wsd_end, vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with PuppetVMM.spawn(4 << 20) as puppet:
             tracker = track_puppet(puppet, vm_id=vm_id)
@@ -260,17 +308,27 @@ async def parked_session(
                 )
                 ev = Evictor(ctx, state_dir=tmp_path)
                 session = ParkedSession(sup, puppet, tracker, store, ctx, ev)
+                if kept_by_vmm:
+                    assert ev.parking is not None and not ev.parking.systemd
+                    ev.parking.vmm = VmmKeeper(vm_id, wsd_end)
+                    session.vmm_end, session.wsd_end = vmm_end, wsd_end
+                    session.memfd_copy = os.dup(puppet.memfd)
                 yield session
             finally:
                 await store.close()
                 tracker.close()
                 if session is not None and session.resumed is not None:
                     session.resumed.close()
+                if session is not None and session.memfd_copy >= 0:
+                    os.close(session.memfd_copy)
     finally:
         sup.close()
+        wsd_end.close()
+        vmm_end.close()
 
 
-@pytest.mark.parametrize(
+# Where a kill lands between a punch and its put-back.
+DIES_IN = pytest.mark.parametrize(
     "dies_in",
     [
         pytest.param((HeldPages, "read_into"), id="before-reading-the-pipes"),
@@ -278,6 +336,9 @@ async def parked_session(
         pytest.param((Userfaultfd, "copy"), id="at-the-first-put-back"),
     ],
 )
+
+
+@DIES_IN
 async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_in: tuple[type, str]
 ) -> None:
@@ -285,16 +346,7 @@ async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
     store, and the resume of the session puts their pages back (wsd.evictor.held)."""
     vm_id = "wp-kill"
     async with parked_session(tmp_path, monkeypatch, vm_id) as s:
-        pages = s.PAGES
-
-        def killed(*args: object, **kwargs: object) -> None:
-            raise Killed
-
-        with monkeypatch.context() as m:
-            m.setattr(*dies_in, killed)
-            with pytest.raises(Killed):
-                await s.ev.evict_batch(0, s.tracker.regions[0], pages)
-        assert not s.tracker.regions[0].resident()[pages].any(), "not punched"
+        await s.die_after_the_punch(monkeypatch, dies_in)
         s.sup.kill()  # no process; reads what was sent first, as systemd does
         names = sorted(s.sup.stored_names())
         assert names == [f"wsd.{vm_id}.held0", f"wsd.{vm_id}.mem0", f"wsd.{vm_id}.uffd"]
@@ -304,6 +356,23 @@ async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
         s.sup.kill()
         assert f"wsd.{vm_id}.held0" not in s.sup.stored_names(), "pipes left in the store"
         # Every page is back in place: reading them faults nothing.
+        await s.check_every_raced_write_is_back()
+
+
+@DIES_IN
+async def test_without_an_fd_store_the_vmm_keeps_the_pipes_and_a_reattach_loses_no_raced_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_in: tuple[type, str]
+) -> None:
+    """No systemd: the pipes went to the VMM on its connection before the punch
+    (``keep``), and the reattach that gives them back puts every raced write
+    back (wsd.vmm.kept)."""
+    vm_id = "wp-kill-vmm"
+    async with parked_session(tmp_path, monkeypatch, vm_id, kept_by_vmm=True) as s:
+        await s.die_after_the_punch(monkeypatch, dies_in)
+        assert s.ev.parking is not None and s.ev.parking.parked > 0
+        resumed = s.reattach(tmp_path)
+        state = resumed.regions[0].state
+        assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
         await s.check_every_raced_write_is_back()
 
 

@@ -192,6 +192,16 @@ async def test_socket_mode_is_tight(server) -> None:
             "invalid_message",
             "a registered uffd must state its 'features' and 'register_mode'",
         ),
+        (
+            message(held=[2]),
+            "invalid_message",
+            "held: only a reattach gives back pipes wsd asked to keep",
+        ),
+        (
+            message(type="reattach", held=[1]),
+            "invalid_message",
+            "held[0]: fd_index 1 is used twice",
+        ),
     ],
     ids=[
         "bad-json",
@@ -203,6 +213,8 @@ async def test_socket_mode_is_tight(server) -> None:
         "outside-memfd",
         "region-count",
         "registered-without-details",
+        "held-on-a-handoff",
+        "held-twice",
     ],
 )
 async def test_bad_messages_get_a_precise_error(
@@ -242,6 +254,10 @@ async def test_fd_problems(server, fds, tmp_path: Path) -> None:
             err = await refused(srv, message(), attached)
             assert err.code == "bad_fds", err
             assert text in str(err)
+        reattach = message(type="reattach", held=[2])
+        err = await refused(srv, reattach, [fds.uffd.fd, fds.memfd, regular])
+        assert err.code == "bad_fds" and err.field == "held[0]", err
+        assert "held[0] (fd_index 2) is a regular file" in str(err)
     finally:
         os.close(regular)
         blocking.close()

@@ -25,6 +25,7 @@ from typing import Any
 from wsd.kernel import FdKind, KernelError, close_fds, describe_fd, pidfd_getfd, pidfd_open
 from wsd.kernel.procfs import PROC, Mapping, read_maps, read_smaps, uffd_flags
 from wsd.vmm.client import HandoffRefused, hand_off
+from wsd.vmm.kept import KeptPipes
 
 from .discover import (
     GuestRam,
@@ -214,6 +215,8 @@ class Attached:
     sources: Sources
     message: dict[str, Any]
     name: str
+    kept: KeptPipes = field(default_factory=KeptPipes)
+    """The pipes wsd asks the VMM to keep, kept for it (:mod:`wsd.vmm.kept`)."""
 
     @property
     def uffd_in_vmm(self) -> int:
@@ -226,10 +229,12 @@ class Attached:
         """
         taken = self.sources.take()
         try:
-            reply, conn = hand_off(socket_path, {**self.message, "type": "reattach"}, taken.fds)
+            message, fds = self.kept.reattach({**self.message, "type": "reattach"}, taken.fds)
+            reply, conn = hand_off(socket_path, message, fds)
         finally:
             taken.close()
         self.conn.close()
+        self.kept.close()  # the new wsd has them; it sends its own
         self.reply, self.conn = reply, conn
 
     def close_uffd_once_released(self, timeout: float, *, proc: Path = PROC) -> str:

@@ -89,8 +89,8 @@ def _hold(done: Attached, path: Path, banner: str, *, reattach: bool, detach_wai
                 print(f"{vm_id}: pid {pid} exited; session over", flush=True)
                 return 0
             try:
-                if done.conn.recv(4096):
-                    continue  # wsd sends nothing after its reply in protocol 1
+                if done.kept.receive(done.conn):
+                    continue
             except OSError:
                 pass  # reset: wsd died
             if not reattach:
@@ -113,6 +113,7 @@ def _hold(done: Attached, path: Path, banner: str, *, reattach: bool, detach_wai
     finally:
         os.close(pidfd)
         done.conn.close()
+        done.kept.close()
 
 
 def _reattach(done: Attached, path: Path, pidfd: int) -> int | None:

@@ -785,8 +785,8 @@ class Evictor:
         (no zero fill) and held back (no fetch): their faults wait, like a
         fetch from a dead tier, until the pipes read at a later repair
         (:meth:`put_back_held`) or a restart puts them back from the parked
-        pipes (:func:`.held.put_back`).  Without an fd store the pipes die
-        with wsd, and these pages with them.
+        pipes (:func:`.held.put_back`), or the VMM that kept them reattaches.
+        Without either the pipes die with wsd, and these pages with them.
         """
         ctx = self.ctx
         t.state.note_evicted(e.pages)
@@ -796,7 +796,7 @@ class Evictor:
         ctx.stats.held_back_pages += len(e.pages)
         log.error(
             "punched pages' held bytes unreadable: their faults wait until the pipes read "
-            "again, or a restart puts them back from the fd store"
+            "again, or a restart puts them back from the fd store or the VMM"
             if parked
             else "punched pages' held bytes unreadable and kept nowhere: their faults wait; "
             "their stored copies miss any write that raced the punch",

@@ -1,4 +1,5 @@
-"""The verified punch's pipes, parked in systemd's fd store: raced writes survive a kill.
+"""The verified punch's pipes, parked in systemd's fd store or with the VMM: raced writes
+survive a kill.
 
 In wp-async mode a page written between its read and its punch has its final
 bytes only in the pipe that held it across the punch (:class:`HeldPages`),
@@ -21,8 +22,9 @@ installs every labelled page whose memfd offset is still a hole: that brings
 back a raced page's final bytes and, for the others, the bytes that were
 stored, equally current.  A page that holds data was never punched or was put
 back already, and the memfd is newer than any pipe.  Without an fd store (no
-systemd, or a VMM that re-attaches) the window stays; docs/reliability.md
-says so.
+systemd) the VMM keeps the pipes instead, and gives them back when it
+reattaches (:mod:`wsd.vmm.kept`); a VMM that does not keep them leaves the
+window open, as docs/reliability.md says.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -86,31 +89,57 @@ class ParkingFailed(Exception):
     """The pipes could not all be parked: the punch must not happen."""
 
 
+class PipeKeeper(Protocol):
+    """Without systemd, the VMM: it keeps the pipes and gives them back with a
+    reattach (:class:`wsd.vmm.kept.VmmKeeper`)."""
+
+    def keep(self, pipes: Sequence[int], first: int) -> None:
+        """Hand over pipes ``first``, ``first + 1``...; raises OSError if not."""
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Parking:
-    """One session's verified-punch pipes, and which of them the fd store has."""
+    """One session's verified-punch pipes, and which of them outlive wsd:
+    in systemd's fd store, or else with the VMM (:attr:`vmm`)."""
 
     vm_id: str
-    available: bool = field(default_factory=sdnotify.present)
-    """Whether there is a store: without one (not under systemd) the session
-    does not survive a crash anyway, and nothing is parked."""
+    systemd: bool = field(default_factory=sdnotify.present)
+    vmm: PipeKeeper | None = None
+    """Set once the VMM's connection has its ``accepted`` reply, when there
+    is no fd store."""
     pool: PipePool = field(default_factory=PipePool)
     parked: int = 0
-    """The pool's first pipes that are in the store."""
+    """The pool's first pipes that outlive wsd."""
+
+    @property
+    def available(self) -> bool:
+        """Whether the pipes can outlive wsd.  Without (no fd store, and a
+        VMM that has no reply yet, or an evictor without a daemon) the
+        session does not survive a crash anyway, and nothing is parked."""
+        return self.systemd or self.vmm is not None
 
     def park(self) -> None:
-        """Hand the store the pool's pipes it does not have yet (the pool grew).
-
-        Raises :class:`ParkingFailed` if it did not take them all.
+        """Hand the store, or the VMM, the pool's pipes it does not have yet
+        (the pool grew).  Raises :class:`ParkingFailed` if it did not take them all.
         """
         new = self.pool.read_ends[self.parked :]
-        if not self.available or not new:
+        if not new:
             return
-        n = fdstore.store_held(self.vm_id, new, first=self.parked)
-        if n < len(new):
-            fdstore.remove_held(self.vm_id, n, first=self.parked)
-            raise ParkingFailed(f"the fd store took {n} of {len(new)} pipes")
-        self.parked += n
+        if self.systemd:
+            n = fdstore.store_held(self.vm_id, new, first=self.parked)
+            if n < len(new):
+                fdstore.remove_held(self.vm_id, n, first=self.parked)
+                raise ParkingFailed(f"the fd store took {n} of {len(new)} pipes")
+        elif self.vmm is not None:
+            try:
+                self.vmm.keep(new, self.parked)
+            except OSError as e:
+                raise ParkingFailed(f"the VMM could not be sent {len(new)} pipes: {e}") from e
+        else:
+            return
+        self.parked += len(new)
 
     def close(self, *, unpark: bool = True) -> None:
         """The session ended: closed, and out of the store unless ``unpark`` is false.
@@ -118,10 +147,13 @@ class Parking:
         Between punches the pipes hold nothing, except after a punch whose
         pages could not be read back: then they hold what only a restart can
         put back, and a session that stays parked must leave them parked.
+        A VMM keeps its copies until it reattaches or hangs up.
         """
-        if self.parked and unpark:
+        if self.parked and unpark and self.systemd:
             fdstore.remove_held(self.vm_id, self.parked)
             self.parked = 0
+        if self.vmm is not None:
+            self.vmm.close()
         self.pool.close()
 
 

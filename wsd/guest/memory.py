@@ -22,6 +22,7 @@ import numpy.typing as npt
 from wsd.kernel import memfd_create, open_userfaultfd
 from wsd.kernel.uffd import OpenFlag
 from wsd.vmm.client import hand_off
+from wsd.vmm.kept import KeptPipes
 
 from .config import Thp
 from .native import Native
@@ -99,12 +100,13 @@ class GuestMemory:
         path: os.PathLike[str] | str,
         vm_id: str,
         *,
-        reattach: bool = False,
+        reattach: KeptPipes | None = None,
         dma_pinned: bool = False,
     ) -> tuple[dict[str, Any], socket.socket]:
         """Send uffd (fd 0) and memfd (fd 1) to wsd; raises HandoffRefused on an error reply.
 
-        ``reattach``: give a restarted wsd the session its predecessor had.
+        ``reattach``: give a restarted wsd the session its predecessor had,
+        with the pipes that one asked us to keep.
         ``dma_pinned``: mark the region DMA-pinned, as a VMM with VFIO
         passthrough would; wsd then never evicts from it.
         """
@@ -113,9 +115,10 @@ class GuestMemory:
         msg = handoff_message(
             vm_id, os.getpid(), self.base, self.size, self.page_size, dma_pinned=dma_pinned
         )
-        if reattach:
-            msg["type"] = "reattach"
-        return hand_off(os.fspath(path), msg, [self.uffd, self.memfd])
+        fds = [self.uffd, self.memfd]
+        if reattach is not None:
+            msg, fds = reattach.reattach({**msg, "type": "reattach"}, fds)
+        return hand_off(os.fspath(path), msg, fds)
 
     def close(self) -> None:
         for buf in self._buffers:

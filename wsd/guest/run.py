@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from wsd.vmm.client import HandoffRefused
+from wsd.vmm.kept import KeptPipes
 
 from .config import GuestConfig, Pattern
 from .hotset import HotSets
@@ -101,27 +102,39 @@ def _signals(waker: _Waker) -> Iterator[None]:
 class _SessionWatch:
     """Keeps the hand-off connection open and notices if wsd closes it.
 
-    With ``reattach``, a closed connection means wsd died: it calls it every
-    second until a restarted wsd takes the session back, then watches anew.
+    It also keeps the pipes wsd sends on it (:class:`KeptPipes`).  With
+    ``reattach``, a closed connection means wsd died: it calls it with them
+    every second until a restarted wsd takes the session back, then watches
+    anew.
     """
 
     def __init__(
-        self, sock: socket.socket, reattach: Callable[[], socket.socket] | None = None
+        self,
+        sock: socket.socket,
+        reattach: Callable[[KeptPipes], socket.socket] | None = None,
     ) -> None:
         self.sock = sock
         self.closed_by_wsd: float | None = None
         self.reattached = 0
+        self.pipes_given_back = 0
         self._reattach = reattach
         self._closing = False
         self._thread = threading.Thread(target=self._watch, name="handoff-watch", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
+        kept = KeptPipes()
+        try:
+            self._watch_keeping(kept)
+        finally:
+            kept.close()
+
+    def _watch_keeping(self, kept: KeptPipes) -> None:
         while True:
             self.sock.settimeout(None)
             try:
-                while self.sock.recv(4096):
-                    pass  # wsd sends nothing after its reply in protocol 1
+                while kept.receive(self.sock):
+                    pass
             except OSError:
                 pass
             if self._closing:
@@ -134,7 +147,7 @@ class _SessionWatch:
             while not self._closing:
                 time.sleep(1.0)
                 try:
-                    sock = self._reattach()
+                    sock = self._reattach(kept)
                 except HandoffRefused as e:
                     if e.code == "duplicate_vm":
                         # A wsd under systemd took it back from its fd store.
@@ -148,6 +161,8 @@ class _SessionWatch:
                 self.sock.close()
                 self.sock = sock
                 self.reattached += 1
+                self.pipes_given_back += len(kept.parts)
+                kept.close()  # the new wsd has them; it sends its own
                 _say("reattached")
                 break
 
@@ -238,9 +253,9 @@ def _run(config: GuestConfig, memory: GuestMemory) -> int:
         reattach = None
         if config.reattach:
 
-            def reattach() -> socket.socket:
+            def reattach(kept: KeptPipes) -> socket.socket:
                 return memory.hand_off(
-                    config.socket, config.vm_id, reattach=True, dma_pinned=config.dma_pinned
+                    config.socket, config.vm_id, reattach=kept, dma_pinned=config.dma_pinned
                 )[1]
 
         session.watch = _SessionWatch(sock, reattach)
@@ -354,6 +369,7 @@ def _report(
         "handoff": session.reply,
         "handoff_closed_by_wsd": session.watch.closed_by_wsd if session.watch else None,
         "reattached": session.watch.reattached if session.watch else 0,
+        "pipes_given_back": session.watch.pipes_given_back if session.watch else 0,
         "fill_seconds": session.fill_seconds,
         "started": workload.started,
         "ended": ended,

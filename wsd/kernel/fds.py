@@ -27,6 +27,7 @@ class FdKind(enum.StrEnum):
     MEMFD = "memfd"
     MEMFD_HUGETLB = "memfd-hugetlb"
     REGULAR = "regular file"
+    PIPE = "pipe"
     OTHER = "other"
 
 
@@ -90,6 +91,8 @@ def describe_fd(fd: int, *, proc: Path = Path("/proc")) -> FdInfo:
             raise oserror("fcntl(F_GET_SEALS)", e.errno or errno.EINVAL, fd=fd) from e
     elif stat.S_ISREG(st.st_mode):
         kind = FdKind.REGULAR
+    elif stat.S_ISFIFO(st.st_mode):
+        kind = FdKind.PIPE
     else:
         kind = FdKind.OTHER
     return FdInfo(

@@ -71,6 +71,9 @@ class SoakResult:
     punches_put_back: int = 0
     """Restarts that found a verified punch in flight in its parked pipes and put its
     pages back (wp-async; see wsd.evictor.held)."""
+    pipes_given_back: int = 0
+    """Verified-punch pipes the guest kept and gave back with its reattaches (no
+    fd store; see wsd.vmm.kept)."""
     stale_copies: int = 0
     """Pages the page map listed that a restart found resident: their stored copies
     were discarded (a kill after a put, before its punch, or after a fetch)."""
@@ -234,6 +237,7 @@ def crash_soak(
                 if p.name.lstrip(".").startswith(VM_ID) and p.name != f"{VM_ID}.ceiling"
             ),
             punches_put_back=log_text.count("pages held across a punch"),
+            pipes_given_back=report.get("pipes_given_back", 0),
             stale_copies=sum(int(n) for n in re.findall(r'stale_copies"?[:=]\s*(\d+)', log_text)),
             log_problems=log_problems(log_text),
         )

@@ -17,7 +17,7 @@ def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
             f"{'was' if len(fds) == 1 else 'were'} attached",
             "fds",
         )
-    used = {req.uffd.fd_index} | {r.fd_index for r in req.regions}
+    used = {req.uffd.fd_index, *req.held} | {r.fd_index for r in req.regions}
     unused = sorted(set(range(want)) - used)
     if unused:
         raise HandoffError(ErrorCode.BAD_FDS, f"fd_index {unused[0]} is attached but unused", "fds")
@@ -78,5 +78,14 @@ def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
                 f"{where}.page_size is {r.page_size} but its memfd is "
                 f"{'hugetlbfs' if huge else 'backed by 4 KiB pages'}",
                 f"{where}.page_size",
+            )
+    for k, index in enumerate(req.held):
+        info = infos[index]
+        if info.kind is not FdKind.PIPE:
+            raise HandoffError(
+                ErrorCode.BAD_FDS,
+                f"held[{k}] (fd_index {index}) is a {info.kind} ({info.target}), not a pipe "
+                "wsd gave the VMM to keep",
+                f"held[{k}]",
             )
     return infos

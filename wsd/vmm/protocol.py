@@ -186,6 +186,9 @@ class HandoffRequest(BaseModel):
     """The sender is not the VMM but acts for it (``wsd attach``); see docs/protocol.md."""
     uffd: UffdSpec = UffdSpec()
     regions: Annotated[list[Region], Field(min_length=1, max_length=MAX_REGIONS)]
+    held: list[Annotated[int, Field(ge=0, lt=MAX_FDS)]] = []
+    """A ``reattach``'s pipes, by part: the fd_index of each pipe the dead wsd
+    gave the VMM to keep (``keep`` messages, docs/protocol.md)."""
 
     @field_validator("regions", mode="before")
     @classmethod
@@ -215,6 +218,13 @@ class HandoffRequest(BaseModel):
         for i, r in enumerate(regions):
             if r.fd_index == self.uffd.fd_index:
                 raise ValueError(f"regions[{i}].fd_index {r.fd_index} is the uffd's fd_index")
+        if self.held and self.type != "reattach":
+            raise ValueError("held: only a reattach gives back pipes wsd asked to keep")
+        taken = {self.uffd.fd_index, *(r.fd_index for r in regions)}
+        for k, index in enumerate(self.held):
+            if index in taken:
+                raise ValueError(f"held[{k}]: fd_index {index} is used twice")
+            taken.add(index)
         for i in range(1, len(regions)):
             if regions[i].guest_phys_addr < regions[i - 1].guest_phys_addr:
                 raise ValueError(f"regions[{i}] is not sorted by guest_phys_addr")
@@ -236,7 +246,7 @@ class HandoffRequest(BaseModel):
     @property
     def fd_count(self) -> int:
         """How many fds the message must carry: every index up to the highest one."""
-        return max([self.uffd.fd_index, *(r.fd_index for r in self.regions)]) + 1
+        return max([self.uffd.fd_index, *(r.fd_index for r in self.regions), *self.held]) + 1
 
 
 def _no_overlap(spans: list[tuple[int, int, int]], where: str) -> None:

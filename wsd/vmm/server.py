@@ -68,6 +68,9 @@ class Accepted:
 
     reply: dict[str, Any]
     close: Callable[[], Awaitable[None]]
+    replied: Callable[[socket.socket], None] | None = None
+    """Called with the connection once the reply is sent: what the session
+    sends the VMM later must not get ahead of it."""
 
 
 # The handler owns the fds from the moment it is called, on success and failure.
@@ -169,6 +172,8 @@ class HandoffServer:
             return
         try:
             await self._send(conn, accepted.reply)
+            if accepted.replied is not None:
+                accepted.replied(conn)
             bound.info(
                 "session started",
                 **{k: v for k, v in accepted.reply.items() if k in ("vm_id", "mode")},
