@@ -57,13 +57,13 @@ class Claim:
 def check_unclaimed(claim: Claim, held: Iterable[Claim]) -> None:
     """Raise HandoffError (``bad_fds``) naming the first of ``claim``'s uffd or
     memory ranges that it shares with itself or with a claim in ``held``."""
-    for i, (file, start, end) in enumerate(claim.memory):
-        for j, (earlier, s, e) in enumerate(claim.memory[:i]):
-            if earlier == file and s < end and start < e:
+    for i, mine in enumerate(claim.memory):
+        for j, earlier in enumerate(claim.memory[:i]):
+            if shared := _shared(mine, earlier):
                 raise HandoffError(
                     ErrorCode.BAD_FDS,
                     f"regions[{i}] and regions[{j}] are backed by the same range of one memfd "
-                    f"({file}, [{max(s, start):#x}, {min(e, end):#x})), sent under two fd_indexes",
+                    f"({mine[0]}, {shared}), sent under two fd_indexes",
                     f"regions[{i}]",
                 )
     for other in held:
@@ -74,13 +74,18 @@ def check_unclaimed(claim: Claim, held: Iterable[Claim]) -> None:
                 "each VM needs a userfaultfd of its own",
                 "uffd.fd_index",
             )
-        for i, (file, start, end) in enumerate(claim.memory):
-            for j, (theirs, s, e) in enumerate(other.memory):
-                if theirs == file and s < end and start < e:
+        for i, mine in enumerate(claim.memory):
+            for j, theirs in enumerate(other.memory):
+                if shared := _shared(mine, theirs):
                     raise HandoffError(
                         ErrorCode.BAD_FDS,
-                        f"regions[{i}]: its memfd ({file}) range [{max(s, start):#x}, "
-                        f"{min(e, end):#x}) is guest memory of VM {other.vm_id!r} too "
-                        f"(its regions[{j}])",
+                        f"regions[{i}]: its memfd ({mine[0]}) range {shared} is guest memory "
+                        f"of VM {other.vm_id!r} too (its regions[{j}])",
                         f"regions[{i}]",
                     )
+
+
+def _shared(a: tuple[FileId, int, int], b: tuple[FileId, int, int]) -> str:
+    """The range of one file two ``(file, start, end)`` spans share, as text; empty if none."""
+    start, end = max(a[1], b[1]), min(a[2], b[2])
+    return f"[{start:#x}, {end:#x})" if a[0] == b[0] and start < end else ""
