@@ -180,6 +180,10 @@ class Daemon:
         # The uffds and guest memory of every session, and of hand-offs on their
         # way to one, until the session has wound up.
         self._claims: list[Claim] = []
+        # Per vm_id, how many verified-punch pipes a session that stayed parked
+        # left in the fd store: a later session of the VM parks its own under
+        # the same names, and systemd would keep both.
+        self._parked_pipes: dict[str, int] = {}
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
         self.metrics_server: MetricsServer | None = None
@@ -515,12 +519,18 @@ class Daemon:
             raise
         return tracker
 
-    @staticmethod
-    def _take_over(state_dir: Path, vm_id: str) -> None:
+    def _unpark_pipes(self, vm_id: str) -> None:
+        """Take the pipes a session of ``vm_id`` left parked in this process out
+        of the fd store, before a new session of the VM parks its own."""
+        fdstore.remove_held(vm_id, self._parked_pipes.pop(vm_id, 0))
+
+    def _take_over(self, state_dir: Path, vm_id: str) -> None:
         """Unpark what an earlier session of ``vm_id`` left (``resume.take_over``),
         or refuse the hand-off while that session's VMM runs."""
         parked = resume.take_over(state_dir, vm_id)
-        if parked is not None:
+        if parked is None:
+            self._unpark_pipes(vm_id)
+        else:
             raise HandoffError(
                 ErrorCode.DUPLICATE,
                 f"vm_id {vm_id!r} has a parked session of pid {parked.vmm_pid}, which still "
@@ -569,6 +579,9 @@ class Daemon:
                     "regions",
                 )
             resume.remove_temporaries(state_dir, req.vm_id)
+            # Parked when the session's drain gave up: this process closed its
+            # copies, and the reattached session parks pipes of its own.
+            self._unpark_pipes(req.vm_id)
         except BaseException:
             close_fds([uffd_fd, *memfds, *held.values()])
             raise
@@ -786,6 +799,8 @@ class Daemon:
             if session.evictor.parking is not None:
                 # No punch is in flight between steps.  Parked sessions keep
                 # their pipes parked: they may hold held-back pages.
+                if not done and session.evictor.parking.parked:
+                    self._parked_pipes[session.vm_id] = session.evictor.parking.parked
                 session.evictor.parking.close(unpark=done)
             loop = asyncio.get_running_loop()
             with contextlib.suppress(ValueError, OSError):

@@ -29,6 +29,7 @@ from wsd.storage import StorageError
 from wsd.testing.life_events import evicting_settings, uffd_vmflags
 from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
 from wsd.testing.running import running_daemon
+from wsd.testing.supervisor import Supervisor
 from wsd.tracker.session import VmTracker
 from wsd.vmm.client import HandoffRefused, hand_off
 
@@ -484,6 +485,43 @@ async def test_a_vm_handed_off_again_is_refused_when_its_last_session_drains_too
             first.close()
 
 
+@contextlib.asynccontextmanager
+async def parked_after_a_failed_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm_id: str
+) -> AsyncIterator[tuple[Daemon, Supervisor, PuppetVMM]]:
+    """A daemon under a test fd store, and a puppet whose session ended with
+    pages the drain could not bring back (the tier down): it stays parked."""
+    deadlines = {"fetch_deadline_seconds": 1.0, "tier_call_deadline_seconds": 0.5}
+    settings = evicting_settings(tmp_path, INTERVAL, **deadlines)
+    assert settings.state_dir is not None
+    sup = Supervisor([], tmp_path)  # only its notify socket and fd store
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sup.notify_path))
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(sup.close)
+        d = await stack.enter_async_context(running_daemon(settings))
+        vmm = await spawn(d, vm_id)
+        stack.callback(vmm.close)
+        await evicted(d, vm_id, 64)
+        assert d.store is not None
+        get_many = d.store.get_many
+
+        async def failing(*args: Any, **kw: Any) -> Any:
+            raise StorageError("the tier is down (test)", backend="file")
+
+        monkeypatch.setattr(d.store, "get_many", failing)
+        await asyncio.to_thread(vmm.call, "hang_up")
+        await until(lambda: vm_id in d.draining)
+        await until(lambda: vm_id not in d.draining, timeout=30)
+        assert recovery.load(settings.state_dir, vm_id).vmm_pid == vmm.pid
+        listed = pagemap.load_vm(settings.state_dir, vm_id)
+        assert listed is not None and sum(len(r.pages) for r in listed.regions) >= 64
+        # wp-async: the pipes of its verified punches stay parked with it.
+        sup.kill()  # no process: reads what was sent so far
+        assert f"wsd.{vm_id}.held0" in sup.stored_names()
+        monkeypatch.setattr(d.store, "get_many", get_many)
+        yield d, sup, vmm
+
+
 async def test_a_vm_parked_with_pages_in_storage_is_handed_off_anew_only_once_its_vmm_exits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -491,37 +529,16 @@ async def test_a_vm_parked_with_pages_in_storage_is_handed_off_anew_only_once_it
     runs, only that VMM may take the pages back (a reattach); once it is gone, a
     new session of the VM unparks it, or its page map would be replayed over the
     new session's after a crash and the new memfd's holes served the old bytes."""
-    deadlines = {"fetch_deadline_seconds": 1.0, "tier_call_deadline_seconds": 0.5}
-    settings = evicting_settings(tmp_path, INTERVAL, **deadlines)
-    state_dir = settings.state_dir
-    assert state_dir is not None
-    async with running_daemon(settings) as d:
-        first = await spawn(d, "vm-parked")
-        try:
-            await evicted(d, "vm-parked", 64)
-            assert d.store is not None
-            get_many = d.store.get_many
-
-            async def failing(*args: Any, **kw: Any) -> Any:
-                raise StorageError("the tier is down (test)", backend="file")
-
-            monkeypatch.setattr(d.store, "get_many", failing)
-            await asyncio.to_thread(first.call, "hang_up")
-            await until(lambda: "vm-parked" in d.draining)
-            await until(lambda: "vm-parked" not in d.draining, timeout=30)
-            assert recovery.load(state_dir, "vm-parked").vmm_pid == first.pid
-            listed = pagemap.load_vm(state_dir, "vm-parked")
-            assert listed is not None and sum(len(r.pages) for r in listed.regions) >= 64
-            monkeypatch.setattr(d.store, "get_many", get_many)
-
-            refused = await spawn(d, "vm-parked", fill=False)
-            refused.close()
-            err = (refused.handoff_reply or {})["error"]
-            assert err["code"] == "duplicate_vm", err
-            assert f"has a parked session of pid {first.pid}, which still runs" in err["message"]
-            assert recovery.load(state_dir, "vm-parked").vmm_pid == first.pid
-        finally:
-            first.close()
+    async with parked_after_a_failed_drain(tmp_path, monkeypatch, "vm-parked") as (d, sup, first):
+        state_dir = d.settings.state_dir
+        assert state_dir is not None
+        refused = await spawn(d, "vm-parked", fill=False)
+        refused.close()
+        err = (refused.handoff_reply or {})["error"]
+        assert err["code"] == "duplicate_vm", err
+        assert f"has a parked session of pid {first.pid}, which still runs" in err["message"]
+        assert recovery.load(state_dir, "vm-parked").vmm_pid == first.pid
+        first.close()
         second = await spawn(d, "vm-parked", fill=False)
         try:
             assert second.handoff_reply and second.handoff_reply["type"] == "accepted"
@@ -529,8 +546,30 @@ async def test_a_vm_parked_with_pages_in_storage_is_handed_off_anew_only_once_it
             record, vmap, _ = resume.load(state_dir, "vm-parked")
             assert record.vmm_pid == second.pid
             assert vmap is None or not any(len(r.pages) for r in vmap.regions)
+            # Left in the store, the old pipes would be doubled by the new
+            # session's, and a restart would take the session for a broken one.
+            sup.kill()
+            assert not [n for n in sup.stored_names() if ".held" in n], sup.stored_names()
         finally:
             second.close()
+
+
+async def test_a_vm_parked_with_pages_in_storage_is_reattached_by_its_vmm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VMM of a parked session reattaches to the same wsd: it gets every page
+    back, and the fd store holds the pipes of the session's verified punches once."""
+    async with parked_after_a_failed_drain(tmp_path, monkeypatch, "vm-back") as (d, sup, vmm):
+        reply = await asyncio.to_thread(vmm.call, "reattach")
+        assert reply["type"] == "accepted" and reply["evicted_pages"] >= 64, reply
+        versions = await asyncio.to_thread(vmm.call, "read", pages=list(range(vmm.npages)))
+        assert versions == [0] * vmm.npages
+        await evicted(d, "vm-back", 64)  # with verified punches: its pipes parked
+        sup.kill()
+        # (The uffd and memfd are stored again too; systemd keeps one copy of an
+        # fd it has, which the test supervisor does not check.)
+        held = [n for n in sup.stored_names() if ".held" in n]
+        assert "wsd.vm-back.held0" in held and len(held) == len(set(held)), held
 
 
 class HeldStart:

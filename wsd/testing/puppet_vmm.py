@@ -137,6 +137,7 @@ class _Guest:
         self.pinned: list[tuple[int, mmap.mmap | None]] = []
         self.moved: list[tuple[int, int, int]] = []  # (first page, count, new address)
         self.session: socket.socket | None = None
+        self.reattach: dict[str, Any] = {}  # the hand-off, as a reattach
         self.aliases: dict[int, mmap.mmap] = {}  # a second mapping of the memfd, by address
         if fill:
             npages = size // page_size
@@ -343,6 +344,7 @@ def _child(a: argparse.Namespace) -> None:
             hello["reply"], guest.session = hand_off(handoff, msg, [uffd, guest.memfd])
         except HandoffRefused as e:
             hello["reply"] = e.reply
+        guest.reattach = {**msg, "type": "reattach"}
     send_with_fds(sock, json.dumps(hello).encode() + b"\n", [uffd, guest.memfd])
     send_lock = threading.Lock()
 
@@ -381,6 +383,16 @@ def _child(a: argparse.Namespace) -> None:
                 guest.aliases[result] = alias
             elif op == "unmap_again":
                 guest.aliases.pop(req["address"]).close()
+            elif op == "reattach":
+                # Give wsd the session back (docs/protocol.md), as after a crash.
+                try:
+                    result, session = hand_off(handoff, guest.reattach, [uffd, guest.memfd])
+                except HandoffRefused as e:
+                    result = e.reply
+                else:
+                    if guest.session is not None:
+                        guest.session.close()
+                    guest.session = session
             elif op == "hang_up":
                 # The hand-off connection closed with the VMM alive: its session
                 # ends, and wsd brings its evicted pages back.
