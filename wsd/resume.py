@@ -78,7 +78,8 @@ def park(
     recovery.save(state_dir, record)
     if not fdstore.store(vm_id, tracker.uffd.fd, memfds):
         log.info(
-            "no systemd fd store: this session does not survive a wsd crash",
+            "no systemd fd store: after a wsd crash this session lives on only if its VMM "
+            "reattaches, with the pipes wsd sends it to keep (docs/protocol.md)",
             vm_id=vm_id,
         )
 
