@@ -153,7 +153,7 @@ def test_pipes_the_vmm_cannot_be_sent_stop_the_punch(connection, monkeypatch) ->
     parking.pool.pipes.append(_Pipe())
     try:
         wsd_end.shutdown(socket.SHUT_WR)  # as a connection gone bad would refuse
-        with pytest.raises(ParkingFailed, match="the VMM could not be sent 1 pipes"):
+        with pytest.raises(ParkingFailed, match=r"the VMM could not be sent pipes 0\+"):
             parking.park()
         assert parking.parked == 0
     finally:

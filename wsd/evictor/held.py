@@ -136,7 +136,7 @@ class Parking:
             try:
                 self.vmm.keep(new, self.parked)
             except OSError as e:
-                raise ParkingFailed(f"the VMM could not be sent {len(new)} pipes: {e}") from e
+                raise ParkingFailed(f"the VMM could not be sent pipes {self.parked}+: {e}") from e
         else:
             return
         self.parked += len(new)
