@@ -75,8 +75,12 @@ class Supervisor:
                     self._synced.notify_all()
                 if fields.get("FDSTORE") == "1":
                     name = fields.get("FDNAME", "stored")
-                    self.stored.extend((name, fd) for fd in fds)
-                    fds = []
+                    # systemd keeps one copy of an open file it has already
+                    # (service_add_fd_store: "Suppressing duplicate fd").
+                    for fd in fds:
+                        if not self._has(fd):
+                            self.stored.append((name, fd))
+                    fds = [fd for fd in fds if (name, fd) not in self.stored]
                 if fields.get("FDSTOREREMOVE") == "1":
                     name = fields.get("FDNAME", "")
                     for n, fd in [x for x in self.stored if x[0] == name]:
@@ -88,6 +92,15 @@ class Supervisor:
                 os.close(fd)
             if fields.get("READY") == "1":
                 self._ready.set()
+
+    def _has(self, fd: int) -> bool:
+        """Whether the store has this open file (systemd's ``same_fd()`` without
+        kcmp(2): the same inode, opened with the same flags)."""
+        st, flags = os.fstat(fd), fcntl.fcntl(fd, fcntl.F_GETFL)
+        return any(
+            os.path.samestat(st, os.fstat(kept)) and fcntl.fcntl(kept, fcntl.F_GETFL) == flags
+            for _, kept in self.stored
+        )
 
     def _drain(self, timeout: float = 30.0) -> None:
         """Handle every message already sent, as systemd does before it acts on a
