@@ -35,6 +35,13 @@ def test_sigkill_soak_ten_minutes(tmp_path: Path) -> None:
     check(crash_soak(tmp_path, kills=20, seconds=600, gap=(1.0, 20.0)))
 
 
+@pytest.mark.soak
+def test_without_systemd_soak_ten_minutes(tmp_path: Path) -> None:
+    result = crash_soak(tmp_path, kills=20, seconds=600, gap=(1.0, 20.0), reattach=True)
+    check(result)
+    assert result.pipes_given_back > 0, result
+
+
 def test_a_region_the_vmm_unmapped_stays_detached_after_a_restart(tmp_path: Path) -> None:
     """The description records the unmap, so the resume does not arm a range that is gone."""
     cfg = tmp_path / "wsd.toml"
