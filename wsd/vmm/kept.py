@@ -7,7 +7,7 @@ process that outlives wsd and gives a session back is the VMM, which keeps
 its uffd for that already (docs/protocol.md, requirement 1).  So wsd sends
 it the pipes on the session's connection, one ``keep`` line per batch with
 the read ends attached, each before any punch that uses them, and a VMM that
-reattaches gives them back (``"held"``).  Neither side ever reads them.
+reattaches gives them back (``"held"``).  The VMM never reads them.
 
 The lines follow the ``accepted`` reply, so a VMM must read that reply no
 further than its newline (:func:`wsd.vmm.client.read_reply`): a read past it
