@@ -16,7 +16,7 @@ or passed along.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from wsd.kernel import KernelError, file_id
@@ -26,6 +26,9 @@ from .protocol import ErrorCode, HandoffError, Region
 
 __all__ = ["Claim", "check_unclaimed"]
 
+Span = tuple[FileId, int, int]
+"""A range of a file: the file, and its start and end in bytes."""
+
 
 @dataclass(frozen=True, eq=False)
 class Claim:
@@ -33,7 +36,7 @@ class Claim:
 
     vm_id: str
     uffd: FileId
-    memory: tuple[tuple[FileId, int, int], ...]
+    memory: tuple[Span, ...]
     """Per region, in order: its memfd, and the range of it (start, end) in bytes."""
 
     @classmethod
@@ -57,15 +60,14 @@ class Claim:
 def check_unclaimed(claim: Claim, held: Iterable[Claim]) -> None:
     """Raise HandoffError (``bad_fds``) naming the first of ``claim``'s uffd or
     memory ranges that it shares with itself or with a claim in ``held``."""
-    for i, mine in enumerate(claim.memory):
-        for j, earlier in enumerate(claim.memory[:i]):
-            if shared := _shared(mine, earlier):
-                raise HandoffError(
-                    ErrorCode.BAD_FDS,
-                    f"regions[{i}] and regions[{j}] are backed by the same range of one memfd "
-                    f"({mine[0]}, {shared}), sent under two fd_indexes",
-                    f"regions[{i}]",
-                )
+    if hit := next(_overlaps(claim.memory, claim.memory, earlier_only=True), None):
+        i, j, file, shared = hit
+        raise HandoffError(
+            ErrorCode.BAD_FDS,
+            f"regions[{i}] and regions[{j}] are backed by the same range of one memfd "
+            f"({file}, {shared}), sent under two fd_indexes",
+            f"regions[{i}]",
+        )
     for other in held:
         if other.uffd == claim.uffd:
             raise HandoffError(
@@ -74,18 +76,23 @@ def check_unclaimed(claim: Claim, held: Iterable[Claim]) -> None:
                 "each VM needs a userfaultfd of its own",
                 "uffd.fd_index",
             )
-        for i, mine in enumerate(claim.memory):
-            for j, theirs in enumerate(other.memory):
-                if shared := _shared(mine, theirs):
-                    raise HandoffError(
-                        ErrorCode.BAD_FDS,
-                        f"regions[{i}]: its memfd ({mine[0]}) range {shared} is guest memory "
-                        f"of VM {other.vm_id!r} too (its regions[{j}])",
-                        f"regions[{i}]",
-                    )
+        if hit := next(_overlaps(claim.memory, other.memory), None):
+            i, j, file, shared = hit
+            raise HandoffError(
+                ErrorCode.BAD_FDS,
+                f"regions[{i}]: its memfd ({file}) range {shared} is guest memory "
+                f"of VM {other.vm_id!r} too (its regions[{j}])",
+                f"regions[{i}]",
+            )
 
 
-def _shared(a: tuple[FileId, int, int], b: tuple[FileId, int, int]) -> str:
-    """The range of one file two ``(file, start, end)`` spans share, as text; empty if none."""
-    start, end = max(a[1], b[1]), min(a[2], b[2])
-    return f"[{start:#x}, {end:#x})" if a[0] == b[0] and start < end else ""
+def _overlaps(
+    mine: Sequence[Span], theirs: Sequence[Span], *, earlier_only: bool = False
+) -> Iterator[tuple[int, int, FileId, str]]:
+    """``(i, j, file, range)`` for every span ``i`` of ``mine`` that shares a
+    range of its file with span ``j`` of ``theirs`` (``j < i`` if ``earlier_only``)."""
+    for i, (file, start, end) in enumerate(mine):
+        for j, (other, s, e) in enumerate(theirs[:i] if earlier_only else theirs):
+            low, high = max(start, s), min(end, e)
+            if other == file and low < high:
+                yield i, j, file, f"[{low:#x}, {high:#x})"
