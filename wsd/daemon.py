@@ -180,10 +180,12 @@ class Daemon:
         # The uffds and guest memory of every session, and of hand-offs on their
         # way to one, until the session has wound up.
         self._claims: list[Claim] = []
-        # Per vm_id, how many verified-punch pipes a session that stayed parked
-        # left in the fd store: a later session of the VM parks its own under
-        # the same names, and systemd would keep both.
-        self._parked_pipes: dict[str, int] = {}
+        # Per vm_id, the verified-punch pipes of a session that stayed parked
+        # (read ends by part; also in the fd store, or with its VMM).  Its
+        # VMM's reattach puts back what they hold; a new session of the VM
+        # takes them out of the store first, or systemd would keep both its
+        # pipes and these under the same names.
+        self._parked_pipes: dict[str, dict[int, int]] = {}
         self.store: PageStore | None = None
         self.metrics_state = MetricsState()
         self.metrics_server: MetricsServer | None = None
@@ -269,6 +271,10 @@ class Daemon:
         finally:
             for session in list(self.sessions.values()):
                 await self._end(session)
+            # Still in the store (or with their VMMs), for the next wsd.
+            for pipes in self._parked_pipes.values():
+                close_fds(list(pipes.values()))
+            self._parked_pipes.clear()
             self._tg = None
             if metrics is not None:
                 await metrics.close()
@@ -520,9 +526,11 @@ class Daemon:
         return tracker
 
     def _unpark_pipes(self, vm_id: str) -> None:
-        """Take the pipes a session of ``vm_id`` left parked in this process out
-        of the fd store, before a new session of the VM parks its own."""
-        fdstore.remove_held(vm_id, self._parked_pipes.pop(vm_id, 0))
+        """Close the pipes a session of ``vm_id`` left parked in this process and
+        take them out of the fd store, before a new session of the VM parks its own."""
+        pipes = self._parked_pipes.pop(vm_id, {})
+        close_fds(list(pipes.values()))
+        fdstore.remove_held(vm_id, len(pipes))
 
     def _take_over(self, state_dir: Path, vm_id: str) -> None:
         """Unpark what an earlier session of ``vm_id`` left (``resume.take_over``),
@@ -579,12 +587,16 @@ class Daemon:
                     "regions",
                 )
             resume.remove_temporaries(state_dir, req.vm_id)
-            # Parked when the session's drain gave up: this process closed its
-            # copies, and the reattached session parks pipes of its own.
-            self._unpark_pipes(req.vm_id)
         except BaseException:
             close_fds([uffd_fd, *memfds, *held.values()])
             raise
+        # Parked when the session's drain gave up, in this process: the VMM
+        # may give back the same pipes (no fd store), and this process's are
+        # all of them.  The put-back takes them out of the store.
+        parked = self._parked_pipes.pop(req.vm_id, {})
+        if parked:
+            close_fds(list(held.values()))
+            held = parked
         try:
             tracker = resume.adopt(
                 record,
@@ -598,6 +610,8 @@ class Daemon:
             )
         except BaseException:
             close_fds(memfds)
+            # Not put back: the reattached session parks pipes of its own.
+            fdstore.remove_held(req.vm_id, len(held))
             raise
         fdstore.store(req.vm_id, tracker.uffd.fd, memfds)
         return tracker
@@ -799,9 +813,10 @@ class Daemon:
             if session.evictor.parking is not None:
                 # No punch is in flight between steps.  Parked sessions keep
                 # their pipes parked: they may hold held-back pages.
-                if not done and session.evictor.parking.parked:
-                    self._parked_pipes[session.vm_id] = session.evictor.parking.parked
-                session.evictor.parking.close(unpark=done)
+                if done:
+                    session.evictor.parking.close()
+                else:
+                    self._parked_pipes[session.vm_id] = session.evictor.parking.stay_parked()
             loop = asyncio.get_running_loop()
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(session.tracker.uffd.fd)

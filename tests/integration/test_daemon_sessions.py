@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -23,8 +24,9 @@ from wsd import daemon as daemon_module
 from wsd import recovery, resume
 from wsd.daemon import Daemon, Settings
 from wsd.evictor import pagemap
+from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultResult
-from wsd.kernel import Userfaultfd, memfd_create
+from wsd.kernel import HeldPages, KernelError, Userfaultfd, memfd_create
 from wsd.storage import StorageError
 from wsd.testing.life_events import evicting_settings, uffd_vmflags
 from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
@@ -485,12 +487,19 @@ async def test_a_vm_handed_off_again_is_refused_when_its_last_session_drains_too
             first.close()
 
 
+def _unreadable(*args: object, **kwargs: object) -> None:
+    raise KernelError(errno.EIO, "tee", detail="injected")
+
+
 @contextlib.asynccontextmanager
 async def parked_after_a_failed_drain(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm_id: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm_id: str, *, held_back: bool = False
 ) -> AsyncIterator[tuple[Daemon, Supervisor, PuppetVMM]]:
     """A daemon under a test fd store, and a puppet whose session ended with
-    pages the drain could not bring back (the tier down): it stays parked."""
+    pages the drain could not bring back (the tier down): it stays parked.
+
+    ``held_back``: the tier works, but the last verified punches could not read
+    their pipes back, so their pages are held in the pipes alone (wp-async)."""
     deadlines = {"fetch_deadline_seconds": 1.0, "tier_call_deadline_seconds": 0.5}
     settings = evicting_settings(tmp_path, INTERVAL, **deadlines)
     assert settings.state_dir is not None
@@ -503,22 +512,27 @@ async def parked_after_a_failed_drain(
         stack.callback(vmm.close)
         await evicted(d, vm_id, 64)
         assert d.store is not None
-        get_many = d.store.get_many
+        with monkeypatch.context() as m:
+            if held_back:
+                stats = d.sessions[vm_id].ctx.stats
+                m.setattr(HeldPages, "read_into", _unreadable)
+                m.setattr(Evictor, "put_back_held", lambda self: None)  # no re-read either
+                await until(lambda: stats.held_back_pages > 0, timeout=30)
+            else:
 
-        async def failing(*args: Any, **kw: Any) -> Any:
-            raise StorageError("the tier is down (test)", backend="file")
+                async def failing(*args: Any, **kw: Any) -> Any:
+                    raise StorageError("the tier is down (test)", backend="file")
 
-        monkeypatch.setattr(d.store, "get_many", failing)
-        await asyncio.to_thread(vmm.call, "hang_up")
-        await until(lambda: vm_id in d.draining)
-        await until(lambda: vm_id not in d.draining, timeout=30)
+                m.setattr(d.store, "get_many", failing)
+            await asyncio.to_thread(vmm.call, "hang_up")
+            await until(lambda: vm_id in d.draining)
+            await until(lambda: vm_id not in d.draining, timeout=30)
         assert recovery.load(settings.state_dir, vm_id).vmm_pid == vmm.pid
         listed = pagemap.load_vm(settings.state_dir, vm_id)
         assert listed is not None and sum(len(r.pages) for r in listed.regions) >= 64
         # wp-async: the pipes of its verified punches stay parked with it.
         sup.kill()  # no process: reads what was sent so far
         assert f"wsd.{vm_id}.held0" in sup.stored_names()
-        monkeypatch.setattr(d.store, "get_many", get_many)
         yield d, sup, vmm
 
 
@@ -568,6 +582,28 @@ async def test_a_vm_parked_with_pages_in_storage_is_reattached_by_its_vmm(
         sup.kill()
         stored = sup.stored_names()
         assert "wsd.vm-back.held0" in stored and len(stored) == len(set(stored)), stored
+
+
+async def test_pages_held_back_when_a_vm_parked_are_put_back_by_its_reattach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held back: punched, their final bytes (a raced write's among them) in the
+    pipes alone.  The reattach to the same wsd puts them back from the pipes, as
+    a restart would from the store, and takes the pipes out of the store."""
+    async with parked_after_a_failed_drain(tmp_path, monkeypatch, "vm-held", held_back=True) as (
+        d,
+        sup,
+        vmm,
+    ):
+        reply = await asyncio.to_thread(vmm.call, "reattach")
+        # Every page the drain left was held back, and is resident again.
+        assert reply["type"] == "accepted" and reply["evicted_pages"] == 0, reply
+        versions = await asyncio.to_thread(vmm.call, "read", pages=list(range(vmm.npages)))
+        assert versions == [0] * vmm.npages
+        sup.kill()
+        stored = sup.stored_names()
+        assert len(stored) == len(set(stored)), stored
+        assert not d._parked_pipes
 
 
 class HeldStart:

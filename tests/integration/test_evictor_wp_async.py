@@ -33,7 +33,7 @@ from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
-from wsd.kernel import HeldPages, KernelError, Userfaultfd, probe_kernel
+from wsd.kernel import HeldPages, KernelError, Userfaultfd, close_fds, probe_kernel
 from wsd.storage import FileStoreConfig, PageNamespace, PageStore, StorageConfig, ZstdStoreConfig
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
@@ -181,6 +181,12 @@ def _unreadable(*args: object, **kwargs: object) -> None:
     raise KernelError(errno.EIO, "tee", detail="injected")
 
 
+def leave_parked(parking: evictor_held.Parking | None) -> None:
+    """What wsd's death, or a session that stays parked, leaves: the pipes parked."""
+    assert parking is not None
+    close_fds(list(parking.stay_parked().values()))
+
+
 class Killed(BaseException):
     """Where wsd dies: nothing in wsd catches it, as nothing survives a SIGKILL."""
 
@@ -221,7 +227,7 @@ class ParkedSession:
         """wsd died; take the session back as ``Daemon._reattach`` does, with the
         VMM's copies of the uffd and memfd and the pipes it kept."""
         assert self.vmm_end is not None and self.ev.parking is not None
-        self.ev.parking.close(unpark=False)  # what wsd's death closes
+        leave_parked(self.ev.parking)  # what wsd's death closes
         assert self.wsd_end is not None
         self.wsd_end.close()
         kept = KeptPipes()
@@ -404,8 +410,7 @@ async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor
         # parked, and its pipes with it (as Daemon._end does).
         assert not await drain(ctx, FaultService(ctx, asyncio.ensure_future))
         assert t.state.evicted_pages == len(pages)
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
 
         # -- wsd restarts: the pipes come back from the store --------------------
         s.sup.kill()
@@ -434,8 +439,7 @@ async def test_a_held_back_page_the_vmm_discarded_stays_discarded_across_a_resta
             await s.ev.save_map(force=True)
             await faults.close()
         assert not unhandled
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
 
         resumed = await s.restart(tmp_path)
         assert resumed.regions[0].state.evicted_pages == 0
@@ -470,8 +474,7 @@ async def test_a_page_the_vmm_discarded_stays_discarded_when_wsd_dies_before_the
         assert vm is not None
         listed = vm.regions[0].pages
         assert DISCARDED_PAGE in listed.tolist(), "the map on disk still lists it"
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
 
         resumed = await s.restart(tmp_path)
         state = resumed.regions[0].state
@@ -509,8 +512,7 @@ async def test_a_page_fetched_back_then_discarded_stays_discarded_across_a_resta
         assert not unhandled and ctx.stats.fetched_pages == 1
         listed = pagemap.load_vm(tmp_path, vm_id)
         assert listed is not None and DISCARDED_PAGE in listed.regions[0].pages.tolist()
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
 
         resumed = await s.restart(tmp_path)
         after = VmContext(vm_id, resumed, s.store, EvictorConfig())
@@ -542,8 +544,7 @@ async def test_a_page_fetched_back_before_a_restart_is_never_stored_at_an_old_ge
         assert on_disk is not None and page not in on_disk.regions[0].pages.tolist()
         ceiling = pagemap.load_ceiling(tmp_path, vm_id)
         assert ceiling > before.generation
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
 
         resumed = await s.restart(tmp_path)
         assert resumed.regions[0].state.generations[page] == ceiling - 1
@@ -555,8 +556,7 @@ async def test_a_page_fetched_back_before_a_restart_is_never_stored_at_an_old_ge
         assert again.data == before.data
         assert again.generation >= ceiling > before.generation
         assert pagemap.load_ceiling(tmp_path, vm_id) > again.generation
-        assert ev.parking is not None
-        ev.parking.close(unpark=False)
+        leave_parked(ev.parking)
 
 
 async def test_a_record_stored_but_never_listed_before_a_crash_is_never_current_again(
@@ -579,8 +579,7 @@ async def test_a_record_stored_but_never_listed_before_a_crash_is_never_current_
         assert pagemap.load_vm(tmp_path, vm_id) is None  # nothing listed, ever
         ceiling = pagemap.load_ceiling(tmp_path, vm_id)
         assert ceiling > stored.generation
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
 
         resumed = await s.restart(tmp_path)
         assert (resumed.regions[0].state.generations[pages] == ceiling - 1).all()
@@ -595,8 +594,7 @@ async def test_the_next_session_of_a_vm_starts_above_every_generation_of_the_las
         assert await s.ev.evict_batch(0, t, np.array([8, 9], np.int64)) == 2
         ceiling = pagemap.load_ceiling(tmp_path, vm_id)
         assert ceiling > t.state.generations[8] > 0
-        assert s.ev.parking is not None
-        s.ev.parking.close(unpark=False)
+        leave_parked(s.ev.parking)
         resume.unpark(tmp_path, vm_id, 1)  # the session ends, its map with it
         assert pagemap.load_vm(tmp_path, vm_id) is None
 

@@ -23,6 +23,7 @@ from wsd.kernel import (
     Pagemap,
     PipePool,
     Userfaultfd,
+    close_fds,
     data_ranges,
     describe_fd,
     map_shared,
@@ -213,6 +214,25 @@ def test_demo_runs_on_host() -> None:
     evicted = re.search(r"evicted pages\s+(\d+)", out)
     assert evicted and int(evicted.group(1)) > 0, out
     assert re.search(r'wsd_evicted_pages_total\{vm_id="demo"\} [1-9]', out), out
+
+
+def test_a_pools_detached_read_ends_keep_what_its_pipes_held() -> None:
+    """A session that stays parked keeps its pipes' read ends alone, for a reattach."""
+    fd = memfd_create("held", size=2 * PS)
+    pool = PipePool()
+    try:
+        pwrite(fd, b"\x07" * 2 * PS, 0)
+        with HeldPages(fd, [(0, 2 * PS)], PS, label=b"label", pool=pool):
+            punch_hole(fd, 0, 2 * PS)
+        ends = pool.detach_read_ends()
+        assert not pool.read_ends and ends
+        try:
+            assert b"".join(peek_pipe(r) for r in ends) == b"label" + b"\x07" * 2 * PS
+        finally:
+            close_fds(ends)
+    finally:
+        pool.close()
+        os.close(fd)
 
 
 @pytest.mark.parametrize("hugetlb", [False, True], ids=["shmem", "hugetlbfs"])

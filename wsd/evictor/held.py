@@ -141,20 +141,32 @@ class Parking:
             return
         self.parked += len(new)
 
-    def close(self, *, unpark: bool = True) -> None:
-        """The session ended: closed, and out of the store unless ``unpark`` is false.
+    def close(self) -> None:
+        """The session ended with every page back: closed, and out of the store.
 
         Between punches the pipes hold nothing, except after a punch whose
-        pages could not be read back: then they hold what only a restart can
-        put back, and a session that stays parked must leave them parked.
-        A VMM keeps its copies until it reattaches or hangs up.
+        pages could not be read back: a session left so stays parked
+        (:meth:`stay_parked`).  A VMM keeps its copies until it reattaches or
+        hangs up.
         """
-        if self.parked and unpark and self.systemd:
+        if self.parked and self.systemd:
             fdstore.remove_held(self.vm_id, self.parked)
             self.parked = 0
         if self.vmm is not None:
             self.vmm.close()
         self.pool.close()
+
+    def stay_parked(self) -> dict[int, int]:
+        """The session ended with pages left in storage, and stays parked: its
+        pipes stay in the store (or with the VMM), and their read ends, by part,
+        are returned for its VMM's reattach to this process (the caller owns
+        them).  After a punch whose pages could not be read back they hold
+        the only copy of a raced write, which the reattach puts back as a
+        restart would (:func:`put_back`).
+        """
+        if self.vmm is not None:
+            self.vmm.close()
+        return dict(enumerate(self.pool.detach_read_ends()))
 
 
 def put_back(

@@ -102,6 +102,16 @@ class PipePool:
             _read_all(pipe.r)
             pipe.held = 0
 
+    def detach_read_ends(self) -> list[int]:
+        """The pipes' read ends, now the caller's, in order; every other fd
+        closed and the pool empty.  What the pipes hold stays readable."""
+        read_ends = self.read_ends
+        for pipe in self.pipes:
+            os.close(pipe.w)
+        self.pipes = []
+        self.close()
+        return read_ends
+
     def close(self) -> None:
         pipes, self.pipes = self.pipes, []
         if self._scratch is not None:
