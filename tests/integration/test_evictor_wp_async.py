@@ -395,6 +395,16 @@ async def test_held_bytes_unread_after_the_punch_are_served_neither_as_zeros_nor
         assert not t.resident()[pages].any(), "not punched"
         assert t.state.evicted_mask(pages).all()
         assert ctx.stats.held_back_pages == len(pages) and ctx.stats.evicted_pages == 0
+        # While the pipes still do not read, no verified punch can use them:
+        # nothing more is stored.
+        for _ in range(ctx.config.min_idle_cycles):
+            await s.tracker.cycle()
+        put = (await s.store.stats()).counters.pages_put
+        with monkeypatch.context() as m:
+            m.setattr(evictor_held, "peek_pipe", _unreadable)
+            await s.ev.prepare()
+        assert t.state.evicted_mask(pages).all(), "put back"
+        assert (await s.store.stats()).counters.pages_put == put
 
         faults = FaultService(ctx, asyncio.ensure_future)
         with serving_faults(s.tracker, faults) as unhandled:

@@ -277,6 +277,11 @@ class Evictor:
             await guards.check(self, unevictable_reason)  # pins and other mappers, every few cycles
         if not cfg.enabled or ctx.store is None or all(self.reasons):
             return
+        if self._pool_holds_pages():
+            # Every verified punch needs the pool's pipes, which still hold
+            # pages that are not back (put_back_held logs each try): storing
+            # more would only fail at the punch.
+            return
         if not self.backoff.may_try(ctx.tracker.cycles):
             return  # the store failed lately: give it time (outage.py)
         self.backoff.begin()
@@ -303,6 +308,14 @@ class Evictor:
         punch remnants get their bytes back, held-back pages their pipes'."""
         await self.restore_remnants()
         self.put_back_held()
+
+    def _pool_holds_pages(self) -> bool:
+        """Whether the parked pipes hold held-back pages (:meth:`_hold_back`)."""
+        return (
+            self.parking is not None
+            and self.parking.available
+            and any(t.held_back for t in self.ctx.tracker.regions)
+        )
 
     async def restore_remnants(self) -> None:
         """Put the stored bytes back over the zeros of every punch remnant now,
@@ -358,13 +371,12 @@ class Evictor:
         in between.
         """
         ctx = self.ctx
-        parking = self.parking
-        if parking is None or not parking.available:
-            return  # the pipes died with their punch: only their faults' wait is left
-        if not any(t.held_back for t in ctx.tracker.regions):
+        # Without the pool, the pipes died with their punch: only their faults' wait is left.
+        if not self._pool_holds_pages():
             return
+        assert self.parking is not None
         wp = ctx.tracker.mode is TrackingMode.WP_ASYNC
-        back = held.retry(ctx.tracker, parking.pool, wp=wp)
+        back = held.retry(ctx.tracker, self.parking.pool, wp=wp)
         if back is None:
             return
         i, pages = back
