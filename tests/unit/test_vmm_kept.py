@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import select
 import socket
 from collections.abc import Iterator
 
@@ -158,3 +160,38 @@ def test_pipes_the_vmm_cannot_be_sent_stop_the_punch(connection, monkeypatch) ->
         assert parking.parked == 0
     finally:
         parking.close()
+
+
+def test_a_vmm_whose_queue_is_full_gets_no_part_of_a_keep_line_and_later_all_of_it(
+    connection, monkeypatch
+) -> None:
+    """wsd never waits for the VMM: a full queue fails the send (and the punch)
+    whole, and the next try, once the VMM has read, sends the same pipes."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    wsd_end, vmm_end = connection
+    wsd_end.setblocking(False)
+    noise = b'{"type": "noise"}\n'
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            wsd_end.send(noise)
+    parking = Parking("vm-1", vmm=VmmKeeper("vm-1", wsd_end))
+    parking.pool.pipes.append(_Pipe())
+    inode = os.fstat(parking.pool.read_ends[0]).st_ino
+    kept = KeptPipes()
+    try:
+        with pytest.raises(ParkingFailed, match="EAGAIN"):
+            parking.park()
+        assert parking.parked == 0
+        while select.select([vmm_end], [], [], 0)[0]:
+            kept.receive(vmm_end)
+        assert not kept.parts
+        parking.park()
+        assert parking.parked == 1
+        parking.close()
+        wsd_end.close()
+        while kept.receive(vmm_end):
+            pass
+        assert [os.fstat(fd).st_ino for fd in kept.parts] == [inode]
+    finally:
+        parking.close()
+        kept.close()
