@@ -204,6 +204,7 @@ def adopt(
     decision = ModeDecision(
         record.mode, REGISTER[record.mode], "resumed from a previous wsd", LIMITATIONS[record.mode]
     )
+    tracker: VmTracker | None = None
     try:
         tracker = VmTracker.adopt(
             record.vm_id,
@@ -217,11 +218,6 @@ def adopt(
             clock=clock,
             vanished=record.vanished,
         )
-    except BaseException:
-        if held:
-            close_fds(list(held.values()))
-        raise
-    try:
         listed = [_listed(vmap, i, t.region) for i, t in enumerate(tracker.regions)]
         gone = [_logged_removed(vmap, i, pages, gens) for i, (pages, gens) in enumerate(listed)]
         if held:
@@ -249,7 +245,8 @@ def adopt(
             evicted += t.state.evicted_pages
             stale += len(t.listed_resident)
     except BaseException:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         if held:
             close_fds(list(held.values()))
         raise
