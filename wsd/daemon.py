@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import signal
 import socket
@@ -734,7 +735,10 @@ class Daemon:
             elif not session.faults.waits_for_punch(msg, read_at):
                 self._serve_fault(session, msg, read_at)
 
-    def _serve_fault(self, session: Session, msg: PageFault, read_at: float) -> None:
+    def _serve_fault(
+        self, session: Session, msg: PageFault, read_at: float, *, waited: float | None = None
+    ) -> None:
+        """``waited``: this fault found no memory before, and waited that long."""
         tracker = session.tracker
         # An RWP fault read after its window closed stalls nobody: going
         # async released its vCPU.
@@ -750,9 +754,42 @@ class Daemon:
             elif not (msg.is_minor and session.faults.on_minor(msg, read_at)):
                 log.error("unhandled fault", vm_id=session.vm_id, fault=repr(msg))
         except KernelError as e:  # e.g. the VMM exited under us
+            if e.errno == errno.ENOMEM:
+                self._serve_later(session, msg, read_at, waited, e)
+                return
             # Logged, and the rest of the batch (a life event, maybe) still
             # handled.
             log.warning("serving a fault failed", vm_id=session.vm_id, error=str(e))
+
+    def _serve_later(
+        self,
+        session: Session,
+        msg: PageFault,
+        read_at: float,
+        waited: float | None,
+        error: KernelError,
+    ) -> None:
+        """No memory for the page now (a hugetlbfs pool without a spare page, a
+        cgroup at its limit): its thread waits, and the fault is served again
+        after the fetch backoff.  Dropped, it would wait forever."""
+        cfg = session.ctx.config
+        if waited is None:
+            log.warning(
+                "no memory to serve a fault; it waits and is served again",
+                vm_id=session.vm_id,
+                address=hex(msg.address),
+                error=str(error),
+            )
+            delay = cfg.fetch_retry_initial_seconds
+        else:
+            delay = min(waited * 2, cfg.fetch_retry_max_seconds)
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            if not session.faults.waits_for_punch(msg, read_at):
+                self._serve_fault(session, msg, read_at, waited=delay)
+
+        session.faults.spawn(later())
 
     def _host_room(self) -> int | None:
         """Bytes the host-wide evicted-fraction cap still allows."""

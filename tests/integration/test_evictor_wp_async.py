@@ -147,6 +147,54 @@ async def test_a_put_back_refused_with_eagain_goes_through_the_page_cache(
             tracker.close()
 
 
+@pytest.mark.parametrize("failures", [3, 5], ids=["until-the-pipes-let-go", "a-while-longer"])
+async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    """UFFDIO_COPY says ENOMEM (a hugetlbfs pool whose spare pages the pipes hold):
+    the raced page is put back once there is memory, never left a hole that
+    would be zero-filled as a page that was never written."""
+    with PuppetVMM.spawn(4 << 20) as puppet:
+        tracker = track_puppet(puppet, vm_id="wp-enomem")
+        store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+        try:
+            await tracker.cycle()
+            raced = [5, 6, 90]
+            ctx = VmContext(
+                tracker.vm_id,
+                tracker,
+                WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
+                EvictorConfig(),
+            )
+            pages = np.arange(0, 128, dtype=np.int64)
+            copy = Userfaultfd.copy
+            calls = 0
+
+            def short_of_memory(self: Userfaultfd, *args: Any, **kwargs: Any) -> int:
+                nonlocal calls
+                calls += 1
+                if calls <= failures:
+                    raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
+                return copy(self, *args, **kwargs)
+
+            with monkeypatch.context() as m:
+                m.setattr(Userfaultfd, "copy", short_of_memory)
+                done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
+            assert calls > failures
+            assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
+            assert tracker.regions[0].resident()[raced].all()
+            faults = FaultService(ctx, asyncio.ensure_future)
+            with serving_faults(tracker, faults) as unhandled:
+                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
+            assert not unhandled
+            assert [p for p, v in enumerate(versions) if v == 7] == raced
+            assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
+            assert ctx.stats.zero_fills == 0
+        finally:
+            await store.close()
+            tracker.close()
+
+
 def wp_daemon(
     tmp_path: Path, storage: StorageConfig, evictor: EvictorConfig = AGGRESSIVE
 ) -> AbstractAsyncContextManager[Daemon]:

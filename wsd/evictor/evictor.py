@@ -66,6 +66,7 @@ from .transaction import (
     changed_since_read,
     digests,
     not_punched,
+    place,
     punch_and_wake,
     punch_held,
     put_back,
@@ -748,17 +749,47 @@ class Evictor:
             except PunchedUnread as e:
                 self._hold_back(i, t, e, parked=parking is not None)
                 punched = None
-            evicted = 0 if punched is None else self._settle_punch(i, t, punched, generations)
+            evicted = 0
+            if punched is not None:
+                evicted, unplaced = self._settle_punch(i, t, punched, generations)
+                if unplaced:
+                    # The chunk's faults wait (in_flight) until every page is in.
+                    placing = asyncio.ensure_future(self._place(i, t, unplaced))
+                    cancelled |= await despite_cancellation(placing)
         finally:
             ctx.in_flight.release()
         if cancelled:
             raise asyncio.CancelledError
         return evicted
 
+    async def _place(self, i: int, t: TrackedRegion, unplaced: dict[int, bytes]) -> None:
+        """Put back raced pages the kernel had no memory for, retrying with the
+        fetch backoff for as long as it takes: their final bytes are in this
+        process alone, and as holes they would read as zeros."""
+        ctx = self.ctx
+        cfg = ctx.config
+        log.error(
+            "raced pages could not be put back for lack of memory; retrying, and their "
+            "faults wait (their final bytes are in wsd's memory alone meanwhile)",
+            vm_id=ctx.vm_id,
+            region=i,
+            pages=sorted(unplaced),
+        )
+        delay = cfg.fetch_retry_initial_seconds
+        while unplaced:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cfg.fetch_retry_max_seconds)
+            # The page moves only with an event the loop reads: t.region is current.
+            unplaced, errors = place(ctx.tracker.uffd, t.memfd, t.region, unplaced)
+            for error in errors:
+                log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
+        log.warning("raced pages put back once memory was free", vm_id=ctx.vm_id, region=i)
+
     def _settle_punch(
         self, i: int, t: TrackedRegion, punched: HeldPunch, generations: npt.NDArray[np.uint32]
-    ) -> int:
-        """Put back a chunk's raced pages and record its evicted ones; how many."""
+    ) -> tuple[int, dict[int, bytes]]:
+        """Put back a chunk's raced pages and record its evicted ones; how many,
+        and the raced pages left to :meth:`_place` (``VerifiedPunch.unplaced``)."""
         ctx = self.ctx
         # Detached meanwhile (events.detach): the region's release waits for
         # this, and every page goes back into the memfd.
@@ -787,7 +818,7 @@ class Evictor:
             evicted = evicted[t.state.generations[evicted] == was]
         if len(evicted):
             self._mark_evicted(i, t, evicted)
-        return len(evicted)
+        return len(evicted), outcome.unplaced
 
     def _hold_back(self, i: int, t: TrackedRegion, e: PunchedUnread, *, parked: bool) -> None:
         """Punched pages whose final bytes could not be read: serve them from nowhere.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -140,6 +140,9 @@ class VerifiedPunch:
     kept: npt.NDArray[np.int64]
     """Resident: not punched (the punch failed part way), or written back (detached)."""
     errors: tuple[str, ...] = ()
+    unplaced: dict[int, bytes] = field(default_factory=dict)
+    """Raced pages the kernel had no memory for (``ENOMEM``), page -> final
+    bytes: still holes, their bytes in this process alone; :func:`place` them."""
 
 
 class PunchedUnread(Exception):
@@ -313,42 +316,82 @@ def put_back(
     ps = region.page_size
     pages, errors = punch.pages, list(punch.errors)
     back = punch.punched if detached else punch.punched & ~punch.same
+    unplaced: dict[int, bytes] = {}
     for k in np.flatnonzero(back).tolist():
         page = int(pages[k])
         now = memoryview(punch.final)[k * ps : (k + 1) * ps]
-        addr = region.host_virt_addr + page * ps
-        try:
-            if detached:
-                _write_back(memfd, region.offset + page * ps, now)
-                continue
-            uffd.copy(addr, now, wp=True)
-        except BlockingIOError:
-            # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it
-            # cannot be read before this returns, so a retry would fail the
-            # same.  The page cache takes the bytes without the uffd; a thread
-            # that faulted on the hole meanwhile re-faults and maps them.
+        if detached:
             try:
                 _write_back(memfd, region.offset + page * ps, now)
-                uffd.wake(addr, ps)
             except KernelError as e:
-                errors.append(f"page {page}: put back: {e}")
-        except FileExistsError:
-            # Only a write that bypassed the registered mapping (the VMM's
-            # write() to the memfd, another process's mapping) fills a hole
-            # without a fault.  Its bytes are newer than ours for that part.
-            errors.append(f"page {page} was repopulated behind the uffd; kept as found")
-        except KernelError as e:
-            errors.append(f"page {page}: {e}")
+                errors.append(f"page {page}: {e}")
+            continue
+        try:
+            errors.extend(_put_back_page(uffd, memfd, region, page, now))
+        except KernelError:
+            unplaced[page] = bytes(now)  # punch.final is the caller's scratch
     if punch.pooled:
         punch.held.release()
     if detached:
         return VerifiedPunch(evicted=pages[:0], raced=pages[:0], kept=pages, errors=tuple(errors))
+    if unplaced:
+        # A hugetlbfs pool with no spare page: the pipes' references kept the
+        # punched pages themselves out of it until the release just above.
+        unplaced, more = place(uffd, memfd, region, unplaced)
+        errors.extend(more)
     return VerifiedPunch(
         evicted=pages[punch.punched & punch.same],
         raced=pages[punch.punched & ~punch.same],
         kept=pages[~punch.punched],
         errors=tuple(errors),
+        unplaced=unplaced,
     )
+
+
+def place(
+    uffd: Userfaultfd, memfd: int, region: Region, unplaced: Mapping[int, bytes]
+) -> tuple[dict[int, bytes], list[str]]:
+    """Put raced pages back (page -> final bytes); those the kernel still has no
+    memory for, and what went wrong with the others."""
+    left: dict[int, bytes] = {}
+    errors: list[str] = []
+    for page, data in unplaced.items():
+        try:
+            errors.extend(_put_back_page(uffd, memfd, region, page, data))
+        except KernelError:
+            left[page] = data
+    return left, errors
+
+
+def _put_back_page(
+    uffd: Userfaultfd, memfd: int, region: Region, page: int, data: Buffer
+) -> list[str]:
+    """Install a raced page's final bytes, write-protected; what went wrong, if
+    anything.  Raises KernelError ``ENOMEM``: no memory for the page now."""
+    ps = region.page_size
+    addr = region.host_virt_addr + page * ps
+    try:
+        uffd.copy(addr, data, wp=True)
+    except BlockingIOError:
+        # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it
+        # cannot be read before this returns, so a retry would fail the
+        # same.  The page cache takes the bytes without the uffd; a thread
+        # that faulted on the hole meanwhile re-faults and maps them.
+        try:
+            _write_back(memfd, region.offset + page * ps, memoryview(data))
+            uffd.wake(addr, ps)
+        except KernelError as e:
+            return [f"page {page}: put back: {e}"]
+    except FileExistsError:
+        # Only a write that bypassed the registered mapping (the VMM's
+        # write() to the memfd, another process's mapping) fills a hole
+        # without a fault.  Its bytes are newer than ours for that part.
+        return [f"page {page} was repopulated behind the uffd; kept as found"]
+    except KernelError as e:
+        if e.errno == errno.ENOMEM:
+            raise
+        return [f"page {page}: {e}"]
+    return []
 
 
 def _write_back(memfd: int, offset: int, data: memoryview) -> None:
