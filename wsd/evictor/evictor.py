@@ -722,6 +722,10 @@ class Evictor:
         keep = self._untouched(batch, hot)
         if not len(keep):
             return 0
+        if self._pool_holds_pages():
+            # An earlier chunk was held back, in the pipes every verified punch needs.
+            ctx.discards[i].update(keep.tolist())
+            return 0
         assert batch.stored is not None
         t = ctx.tracker.regions[i]
         generations = t.state.generations[keep]

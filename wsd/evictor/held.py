@@ -217,7 +217,7 @@ def put_back(
     fdstore.remove_held(tracker.vm_id, max(held, default=-1) + 1)
     for region, pages in done.items():
         log.warning(
-            "pages held across a punch when wsd died put back",
+            "pages held across a punch put back from the parked pipes",
             vm_id=tracker.vm_id,
             region=region,
             pages=len(pages),
