@@ -120,7 +120,7 @@ async def hammer(
         assert stats.evicted_pages > 0, (
             f"nothing was evicted in {tracker.cycles} cycles "
             f"(scan {tm.scan.sum:.1f} s, window {tm.window.sum:.1f} s, "
-            f"cycle {tm.cycle.sum:.1f} s in all): {stats}"
+            f"cycle {tm.cycle.sum:.1f} s in all): {stats}; the guest: {guest.stderr()}"
         )
         # Stop evicting before the guest's final check reads every page back:
         # under TCG, evicting what the check just read would make it crawl.
