@@ -134,6 +134,8 @@ class TrackedRegion:
     listed_resident: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.empty(0, dtype=np.int64)
     )
+    pagemap: Pagemap | None = None
+    """The VMM's, for :meth:`resident` on hugetlbfs."""
 
     @property
     def npages(self) -> int:
@@ -152,8 +154,19 @@ class TrackedRegion:
         return bool(self.held_back) and self.held_back.get(page) == self.state.generation(page)
 
     def resident(self) -> npt.NDArray[np.bool_]:
-        """Pages of this region present in its memfd (SEEK_DATA/SEEK_HOLE)."""
+        """Pages of this region present in its memfd (SEEK_DATA/SEEK_HOLE).
+
+        hugetlbfs has no SEEK_HOLE (its lseek calls the whole file data), so
+        there the pages the VMM maps stand in: every page wsd installs is
+        mapped, and a punch unmaps it.  A page in the page cache that the VMM
+        does not map counts as a hole, the safe side: a hole is never evicted,
+        and the VMM's next access maps the page with no fault.
+        """
         r = self.region
+        if r.page_size != 4096:
+            assert self.pagemap is not None, "a hugetlbfs region is tracked with its pagemap"
+            found = self.pagemap.scan(r.host_virt_addr, r.size, category_mask=PageCategory.PRESENT)
+            return found.bitmap(r.host_virt_addr, self.npages, r.page_size)
         out = np.zeros(self.npages, dtype=np.bool_)
         for start, end in data_ranges(self.memfd, r.offset, r.offset + r.size):
             first = (start - r.offset) // r.page_size
@@ -187,7 +200,11 @@ def _granularity(r: Region, minor: bool, shmem_thp: bool) -> Granularity:
 
 
 def _tracked_regions(
-    regions: Sequence[tuple[Region, int]], minor: Sequence[bool], kernel: KernelFeatures, now: float
+    regions: Sequence[tuple[Region, int]],
+    minor: Sequence[bool],
+    kernel: KernelFeatures,
+    now: float,
+    pagemap: Pagemap,
 ) -> list[TrackedRegion]:
     shmem_thp = kernel.thp_shmem_enabled not in (None, "never", "deny")
     return [
@@ -196,6 +213,7 @@ def _tracked_regions(
             fd,
             RegionState(r.size // r.page_size, _granularity(r, m, shmem_thp), started_at=now),
             minor=m,
+            pagemap=pagemap,
         )
         for (r, fd), m in zip(regions, minor, strict=True)
     ]
@@ -331,7 +349,7 @@ class VmTracker:
             finally:
                 uffd.close()
             raise
-        tracked = _tracked_regions(regions, minor, kernel, clock())
+        tracked = _tracked_regions(regions, minor, kernel, clock(), pagemap)
         tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
         try:
             tracker.arm()
@@ -376,7 +394,7 @@ class VmTracker:
         except BaseException:
             uffd.close()
             raise
-        tracked = _tracked_regions(regions, minor, kernel, clock())
+        tracked = _tracked_regions(regions, minor, kernel, clock(), pagemap)
         for t, why in zip(tracked, vanished, strict=False):
             t.vanished = why
         tracker = cls(vm_id, uffd, pagemap, decision, tracked, clock)
