@@ -28,6 +28,7 @@ from wsd.storage import FileStoreConfig, PageStore
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.flaky import FlakyStore
+from wsd.testing.hammer import free_huge_pages
 from wsd.testing.life_events import (
     EVICT_IDLE_FOR_ONE_CYCLE,
     call,
@@ -274,6 +275,33 @@ async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
     assert ev.reasons[0] is not None and "unmapped" in ev.reasons[0]
     for p in (0, 4, 512, 1020):
         assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
+
+
+async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
+    tmp_path: Path, file_store: PageStore
+) -> None:
+    """hugetlbfs has no SEEK_HOLE: a punched page must still count as a hole,
+    or the write-back takes every evicted page for one refilled and drops it."""
+    ps = 2 << 20
+    with free_huge_pages(4) as free:
+        if free < 4:
+            pytest.skip(f"needs 4 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
+        with PuppetVMM.spawn(4 * ps, page_size=ps) as puppet:
+            tracker = track_puppet(puppet, vm_id="life-huge")
+            try:
+                _, faults, ev = evictor_session(tracker, file_store)
+                t = tracker.regions[0]
+                await tracker.cycle()
+                assert t.resident().tolist() == [True] * 4
+                await evict(ev, [1, 2])
+                assert t.resident().tolist() == [True, False, False, True]
+                with serving_faults(tracker, faults, ev):
+                    await call(puppet, "unmap")
+                    await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
+                for p in range(4):
+                    assert bytes(pread(puppet.memfd, ps, p * ps)) == page_pattern(p, 0, ps)
+            finally:
+                tracker.close()
 
 
 async def test_a_partly_unmapped_region_is_detached_and_the_rest_is_the_kernels_again(
