@@ -13,6 +13,7 @@ guarantee to its test.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import pytest_asyncio
 from wsd.evictor import pagemap
 from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
-from wsd.kernel import Feature, data_ranges, pread
+from wsd.evictor.transaction import not_punched
+from wsd.kernel import Feature, data_ranges, map_shared, memfd_create, pread, punch_hole
 from wsd.storage import FileStoreConfig, PageStore
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
@@ -42,6 +44,7 @@ from wsd.testing.mapper import MemfdMapper
 from wsd.testing.puppet_vmm import DISCARDED, PuppetVMM, page_pattern
 from wsd.testing.running import running_daemon, serving_faults
 from wsd.tracker.session import VmTracker
+from wsd.vmm.protocol import Region
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 SIZE = 4 << 20  # 1024 pages
@@ -302,6 +305,27 @@ async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
                     assert bytes(pread(puppet.memfd, ps, p * ps)) == page_pattern(p, 0, ps)
             finally:
                 tracker.close()
+
+
+async def test_which_hugetlbfs_pages_a_punch_left_is_read_not_seeked() -> None:
+    """After a failed punch the evictor asks which pages still hold data; on
+    hugetlbfs, SEEK_DATA would answer all of them."""
+    ps = 2 << 20
+    with free_huge_pages(4) as free:
+        if free < 4:
+            pytest.skip(f"needs 4 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
+        fd = memfd_create("punched", size=4 * ps, hugetlb_page_size=ps)
+        try:
+            with map_shared(fd, 4 * ps) as m:
+                for p in range(4):
+                    m[p * ps] = 1
+            punch_hole(fd, ps, 2 * ps)
+            region = Region(
+                guest_phys_addr=0, host_virt_addr=ps, size=4 * ps, page_size=ps, fd_index=0
+            )
+            assert not_punched(fd, region, np.arange(4, dtype=np.int64)) == [0, 3]
+        finally:
+            os.close(fd)
 
 
 async def test_a_partly_unmapped_region_is_detached_and_the_rest_is_the_kernels_again(

@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable, Collection
 import numpy as np
 import structlog
 
-from wsd.kernel import KernelError, data_ranges, map_shared, pread, pwrite
+from wsd.kernel import KernelError, map_shared, pwrite
 from wsd.storage import StorageError
 from wsd.tracker.session import TrackedRegion
 
 from .context import VmContext
 from .faults import FaultService
+from .transaction import holds_data
 
 log = structlog.get_logger("wsd.evictor")
 
@@ -100,7 +101,7 @@ async def restore_to_memfd(
     async def write(p: int, data: bytes) -> None:
         nonlocal written
         at = r.offset + p * r.page_size
-        if _holds_data(t.memfd, at, r.page_size):
+        if holds_data(t.memfd, at, r.page_size):
             # Filled behind the uffd (another mapper touched the hole):
             # whatever it holds is what the guest sees now.
             log.error(
@@ -182,19 +183,6 @@ async def _bring_back(
                     continue  # fetched back, or removed (and maybe evicted again), meanwhile
                 if (i, p) not in fetching:
                     await place(p, stored.data)
-
-
-def _holds_data(memfd: int, at: int, page_size: int) -> bool:
-    """Whether the memfd page at ``at`` is not a hole.
-
-    hugetlbfs has no SEEK_HOLE (its lseek calls the whole file data): there a
-    page counts as a hole if it reads as zeros, which a hole does.  A page
-    someone filled with zeros is then written over with the stored bytes,
-    the guest's last ones.
-    """
-    if page_size == 4096:
-        return bool(data_ranges(memfd, at, at + page_size))
-    return any(pread(memfd, page_size, at))
 
 
 def _write_page(memfd: int, at: int, data: bytes, page_size: int) -> None:

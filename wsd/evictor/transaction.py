@@ -36,6 +36,7 @@ from wsd.kernel import (
     Userfaultfd,
     data_ranges,
     map_shared,
+    pread,
     pread_into,
     pread_pages,
     punch_hole,
@@ -121,12 +122,27 @@ def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> lis
     SEEK_DATA/SEEK_HOLE walk per run.
     """
     ps = region.page_size
+    if ps != 4096:
+        return [p for p in pages.tolist() if holds_data(memfd, region.offset + p * ps, ps)]
     left: list[int] = []
     for first, count in runs(pages):
         start = region.offset + first * ps
         for b, e in data_ranges(memfd, start, start + count * ps):
             left.extend(range((b - region.offset) // ps, -(-(e - region.offset) // ps)))
     return left
+
+
+def holds_data(memfd: int, at: int, page_size: int) -> bool:
+    """Whether the memfd page at byte ``at`` is not a hole.
+
+    hugetlbfs has no SEEK_HOLE (its lseek calls the whole file data): there a
+    page counts as a hole if it reads as zeros, which a hole does.  A page
+    someone filled with zeros is then taken for a hole too, and gets the
+    guest's stored bytes back.
+    """
+    if page_size == 4096:
+        return bool(data_ranges(memfd, at, at + page_size))
+    return any(pread(memfd, page_size, at))
 
 
 @dataclass(frozen=True)
