@@ -31,7 +31,6 @@ from wsd.evictor import EvictorConfig
 from wsd.evictor.context import EvictorStats
 from wsd.evictor.faults import FaultResult
 from wsd.guest.process import GuestProcess
-from wsd.kernel import data_ranges
 from wsd.storage import PageNamespace, PageStore, StorageConfig, StoredPage, StoreStats
 from wsd.storage.page import BackendKind, Generations
 from wsd.testing.hammer import AGGRESSIVE, STEEP_4K, start_guest
@@ -347,10 +346,7 @@ async def check_punched_pages_are_stored(d: Daemon, vm_id: str) -> int:
             r = t.region
             ps = r.page_size
             # No await between the walk and the snapshot: faults cannot fill holes in between.
-            present = np.zeros(t.npages, dtype=np.bool_)
-            for b, e in data_ranges(t.memfd, r.offset, r.offset + r.size):
-                present[(b - r.offset) // ps : -(-(e - r.offset) // ps)] = True
-            holes = np.flatnonzero(~present)
+            holes = np.flatnonzero(~t.resident())
             evicted = np.flatnonzero(t.state.evicted)
             gens = {int(p) * ps: int(t.state.generations[p]) for p in evicted}
             assert np.array_equal(holes, evicted), (
