@@ -195,6 +195,55 @@ async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
             tracker.close()
 
 
+async def test_a_resumed_hugetlbfs_session_serves_its_evicted_pages_from_storage(
+    tmp_path: Path,
+) -> None:
+    """hugetlbfs has no SEEK_HOLE: taken for resident, the evicted pages of a
+    resumed session were holes the next fault zero-filled."""
+    ps = 2 << 20
+    with free_huge_pages(4) as free:
+        if free < 4:
+            pytest.skip(f"needs 4 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
+        with PuppetVMM.spawn(4 * ps, page_size=ps) as puppet:
+            tracker = track_puppet(puppet, vm_id="wp-huge-resume")
+            store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
+            resumed: VmTracker | None = None
+            memfd_copy = os.dup(puppet.memfd)
+            try:
+                resume.park(tmp_path, tracker.vm_id, puppet.pid, tracker, [puppet.memfd])
+                await tracker.cycle()
+                ctx = VmContext(tracker.vm_id, tracker, store, EvictorConfig())
+                ev = Evictor(ctx, state_dir=tmp_path)
+                pages = np.array([1, 2], dtype=np.int64)
+                assert await ev.evict_batch(0, tracker.regions[0], pages) == 2
+                await ev.save_map(force=True)
+                assert ev.parking is not None
+                ev.parking.close()
+                record, vmap, ceiling = resume.load(tmp_path, tracker.vm_id)
+                resumed = resume.adopt(
+                    record,
+                    vmap,
+                    os.dup(tracker.uffd.fd),
+                    [memfd_copy],
+                    ceiling=ceiling,
+                    kernel=probe_kernel(),
+                )
+                assert resumed.regions[0].state.evicted_pages == 2
+                after = VmContext(tracker.vm_id, resumed, store, EvictorConfig())
+                faults = FaultService(after, asyncio.ensure_future)
+                with serving_faults(resumed, faults) as unhandled:
+                    versions = await asyncio.to_thread(puppet.call, "read", pages=[0, 1, 2, 3])
+                    await faults.close()
+                assert not unhandled and versions == [0, 0, 0, 0]
+                assert after.stats.fetched_pages == 2 and after.stats.zero_fills == 0
+            finally:
+                await store.close()
+                tracker.close()
+                if resumed is not None:
+                    resumed.close()
+                os.close(memfd_copy)
+
+
 def wp_daemon(
     tmp_path: Path, storage: StorageConfig, evictor: EvictorConfig = AGGRESSIVE
 ) -> AbstractAsyncContextManager[Daemon]:
@@ -209,9 +258,11 @@ async def test_nothing_lost_4k_shmem_wp_async(tmp_path: Path) -> None:
 
 @pytest.fixture
 def huge_128m() -> Iterator[None]:
-    with free_huge_pages(64) as free:
-        if free < 64:
-            pytest.skip(f"only {free} free 2 MiB huge pages, 64 needed (not root?)")
+    """The guest's 64 pages, and spare ones: without at least HUGETLB_SPARE_PAGES
+    wp-async does not evict hugetlbfs (unevictable_reason)."""
+    with free_huge_pages(72) as free:
+        if free < 72:
+            pytest.skip(f"only {free} free 2 MiB huge pages, 72 needed (not root?)")
         yield
 
 

@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from wsd.evictor import pagemap
-from wsd.evictor.evictor import unevictable_reason
+from wsd.evictor.evictor import HUGETLB_SPARE_PAGES, unevictable_reason
 from wsd.evictor.guards import check
 from wsd.evictor.transaction import not_punched
 from wsd.kernel import Feature, data_ranges, map_shared, memfd_create, pread, punch_hole
@@ -303,6 +303,28 @@ async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
                     await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
                 for p in range(4):
                     assert bytes(pread(puppet.memfd, ps, p * ps)) == page_pattern(p, 0, ps)
+            finally:
+                tracker.close()
+
+
+async def test_wp_async_evicts_hugetlbfs_only_with_spare_pages_in_the_pool(
+    file_store: PageStore,
+) -> None:
+    """The verified punch holds a punched page until its put-back: a pool with
+    no spare page has none left for the put-back (docs/evictor.md)."""
+    ps = 2 << 20
+    with free_huge_pages(4) as free:
+        if free != 4:
+            pytest.skip(f"needs a pool of exactly 4 free 2 MiB huge pages, {free} free")
+        with PuppetVMM.spawn(4 * ps, page_size=ps) as puppet:
+            tracker = track_puppet(puppet, vm_id="life-huge-pool")
+            try:
+                ctx, _, _ = evictor_session(tracker, file_store)
+                t = tracker.regions[0]
+                reason = unevictable_reason(ctx, t)
+                assert reason is not None and "has 0 free 2 MiB pages" in reason
+                with free_huge_pages(4 + HUGETLB_SPARE_PAGES):
+                    assert unevictable_reason(ctx, t) is None
             finally:
                 tracker.close()
 

@@ -46,7 +46,7 @@ import numpy.typing as npt
 import structlog
 
 from wsd.cancellation import despite_cancellation
-from wsd.kernel import KernelError, RegisterMode
+from wsd.kernel import KernelError, RegisterMode, free_huge_pages
 from wsd.storage import StorageError, TierTimeout
 from wsd.storage.concurrency import LifoPool
 from wsd.storage.fsops import fsync_dir
@@ -111,6 +111,9 @@ COMPACT_SNAPSHOT_FRACTION = 4
 # each spends of the 2^32 generations.
 CEILING_STEP = 1 << 10
 
+# Free pages a hugetlbfs pool must have for a wp-async verified punch (unevictable_reason).
+HUGETLB_SPARE_PAGES = 2
+
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
 
@@ -124,6 +127,19 @@ def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
         return f"{t.state.granularity}: accesses cannot be trapped (RWP-FACTS fact 8)"
     if RegisterMode.MISSING not in ctx.tracker.decision.register_mode:
         return "MISSING is not registered: an evicted page could not be fetched back"
+    ps = t.region.page_size
+    if ps != 4096 and ctx.tracker.mode is TrackingMode.WP_ASYNC:
+        # The verified punch holds the punched page until its put-back, and a
+        # UFFDIO_COPY may take a second page for its bounce copy.  With no
+        # spare page, the hammer test found raced pages read as zeros in about
+        # a quarter of its runs (2026-11-28; the kernel path was not pinned
+        # down), and none in 10 runs with 8 spare pages.
+        free = free_huge_pages(ps)
+        if free is not None and free < HUGETLB_SPARE_PAGES:
+            return (
+                f"the hugetlbfs pool has {free} free {ps >> 20} MiB pages: the verified "
+                f"punch of wp-async mode needs {HUGETLB_SPARE_PAGES} (vm.nr_hugepages)"
+            )
     return None
 
 

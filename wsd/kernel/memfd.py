@@ -11,6 +11,7 @@ import enum
 import errno
 import mmap
 import os
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,7 @@ from .errors import AddressRange, oserror
 __all__ = [
     "MemfdFlag",
     "data_ranges",
+    "free_huge_pages",
     "map_shared",
     "memfd_create",
     "pread",
@@ -173,3 +175,14 @@ def data_ranges(fd: int, start: int = 0, end: int | None = None) -> list[tuple[i
         out.append((data, min(hole, end)))
         pos = hole
     return out
+
+
+HUGEPAGES = Path("/sys/kernel/mm/hugepages")
+
+
+def free_huge_pages(page_size: int, *, sysfs: Path = HUGEPAGES) -> int | None:
+    """Free pages in the host's hugetlbfs pool of ``page_size`` (None: no such pool)."""
+    try:
+        return int((sysfs / f"hugepages-{page_size >> 10}kB" / "free_hugepages").read_text())
+    except (OSError, ValueError):
+        return None
