@@ -75,38 +75,51 @@ class WritesDuringSync:
             self.pages = []
 
 
-async def test_a_write_between_the_read_and_the_punch_is_put_back(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def racing_puppet(
+    tmp_path: Path, vm_id: str, raced: list[int]
+) -> AsyncIterator[tuple[PuppetVMM, VmTracker, VmContext]]:
+    """A puppet tracked in wp-async mode, writing ``raced`` (version 7) between
+    the store and the punch of the next eviction (:class:`WritesDuringSync`)."""
     with PuppetVMM.spawn(4 << 20) as puppet:
-        tracker = track_puppet(puppet, vm_id="wp-race")
+        tracker = track_puppet(puppet, vm_id=vm_id)
         store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
         try:
             assert tracker.mode is TrackingMode.WP_ASYNC
             await tracker.cycle()
-            raced = [3, 4, 40, 41, 42, 100]
-            ctx = VmContext(
-                tracker.vm_id,
-                tracker,
-                WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
-                EvictorConfig(),
-            )
-            faults = FaultService(ctx, asyncio.ensure_future)
-            pages = np.arange(0, 128, dtype=np.int64)
-            done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
-            assert done == len(pages) - len(raced)
-            assert ctx.stats.raced_writes == len(raced)
-            state = tracker.regions[0].state
-            assert not state.evicted_mask(np.array(raced)).any()
-            assert ctx.discards[0] >= set(raced)
-            with serving_faults(tracker, faults) as unhandled:
-                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
-            assert not unhandled
-            assert [p for p, v in enumerate(versions) if v == 7] == raced
-            assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
-            # The raced pages never left the memfd; the others came back by fault.
-            assert ctx.stats.fetched_pages == len(pages) - len(raced)
+            writes = WritesDuringSync(store, puppet, raced)
+            yield puppet, tracker, VmContext(vm_id, tracker, writes, EvictorConfig())  # type: ignore[arg-type]
         finally:
             await store.close()
             tracker.close()
+
+
+async def read_back_raced(
+    puppet: PuppetVMM, ctx: VmContext, pages: npt.NDArray[np.int64], raced: list[int]
+) -> None:
+    """The guest reads ``pages``: the raced ones at version 7, the rest at 0, none zero-filled."""
+    faults = FaultService(ctx, asyncio.ensure_future)
+    with serving_faults(ctx.tracker, faults) as unhandled:
+        versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
+    assert not unhandled
+    assert [p for p, v in enumerate(versions) if v == 7] == raced
+    assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
+    assert ctx.stats.zero_fills == 0
+
+
+async def test_a_write_between_the_read_and_the_punch_is_put_back(tmp_path: Path) -> None:
+    raced = [3, 4, 40, 41, 42, 100]
+    async with racing_puppet(tmp_path, "wp-race", raced) as (puppet, tracker, ctx):
+        pages = np.arange(0, 128, dtype=np.int64)
+        done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
+        assert done == len(pages) - len(raced)
+        assert ctx.stats.raced_writes == len(raced)
+        state = tracker.regions[0].state
+        assert not state.evicted_mask(np.array(raced)).any()
+        assert ctx.discards[0] >= set(raced)
+        await read_back_raced(puppet, ctx, pages, raced)
+        # The raced pages never left the memfd; the others came back by fault.
+        assert ctx.stats.fetched_pages == len(pages) - len(raced)
 
 
 async def test_a_put_back_refused_with_eagain_goes_through_the_page_cache(
@@ -114,37 +127,18 @@ async def test_a_put_back_refused_with_eagain_goes_through_the_page_cache(
 ) -> None:
     """UFFDIO_COPY says EAGAIN while a life event is unread, and the verified
     punch cannot wait for it: the raced bytes go in with pwrite instead."""
-    with PuppetVMM.spawn(4 << 20) as puppet:
-        tracker = track_puppet(puppet, vm_id="wp-eagain")
-        store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
-        try:
-            await tracker.cycle()
-            raced = [5, 6, 90]
-            ctx = VmContext(
-                tracker.vm_id,
-                tracker,
-                WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
-                EvictorConfig(),
-            )
-            pages = np.arange(0, 128, dtype=np.int64)
+    raced = [5, 6, 90]
+    async with racing_puppet(tmp_path, "wp-eagain", raced) as (puppet, tracker, ctx):
+        pages = np.arange(0, 128, dtype=np.int64)
 
-            def eagain(*args: object, **kwargs: object) -> int:
-                raise BlockingIOError(errno.EAGAIN, "mmap changing")
+        def eagain(*args: object, **kwargs: object) -> int:
+            raise BlockingIOError(errno.EAGAIN, "mmap changing")
 
-            with monkeypatch.context() as m:
-                m.setattr(Userfaultfd, "copy", eagain)
-                done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
-            assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
-            faults = FaultService(ctx, asyncio.ensure_future)
-            with serving_faults(tracker, faults) as unhandled:
-                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
-            assert not unhandled
-            assert [p for p, v in enumerate(versions) if v == 7] == raced
-            assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
-            assert ctx.stats.zero_fills == 0
-        finally:
-            await store.close()
-            tracker.close()
+        with monkeypatch.context() as m:
+            m.setattr(Userfaultfd, "copy", eagain)
+            done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
+        assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
+        await read_back_raced(puppet, ctx, pages, raced)
 
 
 @pytest.mark.parametrize("failures", [3, 5], ids=["until-the-pipes-let-go", "a-while-longer"])
@@ -154,45 +148,26 @@ async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
     """UFFDIO_COPY says ENOMEM (a hugetlbfs pool whose spare pages the pipes hold):
     the raced page is put back once there is memory, never left a hole that
     would be zero-filled as a page that was never written."""
-    with PuppetVMM.spawn(4 << 20) as puppet:
-        tracker = track_puppet(puppet, vm_id="wp-enomem")
-        store = await open_backend(FileStoreConfig(root=tmp_path / "pages"))
-        try:
-            await tracker.cycle()
-            raced = [5, 6, 90]
-            ctx = VmContext(
-                tracker.vm_id,
-                tracker,
-                WritesDuringSync(store, puppet, raced),  # type: ignore[arg-type]
-                EvictorConfig(),
-            )
-            pages = np.arange(0, 128, dtype=np.int64)
-            copy = Userfaultfd.copy
-            calls = 0
+    raced = [5, 6, 90]
+    async with racing_puppet(tmp_path, "wp-enomem", raced) as (puppet, tracker, ctx):
+        pages = np.arange(0, 128, dtype=np.int64)
+        copy = Userfaultfd.copy
+        calls = 0
 
-            def short_of_memory(self: Userfaultfd, *args: Any, **kwargs: Any) -> int:
-                nonlocal calls
-                calls += 1
-                if calls <= failures:
-                    raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
-                return copy(self, *args, **kwargs)
+        def short_of_memory(self: Userfaultfd, *args: Any, **kwargs: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls <= failures:
+                raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
+            return copy(self, *args, **kwargs)
 
-            with monkeypatch.context() as m:
-                m.setattr(Userfaultfd, "copy", short_of_memory)
-                done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
-            assert calls > failures
-            assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
-            assert tracker.regions[0].resident()[raced].all()
-            faults = FaultService(ctx, asyncio.ensure_future)
-            with serving_faults(tracker, faults) as unhandled:
-                versions = await asyncio.to_thread(puppet.call, "read", pages=pages.tolist())
-            assert not unhandled
-            assert [p for p, v in enumerate(versions) if v == 7] == raced
-            assert all(v == 0 for p, v in enumerate(versions) if p not in raced)
-            assert ctx.stats.zero_fills == 0
-        finally:
-            await store.close()
-            tracker.close()
+        with monkeypatch.context() as m:
+            m.setattr(Userfaultfd, "copy", short_of_memory)
+            done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
+        assert calls > failures
+        assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
+        assert tracker.regions[0].resident()[raced].all()
+        await read_back_raced(puppet, ctx, pages, raced)
 
 
 async def test_a_resumed_hugetlbfs_session_serves_its_evicted_pages_from_storage(

@@ -280,59 +280,62 @@ async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
         assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
 
 
-async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
-    tmp_path: Path, file_store: PageStore
-) -> None:
-    """hugetlbfs has no SEEK_HOLE: a punched page must still count as a hole,
-    or the write-back takes every evicted page for one refilled and drops it."""
-    ps = 2 << 20
+HUGE = 2 << 20
+
+
+@pytest.fixture
+def huge_puppet() -> Iterator[tuple[PuppetVMM, VmTracker, int]]:
+    """A tracked puppet of 4 hugetlbfs pages, and how many the pool had free for it."""
     with free_huge_pages(4) as free:
         if free < 4:
             pytest.skip(f"needs 4 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
-        with PuppetVMM.spawn(4 * ps, page_size=ps) as puppet:
+        with PuppetVMM.spawn(4 * HUGE, page_size=HUGE) as puppet:
             tracker = track_puppet(puppet, vm_id="life-huge")
             try:
-                _, faults, ev = evictor_session(tracker, file_store)
-                t = tracker.regions[0]
-                await tracker.cycle()
-                assert t.resident().tolist() == [True] * 4
-                await evict(ev, [1, 2])
-                assert t.resident().tolist() == [True, False, False, True]
-                with serving_faults(tracker, faults, ev):
-                    await call(puppet, "unmap")
-                    await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
-                for p in range(4):
-                    assert bytes(pread(puppet.memfd, ps, p * ps)) == page_pattern(p, 0, ps)
+                yield puppet, tracker, free
             finally:
                 tracker.close()
+
+
+async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
+    huge_puppet: tuple[PuppetVMM, VmTracker, int], file_store: PageStore
+) -> None:
+    """hugetlbfs has no SEEK_HOLE: a punched page must still count as a hole,
+    or the write-back takes every evicted page for one refilled and drops it."""
+    puppet, tracker, _ = huge_puppet
+    _, faults, ev = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    assert t.resident().tolist() == [True] * 4
+    await evict(ev, [1, 2])
+    assert t.resident().tolist() == [True, False, False, True]
+    with serving_faults(tracker, faults, ev):
+        await call(puppet, "unmap")
+        await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
+    for p in range(4):
+        assert bytes(pread(puppet.memfd, HUGE, p * HUGE)) == page_pattern(p, 0, HUGE)
 
 
 async def test_wp_async_evicts_hugetlbfs_only_with_spare_pages_in_the_pool(
-    file_store: PageStore,
+    huge_puppet: tuple[PuppetVMM, VmTracker, int], file_store: PageStore
 ) -> None:
     """The verified punch holds a punched page until its put-back: a pool with
     no spare page has none left for the put-back (docs/evictor.md)."""
-    ps = 2 << 20
-    with free_huge_pages(4) as free:
-        if free != 4:
-            pytest.skip(f"needs a pool of exactly 4 free 2 MiB huge pages, {free} free")
-        with PuppetVMM.spawn(4 * ps, page_size=ps) as puppet:
-            tracker = track_puppet(puppet, vm_id="life-huge-pool")
-            try:
-                ctx, _, _ = evictor_session(tracker, file_store)
-                t = tracker.regions[0]
-                reason = unevictable_reason(ctx, t)
-                assert reason is not None and "has 0 free 2 MiB pages" in reason
-                with free_huge_pages(4 + HUGETLB_SPARE_PAGES):
-                    assert unevictable_reason(ctx, t) is None
-            finally:
-                tracker.close()
+    _, tracker, free = huge_puppet
+    if free != 4:
+        pytest.skip(f"needs a pool of exactly 4 free 2 MiB huge pages, {free} free")
+    ctx, _, _ = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    reason = unevictable_reason(ctx, t)
+    assert reason is not None and "has 0 free 2 MiB pages" in reason
+    with free_huge_pages(4 + HUGETLB_SPARE_PAGES):
+        assert unevictable_reason(ctx, t) is None
 
 
 async def test_which_hugetlbfs_pages_a_punch_left_is_read_not_seeked() -> None:
     """After a failed punch the evictor asks which pages still hold data; on
     hugetlbfs, SEEK_DATA would answer all of them."""
-    ps = 2 << 20
+    ps = HUGE
     with free_huge_pages(4) as free:
         if free < 4:
             pytest.skip(f"needs 4 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
