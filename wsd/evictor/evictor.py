@@ -46,7 +46,7 @@ import numpy.typing as npt
 import structlog
 
 from wsd.cancellation import despite_cancellation
-from wsd.kernel import KernelError, RegisterMode, free_huge_pages
+from wsd.kernel import KernelError, RegisterMode, free_huge_page_count
 from wsd.storage import StorageError, TierTimeout
 from wsd.storage.concurrency import LifoPool
 from wsd.storage.fsops import fsync_dir
@@ -134,7 +134,7 @@ def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
         # spare page, the hammer test found raced pages read as zeros in about
         # a quarter of its runs (2026-11-28; the kernel path was not pinned
         # down), and none in 10 runs with 8 spare pages.
-        free = free_huge_pages(ps)
+        free = free_huge_page_count(ps)
         if free is not None and free < HUGETLB_SPARE_PAGES:
             return (
                 f"the hugetlbfs pool has {free} free {ps >> 20} MiB pages: the verified "

@@ -10,7 +10,7 @@ from .fds import FdInfo, FdKind, OwnedFd, close_fds, describe_fd
 from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import (
     data_ranges,
-    free_huge_pages,
+    free_huge_page_count,
     map_shared,
     memfd_create,
     pread,
@@ -96,7 +96,7 @@ __all__ = [
     "effective_uid",
     "feature_requirement",
     "file_id",
-    "free_huge_pages",
+    "free_huge_page_count",
     "io_uring_buffers",
     "map_shared",
     "mappers_of",

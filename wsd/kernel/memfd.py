@@ -25,7 +25,7 @@ from .errors import AddressRange, oserror
 __all__ = [
     "MemfdFlag",
     "data_ranges",
-    "free_huge_pages",
+    "free_huge_page_count",
     "map_shared",
     "memfd_create",
     "pread",
@@ -180,7 +180,7 @@ def data_ranges(fd: int, start: int = 0, end: int | None = None) -> list[tuple[i
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 
 
-def free_huge_pages(page_size: int, *, sysfs: Path = HUGEPAGES) -> int | None:
+def free_huge_page_count(page_size: int, *, sysfs: Path = HUGEPAGES) -> int | None:
     """Free pages in the host's hugetlbfs pool of ``page_size`` (None: no such pool)."""
     try:
         return int((sysfs / f"hugepages-{page_size >> 10}kB" / "free_hugepages").read_text())
