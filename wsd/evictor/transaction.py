@@ -142,7 +142,8 @@ def holds_data(memfd: int, at: int, page_size: int) -> bool:
     """
     if page_size == 4096:
         return bool(data_ranges(memfd, at, at + page_size))
-    return any(pread(memfd, page_size, at))
+    data = pread(memfd, page_size, at)
+    return data.count(0) != len(data)  # in C: any() would visit 2 Mi ints
 
 
 @dataclass(frozen=True)
