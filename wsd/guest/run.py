@@ -123,48 +123,42 @@ class _SessionWatch:
         self._thread.start()
 
     def _watch(self) -> None:
-        kept = KeptPipes()
-        try:
-            self._watch_keeping(kept)
-        finally:
-            kept.close()
-
-    def _watch_keeping(self, kept: KeptPipes) -> None:
-        while True:
-            self.sock.settimeout(None)
-            try:
-                while kept.receive(self.sock):
-                    pass
-            except OSError:
-                pass
-            if self._closing:
-                return
-            self.closed_by_wsd = time.monotonic()
-            if self._reattach is None:
-                _say("wsd closed the hand-off connection: the session has ended (running on)")
-                return
-            _say("wsd closed the hand-off connection: reattaching to the next wsd")
-            while not self._closing:
-                time.sleep(1.0)
+        with contextlib.closing(KeptPipes()) as kept:
+            while True:
+                self.sock.settimeout(None)
                 try:
-                    sock = self._reattach(kept)
-                except HandoffRefused as e:
-                    if e.code == "duplicate_vm":
-                        # A wsd under systemd took it back from its fd store.
-                        _say("wsd has the session already (resumed from its fd store)")
-                        return
-                    _say(f"reattach failed, retrying: {e}")
-                    continue
-                except OSError as e:
-                    _say(f"reattach failed, retrying: {e}")
-                    continue
-                self.sock.close()
-                self.sock = sock
-                self.reattached += 1
-                self.pipes_given_back += len(kept.parts)
-                kept.close()  # the new wsd has them; it sends its own
-                _say("reattached")
-                break
+                    while kept.receive(self.sock):
+                        pass
+                except OSError:
+                    pass
+                if self._closing:
+                    return
+                self.closed_by_wsd = time.monotonic()
+                if self._reattach is None:
+                    _say("wsd closed the hand-off connection: the session has ended (running on)")
+                    return
+                _say("wsd closed the hand-off connection: reattaching to the next wsd")
+                while not self._closing:
+                    time.sleep(1.0)
+                    try:
+                        sock = self._reattach(kept)
+                    except HandoffRefused as e:
+                        if e.code == "duplicate_vm":
+                            # A wsd under systemd took it back from its fd store.
+                            _say("wsd has the session already (resumed from its fd store)")
+                            return
+                        _say(f"reattach failed, retrying: {e}")
+                        continue
+                    except OSError as e:
+                        _say(f"reattach failed, retrying: {e}")
+                        continue
+                    self.sock.close()
+                    self.sock = sock
+                    self.reattached += 1
+                    self.pipes_given_back += len(kept.parts)
+                    kept.close()  # the new wsd has them; it sends its own
+                    _say("reattached")
+                    break
 
     def close(self) -> None:
         self._closing = True

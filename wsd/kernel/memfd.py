@@ -157,7 +157,11 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def data_ranges(fd: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
-    """The ``[start, end)`` file ranges that hold data (``SEEK_DATA``/``SEEK_HOLE``)."""
+    """The ``[start, end)`` file ranges that hold data (``SEEK_DATA``/``SEEK_HOLE``).
+
+    Not on hugetlbfs, which has no ``SEEK_HOLE``: its ``lseek`` calls the whole
+    file data, holes included.
+    """
     if end is None:
         end = os.fstat(fd).st_size
     out: list[tuple[int, int]] = []
