@@ -165,7 +165,6 @@ class Pagemap(OwnedFd):
     def __init__(self, fd: int, pid: int | None = None) -> None:
         super().__init__(fd)
         self.pid = pid
-        self._arg = ffi.new("struct pm_scan_arg *")
 
     @classmethod
     def open(cls, pid: int | str = "self", *, proc: Path = Path("/proc")) -> Self:
@@ -226,7 +225,9 @@ class Pagemap(OwnedFd):
         if return_mask is None:
             return_mask = category_mask | anyof
         end = start + length
-        arg = self._arg
+        # Each call its own argument: a walk in a worker thread and a fault's
+        # check on the loop may scan at once.
+        arg = ffi.new("struct pm_scan_arg *")
         pos = start
         pages_left = max_pages
         vec_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(vec)))
