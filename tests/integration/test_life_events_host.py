@@ -13,6 +13,8 @@ guarantee to its test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,10 +24,19 @@ import pytest
 import pytest_asyncio
 
 from wsd.evictor import pagemap
-from wsd.evictor.evictor import HUGETLB_SPARE_PAGES, unevictable_reason
+from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
-from wsd.evictor.transaction import not_punched
-from wsd.kernel import Feature, data_ranges, map_shared, memfd_create, pread, punch_hole
+from wsd.evictor.transaction import copy_page, not_punched
+from wsd.kernel import (
+    Feature,
+    KernelError,
+    data_ranges,
+    map_shared,
+    memfd_create,
+    pread,
+    punch_hole,
+    unreserved_huge_page_count,
+)
 from wsd.storage import FileStoreConfig, PageStore
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
@@ -284,25 +295,25 @@ HUGE = 2 << 20
 
 
 @pytest.fixture
-def huge_puppet() -> Iterator[tuple[PuppetVMM, VmTracker, int]]:
-    """A tracked puppet of 4 hugetlbfs pages, and how many the pool had free for it."""
+def huge_puppet() -> Iterator[tuple[PuppetVMM, VmTracker]]:
+    """A tracked puppet of 4 hugetlbfs pages."""
     with free_huge_pages(4) as free:
         if free < 4:
             pytest.skip(f"needs 4 free 2 MiB huge pages, {free} free (vm.nr_hugepages; not root?)")
         with PuppetVMM.spawn(4 * HUGE, page_size=HUGE) as puppet:
             tracker = track_puppet(puppet, vm_id="life-huge")
             try:
-                yield puppet, tracker, free
+                yield puppet, tracker
             finally:
                 tracker.close()
 
 
 async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
-    huge_puppet: tuple[PuppetVMM, VmTracker, int], file_store: PageStore
+    huge_puppet: tuple[PuppetVMM, VmTracker], file_store: PageStore
 ) -> None:
     """hugetlbfs has no SEEK_HOLE: a punched page must still count as a hole,
     or the write-back takes every evicted page for one refilled and drops it."""
-    puppet, tracker, _ = huge_puppet
+    puppet, tracker = huge_puppet
     _, faults, ev = evictor_session(tracker, file_store)
     t = tracker.regions[0]
     await tracker.cycle()
@@ -316,20 +327,45 @@ async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
         assert bytes(pread(puppet.memfd, HUGE, p * HUGE)) == page_pattern(p, 0, HUGE)
 
 
-async def test_wp_async_evicts_hugetlbfs_only_with_spare_pages_in_the_pool(
-    huge_puppet: tuple[PuppetVMM, VmTracker, int], file_store: PageStore
+@contextlib.contextmanager
+def drained_huge_pool() -> Iterator[None]:
+    """Every 2 MiB page a new allocation could take, taken by a memfd of ours."""
+    count = unreserved_huge_page_count(HUGE) or 0
+    fd = memfd_create("drain", size=max(count, 1) * HUGE, hugetlb_page_size=HUGE)
+    try:
+        if count:
+            with map_shared(fd, count * HUGE) as m:
+                for p in range(count):
+                    m[p * HUGE] = 1
+        assert unreserved_huge_page_count(HUGE) == 0
+        yield
+    finally:
+        os.close(fd)
+
+
+async def test_a_hugetlbfs_copy_without_a_free_page_is_no_memory_not_a_page_there(
+    huge_puppet: tuple[PuppetVMM, VmTracker], file_store: PageStore
 ) -> None:
-    """The verified punch holds a punched page until its put-back: a pool with
-    no spare page has none left for the put-back (docs/evictor.md)."""
-    _, tracker, free = huge_puppet
-    if free != 4:
-        pytest.skip(f"needs a pool of exactly 4 free 2 MiB huge pages, {free} free")
-    ctx, _, _ = evictor_session(tracker, file_store)
+    """hugetlbfs answers UFFDIO_COPY into a hole with EEXIST, not ENOMEM, when
+    its pool has no page to give.  Taken at its word, a raced page's final
+    bytes were dropped and its hole read as zeros (the hugetlbfs hammer with
+    a pool of exactly the guest's pages, 2026-11-28)."""
+    puppet, tracker = huge_puppet
+    _, _, ev = evictor_session(tracker, file_store)
     t = tracker.regions[0]
-    reason = unevictable_reason(ctx, t)
-    assert reason is not None and "has 0 free 2 MiB pages" in reason
-    with free_huge_pages(4 + HUGETLB_SPARE_PAGES):
-        assert unevictable_reason(ctx, t) is None
+    await tracker.cycle()
+    await evict(ev, [1])
+    data = page_pattern(1, 0, HUGE)
+    with drained_huge_pool():
+        with pytest.raises(FileExistsError):  # the kernel's own answer (Linux 6.18)
+            tracker.uffd.copy(t.region.host_virt_addr + HUGE, data)
+        with pytest.raises(KernelError) as no_memory:
+            copy_page(tracker.uffd, t, 1, data)
+        assert no_memory.value.errno == errno.ENOMEM
+        with pytest.raises(FileExistsError):  # page 0 is there: the VMM maps it
+            copy_page(tracker.uffd, t, 0, data)
+    copy_page(tracker.uffd, t, 1, data)
+    assert bytes(pread(puppet.memfd, HUGE, HUGE)) == data
 
 
 async def test_which_hugetlbfs_pages_a_punch_left_is_read_not_seeked() -> None:

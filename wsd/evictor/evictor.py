@@ -46,7 +46,7 @@ import numpy.typing as npt
 import structlog
 
 from wsd.cancellation import despite_cancellation
-from wsd.kernel import KernelError, RegisterMode, free_huge_page_count
+from wsd.kernel import KernelError, RegisterMode
 from wsd.storage import StorageError, TierTimeout
 from wsd.storage.concurrency import LifoPool
 from wsd.storage.fsops import fsync_dir
@@ -111,9 +111,6 @@ COMPACT_SNAPSHOT_FRACTION = 4
 # each spends of the 2^32 generations.
 CEILING_STEP = 1 << 10
 
-# Free pages a hugetlbfs pool must have for a wp-async verified punch (unevictable_reason).
-HUGETLB_SPARE_PAGES = 2
-
 HostRoom = Callable[[], int | None]
 """Bytes the host-wide cap still allows to be evicted (None: no cap)."""
 
@@ -127,19 +124,6 @@ def unevictable_reason(ctx: VmContext, t: TrackedRegion) -> str | None:
         return f"{t.state.granularity}: accesses cannot be trapped (RWP-FACTS fact 8)"
     if RegisterMode.MISSING not in ctx.tracker.decision.register_mode:
         return "MISSING is not registered: an evicted page could not be fetched back"
-    ps = t.region.page_size
-    if ps != 4096 and ctx.tracker.mode is TrackingMode.WP_ASYNC:
-        # The verified punch holds the punched page until its put-back, and a
-        # UFFDIO_COPY may take a second page for its bounce copy.  With no
-        # spare page, the hammer test found raced pages read as zeros in about
-        # a quarter of its runs (2026-11-28; the kernel path was not pinned
-        # down), and none in 10 runs with 8 spare pages.
-        free = free_huge_page_count(ps)
-        if free is not None and free < HUGETLB_SPARE_PAGES:
-            return (
-                f"the hugetlbfs pool has {free} free {ps >> 20} MiB pages: the verified "
-                f"punch of wp-async mode needs {HUGETLB_SPARE_PAGES} (vm.nr_hugepages)"
-            )
     return None
 
 
@@ -800,7 +784,7 @@ class Evictor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, cfg.fetch_retry_max_seconds)
             # The page moves only with an event the loop reads: t.region is current.
-            unplaced, errors = place(ctx.tracker.uffd, t.memfd, t.region, unplaced)
+            unplaced, errors = place(ctx.tracker.uffd, t, unplaced)
             for error in errors:
                 log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
         log.warning("raced pages put back once memory was free", vm_id=ctx.vm_id, region=i)
@@ -813,9 +797,7 @@ class Evictor:
         ctx = self.ctx
         # Detached meanwhile (events.detach): the region's release waits for
         # this, and every page goes back into the memfd.
-        outcome = put_back(
-            ctx.tracker.uffd, t.memfd, t.region, punched, detached=t.vanished is not None
-        )
+        outcome = put_back(ctx.tracker.uffd, t, punched, detached=t.vanished is not None)
         # The stored copies of pages kept resident are useless.
         ctx.discards[i].update(outcome.kept.tolist())
         if len(outcome.raced):

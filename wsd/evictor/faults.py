@@ -38,6 +38,7 @@ from wsd.tracker.session import TrackedRegion
 
 from .config import OnDeadline
 from .context import VmContext
+from .transaction import copy_page
 
 log = structlog.get_logger("wsd.evictor")
 
@@ -154,7 +155,7 @@ class FaultService:
         if stored is None:
             return False
         try:
-            self.ctx.tracker.uffd.copy(r.host_virt_addr + page * r.page_size, stored.data)
+            copy_page(self.ctx.tracker.uffd, t, page, stored.data)
         except FileExistsError:
             self.ctx.stats.copy_races += 1
             t.state.note_fetched([page])
@@ -221,7 +222,7 @@ class FaultService:
             if r.page_size == 4096:
                 uffd.zeropage(addr, r.page_size)
             else:  # hugetlbfs has no UFFDIO_ZEROPAGE
-                uffd.copy(addr, bytes(r.page_size))
+                copy_page(uffd, t, page, bytes(r.page_size))
         except FileExistsError:
             # Populated meanwhile: another thread's fault on the same page (its
             # ZEROPAGE woke us too), or wsd wrote the page into the memfd (a
@@ -277,9 +278,19 @@ class FaultService:
                 log.info("VMM memory gone, fetch dropped", vm_id=ctx.vm_id, page=page)
             else:
                 self._timed(FaultResult.ERROR, started)
-                # A bug must not take the daemon down.  The fault was consumed,
-                # so nobody else will ask again: retry later.
-                log.exception("fetch failed", vm_id=ctx.vm_id, region=i, page=page)
+                # The fault was consumed, so nobody else will ask again: retry
+                # later.  Anything but a lack of memory is a bug, which must not
+                # take the daemon down.
+                if isinstance(e, KernelError) and e.errno == errno.ENOMEM:
+                    log.warning(
+                        "no memory to install a fetched page; fetched again",
+                        vm_id=ctx.vm_id,
+                        region=i,
+                        page=page,
+                        error=str(e),
+                    )
+                else:
+                    log.exception("fetch failed", vm_id=ctx.vm_id, region=i, page=page)
                 self.fetching.discard((i, page))
                 await asyncio.sleep(1.0)
                 if t.state.is_evicted(page) and (i, page) not in self.fetching:
@@ -367,7 +378,7 @@ class FaultService:
         addr = r.host_virt_addr + page * r.page_size
         for attempt in range(COPY_EAGAIN_RETRIES):
             try:
-                self.ctx.tracker.uffd.copy(addr, data, wake=wake, wp=wp)
+                copy_page(self.ctx.tracker.uffd, t, page, data, wake=wake, wp=wp)
                 return True
             except FileExistsError:
                 if page in t.remnants:
@@ -477,7 +488,13 @@ class FaultService:
                 # In wp-async mode a page COPY'd without WP reads as written at
                 # the next scan: a prefetched page would look hot.
                 wp = ctx.tracker.mode is TrackingMode.WP_ASYNC
-                if await self.install(t, p, stored.data, wake=False, wp=wp):
+                try:
+                    installed_now = await self.install(t, p, stored.data, wake=False, wp=wp)
+                except KernelError as e:
+                    if e.errno != errno.ENOMEM:
+                        raise
+                    break  # no memory to spare for pages nobody asked for yet
+                if installed_now:
                     addr = r.host_virt_addr + offset
                     if ctx.tracker.mode is TrackingMode.RWP:
                         ctx.tracker.uffd.rwprotect(addr, r.page_size, protect=True, wake=True)

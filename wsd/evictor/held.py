@@ -42,6 +42,8 @@ from wsd import fdstore, sdnotify
 from wsd.kernel import KernelError, PipePool, close_fds, peek_pipe
 from wsd.tracker.session import TrackedRegion, VmTracker
 
+from .transaction import copy_page
+
 log = structlog.get_logger("wsd.evictor")
 
 _MAGIC = b"wsdheld1"
@@ -276,13 +278,12 @@ def _install(
     """Install the chunk's pages that are holes (of them, those in ``only``);
     ``t``: the chunk's region, from :func:`_region_of`."""
     done: dict[int, list[int]] = {}
-    ps = t.region.page_size
     resident = t.resident()
     for k, page in enumerate(chunk.pages.tolist()):
         if resident[page] or (only is not None and page not in only):
             continue
         try:
-            tracker.uffd.copy(t.region.host_virt_addr + page * ps, chunk.page(k), wp=wp)
+            copy_page(tracker.uffd, t, page, chunk.page(k), wp=wp)
         except FileExistsError:
             continue  # filled behind the uffd since: newer than ours
         except KernelError as e:

@@ -30,6 +30,7 @@ from typing_extensions import Buffer
 
 from wsd import _batch
 from wsd.kernel import (
+    AddressRange,
     HeldPages,
     KernelError,
     PipePool,
@@ -41,7 +42,9 @@ from wsd.kernel import (
     pread_pages,
     punch_hole,
     pwrite,
+    unreserved_huge_page_count,
 )
+from wsd.tracker.session import TrackedRegion
 from wsd.vmm.protocol import Region
 
 
@@ -144,6 +147,48 @@ def holds_data(memfd: int, at: int, page_size: int) -> bool:
         return bool(data_ranges(memfd, at, at + page_size))
     data = pread(memfd, page_size, at)
     return data.count(0) != len(data)  # in C: any() would visit 2 Mi ints
+
+
+def copy_page(
+    uffd: Userfaultfd,
+    t: TrackedRegion,
+    page: int,
+    data: Buffer,
+    *,
+    wake: bool = True,
+    wp: bool = False,
+) -> None:
+    """``UFFDIO_COPY`` ``data`` into ``page`` of ``t``, and raise as the ioctl does,
+    except for an EEXIST that hugetlbfs gave for want of a free page: ``ENOMEM``.
+
+    hugetlbfs answers a copy into a hole with EEXIST, not ENOMEM, when its
+    pool has no page for it (Linux 6.18: a hole, no PTE, no unreserved page
+    in the pool; docs/evictor.md, "EEXIST on hugetlbfs").  Taken at its word,
+    the bytes being installed (a raced page's final bytes, a fetched page)
+    would be dropped and the hole zero-filled at its next fault.  So there an
+    EEXIST stands only if the VMM maps the page, or the page holds data, or
+    a second copy says it again while the pool has a page to give.
+    """
+    r = t.region
+    ps = r.page_size
+    addr = r.host_virt_addr + page * ps
+    try:
+        uffd.copy(addr, data, wake=wake, wp=wp)
+        return
+    except FileExistsError:
+        if ps == 4096 or t.maps(page) or holds_data(t.memfd, r.offset + page * ps, ps):
+            raise
+    try:
+        uffd.copy(addr, data, wake=wake, wp=wp)  # a page may have come free since
+    except FileExistsError as e:
+        if unreserved_huge_page_count(ps) != 0:  # None: no pool to ask, take it as said
+            raise
+        raise KernelError(
+            errno.ENOMEM,
+            "UFFDIO_COPY",
+            range=AddressRange(addr, ps),
+            detail="EEXIST on a hole with no unreserved huge page: no memory for it",
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -315,8 +360,7 @@ def punch_held(
 
 def put_back(
     uffd: Userfaultfd,
-    memfd: int,
-    region: Region,
+    t: TrackedRegion,
     punch: HeldPunch,
     *,
     detached: bool = False,
@@ -325,11 +369,12 @@ def put_back(
     stored ones back in place, write-protected so tracking goes on; that also
     wakes a vCPU that faulted on its hole meanwhile.  Then empty the pipes.
 
-    ``region`` is where the pages are now (a remap may have moved them).
+    ``t.region`` is where the pages are now (a remap may have moved them).
     ``detached``: the region is no longer the uffd's (:mod:`.events`), so
     every punched page goes back, by ``pwrite`` into the memfd, and none
     counts as evicted.
     """
+    memfd, region = t.memfd, t.region
     ps = region.page_size
     pages, errors = punch.pages, list(punch.errors)
     back = punch.punched if detached else punch.punched & ~punch.same
@@ -344,7 +389,7 @@ def put_back(
                 errors.append(f"page {page}: {e}")
             continue
         try:
-            errors.extend(_put_back_page(uffd, memfd, region, page, now))
+            errors.extend(_put_back_page(uffd, t, page, now))
         except KernelError:
             unplaced[page] = bytes(now)  # punch.final is the caller's scratch
     if punch.pooled:
@@ -354,7 +399,7 @@ def put_back(
     if unplaced:
         # A hugetlbfs pool with no spare page: the pipes' references kept the
         # punched pages themselves out of it until the release just above.
-        unplaced, more = place(uffd, memfd, region, unplaced)
+        unplaced, more = place(uffd, t, unplaced)
         errors.extend(more)
     return VerifiedPunch(
         evicted=pages[punch.punched & punch.same],
@@ -366,7 +411,7 @@ def put_back(
 
 
 def place(
-    uffd: Userfaultfd, memfd: int, region: Region, unplaced: Mapping[int, bytes]
+    uffd: Userfaultfd, t: TrackedRegion, unplaced: Mapping[int, bytes]
 ) -> tuple[dict[int, bytes], list[str]]:
     """Put raced pages back (page -> final bytes); those the kernel still has no
     memory for, and what went wrong with the others."""
@@ -374,21 +419,20 @@ def place(
     errors: list[str] = []
     for page, data in unplaced.items():
         try:
-            errors.extend(_put_back_page(uffd, memfd, region, page, data))
+            errors.extend(_put_back_page(uffd, t, page, data))
         except KernelError:
             left[page] = data
     return left, errors
 
 
-def _put_back_page(
-    uffd: Userfaultfd, memfd: int, region: Region, page: int, data: Buffer
-) -> list[str]:
+def _put_back_page(uffd: Userfaultfd, t: TrackedRegion, page: int, data: Buffer) -> list[str]:
     """Install a raced page's final bytes, write-protected; what went wrong, if
     anything.  Raises KernelError ``ENOMEM``: no memory for the page now."""
+    memfd, region = t.memfd, t.region
     ps = region.page_size
     addr = region.host_virt_addr + page * ps
     try:
-        uffd.copy(addr, data, wp=True)
+        copy_page(uffd, t, page, data, wp=True)
     except BlockingIOError:
         # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it
         # cannot be read before this returns, so a retry would fail the

@@ -10,7 +10,6 @@ from .fds import FdInfo, FdKind, OwnedFd, close_fds, describe_fd
 from .features import KernelFeatures, RegisterProbe, probe_kernel
 from .memfd import (
     data_ranges,
-    free_huge_page_count,
     map_shared,
     memfd_create,
     pread,
@@ -18,6 +17,7 @@ from .memfd import (
     pread_pages,
     punch_hole,
     pwrite,
+    unreserved_huge_page_count,
 )
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
@@ -96,7 +96,6 @@ __all__ = [
     "effective_uid",
     "feature_requirement",
     "file_id",
-    "free_huge_page_count",
     "io_uring_buffers",
     "map_shared",
     "mappers_of",
@@ -120,4 +119,5 @@ __all__ = [
     "send_with_fds",
     "set_thread_nice",
     "thread_nice",
+    "unreserved_huge_page_count",
 ]

@@ -25,7 +25,6 @@ from .errors import AddressRange, oserror
 __all__ = [
     "MemfdFlag",
     "data_ranges",
-    "free_huge_page_count",
     "map_shared",
     "memfd_create",
     "pread",
@@ -33,6 +32,7 @@ __all__ = [
     "pread_pages",
     "punch_hole",
     "pwrite",
+    "unreserved_huge_page_count",
 ]
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -184,9 +184,17 @@ def data_ranges(fd: int, start: int = 0, end: int | None = None) -> list[tuple[i
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 
 
-def free_huge_page_count(page_size: int, *, sysfs: Path = HUGEPAGES) -> int | None:
-    """Free pages in the host's hugetlbfs pool of ``page_size`` (None: no such pool)."""
+def unreserved_huge_page_count(page_size: int, *, sysfs: Path = HUGEPAGES) -> int | None:
+    """Pages of the host's hugetlbfs pool of ``page_size`` that a new allocation
+    can take: free, and reserved by no mapping (None: no such pool).
+
+    A free page that a mapping reserved goes to that mapping's pages only, so
+    a pool can list free pages and still have none for anyone else.
+    """
+    pool = sysfs / f"hugepages-{page_size >> 10}kB"
     try:
-        return int((sysfs / f"hugepages-{page_size >> 10}kB" / "free_hugepages").read_text())
+        free = int((pool / "free_hugepages").read_text())
+        reserved = int((pool / "resv_hugepages").read_text())
     except (OSError, ValueError):
         return None
+    return max(free - reserved, 0)

@@ -403,7 +403,9 @@ class Userfaultfd(OwnedFd):
         """``UFFDIO_COPY`` ``data`` (from our memory) to ``dst`` (in the uffd's mm).
 
         Returns the number of bytes copied.  ``FileExistsError`` (EEXIST) means
-        the page was already populated by someone else.
+        the page was already populated by someone else, except on hugetlbfs,
+        which also says EEXIST when its pool has no free page for ``dst``
+        (Linux 6.18; docs/evictor.md, "EEXIST on hugetlbfs").
         """
         src = ffi.from_buffer(data)
         length = len(src)

@@ -157,18 +157,20 @@ NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
 @contextlib.contextmanager
-def free_huge_pages(wanted: int) -> Iterator[int]:
-    """Make ``wanted`` 2 MiB pages free if we may (root), restoring the pool after.
+def free_huge_pages(wanted: int, *, exactly: bool = False) -> Iterator[int]:
+    """Make ``wanted`` 2 MiB pages free (``exactly``: no more) if we may (root),
+    restoring the pool after.
 
     Yields how many are free, which may still be fewer than ``wanted``.
     """
     before = int(NR_HUGEPAGES.read_text())
-    raised = False
-    if int(HUGE_FREE.read_text()) < wanted and os.access(NR_HUGEPAGES, os.W_OK):
-        NR_HUGEPAGES.write_text(f"{before + wanted}\n")
-        raised = True
+    free = int(HUGE_FREE.read_text())
+    target = before - free + wanted if exactly or free < wanted else before
+    resized = target != before and os.access(NR_HUGEPAGES, os.W_OK)
+    if resized:
+        NR_HUGEPAGES.write_text(f"{target}\n")
     try:
         yield int(HUGE_FREE.read_text())
     finally:
-        if raised:
+        if resized:
             NR_HUGEPAGES.write_text(f"{before}\n")

@@ -174,6 +174,14 @@ class TrackedRegion:
             out[first:last] = True
         return out
 
+    def maps(self, page: int) -> bool:
+        """Whether the VMM's page tables map ``page`` (``PAGEMAP_SCAN``)."""
+        assert self.pagemap is not None, "a region is tracked with its VMM's pagemap"
+        r = self.region
+        addr = r.host_virt_addr + page * r.page_size
+        found = self.pagemap.scan(addr, r.page_size, vec_len=1, category_mask=PageCategory.PRESENT)
+        return len(found) > 0
+
 
 def _wants_minor(decision: ModeDecision, r: Region, enabled: Feature) -> bool:
     """Co-register MINOR on 4 KiB shmem regions in rwp mode (RWP-FACTS fact 8).
