@@ -38,15 +38,12 @@ from wsd.tracker.session import TrackedRegion
 
 from .config import OnDeadline
 from .context import VmContext
-from .transaction import copy_page
+from .transaction import VMM_GONE, copy_page
 
 log = structlog.get_logger("wsd.evictor")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
 
-# Errors of UFFDIO_COPY that mean the VMM's memory is gone (it exited or
-# unmapped the region): nothing left to serve, so no retry.
-VMM_GONE = frozenset({errno.ESRCH, errno.ENOENT})
 
 # UFFDIO_COPY gives EAGAIN while the VMM's address space is changing (a
 # remap or unmap in progress); that settles in microseconds.

@@ -47,6 +47,10 @@ from wsd.kernel import (
 from wsd.tracker.session import TrackedRegion
 from wsd.vmm.protocol import Region
 
+# Errors of UFFDIO_COPY that mean the VMM's mapping is gone: it unmapped the
+# region (ENOENT) or exited (ESRCH).
+VMM_GONE = frozenset({errno.ESRCH, errno.ENOENT})
+
 
 def runs(pages: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     """``(first, count)`` of each run of consecutive pages in an ascending array."""
@@ -433,16 +437,6 @@ def _put_back_page(uffd: Userfaultfd, t: TrackedRegion, page: int, data: Buffer)
     addr = region.host_virt_addr + page * ps
     try:
         copy_page(uffd, t, page, data, wp=True)
-    except BlockingIOError:
-        # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it
-        # cannot be read before this returns, so a retry would fail the
-        # same.  The page cache takes the bytes without the uffd; a thread
-        # that faulted on the hole meanwhile re-faults and maps them.
-        try:
-            _write_back(memfd, region.offset + page * ps, memoryview(data))
-            uffd.wake(addr, ps)
-        except KernelError as e:
-            return [f"page {page}: put back: {e}"]
     except FileExistsError:
         # Only a write that bypassed the registered mapping (the VMM's
         # write() to the memfd, another process's mapping) fills a hole
@@ -451,7 +445,19 @@ def _put_back_page(uffd: Userfaultfd, t: TrackedRegion, page: int, data: Buffer)
     except KernelError as e:
         if e.errno == errno.ENOMEM:
             raise
-        return [f"page {page}: {e}"]
+        if e.errno != errno.EAGAIN and e.errno not in VMM_GONE:
+            return [f"page {page}: {e}"]
+        # EAGAIN: a life event (REMOVE, UNMAP, REMAP) is queued, and it cannot
+        # be read before this returns, so a retry would fail the same.
+        # ENOENT, ESRCH: the VMM unmapped the region or exited meanwhile.  The
+        # page cache takes the bytes without the uffd: the memfd outlives the
+        # mapping, and they are the page's wherever it is mapped next.
+        try:
+            _write_back(memfd, region.offset + page * ps, memoryview(data))
+            if e.errno == errno.EAGAIN:
+                uffd.wake(addr, ps)  # a thread that faulted meanwhile maps them
+        except KernelError as err:
+            return [f"page {page}: put back: {err}"]
     return []
 
 
