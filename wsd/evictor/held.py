@@ -29,7 +29,9 @@ window open, as docs/reliability.md says.
 
 from __future__ import annotations
 
+import errno
 import struct
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,6 +47,10 @@ from wsd.tracker.session import TrackedRegion, VmTracker
 from .transaction import copy_page
 
 log = structlog.get_logger("wsd.evictor")
+
+# How long a restart's put-back of held pages waits for memory: the pipes'
+# own pages, on hugetlbfs, once the fd store has closed them.
+HELD_MEMORY_WAIT_SECONDS = 2.0
 
 _MAGIC = b"wsdheld1"
 _HEAD = struct.Struct("<8sIII")  # magic, region index, page size, page count
@@ -192,6 +198,7 @@ def put_back(
     """
     fds = [held[k] for k in sorted(held)]
     done: dict[int, list[int]] = {}
+    short: list[int] = []
     try:
         # Parts go into the store in order, each before any punch that uses
         # it, so a punch used parts 0..k, and they are all there.
@@ -211,12 +218,15 @@ def put_back(
     try:
         if chunk is not None:
             t = _region_of(tracker, chunk)
-            done = _install(tracker, t, chunk, wp=wp, only=listed[chunk.region])
+            done, short = _install(tracker, t, chunk, wp=wp, only=listed[chunk.region])
     except HeldLabelError as e:
         log.error("parked pipes name pages the session has not", vm_id=tracker.vm_id, error=str(e))
     finally:
         close_fds(fds)
     fdstore.remove_held(tracker.vm_id, max(held, default=-1) + 1)
+    if short:
+        assert chunk is not None
+        _install_once_free(tracker, t, chunk, short, wp=wp, done=done)
     for region, pages in done.items():
         log.warning(
             "pages held across a punch put back from the parked pipes",
@@ -249,7 +259,7 @@ def retry(
         log.warning("held pipes still cannot be put back", vm_id=tracker.vm_id, error=str(e))
         return None
     held_back = [p for p in chunk.pages.tolist() if t.is_held_back(p)]
-    _install(tracker, t, chunk, wp=wp, only=set(held_back))
+    _install(tracker, t, chunk, wp=wp, only=set(held_back))  # no memory: next time
     if not t.resident()[held_back].all():
         return None
     pool.empty()
@@ -274,10 +284,12 @@ def _install(
     *,
     wp: bool,
     only: Collection[int] | None = None,
-) -> dict[int, list[int]]:
+) -> tuple[dict[int, list[int]], list[int]]:
     """Install the chunk's pages that are holes (of them, those in ``only``);
-    ``t``: the chunk's region, from :func:`_region_of`."""
+    ``t``: the chunk's region, from :func:`_region_of`.  By region, the pages
+    installed; and the pages the kernel had no memory for (``ENOMEM``)."""
     done: dict[int, list[int]] = {}
+    short: list[int] = []
     resident = t.resident()
     for k, page in enumerate(chunk.pages.tolist()):
         if resident[page] or (only is not None and page not in only):
@@ -287,6 +299,9 @@ def _install(
         except FileExistsError:
             continue  # filled behind the uffd since: newer than ours
         except KernelError as e:
+            if e.errno == errno.ENOMEM:
+                short.append(page)
+                continue
             log.error(
                 "a page held across a punch could not be put back",
                 vm_id=tracker.vm_id,
@@ -296,4 +311,41 @@ def _install(
             )
             continue
         done.setdefault(chunk.region, []).append(page)
-    return done
+    return done, short
+
+
+def _install_once_free(
+    tracker: VmTracker,
+    t: TrackedRegion,
+    chunk: HeldChunk,
+    pages: list[int],
+    *,
+    wp: bool,
+    done: dict[int, list[int]],
+) -> None:
+    """Install ``pages`` of ``chunk``, which met no memory while its pipes were
+    held, from the bytes read, as the pipes' pages come free; into ``done``.
+
+    On hugetlbfs the punched pages the pipes hold may be all the pool has:
+    once the fd store and this process close the pipes (:func:`put_back`
+    asked the store), they go back to the pool.  Until then the bytes are in
+    this process alone.  Tried for ``HELD_MEMORY_WAIT_SECONDS``, before any
+    fault is served: a page still without memory then is served from its
+    stored copy, without a raced write it may have had, and logged as such.
+    """
+    deadline = time.monotonic() + HELD_MEMORY_WAIT_SECONDS
+    while pages:
+        more, pages = _install(tracker, t, chunk, wp=wp, only=set(pages))
+        for region, installed in more.items():
+            done.setdefault(region, []).extend(installed)
+        if not pages or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    if pages:
+        log.error(
+            "no memory to put back pages held across a punch: they are served from "
+            "storage, without any write that raced their eviction",
+            vm_id=tracker.vm_id,
+            region=chunk.region,
+            pages=pages,
+        )
