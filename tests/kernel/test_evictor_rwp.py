@@ -57,10 +57,11 @@ INTERVAL = 0.3
 
 @pytest.fixture
 def huge_128m() -> Iterator[None]:
-    """64 free 2 MiB pages for a 128 MiB hugetlbfs guest."""
-    with free_huge_pages(64) as free:
-        if free < 64:
-            pytest.skip(f"only {free} free 2 MiB huge pages, 64 needed")
+    """A pool of exactly the 64 2 MiB pages of a 128 MiB hugetlbfs guest: a
+    fetch may then find no free page (transaction.copy_page)."""
+    with free_huge_pages(64, exactly=True) as free:
+        if free != 64:
+            pytest.skip(f"{free} free 2 MiB huge pages, exactly 64 needed")
         yield
 
 
