@@ -9,6 +9,7 @@ out), then let the puppet read them back through MISSING faults served by
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
-from wsd.kernel import data_ranges
+from wsd.kernel import KernelError, Userfaultfd, data_ranges
 from wsd.storage import FileStoreConfig, PageNamespace, PageStore, TierUnavailable, ZstdStoreConfig
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
@@ -324,6 +325,26 @@ async def test_drain_brings_every_page_back_and_empties_the_store(
     assert tracker.regions[0].state.evicted_pages == 0
     assert (await file_store.stats()).pages == 0
     assert await read(puppet, range(puppet.npages)) == [0] * puppet.npages
+
+
+async def test_a_drain_without_memory_for_the_pages_leaves_them_in_storage(
+    puppet: PuppetVMM, tracker: VmTracker, file_store: PageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UFFDIO_COPY says ENOMEM (a hugetlbfs pool with no free page, a cgroup at
+    its limit): the drain stops as for a failing tier, and what it did not
+    bring back stays evicted and stored, for the session to resume."""
+    ctx, faults = vm(tracker, file_store)
+    await tracker.cycle()
+    pages = np.arange(0, 64)
+    await evict(ctx, pages)
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
+
+    monkeypatch.setattr(Userfaultfd, "copy", no_memory)
+    assert not await drain(ctx, faults)
+    assert tracker.regions[0].state.evicted_pages == len(pages)
+    assert (await file_store.stats()).pages == len(pages)
 
 
 async def test_drain_after_the_vmm_died_drops_its_pages(

@@ -51,6 +51,10 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
         try:
             await _bring_back(ctx, i, faults.fetching, install, "drain")
         except KernelError as e:
+            if e.errno == errno.ENOMEM:
+                # No page to install into (a hugetlbfs pool, a cgroup at its
+                # limit): like a failing tier, the rest stays in storage.
+                return _left_in_storage(ctx, i, e)
             if e.errno not in (errno.ESRCH, errno.EFAULT, errno.ENOENT):
                 raise
             # The VMM's address space is gone: nothing left to serve.
@@ -58,15 +62,7 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
             gone = True
             break
         except StorageError as e:
-            left = sum(x.state.evicted_pages for x in ctx.tracker.regions)
-            log.error(
-                "cannot bring evicted pages back: they stay in storage",
-                vm_id=ctx.vm_id,
-                region=i,
-                pages_left=left,
-                error=str(e),
-            )
-            return False
+            return _left_in_storage(ctx, i, e)
     if not gone and any(t.state.evicted_pages for t in ctx.tracker.regions):
         return False
     for ns in ctx.namespaces:
@@ -75,6 +71,17 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
         except StorageError as e:
             log.warning("discarding a VM's pages failed", vm_id=ctx.vm_id, error=str(e))
     return True
+
+
+def _left_in_storage(ctx: VmContext, i: int, error: Exception) -> bool:
+    log.error(
+        "cannot bring evicted pages back: they stay in storage",
+        vm_id=ctx.vm_id,
+        region=i,
+        pages_left=sum(t.state.evicted_pages for t in ctx.tracker.regions),
+        error=str(error),
+    )
+    return False
 
 
 async def restore_to_memfd(
