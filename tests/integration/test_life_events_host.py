@@ -328,16 +328,16 @@ async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
 
 
 @contextlib.contextmanager
-def drained_huge_pool() -> Iterator[None]:
-    """Every 2 MiB page a new allocation could take, taken by a memfd of ours."""
-    count = unreserved_huge_page_count(HUGE) or 0
+def drained_huge_pool(leave: int = 0) -> Iterator[None]:
+    """Every 2 MiB page a new allocation could take but ``leave``, taken by a memfd of ours."""
+    count = max((unreserved_huge_page_count(HUGE) or 0) - leave, 0)
     fd = memfd_create("drain", size=max(count, 1) * HUGE, hugetlb_page_size=HUGE)
     try:
         if count:
             with map_shared(fd, count * HUGE) as m:
                 for p in range(count):
                     m[p * HUGE] = 1
-        assert unreserved_huge_page_count(HUGE) == 0
+        assert unreserved_huge_page_count(HUGE) == leave
         yield
     finally:
         os.close(fd)
@@ -366,6 +366,23 @@ async def test_a_hugetlbfs_copy_without_a_free_page_is_no_memory_not_a_page_ther
             copy_page(tracker.uffd, t, 0, data)
     copy_page(tracker.uffd, t, 1, data)
     assert bytes(pread(puppet.memfd, HUGE, HUGE)) == data
+
+
+async def test_a_hugetlbfs_zero_fill_needs_one_free_page_not_two(
+    huge_puppet: tuple[PuppetVMM, VmTracker], file_store: PageStore
+) -> None:
+    """UFFDIO_COPY from memory it must fault in first copies through a bounce
+    page, on hugetlbfs a second page from the pool.  A zero fill from a fresh
+    ``bytes(2 MiB)`` said ENOMEM with one free page, and the first touch of
+    the hole waited for another."""
+    puppet, tracker = huge_puppet
+    ctx, faults, ev = evictor_session(tracker, file_store)
+    await tracker.cycle()
+    with serving_faults(tracker, faults, ev) as unhandled:
+        await call(puppet, "discard", pages=[2], how="remove")  # a balloon gives it back
+        with drained_huge_pool(leave=1):
+            assert await call(puppet, "read", pages=[2]) == [DISCARDED]
+    assert not unhandled and ctx.stats.zero_fills == 1
 
 
 async def test_which_hugetlbfs_pages_a_punch_left_is_read_not_seeked() -> None:

@@ -50,6 +50,24 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Future[None]"]
 COPY_EAGAIN_RETRIES = 100
 
 
+_ZEROS: dict[int, bytearray] = {}
+
+
+def _present_zeros(size: int) -> bytearray:
+    """A page of zeros, its memory present.
+
+    ``UFFDIO_COPY`` from memory it would have to fault in copies through a
+    bounce page, which on hugetlbfs is a second page from the pool: with one
+    free page, a zero fill from a fresh ``bytes(size)`` said ENOMEM (Linux
+    6.18), and the first touch of a hole waited until another page came free.
+    """
+    zeros = _ZEROS.get(size)
+    if zeros is None:
+        zeros = _ZEROS[size] = bytearray(size)
+    zeros[::4096] = bytes(-(-size // 4096))  # faulted in again if reclaimed meanwhile
+    return zeros
+
+
 class FaultResult(enum.StrEnum):
     """How a fault's service ended: the ``result`` of its latency."""
 
@@ -219,7 +237,7 @@ class FaultService:
             if r.page_size == 4096:
                 uffd.zeropage(addr, r.page_size)
             else:  # hugetlbfs has no UFFDIO_ZEROPAGE
-                copy_page(uffd, t, page, bytes(r.page_size))
+                copy_page(uffd, t, page, _present_zeros(r.page_size))
         except FileExistsError:
             # Populated meanwhile: another thread's fault on the same page (its
             # ZEROPAGE woke us too), or wsd wrote the page into the memfd (a
