@@ -49,8 +49,9 @@ from .transaction import copy_page
 log = structlog.get_logger("wsd.evictor")
 
 # How long a restart's put-back of held pages waits for memory: the pipes'
-# own pages, on hugetlbfs, once the fd store has closed them.
-HELD_MEMORY_WAIT_SECONDS = 2.0
+# own pages, on hugetlbfs, once the fd store has closed them.  It runs on the
+# event loop (resume.adopt), where other VMs' faults wait as long.
+HELD_MEMORY_WAIT_SECONDS = 1.0
 
 _MAGIC = b"wsdheld1"
 _HEAD = struct.Struct("<8sIII")  # magic, region index, page size, page count
