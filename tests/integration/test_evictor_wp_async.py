@@ -441,31 +441,31 @@ async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
         await s.check_every_raced_write_is_back()
 
 
-async def test_a_restart_puts_back_held_pages_that_had_no_memory_once_the_store_lets_go(
+async def test_a_restart_puts_back_held_pages_that_had_no_memory_once_their_pipes_are_emptied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On hugetlbfs the pipes' punched pages may be all the pool has: a
-    restart's put-back meets ENOMEM until the fd store lets go of the pipes.
-    The put-back then goes on from the bytes it read (evictor.held)."""
+    restart's put-back meets ENOMEM until the pipes are emptied.  It empties
+    them and goes on from the bytes it read (evictor.held)."""
     vm_id = "wp-kill-nomem"
     async with parked_session(tmp_path, monkeypatch, vm_id) as s:
         await s.die_after_the_punch(monkeypatch, (HeldPages, "read_into"))
-        let_go: list[int] = []
-        copy, remove_held = Userfaultfd.copy, fdstore.remove_held
+        emptied: list[int] = []
+        copy, empty_pipe = Userfaultfd.copy, evictor_held.empty_pipe
 
         def no_memory_while_held(self: Userfaultfd, *args: Any, **kwargs: Any) -> int:
-            if not let_go:
+            if not emptied:
                 raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
             return copy(self, *args, **kwargs)
 
-        def removed(vm_id: str, count: int, first: int = 0) -> None:
-            let_go.append(count)
-            remove_held(vm_id, count, first)
+        def emptying(fd: int) -> None:
+            emptied.append(fd)
+            empty_pipe(fd)
 
         monkeypatch.setattr(Userfaultfd, "copy", no_memory_while_held)
-        monkeypatch.setattr(fdstore, "remove_held", removed)
+        monkeypatch.setattr(evictor_held, "empty_pipe", emptying)
         resumed = await s.restart(tmp_path)
-        assert let_go, "the store kept the pipes"
+        assert emptied, "the pipes were never emptied"
         state = resumed.regions[0].state
         assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
         await s.check_every_raced_write_is_back()

@@ -26,6 +26,7 @@ from wsd.kernel import (
     close_fds,
     data_ranges,
     describe_fd,
+    empty_pipe,
     map_shared,
     memfd_create,
     peek_pipe,
@@ -36,6 +37,7 @@ from wsd.kernel import (
     pwrite,
     recv_with_fds,
     send_with_fds,
+    unreserved_huge_page_count,
 )
 from wsd.kernel._ffi import ffi
 from wsd.testing.hammer import free_huge_pages
@@ -233,6 +235,33 @@ def test_a_pools_detached_read_ends_keep_what_its_pipes_held() -> None:
     finally:
         pool.close()
         os.close(fd)
+
+
+def test_emptying_a_pipe_frees_its_pages_with_its_writer_still_open() -> None:
+    """``empty_pipe`` reads what is there and returns: a parked pipe's other
+    holders (the fd store, a VMM) may keep it open for writing, and a
+    blocking read would then wait for ever.  On hugetlbfs the punched page a
+    pipe held goes back to the pool."""
+    ps = 2 << 20
+    with free_huge_pages(2) as free:
+        if free < 2:
+            pytest.skip(f"only {free} free 2 MiB huge pages, 2 needed (not root?)")
+        fd = memfd_create("emptied", size=ps, hugetlb_page_size=ps)
+        pool = PipePool()
+        try:
+            with map_shared(fd, ps) as m:
+                m[0] = 7
+            with HeldPages(fd, [(0, ps)], ps, pool=pool):
+                punch_hole(fd, 0, ps)
+            before = unreserved_huge_page_count(ps)
+            assert before is not None
+            for r in pool.read_ends:
+                empty_pipe(r)  # the pool's write ends are still open
+                assert peek_pipe(r) == b""
+            assert unreserved_huge_page_count(ps) == before + 1
+        finally:
+            pool.close()
+            os.close(fd)
 
 
 @pytest.mark.parametrize("hugetlb", [False, True], ids=["shmem", "hugetlbfs"])

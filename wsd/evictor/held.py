@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import struct
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,17 +40,12 @@ import numpy.typing as npt
 import structlog
 
 from wsd import fdstore, sdnotify
-from wsd.kernel import KernelError, PipePool, close_fds, peek_pipe
+from wsd.kernel import KernelError, PipePool, close_fds, empty_pipe, peek_pipe
 from wsd.tracker.session import TrackedRegion, VmTracker
 
 from .transaction import copy_page
 
 log = structlog.get_logger("wsd.evictor")
-
-# How long a restart's put-back of held pages waits for memory: the pipes'
-# own pages, on hugetlbfs, once the fd store has closed them.  It runs on the
-# event loop (resume.adopt), where other VMs' faults wait as long.
-HELD_MEMORY_WAIT_SECONDS = 1.0
 
 _MAGIC = b"wsdheld1"
 _HEAD = struct.Struct("<8sIII")  # magic, region index, page size, page count
@@ -199,7 +193,6 @@ def put_back(
     """
     fds = [held[k] for k in sorted(held)]
     done: dict[int, list[int]] = {}
-    short: list[int] = []
     try:
         # Parts go into the store in order, each before any punch that uses
         # it, so a punch used parts 0..k, and they are all there.
@@ -220,14 +213,13 @@ def put_back(
         if chunk is not None:
             t = _region_of(tracker, chunk)
             done, short = _install(tracker, t, chunk, wp=wp, only=listed[chunk.region])
+            if short:
+                _install_from_memory(tracker, t, chunk, short, fds, wp=wp, done=done)
     except HeldLabelError as e:
         log.error("parked pipes name pages the session has not", vm_id=tracker.vm_id, error=str(e))
     finally:
         close_fds(fds)
     fdstore.remove_held(tracker.vm_id, max(held, default=-1) + 1)
-    if short:
-        assert chunk is not None
-        _install_once_free(tracker, t, chunk, short, wp=wp, done=done)
     for region, pages in done.items():
         log.warning(
             "pages held across a punch put back from the parked pipes",
@@ -315,33 +307,31 @@ def _install(
     return done, short
 
 
-def _install_once_free(
+def _install_from_memory(
     tracker: VmTracker,
     t: TrackedRegion,
     chunk: HeldChunk,
     pages: list[int],
+    fds: Sequence[int],
     *,
     wp: bool,
     done: dict[int, list[int]],
 ) -> None:
-    """Install ``pages`` of ``chunk``, which met no memory while its pipes were
-    held, from the bytes read, as the pipes' pages come free; into ``done``.
+    """Install ``pages`` of ``chunk``, which met no memory while its pipes held
+    them, once the pipes (``fds``) are emptied; into ``done``.
 
-    On hugetlbfs the punched pages the pipes hold may be all the pool has:
-    once the fd store and this process close the pipes (:func:`put_back`
-    asked the store), they go back to the pool.  Until then the bytes are in
-    this process alone.  Tried for ``HELD_MEMORY_WAIT_SECONDS``, before any
-    fault is served: a page still without memory then is served from its
-    stored copy, without a raced write it may have had, and logged as such.
+    On hugetlbfs the punched pages the pipes hold may be all the pool has.
+    Emptying the pipes gives them back, whoever else holds the pipes open (the
+    fd store, a VMM that kept them), and leaves the bytes in ``chunk`` alone:
+    a crash before they are installed loses them.  A page still without
+    memory is served from its stored copy, without a raced write it may have
+    had, and logged as such.
     """
-    deadline = time.monotonic() + HELD_MEMORY_WAIT_SECONDS
-    while pages:
-        more, pages = _install(tracker, t, chunk, wp=wp, only=set(pages))
-        for region, installed in more.items():
-            done.setdefault(region, []).extend(installed)
-        if not pages or time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)
+    for fd in fds:
+        empty_pipe(fd)
+    more, pages = _install(tracker, t, chunk, wp=wp, only=set(pages))
+    for region, installed in more.items():
+        done.setdefault(region, []).extend(installed)
     if pages:
         log.error(
             "no memory to put back pages held across a punch: they are served from "

@@ -21,7 +21,7 @@ from .memfd import (
 )
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
-from .pins import HeldPages, PipePool, peek_pipe
+from .pins import HeldPages, PipePool, empty_pipe, peek_pipe
 from .procfs import (
     FileId,
     UringBuffers,
@@ -94,6 +94,7 @@ __all__ = [
     "decode_messages",
     "describe_fd",
     "effective_uid",
+    "empty_pipe",
     "feature_requirement",
     "file_id",
     "io_uring_buffers",

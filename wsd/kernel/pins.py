@@ -37,7 +37,7 @@ from typing_extensions import Buffer
 from ._ffi import ffi, libc
 from .errors import AddressRange, KernelError, oserror
 
-__all__ = ["HeldPages", "PipePool", "peek_pipe"]
+__all__ = ["HeldPages", "PipePool", "empty_pipe", "peek_pipe"]
 
 SPLICE_F_NONBLOCK = 0x02
 PROT_READ = 0x1
@@ -351,6 +351,25 @@ def peek_pipe(fd: int) -> bytes:
         return bytes(out)
     finally:
         scratch.close()
+
+
+def empty_pipe(fd: int) -> None:
+    """Discard what the pipe ``fd`` (a read end) holds, without waiting for more.
+
+    Reading a pipe's buffers releases the pages they reference, whoever else
+    holds the pipe open (systemd's fd store, a VMM).
+    """
+    count = array.array("i", [0])
+    while True:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, count)
+            if not count[0]:
+                return
+            os.read(fd, count[0])
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise oserror("read(pipe)", e.errno or errno.EIO, fd=fd) from e
 
 
 def _read_all(fd: int) -> None:
