@@ -183,7 +183,8 @@ def put_back(
     -> fd, owned and closed here) where their memfd offset is a hole; by
     region, the pages put back.  Runs before any fault is served.  The pipes
     are read without being emptied and leave the fd store only once done, so
-    a crash in here repeats it.
+    a crash in here repeats it; unless a page meets no memory
+    (:func:`_install_from_memory` empties them).
 
     ``listed``: by region, the pages the page map lists as evicted.  Only
     those are put back: a held-back page the VMM discarded later (a
@@ -327,8 +328,11 @@ def _install_from_memory(
     memory is served from its stored copy, without a raced write it may have
     had, and logged as such.
     """
-    for fd in fds:
-        empty_pipe(fd)
+    try:
+        for fd in fds:
+            empty_pipe(fd)
+    except KernelError as e:
+        log.error("emptying parked pipes failed", vm_id=tracker.vm_id, error=str(e))
     more, pages = _install(tracker, t, chunk, wp=wp, only=set(pages))
     for region, installed in more.items():
         done.setdefault(region, []).extend(installed)
