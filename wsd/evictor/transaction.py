@@ -442,7 +442,7 @@ def _put_back_page(uffd: Userfaultfd, t: TrackedRegion, page: int, data: Buffer)
         # write() to the memfd, another process's mapping) fills a hole
         # without a fault.  Its bytes are newer than ours for that part.
         return [f"page {page} was repopulated behind the uffd; kept as found"]
-    except KernelError as e:
+    except OSError as e:  # by errno: EAGAIN comes as BlockingIOError
         if e.errno == errno.ENOMEM:
             raise
         if e.errno != errno.EAGAIN and e.errno not in VMM_GONE:
