@@ -21,7 +21,7 @@ import contextlib
 import errno
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,8 @@ from wsd.kernel import (
 )
 from wsd.tracker.session import TrackedRegion
 from wsd.vmm.protocol import Region
+
+B = TypeVar("B", bound=Buffer)
 
 # Errors of UFFDIO_COPY that mean the VMM's mapping is gone: it unmapped the
 # region (ENOENT) or exited (ESRCH).
@@ -382,20 +384,22 @@ def put_back(
     ps = region.page_size
     pages, errors = punch.pages, list(punch.errors)
     back = punch.punched if detached else punch.punched & ~punch.same
+    finals = {
+        int(pages[k]): memoryview(punch.final)[k * ps : (k + 1) * ps]
+        for k in np.flatnonzero(back).tolist()
+    }
     unplaced: dict[int, bytes] = {}
-    for k in np.flatnonzero(back).tolist():
-        page = int(pages[k])
-        now = memoryview(punch.final)[k * ps : (k + 1) * ps]
-        if detached:
+    if detached:
+        for page, now in finals.items():
             try:
                 _write_back(memfd, region.offset + page * ps, now)
             except KernelError as e:
                 errors.append(f"page {page}: {e}")
-            continue
-        try:
-            errors.extend(_put_back_page(uffd, t, page, now))
-        except KernelError:
-            unplaced[page] = bytes(now)  # punch.final is the caller's scratch
+    else:
+        left, more = place(uffd, t, finals)
+        errors.extend(more)
+        # punch.final is the caller's scratch
+        unplaced = {page: bytes(now) for page, now in left.items()}
     if punch.pooled:
         punch.held.release()
     if detached:
@@ -415,11 +419,11 @@ def put_back(
 
 
 def place(
-    uffd: Userfaultfd, t: TrackedRegion, unplaced: Mapping[int, bytes]
-) -> tuple[dict[int, bytes], list[str]]:
+    uffd: Userfaultfd, t: TrackedRegion, unplaced: Mapping[int, B]
+) -> tuple[dict[int, B], list[str]]:
     """Put raced pages back (page -> final bytes); those the kernel still has no
     memory for, and what went wrong with the others."""
-    left: dict[int, bytes] = {}
+    left: dict[int, B] = {}
     errors: list[str] = []
     for page, data in unplaced.items():
         try:
