@@ -164,9 +164,7 @@ class TrackedRegion:
         """
         r = self.region
         if r.page_size != 4096:
-            assert self.pagemap is not None, "a hugetlbfs region is tracked with its pagemap"
-            found = self.pagemap.scan(r.host_virt_addr, r.size, category_mask=PageCategory.PRESENT)
-            return found.bitmap(r.host_virt_addr, self.npages, r.page_size)
+            return self._mapped(0, self.npages)
         out = np.zeros(self.npages, dtype=np.bool_)
         for start, end in data_ranges(self.memfd, r.offset, r.offset + r.size):
             first = (start - r.offset) // r.page_size
@@ -175,12 +173,19 @@ class TrackedRegion:
         return out
 
     def maps(self, page: int) -> bool:
-        """Whether the VMM's page tables map ``page`` (``PAGEMAP_SCAN``)."""
+        """Whether the VMM's page tables map ``page``."""
+        return bool(self._mapped(page, 1)[0])
+
+    def _mapped(self, first: int, count: int) -> npt.NDArray[np.bool_]:
+        """Which of pages ``first`` .. ``first + count`` the VMM's page tables map
+        (``PAGEMAP_SCAN``)."""
         assert self.pagemap is not None, "a region is tracked with its VMM's pagemap"
         r = self.region
-        addr = r.host_virt_addr + page * r.page_size
-        found = self.pagemap.scan(addr, r.page_size, vec_len=1, category_mask=PageCategory.PRESENT)
-        return len(found) > 0
+        start = r.host_virt_addr + first * r.page_size
+        found = self.pagemap.scan(
+            start, count * r.page_size, vec_len=min(count, 4096), category_mask=PageCategory.PRESENT
+        )
+        return found.bitmap(start, count, r.page_size)
 
 
 def _wants_minor(decision: ModeDecision, r: Region, enabled: Feature) -> bool:
