@@ -138,27 +138,34 @@ class _SessionWatch:
                     _say("wsd closed the hand-off connection: the session has ended (running on)")
                     return
                 _say("wsd closed the hand-off connection: reattaching to the next wsd")
-                while not self._closing:
-                    time.sleep(1.0)
-                    try:
-                        sock = self._reattach(kept)
-                    except HandoffRefused as e:
-                        if e.code == "duplicate_vm":
-                            # A wsd under systemd took it back from its fd store.
-                            _say("wsd has the session already (resumed from its fd store)")
-                            return
-                        _say(f"reattach failed, retrying: {e}")
-                        continue
-                    except OSError as e:
-                        _say(f"reattach failed, retrying: {e}")
-                        continue
-                    self.sock.close()
-                    self.sock = sock
-                    self.reattached += 1
-                    self.pipes_given_back += len(kept.parts)
-                    kept.close()  # the new wsd has them; it sends its own
-                    _say("reattached")
-                    break
+                if not self._reattached(self._reattach, kept):
+                    return
+
+    def _reattached(self, reattach: Callable[[KeptPipes], socket.socket], kept: KeptPipes) -> bool:
+        """Reattach to the next wsd, trying every second; False: watch no more
+        (closing, or a wsd that has the session already)."""
+        while not self._closing:
+            time.sleep(1.0)
+            try:
+                sock = reattach(kept)
+            except HandoffRefused as e:
+                if e.code == "duplicate_vm":
+                    # A wsd under systemd took it back from its fd store.
+                    _say("wsd has the session already (resumed from its fd store)")
+                    return False
+                _say(f"reattach failed, retrying: {e}")
+                continue
+            except OSError as e:
+                _say(f"reattach failed, retrying: {e}")
+                continue
+            self.sock.close()
+            self.sock = sock
+            self.reattached += 1
+            self.pipes_given_back += len(kept.parts)
+            kept.close()  # the new wsd has them; it sends its own
+            _say("reattached")
+            return True
+        return False
 
     def close(self) -> None:
         self._closing = True
