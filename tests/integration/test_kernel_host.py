@@ -265,6 +265,37 @@ def test_emptying_a_pipe_frees_its_pages_with_its_writer_still_open() -> None:
 
 
 @pytest.mark.parametrize("hugetlb", [False, True], ids=["shmem", "hugetlbfs"])
+def test_a_refilled_pool_holds_the_same_bytes_without_the_punched_pages(hugetlb: bool) -> None:
+    """``PipePool.refill`` writes back what its pipes held, and it fits in the
+    pipes the references took (more than one here); on hugetlbfs the punched
+    pages go back to the pool."""
+    ps, count = ((2 << 20), 2) if hugetlb else (4096, 600)
+    with free_huge_pages(count if hugetlb else 0) as free:
+        if hugetlb and free < count:
+            pytest.skip(f"only {free} free 2 MiB huge pages, {count} needed (not root?)")
+        fd = memfd_create("refilled", size=count * ps, hugetlb_page_size=ps if hugetlb else None)
+        pool = PipePool()
+        try:
+            with map_shared(fd, count * ps) as view:
+                for k in range(count):
+                    view[k * ps : (k + 1) * ps] = bytes([k % 251 + 1]) * ps
+            with HeldPages(fd, [(0, count * ps)], ps, label=b"label" * 200, pool=pool):
+                punch_hole(fd, 0, count * ps)
+            held = b"".join(peek_pipe(r) for r in pool.read_ends)
+            assert len(pool.read_ends) == (5 if hugetlb else 3)
+            before = unreserved_huge_page_count(ps) if hugetlb else None
+            pool.refill(held)
+            assert b"".join(peek_pipe(r) for r in pool.read_ends) == held
+            if before is not None:
+                assert unreserved_huge_page_count(ps) == before + count
+            pool.empty()
+            assert all(peek_pipe(r) == b"" for r in pool.read_ends)
+        finally:
+            pool.close()
+            os.close(fd)
+
+
+@pytest.mark.parametrize("hugetlb", [False, True], ids=["shmem", "hugetlbfs"])
 def test_pooled_held_pages_keep_their_final_bytes_until_released(hugetlb: bool) -> None:
     """With a pool and a label (wp-async under an fd store): the pipes hold the
     label and the pages' final bytes, reading does not empty them, release does."""

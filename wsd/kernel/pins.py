@@ -102,6 +102,33 @@ class PipePool:
             _read_all(pipe.r)
             pipe.held = 0
 
+    def refill(self, data: Buffer) -> None:
+        """Replace what the pipes hold with a copy of ``data``, written across them
+        in order, so that their contents joined are ``data`` again.
+
+        Referenced pages (``splice``, ``vmsplice``) are the file's own; written
+        bytes sit in the kernel's pipe buffers instead, which on hugetlbfs gives
+        the punched pages back to the pool.  Written, a byte takes no more room
+        than it did referenced, so what came out of the pipes fits.
+        """
+        self.empty()
+        view = memoryview(data).cast("B")
+        pos = 0
+        for pipe in self.pipes:
+            while pos < len(view):
+                try:
+                    n = os.write(pipe.w, view[pos:])
+                except BlockingIOError:
+                    break  # this pipe is full
+                except OSError as e:
+                    raise oserror("write(pipe)", e.errno or errno.EIO, fd=pipe.w) from e
+                pipe.held += n
+                pos += n
+        if pos < len(view):
+            raise KernelError(
+                errno.ENOSPC, "write(pipe)", detail=f"{pos} of {len(view)} bytes fit in the pool"
+            )
+
     def detach_read_ends(self) -> list[int]:
         """The pipes' read ends, now the caller's, in order; every other fd
         closed and the pool empty.  What the pipes hold stays readable."""
