@@ -33,7 +33,7 @@ from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
-from wsd.kernel import HeldPages, KernelError, Userfaultfd, close_fds, probe_kernel
+from wsd.kernel import HeldPages, KernelError, PipePool, Userfaultfd, close_fds, probe_kernel
 from wsd.storage import FileStoreConfig, PageNamespace, PageStore, StorageConfig, ZstdStoreConfig
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
@@ -756,5 +756,58 @@ async def test_held_bytes_unread_after_the_punch_are_put_back_once_the_pipes_rea
             # The pipes are empty again: the next verified punch can use them.
             assert await s.ev.evict_batch(0, t, pages) > 0
             await s.check_every_raced_write_is_back(discarded=[DISCARDED_PAGE])
+            await faults.close()
+        assert not unhandled
+
+
+async def test_held_pages_that_meet_no_memory_are_put_back_once_their_pipes_hold_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On hugetlbfs the pipes' punched pages may be all the pool has: every
+    install from the pipes says ENOMEM while they hold them.  The retry
+    writes the pipes' bytes back into them (``PipePool.refill``), which
+    frees the pages, and installs from those; a try that still meets no
+    memory leaves the bytes in the parked pipes for the next."""
+    vm_id = "wp-retry-nomem"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        pages, ctx, t = s.PAGES, s.ctx, s.tracker.regions[0]
+        await s.evict_with_unreadable_pipes(monkeypatch)
+        assert s.ev.parking is not None
+        pool = s.ev.parking.pool
+        held = b"".join(evictor_held.peek_pipe(r) for r in pool.read_ends)
+        refilled: list[bytes] = []
+        memory_comes = False
+        waited_for = t.region.host_virt_addr + s.RACED[0] * t.region.page_size
+        copy, refill = Userfaultfd.copy, PipePool.refill
+
+        def no_memory_until_refilled(self: Userfaultfd, dst: int, *args: Any, **kw: Any) -> int:
+            if not refilled or (dst == waited_for and not memory_comes):
+                raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
+            return copy(self, dst, *args, **kw)
+
+        def refilling(self: PipePool, data: bytes) -> None:
+            refilled.append(bytes(data))
+            refill(self, data)
+
+        monkeypatch.setattr(Userfaultfd, "copy", no_memory_until_refilled)
+        monkeypatch.setattr(PipePool, "refill", refilling)
+        faults = FaultService(ctx, asyncio.ensure_future)
+        with serving_faults(s.tracker, faults, s.ev) as unhandled:
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(s.puppet.call, "read", pages=[s.RACED[0]])
+            )
+            s.ev.put_back_held()  # the waited-for page meets no memory even then
+            assert refilled == [held], "the pipes were not given their bytes"
+            assert sorted(t.held_back) == pages.tolist()
+            assert b"".join(evictor_held.peek_pipe(r) for r in pool.read_ends) == held
+            await asyncio.sleep(0.5)
+            assert not reading.done()
+
+            memory_comes = True
+            s.ev.put_back_held()
+            assert not t.held_back and t.state.evicted_pages == 0
+            assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
+            await s.check_every_raced_write_is_back()
+            assert all(evictor_held.peek_pipe(r) == b"" for r in pool.read_ends)
             await faults.close()
         assert not unhandled

@@ -247,13 +247,30 @@ def retry(
     installed: call again later.
     """
     try:
-        chunk = parse(b"".join(peek_pipe(fd) for fd in pool.read_ends))
+        data = b"".join(peek_pipe(fd) for fd in pool.read_ends)
+        chunk = parse(data)
         t = _region_of(tracker, chunk)
     except (KernelError, HeldLabelError) as e:
         log.warning("held pipes still cannot be put back", vm_id=tracker.vm_id, error=str(e))
         return None
     held_back = [p for p in chunk.pages.tolist() if t.is_held_back(p)]
-    _install(tracker, t, chunk, wp=wp, only=set(held_back))  # no memory: next time
+    _, short = _install(tracker, t, chunk, wp=wp, only=set(held_back))
+    if short:
+        # On hugetlbfs the punched pages the pipes hold may be all the pool
+        # has, and every install says ENOMEM while they do.  Written into the
+        # pipes, the same bytes take the kernel's own memory instead.
+        try:
+            pool.refill(data)
+        except KernelError as e:
+            log.error(
+                "held pipes could not take their pages' bytes: those of pages not put "
+                "back are lost",
+                vm_id=tracker.vm_id,
+                region=chunk.region,
+                pages=short,
+                error=str(e),
+            )
+        _install(tracker, t, chunk, wp=wp, only=set(short))  # still no memory: next time
     if not t.resident()[held_back].all():
         return None
     pool.empty()
