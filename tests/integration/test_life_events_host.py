@@ -18,6 +18,7 @@ import errno
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -26,10 +27,11 @@ import pytest_asyncio
 from wsd.evictor import pagemap
 from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
-from wsd.evictor.transaction import copy_page, not_punched
+from wsd.evictor.transaction import copy_page, not_punched, place
 from wsd.kernel import (
     Feature,
     KernelError,
+    Userfaultfd,
     data_ranges,
     map_shared,
     memfd_create,
@@ -325,6 +327,58 @@ async def test_an_unmapped_hugetlbfs_region_gets_its_pages_written_back(
         await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
     for p in range(4):
         assert bytes(pread(puppet.memfd, HUGE, p * HUGE)) == page_pattern(p, 0, HUGE)
+
+
+async def test_an_unmapped_hugetlbfs_region_without_a_free_page_is_written_back_once_there_is_one(
+    huge_puppet: tuple[PuppetVMM, VmTracker], file_store: PageStore
+) -> None:
+    """Writing a page back into a hugetlbfs hole needs a page from the pool.
+    Without one, the write-back waits for it: the hole would read as zeros
+    wherever the memfd is mapped next.  Before, the release died on the
+    ENOMEM and the pages stayed holes."""
+    puppet, tracker = huge_puppet
+    _, faults, ev = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    await evict(ev, [1, 2])
+    with serving_faults(tracker, faults, ev):
+        with drained_huge_pool():
+            await call(puppet, "unmap")
+            await asyncio.sleep(0.5)
+            assert t.state.evicted_pages == 2
+        await wait_until(lambda: t.state.evicted_pages == 0, "the write-back")
+    for p in range(4):
+        assert bytes(pread(puppet.memfd, HUGE, p * HUGE)) == page_pattern(p, 0, HUGE)
+
+
+async def test_a_detached_hugetlbfs_page_without_a_free_page_is_kept_not_dropped(
+    huge_puppet: tuple[PuppetVMM, VmTracker], file_store: PageStore
+) -> None:
+    """A verified punch that finds its region detached writes its pages into
+    the memfd (``place(detached=True)``), as does a put-back whose mapping is
+    gone (ENOENT).  With no page in the pool the write says ENOMEM, and the
+    page is left for a retry with its bytes, not dropped with an error."""
+    puppet, tracker = huge_puppet
+    _, _, ev = evictor_session(tracker, file_store)
+    t = tracker.regions[0]
+    await tracker.cycle()
+    await evict(ev, [1])
+    data = b"\x5a" * HUGE
+    with drained_huge_pool():
+        left, errors = place(tracker.uffd, t, {1: data}, detached=True)
+        assert (list(left), errors) == ([1], [])
+        left, errors = place(cast(Userfaultfd, _Unmapped()), t, {1: data})
+        assert (list(left), errors) == ([1], [])
+    left, errors = place(tracker.uffd, t, {1: data}, detached=True)
+    assert (left, errors) == ({}, [])
+    assert bytes(pread(puppet.memfd, HUGE, HUGE)) == data
+
+
+class _Unmapped:
+    """A uffd whose VMM unmapped every region: UFFDIO_COPY says ENOENT."""
+
+    def copy(self, dst: int, data: object, *, wake: bool = True, wp: bool = False) -> int:
+        raise KernelError(errno.ENOENT, "UFFDIO_COPY", detail="injected")
 
 
 @contextlib.contextmanager

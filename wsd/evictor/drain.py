@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Collection
 import numpy as np
 import structlog
 
-from wsd.kernel import KernelError, map_shared, pwrite
+from wsd.kernel import KernelError, write_into
 from wsd.storage import StorageError
 from wsd.tracker.session import TrackedRegion
 
@@ -103,12 +103,34 @@ async def restore_to_memfd(
         assert not t.state.evicted_pages
         return 0
     r = t.region
+    cfg = ctx.config
     written = 0
 
     async def write(p: int, data: bytes) -> None:
         nonlocal written
         at = r.offset + p * r.page_size
-        if holds_data(t.memfd, at, r.page_size):
+        delay = cfg.fetch_retry_initial_seconds
+        while not holds_data(t.memfd, at, r.page_size):
+            try:
+                write_into(t.memfd, data, at)
+            except KernelError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                # hugetlbfs: no page in the pool to reserve for the hole.  As a
+                # hole it would read as zeros wherever the memfd is mapped next.
+                log.warning(
+                    "no memory to write an evicted page back; retrying",
+                    vm_id=ctx.vm_id,
+                    region=i,
+                    page=p,
+                    retry_in=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cfg.fetch_retry_max_seconds)
+                continue
+            written += 1
+            break
+        else:
             # Filled behind the uffd (another mapper touched the hole):
             # whatever it holds is what the guest sees now.
             log.error(
@@ -117,9 +139,6 @@ async def restore_to_memfd(
                 region=i,
                 page=p,
             )
-        else:
-            _write_page(t.memfd, at, data, r.page_size)
-            written += 1
         t.state.note_fetched([p])
         ctx.discards[i].add(p)
 
@@ -190,13 +209,3 @@ async def _bring_back(
                     continue  # fetched back, or removed (and maybe evicted again), meanwhile
                 if (i, p) not in fetching:
                     await place(p, stored.data)
-
-
-def _write_page(memfd: int, at: int, data: bytes, page_size: int) -> None:
-    if page_size == 4096:
-        pwrite(memfd, data, at)
-        return
-    # hugetlbfs has no write(): through wsd's own short-lived mapping, which
-    # no uffd watches.
-    with map_shared(memfd, page_size, at) as m:
-        m[:] = data

@@ -253,7 +253,7 @@ async def _release(
     await ctx.in_flight.settled()
     try:
         written = await restore_to_memfd(ctx, i, faults.fetching)
-    except StorageError as e:
+    except (StorageError, KernelError) as e:
         log.error(
             "a detached region's evicted pages could not be written back; they stay in storage",
             vm_id=ctx.vm_id,

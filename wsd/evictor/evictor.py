@@ -784,7 +784,7 @@ class Evictor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, cfg.fetch_retry_max_seconds)
             # The page moves only with an event the loop reads: t.region is current.
-            unplaced, errors = place(ctx.tracker.uffd, t, unplaced)
+            unplaced, errors = place(ctx.tracker.uffd, t, unplaced, detached=t.vanished is not None)
             for error in errors:
                 log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
         log.warning("raced pages put back once memory was free", vm_id=ctx.vm_id, region=i)

@@ -36,13 +36,12 @@ from wsd.kernel import (
     PipePool,
     Userfaultfd,
     data_ranges,
-    map_shared,
     pread,
     pread_into,
     pread_pages,
     punch_hole,
-    pwrite,
     unreserved_huge_page_count,
+    write_into,
 )
 from wsd.tracker.session import TrackedRegion
 from wsd.vmm.protocol import Region
@@ -380,7 +379,7 @@ def put_back(
     every punched page goes back, by ``pwrite`` into the memfd, and none
     counts as evicted.
     """
-    memfd, region = t.memfd, t.region
+    region = t.region
     ps = region.page_size
     pages, errors = punch.pages, list(punch.errors)
     back = punch.punched if detached else punch.punched & ~punch.same
@@ -388,27 +387,21 @@ def put_back(
         int(pages[k]): memoryview(punch.final)[k * ps : (k + 1) * ps]
         for k in np.flatnonzero(back).tolist()
     }
-    unplaced: dict[int, bytes] = {}
-    if detached:
-        for page, now in finals.items():
-            try:
-                _write_back(memfd, region.offset + page * ps, now)
-            except KernelError as e:
-                errors.append(f"page {page}: {e}")
-    else:
-        left, more = place(uffd, t, finals)
-        errors.extend(more)
-        # punch.final is the caller's scratch
-        unplaced = {page: bytes(now) for page, now in left.items()}
+    left, more = place(uffd, t, finals, detached=detached)
+    errors.extend(more)
+    # punch.final is the caller's scratch
+    unplaced = {page: bytes(now) for page, now in left.items()}
     if punch.pooled:
         punch.held.release()
-    if detached:
-        return VerifiedPunch(evicted=pages[:0], raced=pages[:0], kept=pages, errors=tuple(errors))
     if unplaced:
         # A hugetlbfs pool with no spare page: the pipes' references kept the
         # punched pages themselves out of it until the release just above.
-        unplaced, more = place(uffd, t, unplaced)
+        unplaced, more = place(uffd, t, unplaced, detached=detached)
         errors.extend(more)
+    if detached:
+        return VerifiedPunch(
+            evicted=pages[:0], raced=pages[:0], kept=pages, errors=tuple(errors), unplaced=unplaced
+        )
     return VerifiedPunch(
         evicted=pages[punch.punched & punch.same],
         raced=pages[punch.punched & ~punch.same],
@@ -419,15 +412,19 @@ def put_back(
 
 
 def place(
-    uffd: Userfaultfd, t: TrackedRegion, unplaced: Mapping[int, B]
+    uffd: Userfaultfd, t: TrackedRegion, unplaced: Mapping[int, B], *, detached: bool = False
 ) -> tuple[dict[int, B], list[str]]:
     """Put raced pages back (page -> final bytes); those the kernel still has no
-    memory for, and what went wrong with the others."""
+    memory for, and what went wrong with the others.  ``detached``: into the
+    memfd, not through the uffd (see :func:`put_back`)."""
     left: dict[int, B] = {}
     errors: list[str] = []
     for page, data in unplaced.items():
         try:
-            errors.extend(_put_back_page(uffd, t, page, data))
+            if detached:
+                errors.extend(_write_back_page(t, page, data))
+            else:
+                errors.extend(_put_back_page(uffd, t, page, data))
         except KernelError:
             left[page] = data
     return left, errors
@@ -436,9 +433,8 @@ def place(
 def _put_back_page(uffd: Userfaultfd, t: TrackedRegion, page: int, data: Buffer) -> list[str]:
     """Install a raced page's final bytes, write-protected; what went wrong, if
     anything.  Raises KernelError ``ENOMEM``: no memory for the page now."""
-    memfd, region = t.memfd, t.region
-    ps = region.page_size
-    addr = region.host_virt_addr + page * ps
+    ps = t.region.page_size
+    addr = t.region.host_virt_addr + page * ps
     try:
         copy_page(uffd, t, page, data, wp=True)
     except FileExistsError:
@@ -456,22 +452,24 @@ def _put_back_page(uffd: Userfaultfd, t: TrackedRegion, page: int, data: Buffer)
         # ENOENT, ESRCH: the VMM unmapped the region or exited meanwhile.  The
         # page cache takes the bytes without the uffd: the memfd outlives the
         # mapping, and they are the page's wherever it is mapped next.
-        try:
-            _write_back(memfd, region.offset + page * ps, memoryview(data))
-            if e.errno == errno.EAGAIN:
+        errors = _write_back_page(t, page, data)
+        if e.errno == errno.EAGAIN and not errors:
+            try:
                 uffd.wake(addr, ps)  # a thread that faulted meanwhile maps them
-        except KernelError as err:
-            return [f"page {page}: put back: {err}"]
+            except KernelError as err:
+                errors.append(f"page {page}: put back: {err}")
+        return errors
     return []
 
 
-def _write_back(memfd: int, offset: int, data: memoryview) -> None:
-    """Write a page's bytes into the memfd, past any uffd: ``pwrite``, or on
-    hugetlbfs (no ``write``) a short-lived mapping of wsd's own."""
+def _write_back_page(t: TrackedRegion, page: int, data: Buffer) -> list[str]:
+    """Write a page's bytes into the memfd, past any uffd; what went wrong, if
+    anything.  Raises KernelError ``ENOMEM``: no memory for the page now."""
+    region = t.region
     try:
-        pwrite(memfd, data, offset)
+        write_into(t.memfd, data, region.offset + page * region.page_size)
     except KernelError as e:
-        if e.errno != errno.EINVAL:
+        if e.errno == errno.ENOMEM:
             raise
-        with map_shared(memfd, len(data), offset) as view:
-            view[:] = data
+        return [f"page {page}: put back: {e}"]
+    return []

@@ -18,6 +18,7 @@ from .memfd import (
     punch_hole,
     pwrite,
     unreserved_huge_page_count,
+    write_into,
 )
 from .pagemap import REGION_DTYPE, PageCategory, Pagemap, ScanFlag, ScanResult
 from .pidfd import pidfd_getfd, pidfd_open, process_start_ticks
@@ -121,4 +122,5 @@ __all__ = [
     "set_thread_nice",
     "thread_nice",
     "unreserved_huge_page_count",
+    "write_into",
 ]

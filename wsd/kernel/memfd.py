@@ -20,7 +20,7 @@ from typing_extensions import Buffer
 from wsd import _batch
 
 from ._ffi import ffi, libc
-from .errors import AddressRange, oserror
+from .errors import AddressRange, KernelError, oserror
 
 __all__ = [
     "MemfdFlag",
@@ -33,6 +33,7 @@ __all__ = [
     "punch_hole",
     "pwrite",
     "unreserved_huge_page_count",
+    "write_into",
 ]
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -144,6 +145,20 @@ def pwrite(fd: int, data: Buffer, offset: int) -> None:
             raise oserror(
                 "pwrite", e.errno or errno.EIO, range=AddressRange(offset, len(view)), fd=fd
             ) from e
+
+
+def write_into(fd: int, data: Buffer, offset: int) -> None:
+    """Write ``data`` into the memfd past any uffd: ``pwrite``, or on hugetlbfs,
+    which has no ``write()``, through a short-lived mapping of our own (whose
+    ``mmap`` says ENOMEM when the pool has no page to reserve for a hole)."""
+    try:
+        pwrite(fd, data, offset)
+    except KernelError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        view = memoryview(data).cast("B")
+        with map_shared(fd, len(view), offset) as m:
+            m[:] = view
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
