@@ -110,7 +110,7 @@ async def restore_to_memfd(
         nonlocal written
         at = r.offset + p * r.page_size
         delay = cfg.fetch_retry_initial_seconds
-        while not holds_data(t.memfd, at, r.page_size):
+        while not holds_data(t.memfd, r, p):
             try:
                 write_into(t.memfd, data, at)
             except KernelError as e:

@@ -140,7 +140,7 @@ def content_checked(mode: TrackingMode, t: TrackedRegion) -> bool:
     Not on hugetlbfs, whose pages are never collapsed or reclaimed, and
     whose 2 MiB reads would lengthen the window most.
     """
-    return mode is TrackingMode.WP_ASYNC or t.region.page_size == 4096
+    return mode is TrackingMode.WP_ASYNC or not t.region.hugetlb
 
 
 @dataclass(frozen=True)

@@ -234,10 +234,10 @@ class FaultService:
         uffd = self.ctx.tracker.uffd
         result = FaultResult.ZERO
         try:
-            if r.page_size == 4096:
-                uffd.zeropage(addr, r.page_size)
-            else:  # hugetlbfs has no UFFDIO_ZEROPAGE
+            if r.hugetlb:  # no UFFDIO_ZEROPAGE
                 copy_page(uffd, t, page, _present_zeros(r.page_size))
+            else:
+                uffd.zeropage(addr, r.page_size)
         except FileExistsError:
             # Populated meanwhile: another thread's fault on the same page (its
             # ZEROPAGE woke us too), or wsd wrote the page into the memfd (a

@@ -130,8 +130,8 @@ def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> lis
     SEEK_DATA/SEEK_HOLE walk per run.
     """
     ps = region.page_size
-    if ps != 4096:
-        return [p for p in pages.tolist() if holds_data(memfd, region.offset + p * ps, ps)]
+    if region.hugetlb:
+        return [p for p in pages.tolist() if holds_data(memfd, region, p)]
     left: list[int] = []
     for first, count in runs(pages):
         start = region.offset + first * ps
@@ -140,17 +140,19 @@ def not_punched(memfd: int, region: Region, pages: npt.NDArray[np.int64]) -> lis
     return left
 
 
-def holds_data(memfd: int, at: int, page_size: int) -> bool:
-    """Whether the memfd page at byte ``at`` is not a hole.
+def holds_data(memfd: int, region: Region, page: int) -> bool:
+    """Whether ``page`` of ``region`` in its memfd is not a hole.
 
     hugetlbfs has no SEEK_HOLE (its lseek calls the whole file data): there a
     page counts as a hole if it reads as zeros, which a hole does.  A page
     someone filled with zeros is then taken for a hole too, and gets the
     guest's stored bytes back.
     """
-    if page_size == 4096:
-        return bool(data_ranges(memfd, at, at + page_size))
-    data = pread(memfd, page_size, at)
+    ps = region.page_size
+    at = region.offset + page * ps
+    if not region.hugetlb:
+        return bool(data_ranges(memfd, at, at + ps))
+    data = pread(memfd, ps, at)
     return data.count(0) != len(data)  # in C: any() would visit 2 Mi ints
 
 
@@ -181,7 +183,7 @@ def copy_page(
         uffd.copy(addr, data, wake=wake, wp=wp)
         return
     except FileExistsError:
-        if ps == 4096 or t.maps(page) or holds_data(t.memfd, r.offset + page * ps, ps):
+        if not r.hugetlb or t.maps(page) or holds_data(t.memfd, r, page):
             raise
     try:
         uffd.copy(addr, data, wake=wake, wp=wp)  # a page may have come free since

@@ -163,7 +163,7 @@ class TrackedRegion:
         and the VMM's next access maps the page with no fault.
         """
         r = self.region
-        if r.page_size != 4096:
+        if r.hugetlb:
             return self._mapped(0, self.npages)
         out = np.zeros(self.npages, dtype=np.bool_)
         for start, end in data_ranges(self.memfd, r.offset, r.offset + r.size):
@@ -197,9 +197,7 @@ def _wants_minor(decision: ModeDecision, r: Region, enabled: Feature) -> bool:
     raises a MINOR fault (async mode too), which wsd resolves with
     UFFDIO_CONTINUE; the page is then mapped by a 4 KiB PTE and tracked exactly.
     """
-    return (
-        decision.mode is TrackingMode.RWP and r.page_size == 4096 and Feature.MINOR_SHMEM in enabled
-    )
+    return decision.mode is TrackingMode.RWP and not r.hugetlb and Feature.MINOR_SHMEM in enabled
 
 
 def _granularity(r: Region, minor: bool, shmem_thp: bool) -> Granularity:

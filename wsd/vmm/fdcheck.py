@@ -72,7 +72,7 @@ def check_fds(req: HandoffRequest, fds: list[int]) -> dict[int, FdInfo]:
                 where,
             )
         huge = info.kind is FdKind.MEMFD_HUGETLB
-        if huge != (r.page_size > 4096):
+        if huge != r.hugetlb:
             raise HandoffError(
                 ErrorCode.BAD_REGION,
                 f"{where}.page_size is {r.page_size} but its memfd is "

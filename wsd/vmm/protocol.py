@@ -141,6 +141,12 @@ class Region(BaseModel):
     def host_end(self) -> int:
         return self.host_virt_addr + self.size
 
+    @property
+    def hugetlb(self) -> bool:
+        """Backed by hugetlbfs: any page size but the base one (no ``write()``,
+        no ``SEEK_HOLE``, no ``UFFDIO_ZEROPAGE``, a pool of its own)."""
+        return self.page_size != PAGE_SIZES[0]
+
 
 class FirecrackerRegion(BaseModel):
     """Firecracker's ``GuestRegionUffdMapping``; converted to :class:`Region`."""
