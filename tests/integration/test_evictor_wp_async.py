@@ -805,6 +805,7 @@ async def test_held_pages_that_meet_no_memory_are_put_back_once_their_pipes_hold
 
             memory_comes = True
             s.ev.put_back_held()
+            assert len(refilled) == 1, "refilled again: they held bytes already"
             assert not t.held_back and t.state.evicted_pages == 0
             assert await asyncio.wait_for(reading, 10) == [7], "the waiting read"
             await s.check_every_raced_write_is_back()

@@ -285,11 +285,12 @@ def test_a_refilled_pool_holds_the_same_bytes_without_the_punched_pages(hugetlb:
             assert len(pool.read_ends) == (5 if hugetlb else 3)
             before = unreserved_huge_page_count(ps) if hugetlb else None
             pool.refill(held)
+            assert pool.refilled
             assert b"".join(peek_pipe(r) for r in pool.read_ends) == held
             if before is not None:
                 assert unreserved_huge_page_count(ps) == before + count
             pool.empty()
-            assert all(peek_pipe(r) == b"" for r in pool.read_ends)
+            assert all(peek_pipe(r) == b"" for r in pool.read_ends) and not pool.refilled
         finally:
             pool.close()
             os.close(fd)

@@ -255,7 +255,7 @@ def retry(
         return None
     held_back = [p for p in chunk.pages.tolist() if t.is_held_back(p)]
     _, short = _install(tracker, t, chunk, wp=wp, only=set(held_back))
-    if short:
+    if short and not pool.refilled:
         # On hugetlbfs the punched pages the pipes hold may be all the pool
         # has, and every install says ENOMEM while they do.  Written into the
         # pipes, the same bytes take the kernel's own memory instead.

@@ -85,6 +85,8 @@ class PipePool:
     def __init__(self) -> None:
         self.pipes: list[_Pipe] = []
         self._scratch: _Pipe | None = None
+        self.refilled = False
+        """What the pipes hold was written by :meth:`refill`: bytes, not references."""
 
     @property
     def read_ends(self) -> list[int]:
@@ -101,6 +103,7 @@ class PipePool:
         for pipe in self.pipes:
             _read_all(pipe.r)
             pipe.held = 0
+        self.refilled = False
 
     def refill(self, data: Buffer) -> None:
         """Replace what the pipes hold with a copy of ``data``, written across them
@@ -128,6 +131,7 @@ class PipePool:
             raise KernelError(
                 errno.ENOSPC, "write(pipe)", detail=f"{pos} of {len(view)} bytes fit in the pool"
             )
+        self.refilled = True
 
     def detach_read_ends(self) -> list[int]:
         """The pipes' read ends, now the caller's, in order; every other fd
