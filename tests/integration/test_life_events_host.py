@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from wsd.evictor import pagemap
+from wsd.evictor.drain import drain
 from wsd.evictor.evictor import unevictable_reason
 from wsd.evictor.guards import check
 from wsd.evictor.transaction import copy_page, not_punched, place
@@ -50,6 +51,7 @@ from wsd.testing.life_events import (
     evict,
     evicting_settings,
     evictor_session,
+    track_split,
     uffd_vmflags,
     wait_until,
 )
@@ -294,6 +296,38 @@ async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
 
 
 HUGE = 2 << 20
+
+
+async def test_a_drain_that_finds_a_region_unmapped_writes_it_into_the_memfd_and_drains_the_rest(
+    puppet: PuppetVMM, file_store: PageStore
+) -> None:
+    """The VMM unplugs the first of two regions (DIMMs of one memfd) as the
+    session ends, before the region's release has written its pages into the
+    memfd (here a verified punch in flight holds it back): the drain's COPY
+    there says ENOENT.  The drain writes that region's pages into the memfd,
+    which outlives the mapping, and drains the other region through the uffd.
+    Before, ENOENT was taken for the VMM's whole address space gone: the
+    drain stopped there and every stored page was discarded, the second
+    region's evicted pages included, to read as zeros once the uffd went."""
+    tracker = track_split(puppet, 2, vm_id="unplug-drain")
+    try:
+        ctx, faults, ev = evictor_session(tracker, file_store)
+        t0, t1 = tracker.regions
+        half = t0.npages
+        await tracker.cycle()
+        await evict(ev, range(0, half, 4), region=0)
+        await evict(ev, range(0, half, 4), region=1)
+        ctx.in_flight.hold(0, np.array([1], dtype=np.int64))  # the release waits for it
+        with serving_faults(tracker, faults, ev):
+            await call(puppet, "unmap", pages=[0, half])
+            assert t0.vanished is not None and t0.state.evicted_pages == half // 4
+            assert await drain(ctx, faults)
+            assert t0.state.evicted_pages == 0 and t1.state.evicted_pages == 0
+            ctx.in_flight.release()
+        for p in range(2 * half):
+            assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096), p
+    finally:
+        tracker.close()
 
 
 @pytest.fixture

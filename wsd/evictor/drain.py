@@ -18,7 +18,6 @@ import structlog
 
 from wsd.kernel import KernelError, write_into
 from wsd.storage import StorageError
-from wsd.tracker.session import TrackedRegion
 
 from .context import VmContext
 from .faults import FaultService
@@ -40,22 +39,15 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
     if ctx.tier is None:
         return True
     gone = False
-    for i, t in enumerate(ctx.tracker.regions):
-
-        async def install(p: int, data: bytes, t: TrackedRegion = t) -> None:
-            if await faults.install(t, p, data, wake=True):
-                t.state.note_fetched([p])
-                ctx.stats.fetched_pages += 1
-                ctx.stats.fetched_bytes += len(data)
-
+    for i in range(len(ctx.tracker.regions)):
         try:
-            await _bring_back(ctx, i, faults.fetching, install, "drain")
+            await _drain_region(ctx, i, faults)
         except KernelError as e:
             if e.errno == errno.ENOMEM:
                 # No page to install into (a hugetlbfs pool, a cgroup at its
                 # limit): like a failing tier, the rest stays in storage.
                 return _left_in_storage(ctx, i, e)
-            if e.errno not in (errno.ESRCH, errno.EFAULT, errno.ENOENT):
+            if e.errno not in (errno.ESRCH, errno.EFAULT):
                 raise
             # The VMM's address space is gone: nothing left to serve.
             log.info("VMM memory gone, dropping its stored pages", vm_id=ctx.vm_id, error=str(e))
@@ -71,6 +63,33 @@ async def drain(ctx: VmContext, faults: FaultService) -> bool:
         except StorageError as e:
             log.warning("discarding a VM's pages failed", vm_id=ctx.vm_id, error=str(e))
     return True
+
+
+async def _drain_region(ctx: VmContext, i: int, faults: FaultService) -> None:
+    """Bring region ``i``'s evicted pages back: through the uffd, or into the
+    memfd where the VMM no longer maps the region."""
+    t = ctx.tracker.regions[i]
+    if t.vanished is None:
+
+        async def install(p: int, data: bytes) -> None:
+            if await faults.install(t, p, data, wake=True):
+                t.state.note_fetched([p])
+                ctx.stats.fetched_pages += 1
+                ctx.stats.fetched_bytes += len(data)
+
+        try:
+            await _bring_back(ctx, i, faults.fetching, install, "drain")
+            return
+        except KernelError as e:
+            # ENOENT: no registered mapping there any more (detached by an
+            # UNMAP read during the drain, or unregistered by the VMM).  The
+            # VMM's other memory is still the guest's: not ESRCH.
+            if e.errno != errno.ENOENT:
+                raise
+            log.info("region unmapped under the drain", vm_id=ctx.vm_id, region=i)
+    # Unmapped or moved (events.detach; its release may not be done): the
+    # memfd outlives the mapping, and whoever maps it next must find the pages.
+    await restore_to_memfd(ctx, i, faults.fetching)
 
 
 def _left_in_storage(ctx: VmContext, i: int, error: Exception) -> bool:
@@ -96,7 +115,8 @@ async def restore_to_memfd(
     before the write with no ``await`` in between: a hole cannot have been
     written by anyone, so nothing newer is overwritten.  Pages in ``fetching``
     are left to their fetch.  Returns the pages written; raises
-    :class:`StorageError` if the tier fails past the fetch deadline.
+    :class:`StorageError` if the tier fails past the fetch deadline, and
+    :class:`KernelError` ``ENOMEM`` if a page finds no memory for as long.
     """
     t = ctx.tracker.regions[i]
     if ctx.tier is None:
@@ -110,11 +130,12 @@ async def restore_to_memfd(
         nonlocal written
         at = r.offset + p * r.page_size
         delay = cfg.fetch_retry_initial_seconds
+        since = ctx.clock()
         while not holds_data(t.memfd, r, p):
             try:
                 write_into(t.memfd, data, at)
             except KernelError as e:
-                if e.errno != errno.ENOMEM:
+                if e.errno != errno.ENOMEM or ctx.clock() - since > cfg.fetch_deadline_seconds:
                     raise
                 # hugetlbfs: no page in the pool to reserve for the hole.  As a
                 # hole it would read as zeros wherever the memfd is mapped next.
