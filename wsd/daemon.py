@@ -652,6 +652,8 @@ class Daemon:
         session.ctx.in_flight.serve = functools.partial(self._serve_fault, session)
         loop.add_reader(tracker.uffd.fd, self._on_uffd, session)
         session.task = tg.create_task(self._cycles(session))
+        if not new:
+            session.faults.spawn(resume.check_stored(ctx))
         self._status()
         return session
 

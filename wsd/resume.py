@@ -33,9 +33,10 @@ import structlog
 from wsd import fdstore, recovery
 from wsd.evictor import held as evictor_held
 from wsd.evictor import pagemap
+from wsd.evictor.context import VmContext
 from wsd.kernel import Feature, KernelFeatures, close_fds, process_start_ticks
 from wsd.recovery import RecoveryError, SessionRecord
-from wsd.storage import PageNamespace, PageStore, StorageError
+from wsd.storage import IntegrityError, PageNamespace, PageStore, StorageError
 from wsd.tracker.mode import LIMITATIONS, REGISTER, ModeDecision, TrackingMode
 from wsd.tracker.session import VmTracker
 from wsd.vmm.protocol import Region
@@ -340,3 +341,54 @@ async def _discard_stored(
             await store.discard(ns, [int(p) * m.page_size for p in m.pages])
         except StorageError as e:
             log.warning("discarding a gone VMM's pages failed", vm_id=record.vm_id, error=str(e))
+
+
+PROBED_PAGES = 8
+"""Evicted pages per region a resumed session asks its tier for (check_stored)."""
+
+
+async def check_stored(ctx: VmContext) -> None:
+    """Ask the tier for a few evicted pages of each region of a resumed or
+    reattached session, and say so loudly if it has none of them.
+
+    A wsd restarted with another ``[storage]`` (another kind, another
+    ``root``) than the one that stored the pages finds none: their faults
+    then wait, each fetch logging "page not found", until a wsd with the
+    storage that holds them takes the session over.  One error line at the
+    start names the cause instead.  A tier that cannot be reached is left to
+    the faults' retries.
+    """
+    for i, t in enumerate(ctx.tracker.regions):
+        pages = np.flatnonzero(t.state.evicted)[:PROBED_PAGES].tolist()
+        if not pages:
+            continue
+        where = {"vm_id": ctx.vm_id, "region": i, "evicted_pages": t.state.evicted_pages}
+        if ctx.tier is None:
+            log.error(
+                "a resumed session has evicted pages but no storage is configured: their "
+                "faults wait until a wsd with the storage that holds them takes it over",
+                **where,
+            )
+            return
+        ps = t.region.page_size
+        gens = {p * ps: t.state.generation(p) for p in pages}
+        try:
+            got = await ctx.tier.get_many(
+                ctx.namespaces[i], list(gens), generations=gens, missing_ok=True
+            )
+        except IntegrityError as e:
+            log.error("a resumed session's stored pages fail their checks", **where, error=str(e))
+            return
+        except StorageError as e:
+            log.warning("could not check a resumed session's stored pages", **where, error=str(e))
+            continue
+        if not got:
+            log.error(
+                "the configured storage holds none of a resumed session's evicted pages "
+                "asked for: was [storage] changed since they were stored?  Their faults "
+                "wait until a wsd with the storage that holds them takes it over",
+                **where,
+                asked=len(gens),
+                storage=ctx.tier.store.name,
+            )
+            return

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from wsd import daemon as daemon_module
 from wsd import recovery, resume
@@ -27,7 +28,7 @@ from wsd.evictor import pagemap
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultResult
 from wsd.kernel import HeldPages, KernelError, Userfaultfd, memfd_create
-from wsd.storage import StorageError
+from wsd.storage import PageNamespace, StorageError
 from wsd.testing.life_events import evicting_settings, uffd_vmflags
 from wsd.testing.puppet_vmm import PuppetError, PuppetVMM
 from wsd.testing.running import running_daemon
@@ -575,14 +576,36 @@ async def test_a_vm_parked_with_pages_in_storage_is_reattached_by_its_vmm(
     """The VMM of a parked session reattaches to the same wsd: it gets every page
     back, and the fd store holds each of the session's fds once."""
     async with parked_after_a_failed_drain(tmp_path, monkeypatch, "vm-back") as (d, sup, vmm):
-        reply = await asyncio.to_thread(vmm.call, "reattach")
-        assert reply["type"] == "accepted" and reply["evicted_pages"] >= 64, reply
-        versions = await asyncio.to_thread(vmm.call, "read", pages=list(range(vmm.npages)))
+        with capture_logs() as logs:
+            reply = await asyncio.to_thread(vmm.call, "reattach")
+            assert reply["type"] == "accepted" and reply["evicted_pages"] >= 64, reply
+            versions = await asyncio.to_thread(vmm.call, "read", pages=list(range(vmm.npages)))
         assert versions == [0] * vmm.npages
+        assert not [e for e in logs if e["log_level"] == "error"], logs
         await evicted(d, "vm-back", 64)  # with verified punches: its pipes parked
         sup.kill()
         stored = sup.stored_names()
         assert "wsd.vm-back.held0" in stored and len(stored) == len(set(stored)), stored
+
+
+async def test_a_reattach_whose_pages_the_storage_does_not_hold_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage has none of a parked session's evicted pages (here they were
+    discarded; after a restart, most often because ``[storage]`` changed): the
+    session is taken back, and one error line says why its faults on those
+    pages will wait, where each fetch would only say "page not found"."""
+    async with parked_after_a_failed_drain(tmp_path, monkeypatch, "vm-lost") as (d, _, vmm):
+        assert d.store is not None
+        await d.store.discard(PageNamespace("vm-lost", 0, 4096))
+        with capture_logs() as logs:
+            reply = await asyncio.to_thread(vmm.call, "reattach")
+            assert reply["type"] == "accepted" and reply["evicted_pages"] >= 64, reply
+            await until(lambda: any("holds none" in e["event"] for e in logs))
+        [said] = [e for e in logs if "holds none" in e["event"]]
+        assert said["log_level"] == "error" and said["vm_id"] == "vm-lost", said
+        assert said["storage"] == d.store.name and said["evicted_pages"] == reply["evicted_pages"]
+        assert "was [storage] changed" in said["event"]
 
 
 async def test_pages_held_back_when_a_vm_parked_are_put_back_by_its_reattach(

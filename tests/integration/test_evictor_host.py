@@ -14,10 +14,12 @@ import signal
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from wsd.evictor import EvictorConfig, OnDeadline, pagemap
 from wsd.evictor import evictor as evictor_module
@@ -26,6 +28,7 @@ from wsd.evictor.drain import drain
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
 from wsd.kernel import KernelError, Userfaultfd, data_ranges
+from wsd.resume import check_stored
 from wsd.storage import FileStoreConfig, PageNamespace, PageStore, TierUnavailable, ZstdStoreConfig
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
@@ -484,3 +487,23 @@ async def test_a_batch_puts_at_most_max_batch_bytes(
     stored = await Evictor(ctx).prepare_idle(256 * ps)
     assert stored == 256 * ps, stored
     assert sizes == [16] * 16, sizes
+
+
+async def test_a_resumed_session_is_told_when_its_storage_holds_none_of_its_pages(
+    tracker: VmTracker, file_store: PageStore, tmp_path: Path
+) -> None:
+    """``resume.check_stored``: the storage the pages went to says nothing;
+    another (a changed ``[storage]``), or none at all, gets one error line."""
+    ctx, _ = vm(tracker, file_store)
+    await tracker.cycle()
+    await evict(ctx, np.arange(0, 64))
+    other = await open_backend(FileStoreConfig(root=tmp_path / "elsewhere"))
+    try:
+        for store, said in ((file_store, None), (other, "holds none"), (None, "no storage")):
+            with capture_logs() as logs:
+                await check_stored(vm(tracker, store)[0])
+            errors = [e["event"] for e in logs if e["log_level"] == "error"]
+            assert errors == ([] if said is None else [mock.ANY]), errors
+            assert said is None or said in errors[0]
+    finally:
+        await other.close()
