@@ -30,6 +30,7 @@ import pytest
 import pytest_asyncio
 
 from wsd.daemon import Daemon, Session
+from wsd.evictor.drain import drain
 from wsd.evictor.guards import CHECK_EVERY_CYCLES
 from wsd.guest.process import GuestProcess
 from wsd.kernel import Feature, data_ranges, pinned_bytes, pread
@@ -244,6 +245,34 @@ async def test_a_region_unplugged_mid_window_is_detached_and_the_other_served(
             versions = await call(p, "read", pages=list(range(1024)), timeout=300)
             assert versions == [0] * 1024
             assert not unhandled
+    finally:
+        tracker.close()
+
+
+async def test_a_drain_that_finds_a_region_unmapped_writes_it_into_the_memfd_and_drains_the_rest(
+    puppet_8m: PuppetVMM, file_store: PageStore
+) -> None:
+    """rwp: the session ends after the VMM unplugged its second region, before
+    that region's release wrote its pages into the memfd (a punch in flight
+    holds it back).  The drain's COPY there says ENOENT: it writes that
+    region's pages into the memfd and drains the first through the uffd,
+    instead of taking the VMM for gone and discarding every stored page."""
+    p = puppet_8m
+    tracker = track_split(p, 2, vm_id="unplug-drain")
+    try:
+        ctx, faults, ev = evictor_session(tracker, file_store)
+        t0, t1 = tracker.regions
+        await tracker.cycle()
+        await evict(ev, range(0, 1024, 4), region=0)
+        await evict(ev, range(0, 1024, 4), region=1)
+        ctx.in_flight.hold(1, np.array([1], dtype=np.int64))  # the release waits for it
+        with serving_faults(tracker, faults, ev):
+            await call(p, "unmap", pages=[1024, 1024])
+            assert t1.vanished is not None and t1.state.evicted_pages == 256
+            assert await drain(ctx, faults)
+            assert t0.state.evicted_pages == 0 and t1.state.evicted_pages == 0
+            ctx.in_flight.release()
+            assert memfd_versions(p.memfd, 0, 2048) == [0] * 2048
     finally:
         tracker.close()
 
