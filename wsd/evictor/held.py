@@ -241,6 +241,8 @@ def retry(
     still held back (:meth:`TrackedRegion.is_held_back`) that is a hole is
     installed.  A labelled page that is no longer held back was discarded by
     the VMM since (a balloon's REMOVE): it stays a hole, to read as zeros.
+    An install that says ENOMEM has the pipes refilled with the bytes read
+    (:meth:`PipePool.refill`), once, and is tried again.
     Once every held-back page is resident, the pool is emptied (so verified
     punches can use it again), and the chunk's region and pages are
     returned; None while the pipes cannot be read or a page could not be
