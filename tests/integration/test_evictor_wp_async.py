@@ -141,13 +141,19 @@ async def test_a_put_back_refused_with_eagain_goes_through_the_page_cache(
         await read_back_raced(puppet, ctx, pages, raced)
 
 
-@pytest.mark.parametrize("failures", [3, 5], ids=["until-the-pipes-let-go", "a-while-longer"])
+@pytest.mark.parametrize(
+    ("failures", "stored"),
+    [(3, []), (5, [5, 6])],
+    ids=["until-the-pipes-let-go", "stored-then-fetched"],
+)
 async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int, stored: list[int]
 ) -> None:
     """UFFDIO_COPY says ENOMEM (a hugetlbfs pool whose spare pages the pipes hold):
-    the raced page is put back once there is memory, never left a hole that
-    would be zero-filled as a page that was never written."""
+    the raced page is put back once the pipes let go of the punched pages, or
+    else stored with its final bytes and evicted, to be fetched at its next
+    fault.  Never left a hole that would be zero-filled as a page that was
+    never written, nor kept in wsd's memory alone."""
     raced = [5, 6, 90]
     async with racing_puppet(tmp_path, "wp-enomem", raced) as (puppet, tracker, ctx):
         pages = np.arange(0, 128, dtype=np.int64)
@@ -164,9 +170,11 @@ async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
         with monkeypatch.context() as m:
             m.setattr(Userfaultfd, "copy", short_of_memory)
             done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
-        assert calls > failures
+        assert calls > min(failures, 3 + len(raced) - len(stored))
         assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
-        assert tracker.regions[0].resident()[raced].all()
+        t = tracker.regions[0]
+        assert [p for p in raced if t.state.is_evicted(p)] == stored
+        assert t.resident()[[p for p in raced if p not in stored]].all()
         await read_back_raced(puppet, ctx, pages, raced)
 
 
@@ -469,6 +477,44 @@ async def test_a_restart_puts_back_held_pages_that_had_no_memory_once_their_pipe
         state = resumed.regions[0].state
         assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
         await s.check_every_raced_write_is_back()
+
+
+async def test_a_kill_after_raced_pages_without_memory_were_stored_loses_no_raced_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every put-back of the raced pages says ENOMEM, even once the pipes let
+    go: their final bytes, in wsd's memory alone, are stored at the generation
+    the page map lists them at, then the pages count as evicted.  wsd killed
+    right after the store: the restart serves the raced writes from storage.
+    Before, the put-back retried for as long as it took, and a kill lost them."""
+    vm_id = "wp-kill-stored"
+    async with parked_session(tmp_path, monkeypatch, vm_id) as s:
+        mark, marked = Evictor._mark_evicted, 0
+
+        def no_memory(*args: object, **kwargs: object) -> int:
+            raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
+
+        def killed_once_the_raced_are_stored(self: Evictor, *args: Any) -> None:
+            nonlocal marked
+            marked += 1
+            if marked == 2:  # the first: the chunk's pages whose stored bytes were right
+                raise Killed
+            mark(self, *args)
+
+        with monkeypatch.context() as m:
+            m.setattr(Userfaultfd, "copy", no_memory)
+            m.setattr(Evictor, "_mark_evicted", killed_once_the_raced_are_stored)
+            with pytest.raises(Killed):
+                await s.ev.evict_batch(0, s.tracker.regions[0], s.PAGES)
+        assert marked == 2
+        resumed = await s.restart(tmp_path)
+        assert resumed.regions[0].state.evicted_pages == len(s.PAGES)
+        after = VmContext(vm_id, resumed, s.store, EvictorConfig())
+        faults = FaultService(after, asyncio.ensure_future)
+        with serving_faults(resumed, faults) as unhandled:
+            await s.check_every_raced_write_is_back()
+            await faults.close()
+        assert not unhandled and after.stats.zero_fills == 0
 
 
 @DIES_IN

@@ -65,6 +65,7 @@ from .transaction import (
     PunchedUnread,
     changed_since_read,
     digests,
+    holds_data,
     not_punched,
     place,
     punch_and_wake,
@@ -758,27 +759,41 @@ class Evictor:
                 evicted, unplaced = self._settle_punch(i, t, punched, generations)
                 if unplaced:
                     # The chunk's faults wait (in_flight) until every page is in.
-                    placing = asyncio.ensure_future(self._place(i, t, unplaced))
+                    was = dict(zip(keep.tolist(), generations.tolist(), strict=True))
+                    placing = asyncio.ensure_future(self._place(i, t, unplaced, was))
                     cancelled |= await despite_cancellation(placing)
+                    placing.result()
         finally:
             ctx.in_flight.release()
         if cancelled:
             raise asyncio.CancelledError
         return evicted
 
-    async def _place(self, i: int, t: TrackedRegion, unplaced: dict[int, bytes]) -> None:
-        """Put back raced pages the kernel had no memory for, retrying with the
-        fetch backoff for as long as it takes: their final bytes are in this
-        process alone, and as holes they would read as zeros."""
+    async def _place(
+        self, i: int, t: TrackedRegion, unplaced: dict[int, bytes], was: Mapping[int, int]
+    ) -> None:
+        """Raced pages the kernel had no memory for (page -> final bytes; ``was``:
+        their generations when the chunk was punched).  Their final bytes are
+        in this process alone, and as holes they would read as zeros.
+
+        So they are stored first, and evicted like any other page: their
+        faults then fetch them, waiting for memory as any fetch does.  The rest
+        (the tier failed, the VMM removed the page or unmapped the region
+        meanwhile) are put back, retrying with the fetch backoff for as long as
+        it takes."""
         ctx = self.ctx
         cfg = ctx.config
         log.error(
-            "raced pages could not be put back for lack of memory; retrying, and their "
+            "raced pages could not be put back for lack of memory; storing them, their "
             "faults wait (their final bytes are in wsd's memory alone meanwhile)",
             vm_id=ctx.vm_id,
             region=i,
             pages=sorted(unplaced),
         )
+        stored = await self._store_raced(i, t, unplaced, was)
+        unplaced = {p: data for p, data in unplaced.items() if p not in stored}
+        if not unplaced:
+            return
         delay = cfg.fetch_retry_initial_seconds
         while unplaced:
             await asyncio.sleep(delay)
@@ -788,6 +803,53 @@ class Evictor:
             for error in errors:
                 log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
         log.warning("raced pages put back once memory was free", vm_id=ctx.vm_id, region=i)
+
+    async def _store_raced(
+        self, i: int, t: TrackedRegion, pages: dict[int, bytes], was: Mapping[int, int]
+    ) -> set[int]:
+        """Store raced ``pages`` with their final bytes, and record them as
+        evicted; which ones.
+
+        They go in at the generation their prepare stored the older bytes at,
+        which the page map on disk lists them at until the chunk is settled:
+        once the store has them, a restart serves their final bytes.  Not a
+        page the VMM removed since (its generation moved on), nor one of a
+        detached region: those stay with :meth:`_place`.
+        """
+        ctx = self.ctx
+        ps = t.region.page_size
+        wanted = {p: data for p, data in pages.items() if t.state.generation(p) == was[p]}
+        if ctx.tier is None or t.vanished is not None or not wanted:
+            return set()
+        gens = {p * ps: was[p] + 1 for p in wanted}
+        try:
+            await ctx.tier.put(
+                ctx.namespaces[i], {p * ps: d for p, d in wanted.items()}, generation=gens
+            )
+            await ctx.tier.sync()
+        except StorageError as e:
+            log.warning("storing raced pages failed", vm_id=ctx.vm_id, region=i, error=str(e))
+            return set()
+        # Events were read meanwhile: a REMOVE moves a page on, and only the
+        # VMM's write() through the memfd can fill a hole without a fault.
+        done = [
+            p
+            for p in sorted(wanted)
+            if t.vanished is None
+            and t.state.generation(p) == was[p]
+            and not holds_data(t.memfd, t.region, p)
+        ]
+        ctx.discards[i].update(set(wanted).difference(done))
+        if done:
+            self._mark_evicted(i, t, np.array(done, dtype=np.int64))
+            log.warning(
+                "raced pages without memory stored with their final bytes and evicted: "
+                "their faults fetch them",
+                vm_id=ctx.vm_id,
+                region=i,
+                pages=done,
+            )
+        return set(done)
 
     def _settle_punch(
         self, i: int, t: TrackedRegion, punched: HeldPunch, generations: npt.NDArray[np.uint32]
