@@ -821,7 +821,7 @@ class Evictor:
         wanted = {p: data for p, data in pages.items() if t.state.generation(p) == was[p]}
         if ctx.tier is None or t.vanished is not None or not wanted:
             return set()
-        gens = {p * ps: was[p] + 1 for p in wanted}
+        gens = {p * ps: (was[p] + 1) & pagemap.MAX_GENERATION for p in wanted}
         try:
             await ctx.tier.put(
                 ctx.namespaces[i], {p * ps: d for p, d in wanted.items()}, generation=gens
