@@ -170,7 +170,7 @@ async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
         with monkeypatch.context() as m:
             m.setattr(Userfaultfd, "copy", short_of_memory)
             done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
-        assert calls > min(failures, 3 + len(raced) - len(stored))
+        assert calls > failures
         assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
         t = tracker.regions[0]
         assert [p for p in raced if t.state.is_evicted(p)] == stored
