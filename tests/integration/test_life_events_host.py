@@ -295,9 +295,6 @@ async def test_an_unmapped_region_is_detached_and_its_pages_written_back(
         assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096)
 
 
-HUGE = 2 << 20
-
-
 async def test_a_drain_that_finds_a_region_unmapped_writes_it_into_the_memfd_and_drains_the_rest(
     puppet: PuppetVMM, file_store: PageStore
 ) -> None:
@@ -328,6 +325,9 @@ async def test_a_drain_that_finds_a_region_unmapped_writes_it_into_the_memfd_and
             assert bytes(pread(puppet.memfd, 4096, p * 4096)) == page_pattern(p, 0, 4096), p
     finally:
         tracker.close()
+
+
+HUGE = 2 << 20
 
 
 @pytest.fixture
