@@ -646,6 +646,7 @@ class Evictor:
             if not len(keep):
                 return 0
         self._mark_evicted(i, t, keep)
+        ctx.stats.batches += 1
         try:
             punch_and_wake(ctx.tracker.uffd, t.memfd, t.region, keep)
             if t.minor:
@@ -670,7 +671,6 @@ class Evictor:
         t.state.note_evicted(pages)
         ctx.policies[i].note_evicted(pages, ctx.tracker.cycles)
         ctx.discards[i].difference_update(pages.tolist())
-        ctx.stats.batches += 1
         ctx.stats.evicted_pages += len(pages)
         ctx.stats.evicted_bytes += len(pages) * t.region.page_size
 
@@ -882,6 +882,7 @@ class Evictor:
             evicted = evicted[t.state.generations[evicted] == was]
         if len(evicted):
             self._mark_evicted(i, t, evicted)
+            ctx.stats.batches += 1
         return len(evicted), outcome.unplaced
 
     def _hold_back(self, i: int, t: TrackedRegion, e: PunchedUnread, *, parked: bool) -> None:
