@@ -352,6 +352,12 @@ class ParkedSession:
             assert await self.ev.evict_batch(0, t, self.PAGES) == 0
         assert sorted(t.held_back) == self.PAGES.tolist()
 
+    @staticmethod
+    def assert_every_page_back(resumed: VmTracker) -> None:
+        """The resumed session put every punched page back: none evicted, all resident."""
+        state = resumed.regions[0].state
+        assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
+
     async def check_every_raced_write_is_back(self, discarded: Sequence[int] = ()) -> None:
         """Every raced write is back, every other page at version 0, but ``discarded``
         pages (the VMM gave them back) read as zeros."""
@@ -441,8 +447,7 @@ async def test_a_kill_between_the_punch_and_the_put_back_loses_no_raced_write(
         names = sorted(s.sup.stored_names())
         assert names == [f"wsd.{vm_id}.held0", f"wsd.{vm_id}.mem0", f"wsd.{vm_id}.uffd"]
         resumed = await s.restart(tmp_path)
-        state = resumed.regions[0].state
-        assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
+        s.assert_every_page_back(resumed)
         s.sup.kill()
         assert f"wsd.{vm_id}.held0" not in s.sup.stored_names(), "pipes left in the store"
         # Every page is back in place: reading them faults nothing.
@@ -474,8 +479,7 @@ async def test_a_restart_puts_back_held_pages_that_had_no_memory_once_their_pipe
         monkeypatch.setattr(evictor_held, "empty_pipe", emptying)
         resumed = await s.restart(tmp_path)
         assert emptied, "the pipes were never emptied"
-        state = resumed.regions[0].state
-        assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
+        s.assert_every_page_back(resumed)
         await s.check_every_raced_write_is_back()
 
 
@@ -529,8 +533,7 @@ async def test_without_an_fd_store_the_vmm_keeps_the_pipes_and_a_reattach_loses_
         await s.die_after_the_punch(monkeypatch, dies_in)
         assert s.ev.parking is not None and s.ev.parking.parked > 0
         resumed = s.reattach(tmp_path)
-        state = resumed.regions[0].state
-        assert state.evicted_pages == 0 and state.resident_pages == resumed.regions[0].npages
+        s.assert_every_page_back(resumed)
         await s.check_every_raced_write_is_back()
 
 
