@@ -32,7 +32,13 @@ from .procfs import (
     mappers_of,
     pinned_bytes,
 )
-from .sched import set_thread_nice, thread_nice
+from .sched import (
+    set_thread_fifo,
+    set_thread_nice,
+    set_thread_normal,
+    thread_nice,
+    thread_rt_priority,
+)
 from .scm import recv_with_fds, send_with_fds
 from .uffd import (
     MSG_SIZE,
@@ -119,8 +125,11 @@ __all__ = [
     "recv_with_fds",
     "require_features",
     "send_with_fds",
+    "set_thread_fifo",
     "set_thread_nice",
+    "set_thread_normal",
     "thread_nice",
+    "thread_rt_priority",
     "unreserved_huge_page_count",
     "write_into",
 ]

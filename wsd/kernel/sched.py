@@ -8,7 +8,13 @@ import threading
 
 from .errors import oserror
 
-__all__ = ["set_thread_nice", "thread_nice"]
+__all__ = [
+    "set_thread_fifo",
+    "set_thread_nice",
+    "set_thread_normal",
+    "thread_nice",
+    "thread_rt_priority",
+]
 
 
 def set_thread_nice(nice: int) -> None:
@@ -34,3 +40,51 @@ def thread_nice() -> int:
     (``clone`` copies it), not the process's first thread's.
     """
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def set_thread_fifo(priority: int) -> None:
+    """Put the calling thread in ``SCHED_FIFO`` at ``priority`` (1 to 99), with
+    ``SCHED_RESET_ON_FORK``: threads it creates start in ``SCHED_OTHER``, at
+    nice 0 if its nice value is negative (sched(7), "Resetting scheduling
+    policy for child processes").
+
+    Needs ``CAP_SYS_NICE`` or a high enough ``RLIMIT_RTPRIO``; systemd's
+    ``RestrictRealtime=yes`` refuses it with ``EPERM`` (seccomp), and so does
+    a cgroup without real-time runtime on a kernel built with
+    ``CONFIG_RT_GROUP_SCHED``.
+    """
+    if not 1 <= priority <= 99:
+        raise ValueError(f"SCHED_FIFO priority {priority} is outside 1..99")
+    try:
+        # pid 0: the calling thread, not the whole process.
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except OSError as e:
+        raise oserror(
+            "sched_setscheduler",
+            e.errno or errno.EPERM,
+            pid=threading.get_native_id(),
+            detail=f"SCHED_FIFO {priority}",
+        ) from e
+
+
+def set_thread_normal() -> None:
+    """Put the calling thread back in ``SCHED_OTHER``; its nice value is kept.
+    Leaving a real-time policy needs no privilege."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as e:
+        raise oserror(
+            "sched_setscheduler",
+            e.errno or errno.EPERM,
+            pid=threading.get_native_id(),
+            detail="SCHED_OTHER",
+        ) from e
+
+
+def thread_rt_priority() -> int:
+    """The calling thread's real-time priority (``SCHED_FIFO``, ``SCHED_RR``);
+    0 under a fair policy."""
+    policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+    if policy not in (os.SCHED_FIFO, os.SCHED_RR):
+        return 0
+    return os.sched_getparam(0).sched_priority
