@@ -60,7 +60,7 @@ from wsd.kernel import (
     probe_kernel,
 )
 from wsd.metrics import MetricsServer, MetricsState, make_registry, serve_metrics
-from wsd.priority import raise_fault_service
+from wsd.priority import LoopPriority, raise_fault_service
 from wsd.recovery import RecoveryError
 from wsd.storage import PageStore, StorageConfig, StorageError
 from wsd.storage.registry import open_backend
@@ -212,14 +212,21 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until :meth:`stop`; then end every session."""
+        # Before any pool starts a thread: they inherit it (wsd.priority).
+        priority = raise_fault_service()
+        try:
+            await self._serve(priority)
+        finally:
+            priority.restore()
+
+    async def _serve(self, priority: LoopPriority) -> None:
         log.info(
             "wsd starting",
             mode=str(self.decision.mode),
             reason=self.decision.reason,
             limitations=list(self.decision.limitations),
             socket=str(self.settings.socket),
-            # Before any pool starts a thread: they inherit it (wsd.priority).
-            fault_service_nice=raise_fault_service(),
+            fault_service=str(priority),
         )
         if self.settings.storage is not None and self.settings.evictor.enabled:
             self.store = await open_backend(self.settings.storage)

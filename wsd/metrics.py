@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector
 from wsd import __version__
 from wsd.durations import DurationHistogram
 from wsd.kernel import KernelError
-from wsd.priority import enter_background
+from wsd.priority import enter_background, runs_realtime
 from wsd.snapshot import hot_count
 from wsd.storage import PageStore, StoreStats
 from wsd.tracker.mode import TrackingMode
@@ -588,11 +588,12 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Me
             str(sockaddr[0]), port, make_wsgi_app(registry), server_class, _QuietHandler
         )
 
+        started_by_realtime = runs_realtime()
+
         def serve() -> None:
-            # Created from a thread at the loop's raised priority: a scrape
-            # must not preempt fault service (wsd.priority).
+            # A scrape must not preempt fault service (wsd.priority).
             with contextlib.suppress(KernelError):
-                enter_background()
+                enter_background(started_by_realtime=started_by_realtime)
             server.serve_forever(poll_interval=SHUTDOWN_POLL)
 
         thread = threading.Thread(target=serve, name="wsd-metrics", daemon=True)

@@ -155,6 +155,7 @@ def test_the_syscall_filter_allows_what_wsd_calls() -> None:
         "mbind",
         "sendmsg",
         "setpriority",
+        "sched_setscheduler",
     }
     assert needed <= allow - deny, sorted(needed - (allow - deny))
 
@@ -182,3 +183,5 @@ def test_security_review_offline(tmp_path: Path) -> None:
         "RestrictNamespaces=~user",
     ):
         assert checks[name], name
+    # The loop thread takes SCHED_FIFO (wsd.priority): seccomp must let it.
+    assert not checks["RestrictRealtime="]

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import structlog
 
 from wsd.kernel import KernelError
-from wsd.priority import enter_background
+from wsd.priority import enter_background, enter_foreground, runs_realtime
 from wsd.storage.errors import StoreClosed
 
 T = TypeVar("T")
@@ -31,6 +31,8 @@ class _Worker:
     def __init__(self, pool: LifoPool, name: str, job: _Job) -> None:
         self._pool = pool
         self._job: _Job | None = job
+        # Asked here, in the thread that starts this one (wsd.priority).
+        self._started_by_realtime = runs_realtime()
         self._wake = threading.Event()
         # A daemon: a store that is never closed must not keep the process alive.
         # close() waits for the work in flight, and nothing is durable before sync.
@@ -43,11 +45,13 @@ class _Worker:
         self._wake.set()
 
     def _run(self) -> None:
-        if self._pool.background:
-            try:
-                enter_background()
-            except KernelError as e:
-                log.warning("worker thread keeps the default priority", error=str(e))
+        try:
+            if self._pool.background:
+                enter_background(started_by_realtime=self._started_by_realtime)
+            else:
+                enter_foreground(started_by_realtime=self._started_by_realtime)
+        except KernelError as e:
+            log.warning("worker thread keeps the priority it started with", error=str(e))
         job = self._job
         while job is not None:
             fn, args, future = job
@@ -93,8 +97,8 @@ class LifoPool:
         self._max = threads
         self._name = name
         self.background = background
-        """Whether each worker steps below the priority it inherits (wsd.priority);
-        otherwise it runs at that of the thread that submitted its first job."""
+        """Whether the workers do eviction's work (``enter_background``) rather
+        than serve faults' fetches (``enter_foreground``); see wsd.priority."""
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []  # a stack: the last to become idle is on top
         self._backlog: collections.deque[_Job] = collections.deque()

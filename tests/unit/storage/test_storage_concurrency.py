@@ -9,7 +9,7 @@ import time
 import pytest
 
 from wsd.kernel import set_thread_nice
-from wsd.priority import BACKGROUND_STEP, FAULT_SERVICE_NICE, raise_fault_service
+from wsd.priority import BACKGROUND_STEP
 from wsd.storage.concurrency import LifoPool, Offload
 from wsd.storage.errors import StoreClosed
 
@@ -112,25 +112,3 @@ def test_background_workers_run_below_the_loop_priority_and_leave_it_alone() -> 
 def test_set_thread_nice_names_a_bad_value() -> None:
     with pytest.raises(ValueError, match=r"nice value 20 is outside -20\.\.19"):
         set_thread_nice(20)
-
-
-def test_raised_fault_service_puts_background_workers_level_with_the_guests() -> None:
-    """The loop thread goes to FAULT_SERVICE_NICE where allowed; workers it starts
-    land BACKGROUND_STEP below whatever it got (wsd.priority)."""
-    seen: dict[str, int] = {}
-
-    def loop_thread() -> None:  # a thread of its own: pytest's keeps its priority
-        seen["loop"] = raise_fault_service()
-        assert _own_nice() == seen["loop"]
-        pool = LifoPool(threads=1, name="t", background=True)
-        try:
-            seen["worker"] = pool.submit(_own_nice).result(timeout=5)
-        finally:
-            pool.shutdown()
-
-    t = threading.Thread(target=loop_thread)
-    t.start()
-    t.join()
-    if os.geteuid() == 0:
-        assert seen["loop"] == FAULT_SERVICE_NICE
-    assert seen["worker"] == min(19, seen["loop"] + BACKGROUND_STEP)
