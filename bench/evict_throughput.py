@@ -143,17 +143,18 @@ async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> f
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size
-    # As in Daemon.run: the loop thread at nice -10 where allowed, so eviction's
-    # background threads run at 0, the raw loop's priority; what exists at
-    # startup frozen out of the garbage collector's full collections.
-    nice = raise_fault_service()
+    # As in Daemon.run: the loop thread real-time (else at nice -10) where
+    # allowed, so eviction's background threads run at 0, the raw loop's
+    # priority; what exists at startup frozen out of the garbage collector's
+    # full collections.
+    priority = raise_fault_service()
     freeze_startup_objects()
     mode = choose_mode(probe_kernel()).mode
     if mode is not TrackingMode.RWP and set(args.kinds) & set(UNCHECKED):
         raise SystemExit(f"the unchecked kinds need rwp; this kernel tracks in {mode}")
     log(
         f"kernel {os.uname().release}, tracking mode {mode}, {size >> 20} MiB, "
-        f"batch {args.batch}, wsd's loop at nice {nice}"
+        f"batch {args.batch}, wsd's loop at {priority}"
     )
     runs: dict[str, list[float]] = {k: [] for k in args.kinds}
     with tempfile.TemporaryDirectory(prefix="evict-throughput-build-") as tmp:

@@ -39,9 +39,9 @@ Handlers, each on a fresh guest, interleaved round by round:
   a batch was in flight (``n`` says how many).
 
 Priorities: as the daemon does, the event loop thread (fault service) is raised to
-nice -10 where allowed (``wsd.priority``), which puts eviction's background threads at
-0; the C handler process gets the loop's nice value too, so that both handlers compete
-with the toucher at the same priority.
+``SCHED_FIFO`` where allowed, else to nice -10 (``wsd.priority``), and eviction's
+background threads run at nice 0; the C handler process gets the loop's policy and
+nice value too, so that both handlers compete with the toucher at the same priority.
 
 Placement (``--placements``): ``same`` pins the handler (the C handler process, or every
 thread of this process for wsd) and the toucher to CPU 0; ``cross`` pins the handler to
@@ -81,7 +81,7 @@ from wsd.evictor.context import VmContext
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
 from wsd.kernel import Feature, PageFault, RegisterMode, Userfaultfd, probe_kernel
-from wsd.priority import raise_fault_service
+from wsd.priority import LoopPriority, raise_fault_service
 from wsd.storage import FileStoreConfig, PageStore, ZstdStoreConfig
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_memory
@@ -278,7 +278,7 @@ class Args:
     evict_pages: int
     batch: int
     dir: Path
-    nice: int
+    priority: LoopPriority
     """Of the handlers: wsd's loop thread and the C handler process."""
 
 
@@ -297,7 +297,9 @@ def run_c(exe: Path, a: Args, handler_cpu: int | None, toucher_cpu: int | None) 
                 [str(exe), "handler", str(uffd.fd)], stdin=subprocess.PIPE, pass_fds=[uffd.fd]
             )
         try:
-            os.setpriority(os.PRIO_PROCESS, h.pid, a.nice)
+            os.setpriority(os.PRIO_PROCESS, h.pid, a.priority.nice)
+            if a.priority.realtime:
+                os.sched_setscheduler(h.pid, os.SCHED_FIFO, os.sched_param(a.priority.realtime))
             if handler_cpu is not None:
                 os.sched_setaffinity(h.pid, {handler_cpu})
             g.send_touch(0, a.warmup)
@@ -483,14 +485,14 @@ def pct(x: npt.NDArray[np.int64], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    nice = raise_fault_service()  # this is the loop thread, as in Daemon.run
+    priority = raise_fault_service()  # this is the loop thread, as in Daemon.run
     freeze_startup_objects()  # as in Daemon.run too
-    a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir, nice)
+    a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir, priority)
     k = probe_kernel()
     mode = choose_mode(k).mode
     log(
         f"kernel {os.uname().release}, tracking mode {mode}, {os.cpu_count()} CPUs, "
-        f"handlers at nice {nice}"
+        f"handlers at {priority}"
     )
     if any("file" in h for h in args.handlers) and not nowait_reads(args.dir):
         log(
@@ -547,7 +549,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "kernel": os.uname().release,
         "mode": str(mode),
-        "args": {**vars(a), "dir": str(a.dir)},
+        "args": {**vars(a), "dir": str(a.dir), "priority": str(a.priority)},
         "rows": rows,
     }
 
