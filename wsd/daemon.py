@@ -207,17 +207,20 @@ class Daemon:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once every socket and the metrics server are up (when systemd hears READY=1)."""
+        self.fault_service: LoopPriority | None = None
+        """The event loop thread's scheduling while :meth:`run` runs (wsd.priority)."""
 
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until :meth:`stop`; then end every session."""
         # Before any pool starts a thread: they inherit it (wsd.priority).
-        priority = raise_fault_service()
+        priority = self.fault_service = raise_fault_service()
         try:
             await self._serve(priority)
         finally:
             priority.restore()
+            self.fault_service = None
 
     async def _serve(self, priority: LoopPriority) -> None:
         log.info(

@@ -30,6 +30,7 @@ from wsd.daemon import _prepare
 from wsd.evictor import EvictorConfig
 from wsd.evictor.context import EvictorStats
 from wsd.evictor.policy import VmPolicy
+from wsd.priority import LoopPriority
 from wsd.storage import StoreStats
 from wsd.storage.page import OpCounters
 from wsd.tracker.mode import TrackingMode
@@ -196,6 +197,7 @@ def fake_daemon(*sessions: SimpleNamespace) -> SimpleNamespace:
         metrics_state=SimpleNamespace(store_stats=stats, store_stats_at=29.5),
         store=SimpleNamespace(name="file"),
         decision=SimpleNamespace(mode=TrackingMode.WP_ASYNC, reason="no RWP", limitations=()),
+        fault_service=LoopPriority(-10, 1, 0, 0),
         kernel=SimpleNamespace(release="6.18.0-test"),
         sessions={s.vm_id: s for s in sessions if not s.closed},
         draining={s.vm_id: s for s in sessions if s.closed},
@@ -213,6 +215,7 @@ def test_status_reports_each_vm_from_its_live_state() -> None:
     assert d["pid"] == 42 and d["uptime_seconds"] == 25.0
     assert d["config"] == "/etc/wsd/wsd.toml" and d["kernel"] == "6.18.0-test"
     assert d["mode"] == "wp-async" and d["storage"] == "file"
+    assert d["fault_service"] == "SCHED_FIFO 1"
     assert status["store"]["pages"] == 32 and status["store"]["age_seconds"] == 0.5
     assert status["store"]["counters"]["failures"] == 1
     assert [v["vm_id"] for v in status["vms"]] == ["a", "b"]

@@ -48,6 +48,7 @@ def take_status(daemon: Daemon, *, pid: int) -> Callable[[], dict[str, Any]]:
             "mode": str(daemon.decision.mode),
             "mode_reason": daemon.decision.reason,
             "limitations": list(daemon.decision.limitations),
+            "fault_service": None if daemon.fault_service is None else str(daemon.fault_service),
             "kernel": daemon.kernel.release,
             "uptime_seconds": max(0.0, now - daemon.started_at),
             "config": _path(settings.config_path),
