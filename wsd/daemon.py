@@ -214,7 +214,8 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until :meth:`stop`; then end every session."""
-        # Before any pool starts a thread: they inherit it (wsd.priority).
+        # Before any pool starts a thread: each takes its priority from this one's
+        # (wsd.priority).
         priority = self.fault_service = raise_fault_service()
         try:
             await self._serve(priority)
