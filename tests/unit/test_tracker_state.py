@@ -273,6 +273,22 @@ def test_evict_and_fetch_track_counts_and_generations() -> None:
     assert s.ages[4] == 0
 
 
+def test_pages_in_any_order_count_once_and_the_callers_array_is_not_kept() -> None:
+    """Sorted unique indices skip np.unique (the evictor's chunks); any other
+    order or a repeat still counts each page once, and a pending access list
+    never aliases the caller's array."""
+    s = state_4k(10)
+    c = Cycles(s)
+    c.run(times=2)
+    s.note_evicted(np.array([7, 2, 7, 3]))
+    assert s.evicted_pages == 3 and s.evicted[[2, 3, 7]].all()
+    mine = np.array([0, 1], dtype=np.int64)
+    s.note_access(mine)
+    mine[:] = 9  # reused by the caller before the next cycle
+    c.run()
+    assert s.ages[[0, 1]].tolist() == [0, 0] and s.ages[9] == 3
+
+
 def test_a_walk_in_a_thread_keeps_the_state_for_pages_wsd_changed_meanwhile() -> None:
     s = state_4k(10)
     c = Cycles(s)

@@ -613,7 +613,12 @@ class RegionState:
         arr = np.asarray(pages)
         if arr.size and arr.dtype.kind not in "iu":
             raise TypeError(f"page indices must be integers, not {arr.dtype}")
-        idx = np.unique(arr.astype(np.int64).ravel())
+        idx = arr.astype(np.int64).ravel()  # a copy: callers may reuse theirs
+        # np.unique costs 40 µs for 512 pages (numpy 2.4), this check 2, and the
+        # evictor's chunks come sorted and unique: 50 µs of each commit step on
+        # the loop went to it.
+        if len(idx) > 1 and not (idx[1:] > idx[:-1]).all():
+            idx = np.unique(idx)
         if len(idx) and (idx[0] < 0 or idx[-1] >= self.npages):
             bad = idx[(idx < 0) | (idx >= self.npages)]
             raise IndexError(f"pages {bad[:8].tolist()} outside [0, {self.npages})")
