@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,10 @@ enabled = false
 class Wsd(WsdProcess):
     """``wsd run --config`` in a child process, and its control socket."""
 
-    def __init__(self, tmp: Path, *, idle: int) -> None:
+    def __init__(self, tmp: Path, *, idle: int, wrap: Sequence[str] = ()) -> None:
         self.tmp = tmp
         self.control = tmp / "control.sock"
-        super().__init__(tmp / "wsd.toml", tmp / "wsd.log", self.control)
+        super().__init__(tmp / "wsd.toml", tmp / "wsd.log", self.control, wrap=wrap)
         self.config.write_text(CONFIG.format(tmp=tmp, interval=INTERVAL, idle=idle))
         self.start()
 
@@ -84,8 +85,8 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Wsd, GuestProcess]]]:
     """Start wsd (min_idle_cycles = ``idle``) and a guest handed off to it as ``vm_id``."""
     started: list[Wsd | GuestProcess] = []
 
-    def go(vm_id: str, *, idle: int) -> tuple[Wsd, GuestProcess]:
-        wsd = Wsd(tmp_path, idle=idle)
+    def go(vm_id: str, *, idle: int, wrap: Sequence[str] = ()) -> tuple[Wsd, GuestProcess]:
+        wsd = Wsd(tmp_path, idle=idle, wrap=wrap)
         started.append(wsd)
         argv = ["--socket", str(tmp_path / "wsd.sock"), "--vm-id", vm_id, "--size", "16M"]
         argv += ["--hot", "0.25", "--write-ratio", "1", "--seed", "1"]
@@ -109,6 +110,24 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Wsd, GuestProcess]]]:
         elif (code := thing.stop()) != 0:
             problems.append(f"wsd exited {code}: {thing.log_text()}")
     assert not problems, problems
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to drop CAP_SYS_NICE",
+)
+def test_without_cap_sys_nice_wsd_says_so_and_serves_at_nice_values(
+    start: Callable[..., tuple[Wsd, GuestProcess]],
+) -> None:
+    """Real-time scheduling refused (wsd.priority): one warning naming the
+    capability, the status says what the loop runs at, and the guest is served
+    (the fixture checks every page it re-reads at exit)."""
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_nice"]
+    wsd, _ = start("no-nice", idle=2, wrap=drop)
+    wsd.wait_cycles("no-nice", 4)
+    assert wsd.ask(Command.STATUS)["daemon"]["fault_service"] == "nice 0"
+    log = wsd.log_text()
+    assert "fault service is not real-time" in log and "CAP_SYS_NICE" in log, log
 
 
 def skip_unless_evicting(wsd: Wsd, vm_id: str) -> None:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from wsd.testing.slowness import patient
@@ -53,17 +53,25 @@ class WsdProcess:
     proc: subprocess.Popen[bytes]
 
     def __init__(
-        self, config: Path, log: Path, ready: Path, *, env: Mapping[str, str] | None = None
+        self,
+        config: Path,
+        log: Path,
+        ready: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """``wrap``: a command that runs wsd, such as ``setpriv`` dropping a capability."""
         self.config = config
         self.log = log
         self.ready = ready
         self.env = env
+        self.wrap = list(wrap)
 
     def start(self, timeout: float = 30) -> None:
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
+                [*self.wrap, sys.executable, "-m", "wsd", "run", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env,
