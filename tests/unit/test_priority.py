@@ -16,6 +16,8 @@ from wsd.priority import FAULT_SERVICE_NICE, FAULT_SERVICE_RT_PRIORITY, raise_fa
 from wsd.storage.concurrency import LifoPool
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="real-time scheduling needs root")
+# Root without CAP_SYS_NICE, whose RLIMIT_RTPRIO is 0: real-time scheduling refused.
+WITHOUT_SYS_NICE = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_nice"]
 
 
 def _policy_and_nice() -> tuple[int, int]:
@@ -90,9 +92,7 @@ print(json.dumps({"priority": str(priority), "realtime": priority.realtime,
                   "events": [e["event"] for e in logs], "errors": [e.get("error") for e in logs]}))
 pool.shutdown()
 """
-    wrap = []
-    if os.geteuid() == 0:
-        wrap = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_nice"]
+    wrap = WITHOUT_SYS_NICE if os.geteuid() == 0 else []
     out = subprocess.run(
         [*wrap, sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
@@ -119,7 +119,7 @@ def test_a_refused_fifo_names_the_call_and_the_errno() -> None:
         "try:\n    set_thread_fifo(1)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     )
     out = subprocess.run(
-        ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_nice", sys.executable, "-c", script],
+        [*WITHOUT_SYS_NICE, sys.executable, "-c", script],
         capture_output=True,
         text=True,
         check=True,
