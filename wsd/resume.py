@@ -359,7 +359,7 @@ async def check_stored(ctx: VmContext) -> None:
     the faults' retries.
     """
     for i, t in enumerate(ctx.tracker.regions):
-        pages = np.flatnonzero(t.state.evicted)[:PROBED_PAGES].tolist()
+        pages = t.state.first_evicted(PROBED_PAGES)
         if not pages:
             continue
         where = {"vm_id": ctx.vm_id, "region": i, "evicted_pages": t.state.evicted_pages}

@@ -289,6 +289,15 @@ def test_pages_in_any_order_count_once_and_the_callers_array_is_not_kept() -> No
     assert s.ages[[0, 1]].tolist() == [0, 0] and s.ages[9] == 3
 
 
+def test_first_evicted_finds_the_lowest_across_scan_chunks() -> None:
+    s = state_4k(300_000)  # more than two of the scan's chunks
+    Cycles(s).run(times=2)
+    s.note_evicted([299_999, 140_000, 7])
+    assert s.first_evicted(2) == [7, 140_000]
+    assert s.first_evicted(8) == [7, 140_000, 299_999]
+    assert s.first_evicted(0) == []
+
+
 def test_a_walk_in_a_thread_keeps_the_state_for_pages_wsd_changed_meanwhile() -> None:
     s = state_4k(10)
     c = Cycles(s)
