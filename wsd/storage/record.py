@@ -212,6 +212,10 @@ class Compressor(Protocol):
         """Compress one page."""
         ...
 
+    def compress_many(self, datas: list[bytes]) -> list[bytes]:
+        """``compress`` of each page, in order, frame for frame the same."""
+        ...
+
     def decompress(self, payload: bytes, size: int) -> bytes:
         """Decompress to at most ``size`` bytes; raise ValueError when corrupt."""
         ...
@@ -275,9 +279,9 @@ class PageCodec:
 
         Without encryption, finding fill pages and both hashes of every record
         run as one call each over the batch (``wsd._batch``, without the GIL),
-        and the compressor is called through ``map``: a worker sealing a batch
-        then holds the GIL for little more than building the records, and the
-        event loop thread, which serves faults, rarely waits for it.
+        and the compressor gets the whole batch at once: a worker sealing a
+        batch then holds the GIL for little more than building the records, and
+        the event loop thread, which serves faults, rarely waits for it.
         """
         if self._aead is not None:  # AES-GCM dominates; one record at a time
             return {o: self.seal(ns, o, generations[o], d) for o, d in pages.items()}
@@ -292,7 +296,7 @@ class PageCodec:
         if self._compressor is not None and data_rows:
             plain = [datas[row] for row in data_rows]
             for row, data, packed in zip(
-                data_rows, plain, map(self._compressor.compress, plain), strict=True
+                data_rows, plain, self._compressor.compress_many(plain), strict=True
             ):
                 # Incompressible pages stay raw, like zswap (see seal).
                 if len(packed) < len(data):
