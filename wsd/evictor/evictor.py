@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,17 +448,60 @@ class Evictor:
                 over_target_pages=over_pages,
             )
             pages_left -= len(chosen)
-            for k in range(0, len(chosen), batch_pages):
-                batch = await self._prepare(i, np.sort(chosen[k : k + batch_pages]))
-                if batch is None:
-                    break  # the store is failing: try again next time
-                self._prepared.append(batch)
-                spent += len(batch.pages) * ps
-                if over is not None:
-                    over -= len(batch.pages) * ps
+            starts = range(0, len(chosen), batch_pages)
+            batches = [np.sort(chosen[k : k + batch_pages]) for k in starts]
+            stored = await self._prepare_batches(i, batches)
+            spent += stored * ps
+            if over is not None:
+                over -= stored * ps
         if self._prepared:
             self.backoff.end(ctx)
         return spent
+
+    async def _prepare_batches(self, i: int, batches: list[npt.NDArray[np.int64]]) -> int:
+        """Prepare ``batches`` of region ``i``, ``batches_in_flight`` at a time,
+        and add each stored one to the prepared list, in order; the pages stored.
+
+        No batch starts once one has failed: the store is failing, and the
+        next prepare tries again.  Those already in flight then finish, and
+        the ones stored are kept.  Cancelled, it cancels the batches in flight
+        and waits for them, and keeps those stored all the same.
+        """
+        in_flight = self.ctx.config.batches_in_flight
+        todo = iter(batches)
+        window: deque[asyncio.Task[Prepared | None]] = deque()
+        stored = 0
+        failed = False
+
+        def keep(task: asyncio.Task[Prepared | None]) -> None:
+            nonlocal stored
+            batch = task.result()
+            if batch is not None:
+                self._prepared.append(batch)
+                stored += len(batch.pages)
+
+        try:
+            while True:
+                while not failed and len(window) < in_flight:
+                    pages = next(todo, None)
+                    if pages is None:
+                        break
+                    window.append(asyncio.create_task(self._prepare(i, pages)))
+                if not window:
+                    break
+                await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
+                failed = failed or any(map(_did_not_store, window))
+                while window and window[0].done():
+                    keep(window.popleft())
+        finally:
+            # Only when cancelled or failing: the batches still in flight.
+            for task in window:
+                task.cancel()
+            for task in window:
+                await despite_cancellation(task)
+                if not _did_not_store(task):
+                    keep(task)
+        return stored
 
     async def _persist_prepared(self) -> bool:
         """Write the page map listing the prepared pages; False if that failed.
@@ -1150,6 +1194,13 @@ def _listed_at(batch: Prepared, ctx: VmContext) -> npt.NDArray[np.uint32]:
     if batch.generations is not None:
         return batch.generations + np.uint32(1)
     return ctx.tracker.regions[batch.region].state.generations[batch.pages] + np.uint32(1)
+
+
+def _did_not_store(task: asyncio.Task[Prepared | None]) -> bool:
+    """Whether a finished ``_prepare`` task stored nothing (failed, raised or cancelled)."""
+    if not task.done():
+        return False
+    return task.cancelled() or task.exception() is not None or task.result() is None
 
 
 async def _in_background(fn: Callable[..., T], *args: object) -> T:
