@@ -31,12 +31,16 @@ Handlers, each on a fresh guest, interleaved round by round:
   random pages, no zero pages) with ``pwrite`` on the memfd, one tracking cycle runs, and
   the pages to touch are evicted beforehand with ``Evictor.evict_batch`` on the quiescent
   guest.  Every touch is then a fetch-back: ``get`` from the tier, ``UFFDIO_COPY``.
-* ``wsd-zstd+evict``, ``wsd-file+evict``: the same, while a task keeps calling
-  ``evict_batch`` on other pages of the guest (``--evict-pages`` pages the toucher never
-  touches, so this is safe without a sync window) in batches of ``--batch``.  The
-  bench records when each batch call started and ended (``time.monotonic_ns``, the same
-  clock as the toucher's), and reports the latencies of the touches that started while
-  a batch was in flight (``n`` says how many).
+* ``wsd-zstd+evict``, ``wsd-file+evict``: the same, while a task keeps evicting the
+  other ``--evict-pages`` pages of the guest, the toucher never touches, by the
+  daemon's path: per step ``Evictor.prepare_idle`` stores the oldest idle pages,
+  ``EVICT_STEP_BATCHES`` batches of ``--batch`` pages (as many in flight at once as
+  the daemon's prepare keeps), then ``VmTracker.cycle`` with ``Evictor.commit``
+  punches and wakes them in its window.  The bench records when each step started and
+  ended (``time.monotonic_ns``, the same clock as the toucher's), and reports the
+  latencies of the touches that started during a step (``n`` says how many).  Until
+  2026-11-29 this task called ``Evictor.evict_batch`` per batch (one batch at a time,
+  no tracking cycle), which only tests and this bench's setup use.
 
 Priorities: as the daemon does, the event loop thread (fault service) is raised to
 ``SCHED_FIFO`` where allowed, else to nice -10 (``wsd.priority``), and eviction's
@@ -93,6 +97,8 @@ BENCH = Path(__file__).resolve().parent
 PAGE = 4096
 MiB = 1 << 20
 GOAL_RATIO = 3.0
+EVICT_STEP_BATCHES = 4
+"""Batches each eviction step of the ``+evict`` handlers stores, then punches."""
 
 
 def log(msg: str) -> None:
@@ -285,7 +291,7 @@ class Args:
 @dataclass
 class Sample:
     latencies: npt.NDArray[np.int64]
-    in_flight_batches: int = 0
+    evict_steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -368,6 +374,7 @@ async def run_wsd(
         fill(g.memfd, 0, npages)
         tracker = start_tracker(g, f"bench-{tier}")
         store, cfg = await open_tier(tier, root / "pages", 4 * npages * PAGE)
+        cfg = cfg.model_copy(update={"batch_pages": a.batch})
         ctx = VmContext(tracker.vm_id, tracker, store, cfg)
         faults, tasks = fault_service(ctx)
         await tracker.cycle()
@@ -378,13 +385,16 @@ async def run_wsd(
         stop = asyncio.Event()
 
         async def keep_evicting() -> None:
-            first = touch_pages
-            while not stop.is_set() and first < npages:
-                pages = np.arange(first, min(first + a.batch, npages), dtype=np.int64)
+            # The daemon's path: a prepare stores the oldest idle pages (the
+            # toucher's were fetched since, so younger), then a tracking cycle
+            # punches them in its window.
+            step = EVICT_STEP_BATCHES * a.batch * PAGE
+            while not stop.is_set():
                 t0 = time.monotonic_ns()
-                await ev.evict_batch(0, t, pages)
+                if not await ev.prepare_idle(step):
+                    break
+                await tracker.cycle(ev.commit)
                 spans.append((t0, time.monotonic_ns()))
-                first += a.batch
 
         with serving_faults(tracker, faults) as unhandled:
             await g.touch_async(0, a.warmup)
@@ -401,7 +411,7 @@ async def run_wsd(
             raise RuntimeError(f"{len(unhandled)} faults nobody handled")
         if ctx.stats.fetched_pages != touch_pages:
             raise RuntimeError(f"fetched {ctx.stats.fetched_pages} pages, not {touch_pages}")
-        extra = {"batches": len(spans), "evict_pages_done": len(spans) * a.batch}
+        extra = {"steps": len(spans), "evict_pages_done": ctx.stats.evicted_pages - touch_pages}
         if with_eviction:
             inside = np.zeros(len(starts), dtype=bool)
             for s, e in spans:
@@ -539,7 +549,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "p99_us": pct(lat, 99),
             "round_p50_us": [pct(s.latencies, 50) for s in samples],
             "round_p99_us": [pct(s.latencies, 99) for s in samples],
-            "batches": [s.in_flight_batches for s in samples],
+            "evict_steps": [s.evict_steps for s in samples],
         }
     for row in rows.values():
         base = rows.get(f"{row['placement']}/C")
@@ -597,7 +607,7 @@ def main() -> None:
         default=32768,
         help="pages the +evict runs evict beside the touches (at most; default 128 MiB)",
     )
-    p.add_argument("--batch", type=int, default=1024, help="pages per evict_batch call")
+    p.add_argument("--batch", type=int, default=1024, help="pages per eviction batch (batch_pages)")
     p.add_argument("--placements", default="same,cross", help="comma-separated: same,cross,none")
     p.add_argument("--handlers", default=",".join(HANDLERS), help="comma-separated subset")
     p.add_argument(
