@@ -16,15 +16,15 @@ eviction is timed.  Runs are interleaved: raw, wsd-file, wsd-zstd, raw, ...
   memfd and one ``UFFDIO_WAKE`` of its range.  Timed by itself with
   ``CLOCK_MONOTONIC``.
 * ``wsd-file``, ``wsd-zstd``: a :class:`~wsd.tracker.session.VmTracker` on the guest
-  (``wp-async`` on a host without RWP), one tracking cycle, then the daemon's own
-  path, on uvloop, as for ``wsd vm evict``: ``Evictor.prepare_idle`` stores every
-  page in batches of ``--batch``, one after the other (``pread`` in a worker,
-  ``put``, ``sync``: for the file tier the ``fdatasync``\\ s of its data and index
-  files); then one tracking cycle with ``Evictor.commit`` as its window hook
-  punches and wakes them.  No page map (``state_dir`` unset).  Timed with
-  ``time.monotonic`` around both.  Until 2026-11-28 these runs called
-  ``Evictor.evict_batch`` per batch instead (prepare and commit each batch, one at
-  a time), which tests use but the daemon does not.
+  (``wp-async`` on a host without RWP), one tracking cycle, then the daemon's own path,
+  on uvloop, as for ``wsd vm evict``: ``Evictor.prepare_idle`` stores every page in
+  batches of ``--batch``, ``--batches-in-flight`` of them at once (the evictor's default
+  unless given; each a ``pread`` in a worker, ``put``, ``sync``: for the file tier the
+  ``fdatasync``\\ s of its data and index files); then one tracking cycle with
+  ``Evictor.commit`` as its window hook punches and wakes them.  No page map
+  (``state_dir`` unset).  Timed with ``time.monotonic`` around both.  Until 2026-11-28
+  these runs called ``Evictor.evict_batch`` per batch instead (prepare and commit each
+  batch, one at a time), which tests use but the daemon does not.
 
 * ``wsd-file-unchecked``, ``wsd-zstd-unchecked`` (rwp only, not run by default): the
   same without the commit's content check (:func:`wsd.evictor.evictor.content_checked`
@@ -64,6 +64,7 @@ from fault_latency import (  # a sibling script, not a package
 )
 
 from wsd.collector import freeze_startup_objects
+from wsd.evictor import EvictorConfig
 from wsd.evictor import evictor as evictor_module
 from wsd.evictor.context import VmContext
 from wsd.evictor.evictor import Evictor
@@ -110,7 +111,9 @@ def run_raw(exe: Path, size: int, batch: int, where: Path) -> float:
     return seconds
 
 
-async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> float:
+async def run_wsd(
+    exe: Path, tier: str, size: int, batch: int, where: Path, *, in_flight: int
+) -> float:
     g = CGuest(exe, size, None)
     root = Path(tempfile.mkdtemp(prefix="evict-throughput-", dir=where))
     tracker = None
@@ -119,7 +122,13 @@ async def run_wsd(exe: Path, tier: str, size: int, batch: int, where: Path) -> f
         fill(g.memfd, 0, g.npages)
         tracker = start_tracker(g, f"bench-{tier}")
         store, cfg = await open_tier(tier, root / "pages", 2 * size)
-        cfg = cfg.model_copy(update={"batch_pages": batch, "max_pages_per_window": g.npages})
+        cfg = cfg.model_copy(
+            update={
+                "batch_pages": batch,
+                "batches_in_flight": in_flight,
+                "max_pages_per_window": g.npages,
+            }
+        )
         ctx = VmContext(tracker.vm_id, tracker, store, cfg)
         await tracker.cycle()
         ev = Evictor(ctx)
@@ -154,7 +163,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"the unchecked kinds need rwp; this kernel tracks in {mode}")
     log(
         f"kernel {os.uname().release}, tracking mode {mode}, {size >> 20} MiB, "
-        f"batch {args.batch}, wsd's loop at {priority}"
+        f"batch {args.batch}, {args.batches_in_flight} in flight, wsd's loop at {priority}"
     )
     runs: dict[str, list[float]] = {k: [] for k in args.kinds}
     with tempfile.TemporaryDirectory(prefix="evict-throughput-build-") as tmp:
@@ -171,7 +180,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         else contextlib.nullcontext()
                     )
                     with check:
-                        s = await run_wsd(exe, tier, size, args.batch, args.dir)
+                        s = await run_wsd(
+                            exe,
+                            tier,
+                            size,
+                            args.batch,
+                            args.dir,
+                            in_flight=args.batches_in_flight,
+                        )
                 mbs = size / s / 1e6
                 runs[kind].append(mbs)
                 log(f"round {r + 1}/{args.rounds} {kind:18} {s * 1000:8.1f} ms  {mbs:8.1f} MB/s")
@@ -187,6 +203,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "mode": str(mode),
         "size": size,
         "batch": args.batch,
+        "batches_in_flight": args.batches_in_flight,
         "dir": str(args.dir),
         "rows": rows,
     }
@@ -195,7 +212,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(out: dict[str, Any]) -> None:
     print(
         f"kernel {out['kernel']}, mode {out['mode']}, {out['size'] >> 20} MiB, "
-        f"batch {out['batch']} pages, dir {out['dir']}"
+        f"batch {out['batch']} pages, {out['batches_in_flight']} in flight, dir {out['dir']}"
     )
     print(f"{'kind':18} {'median MB/s':>11}  {'ratio':>5}  per round MB/s (ratio to raw)")
     for kind, row in out["rows"].items():
@@ -220,6 +237,12 @@ def main() -> None:
     )
     p.add_argument("--size", type=parse_size, default=256 << 20, help="guest size (256M)")
     p.add_argument("--batch", type=int, default=1024, help="pages per batch (1024)")
+    p.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=EvictorConfig().batches_in_flight,
+        help="the evictor's batches_in_flight (its default)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds of each kind, interleaved")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
     p.add_argument(

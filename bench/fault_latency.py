@@ -32,15 +32,15 @@ Handlers, each on a fresh guest, interleaved round by round:
   the pages to touch are evicted beforehand with ``Evictor.evict_batch`` on the quiescent
   guest.  Every touch is then a fetch-back: ``get`` from the tier, ``UFFDIO_COPY``.
 * ``wsd-zstd+evict``, ``wsd-file+evict``: the same, while a task keeps evicting the
-  other ``--evict-pages`` pages of the guest, the toucher never touches, by the
-  daemon's path: per step ``Evictor.prepare_idle`` stores the oldest idle pages,
-  ``EVICT_STEP_BATCHES`` batches of ``--batch`` pages (as many in flight at once as
-  the daemon's prepare keeps), then ``VmTracker.cycle`` with ``Evictor.commit``
-  punches and wakes them in its window.  The bench records when each step started and
-  ended (``time.monotonic_ns``, the same clock as the toucher's), and reports the
-  latencies of the touches that started during a step (``n`` says how many).  Until
-  2026-11-29 this task called ``Evictor.evict_batch`` per batch (one batch at a time,
-  no tracking cycle), which only tests and this bench's setup use.
+  other ``--evict-pages`` pages of the guest, the toucher never touches, by the daemon's
+  path: per step ``Evictor.prepare_idle`` stores the oldest idle pages,
+  ``EVICT_STEP_BATCHES`` batches of ``--batch`` pages (``--batches-in-flight`` of them
+  at once, the evictor's default unless given), then ``VmTracker.cycle`` with
+  ``Evictor.commit`` punches and wakes them in its window.  The bench records when each
+  step started and ended (``time.monotonic_ns``, the same clock as the toucher's), and
+  reports the latencies of the touches that started during a step (``n`` says how many).
+  Until 2026-11-29 this task called ``Evictor.evict_batch`` per batch (one batch at a
+  time, no tracking cycle), which only tests and this bench's setup use.
 
 Priorities: as the daemon does, the event loop thread (fault service) is raised to
 ``SCHED_FIFO`` where allowed, else to nice -10 (``wsd.priority``), and eviction's
@@ -283,6 +283,7 @@ class Args:
     warmup: int
     evict_pages: int
     batch: int
+    batches_in_flight: int
     dir: Path
     priority: LoopPriority
     """Of the handlers: wsd's loop thread and the C handler process."""
@@ -374,7 +375,9 @@ async def run_wsd(
         fill(g.memfd, 0, npages)
         tracker = start_tracker(g, f"bench-{tier}")
         store, cfg = await open_tier(tier, root / "pages", 4 * npages * PAGE)
-        cfg = cfg.model_copy(update={"batch_pages": a.batch})
+        cfg = cfg.model_copy(
+            update={"batch_pages": a.batch, "batches_in_flight": a.batches_in_flight}
+        )
         ctx = VmContext(tracker.vm_id, tracker, store, cfg)
         faults, tasks = fault_service(ctx)
         await tracker.cycle()
@@ -497,7 +500,15 @@ def pct(x: npt.NDArray[np.int64], q: float) -> float:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     priority = raise_fault_service()  # this is the loop thread, as in Daemon.run
     freeze_startup_objects()  # as in Daemon.run too
-    a = Args(args.pages, args.warmup, args.evict_pages, args.batch, args.dir, priority)
+    a = Args(
+        args.pages,
+        args.warmup,
+        args.evict_pages,
+        args.batch,
+        args.batches_in_flight,
+        args.dir,
+        priority,
+    )
     k = probe_kernel()
     mode = choose_mode(k).mode
     log(
@@ -565,7 +576,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(out: dict[str, Any]) -> None:
-    print(f"kernel {out['kernel']}, mode {out['mode']}")
+    print(
+        f"kernel {out['kernel']}, mode {out['mode']}, "
+        f"+evict with {out['args']['batches_in_flight']} batches in flight"
+    )
     print(
         f"{'placement':9} {'handler':15} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} "
         f"{'p50/C':>6} {'p99/C':>6}  per-round p50 µs"
@@ -608,6 +622,12 @@ def main() -> None:
         help="pages the +evict runs evict beside the touches (at most; default 128 MiB)",
     )
     p.add_argument("--batch", type=int, default=1024, help="pages per eviction batch (batch_pages)")
+    p.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=EvictorConfig().batches_in_flight,
+        help="the evictor's batches_in_flight for the +evict handlers (its default)",
+    )
     p.add_argument("--placements", default="same,cross", help="comma-separated: same,cross,none")
     p.add_argument("--handlers", default=",".join(HANDLERS), help="comma-separated subset")
     p.add_argument(

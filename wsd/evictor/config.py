@@ -37,11 +37,11 @@ class EvictorConfig(BaseModel):
     """Bytes per transaction at most, whatever the page size: a batch of 1024
     hugetlbfs pages would be 2 GiB in one put, past any sane tier-call deadline.
     A batch holds at least one page."""
-    batches_in_flight: int = Field(default=2, ge=1, le=8)
-    """Batches a prepare reads and stores at once.  While one is compressed or
-    synced on a worker, the loop reads and inserts the next: eviction runs
-    faster, and a fault served meanwhile waits more often behind eviction's
-    work (docs/evictor.md).  1 stores batch after batch."""
+    batches_in_flight: int = Field(default=1, ge=1, le=8)
+    """Batches a prepare reads and stores at once.  More than 1: while one is
+    compressed or synced on a worker, another worker reads the next, so
+    eviction runs faster, and a fault served meanwhile waits more often
+    behind eviction's work (docs/evictor.md)."""
     rate_mb_per_second: float | None = Field(default=256.0, gt=0)
     """Eviction bandwidth per VM (10^6 bytes/s); ``None`` is unlimited."""
     resident_target_bytes: ByteSize | None = Field(default=None, gt=0)
