@@ -473,7 +473,7 @@ async def test_a_prepare_stores_batches_in_flight_at_once_and_lists_them_in_orde
             running += 1
             most = max(most, running)
             try:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)  # long enough for the next reads to overlap it
                 await self.inner.put(ns, pages, **kw)
             finally:
                 running -= 1
