@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_latency import (  # a sibling script, not a package
     PAGE,
     CGuest,
+    add_batches_in_flight,
     build_c,
     fill,
     log,
@@ -64,7 +65,6 @@ from fault_latency import (  # a sibling script, not a package
 )
 
 from wsd.collector import freeze_startup_objects
-from wsd.evictor import EvictorConfig
 from wsd.evictor import evictor as evictor_module
 from wsd.evictor.context import VmContext
 from wsd.evictor.evictor import Evictor
@@ -237,12 +237,7 @@ def main() -> None:
     )
     p.add_argument("--size", type=parse_size, default=256 << 20, help="guest size (256M)")
     p.add_argument("--batch", type=int, default=1024, help="pages per batch (1024)")
-    p.add_argument(
-        "--batches-in-flight",
-        type=int,
-        default=EvictorConfig().batches_in_flight,
-        help="the evictor's batches_in_flight (its default)",
-    )
+    add_batches_in_flight(p)
     p.add_argument("--rounds", type=int, default=3, help="rounds of each kind, interleaved")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
     p.add_argument(

@@ -245,6 +245,16 @@ def start_tracker(g: CGuest, vm_id: str) -> VmTracker:
     return track_memory(vm_id, pid=g.pid, base=g.base, size=g.size, uffd_fd=g.uffd, memfd=g.memfd)
 
 
+def add_batches_in_flight(p: argparse.ArgumentParser) -> None:
+    """``--batches-in-flight``: the evictor's ``batches_in_flight`` for wsd's eviction."""
+    p.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=EvictorConfig().batches_in_flight,
+        help="the evictor's batches_in_flight while evicting (its default)",
+    )
+
+
 async def open_tier(tier: str, root: Path, budget: int) -> tuple[PageStore, EvictorConfig]:
     if tier == "zstd":
         store = await open_backend(ZstdStoreConfig(budget_bytes=budget))
@@ -622,12 +632,7 @@ def main() -> None:
         help="pages the +evict runs evict beside the touches (at most; default 128 MiB)",
     )
     p.add_argument("--batch", type=int, default=1024, help="pages per eviction batch (batch_pages)")
-    p.add_argument(
-        "--batches-in-flight",
-        type=int,
-        default=EvictorConfig().batches_in_flight,
-        help="the evictor's batches_in_flight for the +evict handlers (its default)",
-    )
+    add_batches_in_flight(p)
     p.add_argument("--placements", default="same,cross", help="comma-separated: same,cross,none")
     p.add_argument("--handlers", default=",".join(HANDLERS), help="comma-separated subset")
     p.add_argument(
