@@ -27,7 +27,8 @@ import pytest
 
 from wsd import fdstore, resume
 from wsd.daemon import Daemon
-from wsd.evictor import EvictorConfig, pagemap
+from wsd.evictor import EvictorConfig, pagemap, transaction
+from wsd.evictor import evictor as evictor_module
 from wsd.evictor import held as evictor_held
 from wsd.evictor.context import VmContext
 from wsd.evictor.drain import drain
@@ -176,6 +177,47 @@ async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
         assert [p for p in raced if t.state.is_evicted(p)] == stored
         assert t.resident()[[p for p in raced if p not in stored]].all()
         await read_back_raced(puppet, ctx, pages, raced)
+
+
+async def test_a_detached_regions_stored_copies_stay_until_its_pages_are_written_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The region is detached while its verified punch runs, and the memfd has
+    no memory for two of its pages (an exact hugetlbfs pool).  Until they are
+    written back their stored copies are all that would outlive a crash, so
+    they are kept until then; the other pages' copies go at once."""
+    short = {2, 5}
+    async with racing_puppet(tmp_path, "wp-detached-nomem", []) as (_, tracker, ctx):
+        t = tracker.regions[0]
+        ps, base = t.region.page_size, t.region.offset
+        pages = np.arange(0, 8, dtype=np.int64)
+        before = [os.pread(t.memfd, ps, base + p * ps) for p in pages.tolist()]
+        punch, write = evictor_module.punch_held, transaction.write_into
+        refused: list[set[int]] = []
+
+        def detached_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return punch(*args, **kwargs)
+            finally:
+                t.vanished = "unmapped (injected)"
+
+        def short_of_memory(fd: int, data: Any, offset: int) -> None:
+            if (offset - base) // ps in short and len(refused) < 3 * len(short):
+                refused.append(set(ctx.discards[0]))
+                raise KernelError(errno.ENOMEM, "mmap", detail="injected")
+            write(fd, data, offset)
+
+        with monkeypatch.context() as m:
+            m.setattr(evictor_module, "punch_held", detached_meanwhile)
+            m.setattr(transaction, "write_into", short_of_memory)
+            assert await Evictor(ctx).evict_batch(0, t, pages) == 0
+        # Refused twice by put_back (before and after the pipes let go), then
+        # once by _place, when the other pages' copies were already let go.
+        assert len(refused) == 3 * len(short)
+        assert refused[-1] == set(pages.tolist()) - short
+        assert ctx.discards[0] == set(pages.tolist())
+        assert not t.state.evicted_pages
+        assert [os.pread(t.memfd, ps, base + p * ps) for p in pages.tolist()] == before
 
 
 async def test_a_resumed_hugetlbfs_session_serves_its_evicted_pages_from_storage(

@@ -843,9 +843,12 @@ class Evictor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, cfg.fetch_retry_max_seconds)
             # The page moves only with an event the loop reads: t.region is current.
-            unplaced, errors = place(ctx.tracker.uffd, t, unplaced, detached=t.vanished is not None)
+            left, errors = place(ctx.tracker.uffd, t, unplaced, detached=t.vanished is not None)
             for error in errors:
                 log.error("verified punch", vm_id=ctx.vm_id, region=i, error=error)
+            # In place, or failed with the error logged: their copies go as kept pages' do.
+            ctx.discards[i].update(unplaced.keys() - left.keys())
+            unplaced = left
         log.warning("raced pages put back once memory was free", vm_id=ctx.vm_id, region=i)
 
     async def _store_raced(
@@ -904,8 +907,10 @@ class Evictor:
         # Detached meanwhile (events.detach): the region's release waits for
         # this, and every page goes back into the memfd.
         outcome = put_back(ctx.tracker.uffd, t, punched, detached=t.vanished is not None)
-        # The stored copies of pages kept resident are useless.
-        ctx.discards[i].update(outcome.kept.tolist())
+        # The stored copies of pages kept resident are useless, but not those
+        # of a detached region's pages still waiting for memory: until
+        # _place has them in, that copy is all that outlives a crash.
+        ctx.discards[i].update(p for p in outcome.kept.tolist() if p not in outcome.unplaced)
         if len(outcome.raced):
             # Put back even if removed meanwhile (a REMOVE read while the thread
             # worked): whether the removal came before the write (its bytes are
