@@ -125,6 +125,18 @@ def raise_fault_service() -> LoopPriority:
         set_thread_fifo(realtime)
     except KernelError as e:
         realtime = 0
+        if was_realtime:
+            # Started real-time (CPUSchedulingPolicy=) where it may not set the
+            # policy itself (RestrictRealtime=yes): without the reset every
+            # thread it starts, asyncio's included, would be real-time too and
+            # could hold its CPU without end.  Leaving needs no privilege.
+            set_thread_normal()
+            log.warning(
+                "fault service left the real-time policy it was started with: it may "
+                "not set SCHED_RESET_ON_FORK, and its threads would inherit real-time",
+                was_realtime=was_realtime,
+                error=str(e),
+            )
         log.warning(
             "fault service is not real-time: a busy worker on its CPU can delay a fault "
             "by a scheduler slice, milliseconds (grant CAP_SYS_NICE; under systemd, "

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from structlog.testing import capture_logs
 
-from wsd.kernel import set_thread_fifo
+from wsd import priority as priority_module
+from wsd.kernel import KernelError, set_thread_fifo
 from wsd.priority import FAULT_SERVICE_NICE, FAULT_SERVICE_RT_PRIORITY, raise_fault_service
 from wsd.storage.concurrency import LifoPool
 
@@ -103,6 +107,42 @@ pool.shutdown()
     assert got["worker"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     assert any("fault service is not real-time" in e and "CAP_SYS_NICE" in e for e in got["events"])
     assert any("sched_setscheduler" in (e or "") and "EPERM" in (e or "") for e in got["errors"])
+
+
+@root_only
+def test_started_real_time_where_the_reset_is_refused_the_loop_leaves_real_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started SCHED_FIFO (a unit's CPUSchedulingPolicy=) where setting the
+    policy is refused (RestrictRealtime=yes, faked here: that is seccomp's):
+    without SCHED_RESET_ON_FORK its threads would inherit real-time, so the
+    loop leaves it, says so, and reports the nice value it runs at."""
+
+    def refused(priority: int) -> None:
+        raise KernelError(errno.EPERM, "sched_setscheduler", detail=f"SCHED_FIFO {priority}")
+
+    monkeypatch.setattr(priority_module, "set_thread_fifo", refused)
+    seen: dict[str, object] = {}
+
+    def loop() -> None:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(3))
+        with capture_logs() as logs:
+            priority = raise_fault_service()
+        seen["priority"] = (str(priority), priority.realtime, priority.was_realtime)
+        seen["loop"] = os.sched_getscheduler(0)
+        plain = threading.Thread(target=lambda: seen.setdefault("plain", _policy_and_nice()))
+        plain.start()
+        plain.join()
+        seen["events"] = [e["event"] for e in logs]
+        priority.restore()
+
+    _in_own_thread(loop)
+    assert seen["priority"] == (f"nice {FAULT_SERVICE_NICE}", 0, 3)
+    assert seen["loop"] == os.SCHED_OTHER
+    assert seen["plain"] == (os.SCHED_OTHER, FAULT_SERVICE_NICE)
+    events = cast(list[str], seen["events"])
+    assert any("left the real-time policy it was started with" in e for e in events)
+    assert any("fault service is not real-time" in e for e in events)
 
 
 def test_set_thread_fifo_names_a_bad_priority() -> None:
