@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from wsd.kernel import (
+    COPY_SLICE_BYTES,
     REGION_DTYPE,
     FdKind,
     HeldPages,
@@ -330,3 +331,32 @@ def test_pooled_held_pages_keep_their_final_bytes_until_released(hugetlb: bool) 
         finally:
             pool.close()
             os.close(fd)
+
+
+def test_held_pages_are_read_from_their_pipes_in_bounded_copies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pipe_read has no preemption point: a 1 MiB read on the fault service's
+    CPU kept it from a fault for hundreds of µs (wsd.kernel.COPY_SLICE_BYTES)."""
+    size = 2 << 20
+    fd = memfd_create("held", size=size)
+    try:
+        want = os.urandom(size)
+        pwrite(fd, want, 0)
+        readv, read = os.readv, []
+
+        def recording(fd: int, buffers: list[memoryview]) -> int:
+            n = readv(fd, buffers)
+            read.append(n)
+            return n
+
+        with HeldPages(fd, [(0, size)], PS) as held:
+            punch_hole(fd, 0, size)
+            final = bytearray(size)
+            with monkeypatch.context() as m:
+                m.setattr(os, "readv", recording)
+                held.read_into(final)
+        assert final == want
+        assert max(read) == COPY_SLICE_BYTES and sum(read) == size
+    finally:
+        os.close(fd)

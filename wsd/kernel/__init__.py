@@ -33,6 +33,7 @@ from .procfs import (
     pinned_bytes,
 )
 from .sched import (
+    COPY_SLICE_BYTES,
     set_thread_fifo,
     set_thread_nice,
     set_thread_normal,
@@ -64,6 +65,7 @@ from .uffd import (
 )
 
 __all__ = [
+    "COPY_SLICE_BYTES",
     "MSG_SIZE",
     "REGION_DTYPE",
     "AddressRange",

@@ -36,6 +36,7 @@ from typing_extensions import Buffer
 
 from ._ffi import ffi, libc
 from .errors import AddressRange, KernelError, oserror
+from .sched import COPY_SLICE_BYTES
 
 __all__ = ["HeldPages", "PipePool", "empty_pipe", "peek_pipe"]
 
@@ -346,7 +347,7 @@ def _drain(fd: int, view: memoryview) -> None:
     pos = 0
     while pos < len(view):
         try:
-            n = os.readv(fd, [view[pos:]])
+            n = os.readv(fd, [view[pos : pos + COPY_SLICE_BYTES]])  # pipe_read never yields
         except OSError as e:
             raise oserror("read(pipe)", e.errno or errno.EIO, fd=fd) from e
         if n == 0:

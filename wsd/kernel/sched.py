@@ -5,16 +5,33 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from typing import Final
 
 from .errors import oserror
 
 __all__ = [
+    "COPY_SLICE_BYTES",
     "set_thread_fifo",
     "set_thread_nice",
     "set_thread_normal",
     "thread_nice",
     "thread_rt_priority",
 ]
+
+COPY_SLICE_BYTES: Final = 256 << 10
+"""The most one syscall of eviction's workers copies at a time.
+
+On a kernel without full preemption (``preempt=none`` or ``voluntary``; not
+``lazy``, which Debian's 7.3 kernel runs and which defers only the fair
+class's preemption), a real-time thread woken on a CPU where another thread
+is in a syscall waits until that call returns or reaches a
+``cond_resched()``.  ``pipe_read`` has none, and ext4's buffered write
+copies a whole large folio between two of them.  Reading a 1 MiB pipe, or a
+``pwritev`` of a 4 MiB batch into the file tier, on the fault-service loop's
+CPU kept the loop from a fault it was woken for for 150 to 490 µs (``perf``
+sched_switch stacks, Linux 6.18 with ``preempt=none``, docs/benchmarks.md).
+In 256 KiB slices a 4 MiB batch takes 0.55-0.66 ms to write on ext4, against
+0.47-0.55 ms in one call; 128 KiB slices took 0.70-0.85 ms."""
 
 
 def set_thread_nice(nice: int) -> None:

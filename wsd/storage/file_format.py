@@ -30,6 +30,7 @@ from typing import Final
 import numpy as np
 import xxhash
 
+from wsd.kernel import COPY_SLICE_BYTES
 from wsd.storage.page import PageNamespace
 from wsd.storage.record import (
     MAGIC,
@@ -155,15 +156,17 @@ def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> N
 def pwrite_pages(fd: int, pages: Sequence[bytes | memoryview], indexes: Sequence[int]) -> None:
     """Write each page (all of one size) at its index times that size, or raise.
 
-    One pwritev per run of consecutive indexes (ascending), issued through ``map``:
-    a put's pages alternate with fill pages, which are holes, so a batch of 256 pages
-    takes about a hundred calls, and a Python loop body per call would cost more than
-    the call. Short writes are finished by ``pwrite_all``.
+    One pwritev per run of consecutive indexes (ascending) of at most
+    ``COPY_SLICE_BYTES``, issued through ``map``: a put's pages alternate with fill
+    pages, which are holes, so a batch of 256 pages takes about a hundred calls, and
+    a Python loop body per call would cost more than the call. Short writes are
+    finished by ``pwrite_all``.
     """
     if not pages:
         return
     size = len(pages[0])
-    groups = runs(indexes, limit=_IOV_MAX)
+    # A bounded copy per call: wsd.kernel.COPY_SLICE_BYTES says why.
+    groups = runs(indexes, limit=min(_IOV_MAX, max(1, COPY_SLICE_BYTES // size)))
     counts = [count for _, count in groups]
     bounds = list(itertools.accumulate(counts, initial=0))
     chunks = list(map(pages.__getitem__, map(slice, bounds, bounds[1:])))

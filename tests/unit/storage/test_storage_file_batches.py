@@ -15,10 +15,11 @@ from file_layout import flip, region_paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wsd.kernel import COPY_SLICE_BYTES
 from wsd.storage import FileStoreConfig, IntegrityError, PageNamespace, PageNotFound
 from wsd.storage.conformance import sample_page, sample_pages
 from wsd.storage.file_codec import VECTOR_PAGES, FileCodec
-from wsd.storage.file_format import ENTRY_BYTES, ENTRY_FIELDS, INDEX_BASE, runs
+from wsd.storage.file_format import ENTRY_BYTES, ENTRY_FIELDS, INDEX_BASE, pwrite_pages, runs
 from wsd.storage.file_store import FileStore
 from wsd.storage.record import (
     MAGIC,
@@ -330,3 +331,29 @@ def test_fill_pages_share_one_zero_page(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_batch_is_written_in_bounded_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of consecutive pages is written COPY_SLICE_BYTES at a time: on a
+    kernel without full preemption one long copy kept the fault service off
+    its CPU (wsd.kernel.COPY_SLICE_BYTES)."""
+    ps = 4096
+    indexes = [*range(0, 300), *range(400, 401), *range(500, 700)]
+    pages = [bytes([k % 251]) * ps for k in range(len(indexes))]
+    pwritev, written = os.pwritev, []
+
+    def recording(fd: int, buffers: list[bytes], offset: int) -> int:
+        written.append(sum(map(len, buffers)))
+        return pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", recording)
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        pwrite_pages(fd, pages, indexes)
+        assert max(written) == COPY_SLICE_BYTES and sum(written) == len(pages) * ps
+        for k, index in enumerate(indexes):
+            assert os.pread(fd, ps, index * ps) == pages[k]
+    finally:
+        os.close(fd)
