@@ -28,7 +28,7 @@ is in a syscall waits until that call returns or reaches a
 ``cond_resched()``.  ``pipe_read`` has none, and ext4's buffered write
 copies a whole large folio between two of them.  Reading a 1 MiB pipe, or a
 ``pwritev`` of a 4 MiB batch into the file tier, on the fault-service loop's
-CPU kept the loop from a fault it was woken for for 150 to 490 µs (``perf``
+CPU, kept the loop from the fault that woke it for 170 to 490 µs (``perf``
 sched_switch stacks, Linux 6.18 with ``preempt=none``, docs/benchmarks.md).
 In 256 KiB slices a 4 MiB batch takes 0.55-0.66 ms to write on ext4, against
 0.47-0.55 ms in one call; 128 KiB slices took 0.70-0.85 ms."""

@@ -156,16 +156,15 @@ def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> N
 def pwrite_pages(fd: int, pages: Sequence[bytes | memoryview], indexes: Sequence[int]) -> None:
     """Write each page (all of one size) at its index times that size, or raise.
 
-    One pwritev per run of consecutive indexes (ascending) of at most
-    ``COPY_SLICE_BYTES``, issued through ``map``: a put's pages alternate with fill
-    pages, which are holes, so a batch of 256 pages takes about a hundred calls, and
-    a Python loop body per call would cost more than the call. Short writes are
-    finished by ``pwrite_all``.
+    One pwritev per run of consecutive indexes (ascending), issued through ``map``:
+    a put's pages alternate with fill pages, which are holes, so a batch of 256 pages
+    takes about a hundred calls, and a Python loop body per call would cost more than
+    the call. A run is cut at ``COPY_SLICE_BYTES``: one long copy keeps fault service
+    off its CPU. Short writes are finished by ``pwrite_all``.
     """
     if not pages:
         return
     size = len(pages[0])
-    # A bounded copy per call: wsd.kernel.COPY_SLICE_BYTES says why.
     groups = runs(indexes, limit=min(_IOV_MAX, max(1, COPY_SLICE_BYTES // size)))
     counts = [count for _, count in groups]
     bounds = list(itertools.accumulate(counts, initial=0))
