@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +35,14 @@ from wsd.evictor.drain import drain
 from wsd.evictor.evictor import Evictor
 from wsd.evictor.faults import FaultService
 from wsd.kernel import HeldPages, KernelError, PipePool, Userfaultfd, close_fds, probe_kernel
-from wsd.storage import FileStoreConfig, PageNamespace, PageStore, StorageConfig, ZstdStoreConfig
+from wsd.storage import (
+    FileStoreConfig,
+    PageNamespace,
+    PageStore,
+    StorageConfig,
+    StorageError,
+    ZstdStoreConfig,
+)
 from wsd.storage.registry import open_backend
 from wsd.testing.arming import track_puppet
 from wsd.testing.hammer import AGGRESSIVE, free_huge_pages, hammer, hammer_daemon
@@ -176,6 +183,40 @@ async def test_a_put_back_without_memory_is_retried_and_never_reads_as_zeros(
         t = tracker.regions[0]
         assert [p for p in raced if t.state.is_evicted(p)] == stored
         assert t.resident()[[p for p in raced if p not in stored]].all()
+        await read_back_raced(puppet, ctx, pages, raced)
+
+
+async def test_raced_pages_whose_store_failed_are_stored_again_while_memory_stays_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No memory for the raced pages' put-back, and the store of their final
+    bytes fails once: the next try stores them again, and they are evicted
+    and fetched with their raced writes.  Before, they stayed in wsd's memory
+    alone until memory came, and a kill meanwhile lost them."""
+    raced = [5, 6, 90]
+    async with racing_puppet(tmp_path, "wp-store-again", raced) as (puppet, tracker, ctx):
+        pages = np.arange(0, 128, dtype=np.int64)
+        store = cast(WritesDuringSync, ctx.store)
+        put, refused = store.put, cast(list[list[int]], [])
+
+        def no_memory(*args: object, **kwargs: object) -> int:
+            raise KernelError(errno.ENOMEM, "UFFDIO_COPY", detail="injected")
+
+        async def refused_once(ns: PageNamespace, batch: Mapping[int, bytes], **kw: Any) -> None:
+            if len(batch) == len(raced) and not refused:
+                refused.append(sorted(batch))
+                raise StorageError("injected", backend="file")
+            await put(ns, batch, **kw)
+
+        with monkeypatch.context() as m:
+            m.setattr(Userfaultfd, "copy", no_memory)
+            m.setattr(store, "put", refused_once)
+            done = await Evictor(ctx).evict_batch(0, tracker.regions[0], pages)
+        ps = tracker.regions[0].region.page_size
+        assert refused == [[p * ps for p in raced]]
+        assert done == len(pages) - len(raced) and ctx.stats.raced_writes == len(raced)
+        t = tracker.regions[0]
+        assert [p for p in raced if t.state.is_evicted(p)] == raced
         await read_back_raced(puppet, ctx, pages, raced)
 
 

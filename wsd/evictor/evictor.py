@@ -824,7 +824,7 @@ class Evictor:
         faults then fetch them, waiting for memory as any fetch does.  The rest
         (the tier failed, the VMM removed the page or unmapped the region
         meanwhile) are put back, retrying with the fetch backoff for as long as
-        it takes."""
+        it takes, and those whose store failed are stored again at each try."""
         ctx = self.ctx
         cfg = ctx.config
         log.error(
@@ -834,12 +834,12 @@ class Evictor:
             region=i,
             pages=sorted(unplaced),
         )
-        stored = await self._store_raced(i, t, unplaced, was)
-        unplaced = {p: data for p, data in unplaced.items() if p not in stored}
-        if not unplaced:
-            return
         delay = cfg.fetch_retry_initial_seconds
         while unplaced:
+            stored = await self._store_raced(i, t, unplaced, was)
+            unplaced = {p: data for p, data in unplaced.items() if p not in stored}
+            if not unplaced:
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, cfg.fetch_retry_max_seconds)
             # The page moves only with an event the loop reads: t.region is current.
