@@ -1,4 +1,6 @@
-"""Per-thread scheduling priority; which thread gets which is wsd.priority's policy."""
+"""Per-thread scheduling priority, and the most one syscall of a worker copies
+(which bounds how long it keeps a woken real-time thread off its CPU); which
+thread gets which priority is wsd.priority's policy."""
 
 from __future__ import annotations
 
