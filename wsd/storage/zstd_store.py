@@ -70,6 +70,8 @@ class _ThreadCompressor:
         # running Python waits for that thread's switch interval: 2 ms a page
         # beside a Python loop, against 8 µs alone (docs/benchmarks.md,
         # "Two batches in flight, and one compression call per batch").
+        if not datas:
+            return []  # multi_compress_to_buffer refuses an empty batch
         inputs: list[bytes | bytearray | memoryview] = list(datas)
         frames = self._contexts()[0].multi_compress_to_buffer(inputs, threads=1)
         return [frames[k].tobytes() for k in range(len(frames))]

@@ -143,6 +143,10 @@ def test_malformed_blobs() -> None:
     _assert_rejected(codec, record._replace(payload=record.payload[:-1]), "checksum")
 
 
+def test_compress_many_of_no_pages_is_empty() -> None:
+    assert _ThreadCompressor(1).compress_many([]) == []
+
+
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "zstd"])
 @pytest.mark.parametrize("key", [None, KEY], ids=["clear", "aes"])
 def test_seal_many_is_seal_of_each_page(compressed: bool, key: bytes | None) -> None:
